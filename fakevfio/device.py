@@ -1,0 +1,382 @@
+"""One emulated VFIO device: the migration FSM driver loop, sessions, log and faults.
+
+Theory of operation
+-------------------
+:class:`Device` is what the kernel's VFIO core plus a variant driver's
+``migration_set_state`` loop are for a real device. It is synchronous and
+thread-safe: every public method takes the device lock, so the FUSE adapter and
+the ioctl supervisor may call it from worker threads.
+
+Rule 1: ``set_state`` runs :func:`fakevfio.fsm.path` and calls the driver once
+        per arc. A failed arc stops the loop; the device stays in the last state
+        it reached and the errno is raised. Illegal requests change nothing and
+        are logged as ``REFUSED FROM TO``.
+Rule 2: a :class:`Session` is created only by the four new-session arcs and
+        ended by the end-session arcs, ``reset``, ERROR and removal. A handle
+        bound to an ended session gets ENODEV.
+Rule 3: every executed arc, failed arc, refusal and reset is appended to the
+        log (last 4096 lines).
+Rule 4: fault rules are checked before the driver is called, so an injected
+        arc failure never half-runs a driver arc.
+
+The core never reads a clock: emulated bandwidth and injected delays are
+returned to the caller as seconds to wait.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import itertools
+import threading
+from collections.abc import Mapping
+
+import attrs
+
+from fakevfio.driver import ArcDriver, LoadStream, PrecopyInfo, SaveStream
+from fakevfio.errors import DeviceError, IllegalTransition, errno_name
+from fakevfio.faults import FaultRules
+from fakevfio.fsm import (
+    END_SESSION_ARCS,
+    NEW_SESSION_ARCS,
+    PRECOPY_STATES,
+    RUNNING_STATES,
+    MigFlags,
+    State,
+    flags_text,
+    path,
+)
+
+LOG_LINES = 4096
+_session_ids = itertools.count(1)
+
+
+@attrs.define(eq=False)
+class Session:
+    """One live migration session (one kernel data_fd)."""
+
+    id: int
+    saving: bool
+    stream: SaveStream | LoadStream
+    alive: bool = True
+    position: int = 0
+
+
+@attrs.frozen(kw_only=True)
+class SetStateResult:
+    """What one state write did."""
+
+    arcs: tuple[tuple[State, State], ...]
+    session: Session | None  # the new session, when the final arc created one
+    delay_s: float
+
+
+class Bandwidth:
+    """Token-bucket pacing of one direction of the data stream (pure: caller passes time)."""
+
+    def __init__(self, rate: int | None) -> None:
+        self.rate = rate
+        self._next = 0.0
+
+    def delay(self, nbytes: int, now: float) -> float:
+        if not self.rate:
+            return 0.0
+        start = max(now, self._next)
+        self._next = start + nbytes / self.rate
+        return self._next - now
+
+
+class Device:
+    """An emulated VFIO device with migration support."""
+
+    def __init__(self, name: str, driver_name: str, driver: ArcDriver, number: int) -> None:
+        flags = driver.migration_flags
+        if not flags & MigFlags.STOP_COPY:
+            raise ValueError(f"driver of {name} lacks STOP_COPY in its migration flags")
+        self.name = name
+        self.driver_name = driver_name
+        self.driver = driver
+        self.number = number
+        self.flags = MigFlags(flags)
+        self.lock = threading.RLock()
+        self._state = State.RUNNING
+        self._session: Session | None = None
+        self._config = bytearray(driver.initial_config())
+        if len(self._config) not in (256, 4096):
+            raise ValueError(f"driver of {name} returned {len(self._config)} config bytes")
+        self._log: collections.deque[str] = collections.deque(maxlen=LOG_LINES)
+        self.faults = FaultRules()
+        self.read_bw = Bandwidth(driver.read_bandwidth)
+        self.write_bw = Bandwidth(driver.write_bandwidth)
+
+    # -- queries ----------------------------------------------------------
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def session(self) -> Session | None:
+        return self._session
+
+    @property
+    def cdev(self) -> str:
+        return f"vfio{self.number}"
+
+    @property
+    def iommu_group(self) -> int:
+        return 100 + self.number
+
+    def _err(self, err: int, msg: str) -> DeviceError:
+        return DeviceError(err, msg, device=self.name)
+
+    def log_text(self) -> str:
+        with self.lock:
+            return "".join(line + "\n" for line in self._log)
+
+    def info(self, *, with_digest: bool = True) -> dict[str, object]:
+        """The ``info`` file's content (digest hashing can take a while)."""
+        with self.lock:
+            out: dict[str, object] = {
+                "name": self.name,
+                "driver": self.driver_name,
+                "migration_flags": flags_text(self.flags).split(),
+                "state": self._state.name,
+                "config_size": len(self._config),
+                "regions": dict(self.driver.regions()),
+                "cdev": self.cdev,
+                "iommu_group": self.iommu_group,
+                "session": self._session.id if self._session else None,
+            }
+            out.update(self.driver.info())
+            if with_digest:
+                out["state_digest"] = self.driver.digest()
+            return out
+
+    # -- the FSM ----------------------------------------------------------
+    def set_state(self, target: State) -> SetStateResult:
+        """Execute one SET MIG_DEVICE_STATE (INTERFACES section 2)."""
+        with self.lock:
+            current = self._state
+            if target == current:
+                return SetStateResult(arcs=(), session=None, delay_s=0.0)
+            try:
+                arcs = path(current, target, self.flags)
+            except IllegalTransition as exc:
+                self._log.append(f"REFUSED {current.name} {target.name}")
+                raise IllegalTransition(
+                    exc.current, exc.requested, str(exc.detail).split(": ", 1)[-1], device=self.name
+                ) from None
+            done: list[tuple[State, State]] = []
+            new_session: Session | None = None
+            delay = self.faults.delay_ms("arc") / 1000.0
+            for cur, nxt in arcs:
+                injected = self.faults.arc_errno(cur, nxt)
+                if injected is not None:
+                    self._log.append(f"{cur.name} {nxt.name} {errno_name(injected)}")
+                    raise self._err(injected, f"arc {cur.name} -> {nxt.name} failed (injected fault)")
+                stream_now = self._session.stream if self._session else None
+                try:
+                    stream = self.driver.step(cur, nxt, stream_now)
+                except DeviceError as exc:
+                    self._log.append(f"{cur.name} {nxt.name} {errno_name(exc.errno)}")
+                    if self._state is State.ERROR:
+                        self._end_session()
+                    raise
+                self._log.append(f"{cur.name} {nxt.name}")
+                self._state = nxt
+                done.append((cur, nxt))
+                if (cur, nxt) in NEW_SESSION_ARCS:
+                    if stream is None:
+                        self._enter_error()
+                        raise self._err(errno.EIO, f"driver opened no stream on {cur.name} -> {nxt.name}")
+                    self._end_session()
+                    new_session = Session(
+                        id=next(_session_ids), saving=isinstance(stream, SaveStream), stream=stream
+                    )
+                    self._session = new_session
+                elif stream is not None:
+                    raise self._err(errno.EINVAL, f"driver returned a stream on {cur.name} -> {nxt.name}")
+                elif (cur, nxt) in END_SESSION_ARCS:
+                    self._end_session()
+            final = done[-1] if done else None
+            return SetStateResult(
+                arcs=tuple(done),
+                session=new_session if final in NEW_SESSION_ARCS else None,
+                delay_s=delay * len(done),
+            )
+
+    def fail_to_error(self) -> None:
+        """Move to ERROR (a driver that cannot reach any valid state)."""
+        with self.lock:
+            self._enter_error()
+
+    def _enter_error(self) -> None:
+        self._state = State.ERROR
+        self._end_session()
+
+    def _end_session(self) -> None:
+        if self._session is not None:
+            self._session.alive = False
+            self._session = None
+            self.driver.session_ended()
+
+    def reset(self) -> None:
+        """``VFIO_DEVICE_RESET``: state RUNNING, session ended, driver hook."""
+        with self.lock:
+            self._end_session()
+            self._state = State.RUNNING
+            self.driver.reset()
+            self._log.append("RESET")
+
+    # -- sessions ---------------------------------------------------------
+    def open_session(self, *, read: bool, write: bool) -> Session:
+        """Bind a new handle of ``migration/data`` to the live session."""
+        with self.lock:
+            session = self._session
+            if session is None:
+                raise self._err(errno.ENODEV, f"no live migration session (state {self._state.name})")
+            if session.saving and (write or not read):
+                raise self._err(errno.EACCES, "a saving session opens read-only")
+            if not session.saving and (read or not write):
+                raise self._err(errno.EACCES, "a resuming session opens write-only")
+            return session
+
+    def _live(self, session: Session) -> None:
+        if not session.alive:
+            raise self._err(errno.ENODEV, "the migration session has ended")
+
+    def read(self, session: Session, size: int, now: float = 0.0) -> tuple[bytes | bytearray, float]:
+        """Read the saving stream; returns (data, seconds the caller should wait)."""
+        with self.lock:
+            self._live(session)
+            if not session.saving:
+                raise self._err(errno.EBADF, "a resuming session is write-only")
+            fault = self.faults.io_fault("read")
+            if fault is not None:
+                if session.position >= fault.after:
+                    raise self._err(fault.errno, f"read failed at byte {session.position} (injected fault)")
+                size = min(size, fault.after - session.position)
+            stream = session.stream
+            assert isinstance(stream, SaveStream)
+            data = stream.read(size, self._state)
+            start = session.position
+            session.position += len(data)
+            for offset in self.faults.corrupt_offsets():
+                if start <= offset < session.position:
+                    if not isinstance(data, bytearray):
+                        data = bytearray(data)
+                    data[offset - start] ^= 0x01
+            delay = self.read_bw.delay(len(data), now) + self.faults.delay_ms("read") / 1000.0
+            return data, delay
+
+    def write(self, session: Session, data: memoryview, now: float = 0.0) -> tuple[int, float]:
+        """Write to the resuming stream; returns (bytes accepted, seconds to wait)."""
+        with self.lock:
+            self._live(session)
+            if session.saving:
+                raise self._err(errno.EBADF, "a saving session is read-only")
+            fault = self.faults.io_fault("write")
+            if fault is not None and session.position + len(data) > fault.after:
+                raise self._err(fault.errno, f"write failed at byte {session.position} (injected fault)")
+            stream = session.stream
+            assert isinstance(stream, LoadStream)
+            try:
+                stream.write(data)
+            except DeviceError:
+                session.alive = False
+                if self._session is session:
+                    # The stream is dead but the device stays in RESUMING: only
+                    # a reset (or a new RESUMING session after STOP) recovers.
+                    pass
+                raise
+            session.position += len(data)
+            delay = self.write_bw.delay(len(data), now) + self.faults.delay_ms("write") / 1000.0
+            return len(data), delay
+
+    def precopy_info(self) -> PrecopyInfo:
+        """``VFIO_MIG_GET_PRECOPY_INFO``: EINVAL outside PRE_COPY*."""
+        with self.lock:
+            if self._state not in PRECOPY_STATES:
+                raise self._err(errno.EINVAL, f"pre-copy info needs PRE_COPY or PRE_COPY_P2P (state {self._state.name})")
+            session = self._session
+            if session is None or not isinstance(session.stream, SaveStream):
+                raise self._err(errno.ENODEV, "no live saving session")
+            return session.stream.precopy_info()
+
+    def session_precopy_info(self, session: Session) -> PrecopyInfo:
+        """PRECOPY_INFO through a particular data_fd (checks state first, then the session)."""
+        with self.lock:
+            if self._state not in PRECOPY_STATES:
+                raise self._err(errno.EINVAL, f"pre-copy info needs PRE_COPY or PRE_COPY_P2P (state {self._state.name})")
+            self._live(session)
+            assert isinstance(session.stream, SaveStream)
+            return session.stream.precopy_info()
+
+    def data_size(self) -> int:
+        """``VFIO_DEVICE_FEATURE_MIG_DATA_SIZE`` (any state)."""
+        with self.lock:
+            return self.driver.data_size(self._session.stream if self._session else None)
+
+    # -- config space and regions -------------------------------------------
+    def config_read(self, offset: int, size: int) -> bytes:
+        with self.lock:
+            return bytes(self._config[offset : offset + max(0, size)])
+
+    def config_write(self, offset: int, data: memoryview) -> int:
+        with self.lock:
+            if offset < 0 or offset + len(data) > len(self._config):
+                raise self._err(
+                    errno.EINVAL,
+                    f"config write of {len(data)} bytes at {offset} is past the end ({len(self._config)} bytes)",
+                )
+            self._config[offset : offset + len(data)] = data
+            return len(data)
+
+    def config_bytes(self) -> bytes:
+        with self.lock:
+            return bytes(self._config)
+
+    def regions(self) -> Mapping[str, int]:
+        return self.driver.regions()
+
+    def region_read(self, region: str, offset: int, size: int) -> bytes:
+        with self.lock:
+            total = self._region_size(region)
+            size = max(0, min(size, total - offset))
+            if size == 0:
+                return b""
+            return bytes(self.driver.region_read(region, offset, size))
+
+    def region_write(self, region: str, offset: int, data: memoryview) -> int:
+        with self.lock:
+            total = self._region_size(region)
+            if offset < 0 or offset + len(data) > total:
+                raise self._err(
+                    errno.EINVAL,
+                    f"region {region}: write of {len(data)} bytes at {offset} is past the end ({total} bytes)",
+                )
+            self.driver.region_write(region, offset, data)
+            return len(data)
+
+    def _region_size(self, region: str) -> int:
+        size = self.driver.regions().get(region)
+        if size is None:
+            raise self._err(errno.ENOENT, f"no region {region}")
+        return size
+
+    # -- workload and lifetime -------------------------------------------------
+    def advance(self, seconds: float) -> None:
+        """Run the workload for ``seconds`` if the device is running."""
+        with self.lock:
+            if self._state in RUNNING_STATES:
+                self.driver.advance(seconds)
+
+    def check_removable(self) -> None:
+        with self.lock:
+            if self._session is not None:
+                raise self._err(errno.EBUSY, "a migration session is live")
+
+    def close(self) -> None:
+        with self.lock:
+            self._end_session()
+            self.driver.close()

@@ -1,0 +1,160 @@
+"""The built-in ``ram`` reference driver: a device whose state is a block of memory.
+
+Its state is ``size`` bytes (anonymous memory, so unused sizes cost nothing
+until written), exposed as region ``bar0``. With ``dirty_rate`` set, a workload
+rewrites randomly chosen pages while the device runs, at that many bytes per
+second, so pre-copy really has dirty pages to re-send. The stream, sessions
+and validation come from the core (:mod:`fakevfio.stream`); the driver header
+names the driver, its stream version and its size, so a stream from another
+version or another size is refused on resume.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import mmap
+import random
+import struct
+from collections.abc import Mapping
+from typing import ClassVar
+
+from fakevfio.driver import OptionSpec, StateDriver
+from fakevfio.errors import ConfigError, DeviceError
+from fakevfio.fsm import MigFlags, parse_flags
+
+_HEADER = struct.Struct("<8sIIQ")
+_MAGIC = b"FVRAMDEV"
+_MAX_SIZE = 1 << 40
+_FILL_BLOCK = 1 << 20
+
+
+class RamDriver(StateDriver):
+    """Reference driver: memory-backed state, optional dirtying workload and speed limits."""
+
+    description = "memory-backed reference device with an optional dirtying workload"
+    options: ClassVar[Mapping[str, OptionSpec]] = {
+        "size": OptionSpec(kind="size", default="1M", help="state size in bytes (K, M, G)"),
+        "flags": OptionSpec(
+            kind="flags", default="STOP_COPY+P2P+PRE_COPY",
+            help="migration flags: STOP_COPY[+P2P][+PRE_COPY]",
+        ),
+        "seed": OptionSpec(kind="int", default=None, help="deterministic initial content (zeros if absent)"),
+        "dirty_rate": OptionSpec(kind="size", default="0", help="bytes/s the workload changes while running"),
+        "read_bandwidth": OptionSpec(kind="size", default=None, help="data stream read speed, bytes/s"),
+        "write_bandwidth": OptionSpec(kind="size", default=None, help="data stream write speed, bytes/s"),
+        "page_size": OptionSpec(kind="size", default="4K", help="dirty-tracking granularity"),
+        "config_size": OptionSpec(kind="int", default="256", help="PCI config space size: 256 or 4096"),
+    }
+    stream_version = 1
+
+    def __init__(self, name: str, options: Mapping[str, str]) -> None:
+        super().__init__(name, options)
+        size = self.size_option("size") or 0
+        if not 1 <= size <= _MAX_SIZE:
+            raise ConfigError(f"device {name}: size must be between 1 byte and 1T, got {size}")
+        try:
+            self._flags = parse_flags(self.option("flags") or "STOP_COPY")
+        except ValueError as exc:
+            raise ConfigError(f"device {name}: {exc}") from None
+        page = self.size_option("page_size") or 4096
+        if page < 512 or page & (page - 1) or page > (1 << 20):
+            raise ConfigError(f"device {name}: page_size must be a power of two in 512..1M")
+        self.page_size = page
+        cfg = self.int_option("config_size")
+        if cfg not in (256, 4096):
+            raise ConfigError(f"device {name}: config_size must be 256 or 4096")
+        self.config_size = cfg
+        self.read_bandwidth = self.size_option("read_bandwidth") or None
+        self.write_bandwidth = self.size_option("write_bandwidth") or None
+        self._dirty_rate = self.size_option("dirty_rate") or 0
+        self._seed = self.int_option("seed")
+        self._size = size
+        self._mem = mmap.mmap(-1, size)
+        self._view = memoryview(self._mem)
+        if self._seed is not None:
+            self._fill(self._seed)
+        self._rng = random.Random(self._seed if self._seed is not None else 0)
+        self._carry = 0.0
+        self.pages_dirtied = 0
+
+    def _fill(self, seed: int) -> None:
+        block = random.Random(seed).randbytes(_FILL_BLOCK)
+        doubled = memoryview(block + block)
+        for i, off in enumerate(range(0, self._size, _FILL_BLOCK)):
+            n = min(_FILL_BLOCK, self._size - off)
+            rot = (i * 4099) % _FILL_BLOCK
+            self._view[off : off + n] = doubled[rot : rot + n]
+
+    @property
+    def migration_flags(self) -> MigFlags:
+        return self._flags
+
+    def state_size(self) -> int:
+        return self._size
+
+    def save_range(self, offset: int, length: int) -> memoryview:
+        return self._view[offset : offset + length]
+
+    def load_range(self, offset: int, data: memoryview) -> None:
+        self._view[offset : offset + len(data)] = data
+
+    def header(self) -> bytes:
+        return _HEADER.pack(_MAGIC, self.stream_version, self.page_size, self._size)
+
+    def check_header(self, header: bytes) -> None:
+        if len(header) != _HEADER.size:
+            raise DeviceError(errno.EINVAL, f"ram header of {len(header)} bytes (expected {_HEADER.size})", device=self.name)
+        magic, version, page, size = _HEADER.unpack(header)
+        if magic != _MAGIC:
+            raise DeviceError(errno.EINVAL, f"not a ram stream (magic {magic!r})", device=self.name)
+        if version != self.stream_version:
+            raise DeviceError(
+                errno.EOPNOTSUPP,
+                f"ram stream version {version} (this driver loads version {self.stream_version})",
+                device=self.name,
+            )
+        if size != self._size or page != self.page_size:
+            raise DeviceError(
+                errno.EOPNOTSUPP,
+                f"ram stream of {size} bytes / {page}-byte pages (this device: {self._size} / {self.page_size})",
+                device=self.name,
+            )
+
+    def digest(self) -> str:
+        return hashlib.sha256(self._view).hexdigest()
+
+    def regions(self) -> Mapping[str, int]:
+        return {"bar0": self._size}
+
+    def region_read(self, region: str, offset: int, size: int) -> memoryview:
+        return self._view[offset : offset + size]
+
+    def region_write(self, region: str, offset: int, data: memoryview) -> None:
+        self._view[offset : offset + len(data)] = data
+        self.mark_dirty(offset, len(data))
+
+    def has_workload(self) -> bool:
+        return self._dirty_rate > 0
+
+    def advance(self, seconds: float) -> None:
+        self._carry += self._dirty_rate * seconds / self.page_size
+        pages = int(self._carry)
+        self._carry -= pages
+        npages = -(-self._size // self.page_size)
+        rng = self._rng
+        for _ in range(pages):
+            page = rng.randrange(npages)
+            off = page * self.page_size + rng.randrange(0, min(self.page_size, self._size - page * self.page_size))
+            off = min(off, self._size - 8) if self._size >= 8 else 0
+            chunk = rng.randbytes(min(8, self._size))
+            self._view[off : off + len(chunk)] = chunk
+            self.mark_dirty(off, len(chunk))
+        self.pages_dirtied += pages
+
+    def info(self) -> Mapping[str, object]:
+        return {"size": self._size, "pages_dirtied": self.pages_dirtied}
+
+    def close(self) -> None:
+        self._view.release()
+        self._mem.close()

@@ -1,0 +1,353 @@
+"""The migration stream the core produces and validates for :class:`StateDriver` drivers.
+
+Theory of operation
+-------------------
+A saving session turns the driver's state into one byte stream; a resuming
+session parses it back. All integers are little-endian.
+
+Stream header (32 bytes, then the driver's header)::
+
+    0  8  magic b"FVIOSTRM"
+    8  4  format version (1)
+    12 4  page size
+    16 8  state size in bytes
+    24 4  driver header length H (at most 4096)
+    28 4  flags (0)
+    32 H  driver header (``StateDriver.header()``)
+
+Records (16-byte header, then the payload)::
+
+    0  4  tag: 1 = PAGES, 2 = END
+    4  4  payload length (PAGES: 1 .. 1 MiB of state bytes; END: 8)
+    8  8  offset of the PAGES data in the state (a page boundary); 0 for END
+    16 .. payload (END: u64 number of PAGES payload bytes in the stream)
+
+Rule 1: the *initial* part of a stream is the header plus PAGES records for
+        the whole state, in offset order. In PRE_COPY the device keeps running
+        and every page it dirties after the session began is re-sent later as
+        another PAGES record (``dirty_bytes``).
+Rule 2: the END record is only written in STOP_COPY, after every dirty page;
+        after it a read returns 0 bytes forever. In PRE_COPY* a read with
+        nothing to send fails with ENOMSG (the uAPI's temporary end).
+Rule 3: the loader checks the header before it applies any byte of state:
+        bad magic or malformed records give EINVAL, another format version,
+        page size, state size or driver header give EOPNOTSUPP, bytes after
+        END give ENOMEM. Any such error kills the session (ENODEV after).
+Rule 4: RESUMING -> STOP succeeds only when END arrived, every page was
+        loaded at least once and END's byte count matches; otherwise EINVAL
+        and the device stays in RESUMING.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from typing import TYPE_CHECKING
+
+from fakevfio.driver import LoadStream, PrecopyInfo, SaveStream
+from fakevfio.errors import DeviceError
+from fakevfio.fsm import PRECOPY_STATES, State
+
+if TYPE_CHECKING:
+    from fakevfio.driver import StateDriver
+
+MAGIC = b"FVIOSTRM"
+FORMAT_VERSION = 1
+HEADER = struct.Struct("<8sIIQII")
+RECORD = struct.Struct("<IIQ")
+TAG_PAGES = 1
+TAG_END = 2
+END_PAYLOAD = struct.Struct("<Q")
+MAX_DRIVER_HEADER_BYTES = 4096
+MAX_RECORD_BYTES = 1 << 20
+
+
+def _stream_header(driver: StateDriver) -> bytes:
+    drv = driver.header()
+    if len(drv) > MAX_DRIVER_HEADER_BYTES:
+        raise ValueError(f"driver header of {len(drv)} bytes exceeds {MAX_DRIVER_HEADER_BYTES}")
+    return HEADER.pack(MAGIC, FORMAT_VERSION, driver.page_size, driver.state_size(), len(drv), 0) + drv
+
+
+def _records_bytes(length: int, run: int) -> int:
+    """Bytes of PAGES records covering ``length`` state bytes in runs of ``run`` bytes."""
+    return length + RECORD.size * (-(-length // run))
+
+
+def full_stream_size(driver: StateDriver) -> int:
+    """Size of a complete STOP_COPY stream of a stopped device."""
+    return (
+        HEADER.size
+        + len(driver.header())
+        + _records_bytes(driver.state_size(), _run_bytes(driver))
+        + RECORD.size
+        + END_PAYLOAD.size
+    )
+
+
+def _run_bytes(driver: StateDriver) -> int:
+    return max(driver.page_size, (MAX_RECORD_BYTES // driver.page_size) * driver.page_size)
+
+
+class StateSaveStream(SaveStream):
+    """Saving session of a StateDriver (see the module docstring)."""
+
+    def __init__(self, driver: StateDriver, *, precopy: bool) -> None:
+        self._driver = driver
+        self._size = driver.state_size()
+        self._run = _run_bytes(driver)
+        header = _stream_header(driver)
+        self._segments: list[memoryview] = [memoryview(header)]
+        self._cursor = 0  # next state offset of the initial part
+        self._initial_total = len(header) + _records_bytes(self._size, self._run)
+        self._emitted = 0  # bytes returned by read() so far
+        self._pending = len(header)  # bytes in _segments
+        self._data_bytes = 0  # PAGES payload bytes produced
+        self._end_written = False
+        self.precopy = precopy
+
+    # -- accounting -------------------------------------------------------
+    def _initial_left(self) -> int:
+        return max(0, self._initial_total - self._emitted)
+
+    def precopy_info(self) -> PrecopyInfo:
+        initial = self._initial_left()
+        # Bytes already produced beyond the initial part, plus dirty pages to come.
+        produced_dirty = self._emitted + self._pending - max(self._initial_total, self._emitted)
+        dirty = max(0, produced_dirty) + self._driver.dirty_pages() * self._driver.page_size
+        return PrecopyInfo(initial_bytes=initial, dirty_bytes=dirty)
+
+    def remaining(self) -> int:
+        if self._end_written:
+            return self._pending
+        unsent_initial = self._size - self._cursor
+        dirty = self._driver.dirty_pages() * self._driver.page_size
+        return (
+            self._pending
+            + _records_bytes(unsent_initial, self._run)
+            + _records_bytes(dirty, self._run)
+            + RECORD.size
+            + END_PAYLOAD.size
+        )
+
+    # -- production -------------------------------------------------------
+    def _produce(self, state: State) -> bool:
+        """Queue the next record; False when nothing is left for now."""
+        driver = self._driver
+        if self._cursor < self._size:
+            offset = self._cursor
+            length = min(self._run, self._size - offset)
+            self._cursor += length
+        else:
+            run = driver.take_dirty_run(self._run // driver.page_size)
+            if run is not None:
+                offset = run[0] * driver.page_size
+                length = min(run[1] * driver.page_size, self._size - offset)
+            elif state is State.STOP_COPY and not self._end_written:
+                self._end_written = True
+                end = RECORD.pack(TAG_END, END_PAYLOAD.size, 0) + END_PAYLOAD.pack(self._data_bytes)
+                self._segments.append(memoryview(end))
+                self._pending += len(end)
+                return True
+            else:
+                return False
+        data = memoryview(driver.save_range(offset, length))
+        if len(data) != length:
+            raise DeviceError(
+                errno.EIO,
+                f"driver returned {len(data)} bytes for a {length}-byte range",
+                device=driver.name,
+            )
+        self._segments.append(memoryview(RECORD.pack(TAG_PAGES, length, offset)))
+        self._segments.append(data)
+        self._pending += RECORD.size + length
+        self._data_bytes += length
+        return True
+
+    def read(self, size: int, state: State) -> bytearray | bytes:
+        out = bytearray(size)
+        filled = 0
+        segments = self._segments
+        while filled < size:
+            if not segments and not self._produce(state):
+                break
+            seg = segments[0]
+            n = min(len(seg), size - filled)
+            out[filled : filled + n] = seg[:n]
+            filled += n
+            if n == len(seg):
+                segments.pop(0)
+            else:
+                segments[0] = seg[n:]
+        self._pending -= filled
+        self._emitted += filled
+        if filled == 0:
+            if state in PRECOPY_STATES:
+                raise DeviceError(
+                    errno.ENOMSG, "no pre-copy data for now", device=self._driver.name
+                )
+            return b""
+        if filled < size:
+            del out[filled:]
+        return out
+
+
+class StateLoadStream(LoadStream):
+    """Resuming session of a StateDriver: incremental, bounded parser."""
+
+    def __init__(self, driver: StateDriver) -> None:
+        self._driver = driver
+        self._size = driver.state_size()
+        self._page = driver.page_size
+        self._pages = -(-self._size // self._page)
+        self._loaded = bytearray(self._pages)
+        self._loaded_count = 0
+        self._buf = bytearray()  # header / record header bytes only (bounded)
+        self._need = HEADER.size
+        self._phase = "header"
+        self._data_left = 0
+        self._data_offset = 0
+        self._data_bytes = 0
+        self._end_count: int | None = None
+        self.received = 0
+
+    def _fail(self, err: int, msg: str) -> DeviceError:
+        return DeviceError(err, f"resuming stream at byte {self.received}: {msg}", device=self._driver.name)
+
+    def write(self, data: memoryview) -> None:
+        pos = 0
+        n = len(data)
+        while pos < n:
+            if self._phase == "data":
+                take = min(self._data_left, n - pos)
+                self._driver.load_range(self._data_offset, data[pos : pos + take])
+                self._data_offset += take
+                self._data_left -= take
+                pos += take
+                self.received += take
+                if self._data_left == 0:
+                    self._phase = "record"
+                    self._need = RECORD.size
+                continue
+            if self._phase == "done":
+                raise self._fail(errno.ENOMEM, "data after the END record")
+            take = min(self._need - len(self._buf), n - pos)
+            self._buf += data[pos : pos + take]
+            pos += take
+            self.received += take
+            if len(self._buf) == self._need:
+                self._parse()
+
+    def _parse(self) -> None:
+        buf = bytes(self._buf)
+        self._buf.clear()
+        if self._phase == "header":
+            magic, version, page, size, hlen, flags = HEADER.unpack(buf)
+            if magic != MAGIC:
+                raise self._fail(errno.EINVAL, f"bad magic {magic!r} (expected {MAGIC!r})")
+            if version != FORMAT_VERSION:
+                raise self._fail(
+                    errno.EOPNOTSUPP, f"stream format version {version} (this device loads {FORMAT_VERSION})"
+                )
+            if page != self._page or size != self._size:
+                raise self._fail(
+                    errno.EOPNOTSUPP,
+                    f"stream of a device with {size} bytes in {page}-byte pages "
+                    f"(this device: {self._size} bytes in {self._page}-byte pages)",
+                )
+            if flags != 0 or hlen > MAX_DRIVER_HEADER_BYTES:
+                raise self._fail(errno.EINVAL, f"bad header flags {flags:#x} or length {hlen}")
+            self._phase = "driver-header"
+            self._need = hlen
+            if hlen == 0:
+                self._parse_driver_header(b"")
+            return
+        if self._phase == "driver-header":
+            self._parse_driver_header(buf)
+            return
+        if self._phase == "record":
+            tag, length, offset = RECORD.unpack(buf)
+            if tag == TAG_PAGES:
+                if (
+                    length == 0
+                    or length > MAX_RECORD_BYTES
+                    or offset % self._page
+                    or offset + length > self._size
+                ):
+                    raise self._fail(
+                        errno.EINVAL, f"bad PAGES record (offset {offset}, length {length})"
+                    )
+                first = offset // self._page
+                last = (offset + length - 1) // self._page
+                for page in range(first, last + 1):
+                    if not self._loaded[page]:
+                        self._loaded[page] = 1
+                        self._loaded_count += 1
+                self._phase = "data"
+                self._data_left = length
+                self._data_offset = offset
+                self._data_bytes += length
+            elif tag == TAG_END:
+                if length != END_PAYLOAD.size or offset != 0:
+                    raise self._fail(errno.EINVAL, f"bad END record (length {length})")
+                self._phase = "end"
+                self._need = END_PAYLOAD.size
+            else:
+                raise self._fail(errno.EINVAL, f"unknown record tag {tag}")
+            return
+        if self._phase == "end":
+            (self._end_count,) = END_PAYLOAD.unpack(buf)
+            self._phase = "done"
+            return
+        raise AssertionError(self._phase)
+
+    def _parse_driver_header(self, header: bytes) -> None:
+        try:
+            self._driver.check_header(header)
+        except DeviceError as exc:
+            raise self._fail(exc.errno, exc.detail) from None
+        self._phase = "record"
+        self._need = RECORD.size
+
+    def finish(self) -> None:
+        """The RESUMING -> STOP check (Rule 4)."""
+        if self._phase != "done":
+            raise self._fail(
+                errno.EINVAL, f"incomplete stream (stopped in {self._phase}, no END record)"
+            )
+        if self._loaded_count != self._pages:
+            raise self._fail(
+                errno.EINVAL,
+                f"incomplete state: {self._pages - self._loaded_count} of {self._pages} pages never sent",
+            )
+        if self._end_count != self._data_bytes:
+            raise self._fail(
+                errno.EINVAL,
+                f"END record counts {self._end_count} data bytes, stream carried {self._data_bytes}",
+            )
+        self._driver.validate()
+
+
+def state_driver_step(
+    driver: StateDriver, current: State, nxt: State, stream: SaveStream | LoadStream | None
+) -> SaveStream | LoadStream | None:
+    """Arc implementation shared by every StateDriver."""
+    arc = (current, nxt)
+    if arc in {(State.RUNNING, State.PRE_COPY), (State.RUNNING_P2P, State.PRE_COPY_P2P)}:
+        driver.start_dirty_tracking()
+        return StateSaveStream(driver, precopy=True)
+    if arc == (State.STOP, State.STOP_COPY):
+        return StateSaveStream(driver, precopy=False)
+    if arc == (State.STOP, State.RESUMING):
+        return StateLoadStream(driver)
+    if arc == (State.RESUMING, State.STOP):
+        if not isinstance(stream, StateLoadStream):
+            raise DeviceError(errno.EINVAL, "no resuming stream to load", device=driver.name)
+        stream.finish()
+    return None
+
+
+def state_driver_data_size(driver: StateDriver, stream: SaveStream | LoadStream | None) -> int:
+    if isinstance(stream, StateSaveStream):
+        return stream.remaining()
+    return full_stream_size(driver)
