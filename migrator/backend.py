@@ -1,0 +1,204 @@
+"""The device backend interface, and its implementation for fakevfio devices.
+
+Everything above this interface (the source and destination engines) is the
+same code for fake devices and for real ``/dev/vfio`` devices
+(:mod:`migrator.kernel`). Backend calls are synchronous and may block (they are
+syscalls); the engine runs them in worker threads.
+
+The semantics are the kernel's: ``set_state`` is one
+``VFIO_DEVICE_FEATURE SET MIG_DEVICE_STATE``; when its final arc opens a new
+data_fd the backend keeps it, and it drops the data_fd when the session ends
+or after any failed SET (the kernel may have ended the session). After a
+failed SET the backend re-reads the device state.
+"""
+
+from __future__ import annotations
+
+import abc
+import errno
+import os
+from pathlib import Path
+
+from fakevfio.fsm import END_SESSION_ARCS, NEW_SESSION_ARCS, MigFlags, State, parse_flags, path
+from migrator.errors import DeviceOpError, NoDataNow
+
+CONFIG_READ_MAX = 4096
+
+
+class DeviceBackend(abc.ABC):
+    """One VFIO device as the migrator sees it."""
+
+    #: Section id (``<basename>/vfio`` by default).
+    idstr: str
+    #: Where the device is (path or address), for messages.
+    location: str
+
+    @abc.abstractmethod
+    def migration_flags(self) -> MigFlags: ...
+
+    @abc.abstractmethod
+    def get_state(self) -> State: ...
+
+    @abc.abstractmethod
+    def set_state(self, state: State) -> None:
+        """SET MIG_DEVICE_STATE; raises DeviceOpError (state re-read, data_fd dropped)."""
+
+    @abc.abstractmethod
+    def read_data(self, buf: memoryview) -> int:
+        """One read() of the data_fd into ``buf``: bytes read, 0 at EOF; NoDataNow on ENOMSG."""
+
+    @abc.abstractmethod
+    def write_data(self, data: memoryview) -> None:
+        """Write all of ``data`` to the resuming data_fd (loops on partial writes)."""
+
+    @abc.abstractmethod
+    def precopy_info(self) -> tuple[int, int]:
+        """VFIO_MIG_GET_PRECOPY_INFO: (initial_bytes, dirty_bytes)."""
+
+    @abc.abstractmethod
+    def data_size(self) -> int:
+        """VFIO_DEVICE_FEATURE_MIG_DATA_SIZE: stop_copy_length."""
+
+    @abc.abstractmethod
+    def read_config(self) -> bytes:
+        """The device's PCI config space."""
+
+    @abc.abstractmethod
+    def write_config(self, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    def reset(self) -> None:
+        """VFIO_DEVICE_RESET."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def has_data_fd(self) -> bool:
+        return False
+
+
+class FakeVfioBackend(DeviceBackend):
+    """A fakevfio device directory (``MOUNT/devices/NAME``), driven through its files."""
+
+    def __init__(self, directory: str | os.PathLike[str], idstr: str | None = None) -> None:
+        self.dir = Path(directory)
+        self.location = str(self.dir)
+        self.idstr = idstr or f"{self.dir.name}/vfio"
+        if not (self.dir / "migration" / "state").exists():
+            raise DeviceOpError(self.location, "open", errno.ENOENT, "not a fakevfio device directory")
+        self._flags = parse_flags(self._read_text("migration/flags"))
+        self._data_fd: int | None = None
+        self._data_writable = False
+
+    def _fail(self, op: str, exc: OSError) -> DeviceOpError:
+        return DeviceOpError(self.location, op, exc.errno or errno.EIO, exc.strerror or "")
+
+    def _read_text(self, rel: str) -> str:
+        try:
+            with open(self.dir / rel, "rb", buffering=0) as f:
+                return f.read(65536).decode()
+        except OSError as exc:
+            raise self._fail(f"read {rel}", exc) from None
+
+    def migration_flags(self) -> MigFlags:
+        return self._flags
+
+    def get_state(self) -> State:
+        return State[self._read_text("migration/state").strip()]
+
+    def set_state(self, state: State) -> None:
+        before = self.get_state()
+        if before == state:
+            return
+        try:
+            fd = os.open(self.dir / "migration" / "state", os.O_WRONLY)
+            try:
+                os.write(fd, f"{state.name}\n".encode())
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            self._drop_data_fd()
+            raise self._fail(f"set state {before.name} -> {state.name}", exc) from None
+        arcs = path(before, state, self._flags)
+        final = arcs[-1]
+        if final in NEW_SESSION_ARCS:
+            self._drop_data_fd()
+            writable = final[1] is State.RESUMING
+            try:
+                self._data_fd = os.open(
+                    self.dir / "migration" / "data", os.O_WRONLY if writable else os.O_RDONLY
+                )
+            except OSError as exc:
+                raise self._fail("open migration/data", exc) from None
+            self._data_writable = writable
+        elif any(arc in END_SESSION_ARCS for arc in arcs):
+            self._drop_data_fd()
+
+    def _drop_data_fd(self) -> None:
+        if self._data_fd is not None:
+            os.close(self._data_fd)
+            self._data_fd = None
+
+    def has_data_fd(self) -> bool:
+        return self._data_fd is not None
+
+    def _fd(self, op: str) -> int:
+        if self._data_fd is None:
+            raise DeviceOpError(self.location, op, errno.EBADF, "no data_fd (no live session)")
+        return self._data_fd
+
+    def read_data(self, buf: memoryview) -> int:
+        fd = self._fd("read data")
+        try:
+            return os.readv(fd, [buf])
+        except OSError as exc:
+            if exc.errno == errno.ENOMSG:
+                raise NoDataNow(self.location) from None
+            raise self._fail("read data", exc) from None
+
+    def write_data(self, data: memoryview) -> None:
+        fd = self._fd("write data")
+        while len(data):
+            try:
+                n = os.write(fd, data)
+            except OSError as exc:
+                raise self._fail("write data", exc) from None
+            data = data[n:]
+
+    def precopy_info(self) -> tuple[int, int]:
+        fields = dict(line.split() for line in self._read_text("migration/precopy_info").splitlines())
+        return int(fields["initial_bytes"]), int(fields["dirty_bytes"])
+
+    def data_size(self) -> int:
+        return int(self._read_text("migration/data_size"))
+
+    def read_config(self) -> bytes:
+        try:
+            with open(self.dir / "config", "rb", buffering=0) as f:
+                return f.read(CONFIG_READ_MAX)
+        except OSError as exc:
+            raise self._fail("read config", exc) from None
+
+    def write_config(self, data: bytes) -> None:
+        try:
+            fd = os.open(self.dir / "config", os.O_WRONLY)
+            try:
+                os.pwrite(fd, data, 0)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise self._fail("write config", exc) from None
+
+    def reset(self) -> None:
+        self._drop_data_fd()
+        try:
+            fd = os.open(self.dir / "reset", os.O_WRONLY)
+            try:
+                os.write(fd, b"1\n")
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise self._fail("reset", exc) from None
+
+    def close(self) -> None:
+        self._drop_data_fd()
