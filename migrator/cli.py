@@ -1,0 +1,253 @@
+"""``migrator`` command line: migrate, incoming, save, load."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import uuid as _uuid
+from collections.abc import Sequence
+
+import trio
+
+from fakevfio.options import parse_size
+from migrator.backend import DeviceBackend, FakeVfioBackend
+from migrator.config import MigrationConfig, MultifdTransfer
+from migrator.destination import Destination
+from migrator.errors import ConfigurationError, MigrationError
+from migrator.source import Source
+from migrator.stats import Progress, Stats
+from migrator.transport import Address, FileStream, open_stream
+
+_PCI_RE = re.compile(r"[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]")
+
+EPILOG = """\
+examples:
+  migrator incoming --listen tcp:127.0.0.1:4444 /mnt/dst/devices/gpu0
+  migrator migrate --to tcp:127.0.0.1:4444 --json /mnt/src/devices/gpu0
+  migrator migrate --to unix:/tmp/mig.sock --multifd-channels 4 DEV1 DEV2,id=nic/vfio
+  migrator save -o state.bin /mnt/src/devices/gpu0 ; migrator load -i state.bin /mnt/dst/devices/gpu0
+  migrator migrate --to tcp:10.0.0.2:4444 /dev/vfio/devices/vfio0     (real device, iommufd)
+  migrator migrate --to tcp:10.0.0.2:4444 0000:3b:00.1                  (real device, group path)
+"""
+
+
+def open_device(arg: str) -> DeviceBackend:
+    """Open ``DEVICE[,id=IDSTR]``: a fakevfio device dir, a cdev, or a PCI address."""
+    spec, _, opts = arg.partition(",")
+    idstr: str | None = None
+    if opts:
+        key, _, value = opts.partition("=")
+        if key != "id" or not value or len(value.encode()) > 255:
+            raise ConfigurationError(f"invalid device option {opts!r} (expected id=IDSTR, at most 255 bytes)")
+        idstr = value
+    if os.path.isdir(spec):
+        return FakeVfioBackend(spec, idstr)
+    if spec.startswith("/dev/vfio/") or _PCI_RE.fullmatch(spec):
+        try:
+            from migrator.kernel import open_device as open_kernel_device
+        except ImportError as exc:
+            raise ConfigurationError(f"the kernel backend is unavailable: {exc}") from exc
+        return open_kernel_device(spec, idstr)
+    raise ConfigurationError(
+        f"{spec!r} is not a fakevfio device directory, a /dev/vfio/devices/vfioN cdev, or a PCI address"
+    )
+
+
+def _config(args: argparse.Namespace) -> MigrationConfig:
+    try:
+        uuid = _uuid.UUID(args.uuid).bytes if args.uuid else bytes(16)
+    except ValueError:
+        raise ConfigurationError(f"invalid --uuid {args.uuid!r}") from None
+    try:
+        return MigrationConfig(
+            multifd_channels=args.multifd_channels,
+            multifd_transfer=MultifdTransfer(args.multifd_transfer),
+            switchover_ack=args.switchover_ack == "on",
+            downtime_limit_ms=args.downtime_limit,
+            max_queued_bytes=parse_size(args.max_queued_bytes, what="--max-queued-bytes"),
+            max_bandwidth=parse_size(args.max_bandwidth, what="--max-bandwidth"),
+            max_precopy_iterations=args.max_precopy_iterations,
+            precopy_time_limit_s=args.precopy_time_limit,
+            uuid=uuid,
+            peer_timeout_s=args.peer_timeout,
+        )
+    except (ValueError, TypeError) as exc:
+        raise ConfigurationError(str(exc)) from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="migrator",
+        description="Migrate VFIO device state like QEMU 10.1 (fakevfio devices or real /dev/vfio).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("devices", nargs="+", metavar="DEVICE", help="DEVICE[,id=IDSTR]")
+        p.add_argument("--multifd-channels", type=int, default=2, metavar="N")
+        p.add_argument("--multifd-transfer", choices=["on", "off", "auto"], default="auto")
+        p.add_argument("--switchover-ack", choices=["on", "off"], default="on")
+        p.add_argument("--downtime-limit", type=int, default=300, metavar="MS")
+        p.add_argument("--max-queued-bytes", default="64M", metavar="BYTES",
+                       help="destination bound on queued multifd bytes per device (default 64M)")
+        p.add_argument("--max-bandwidth", default="0", metavar="BYTES_PER_S",
+                       help="source send rate limit (0 = unlimited)")
+        p.add_argument("--max-precopy-iterations", type=int, default=100_000, metavar="N")
+        p.add_argument("--precopy-time-limit", type=float, default=60.0, metavar="SECONDS")
+        p.add_argument("--peer-timeout", type=float, default=30.0, metavar="SECONDS")
+        p.add_argument("--uuid", default=None, help="migration UUID checked in the multifd handshake")
+        p.add_argument("--json", action="store_true", help="print statistics as one JSON object")
+        p.add_argument("--debug", action="store_true", help="debug logging and full tracebacks")
+
+    for name, helptext, addr_opt in (
+        ("migrate", "live source side", "--to"),
+        ("incoming", "destination side: accept one migration, then exit", "--listen"),
+        ("save", "save device state to a file (no multifd)", "-o"),
+        ("load", "load device state from a file", "-i"),
+    ):
+        p = sub.add_parser(name, help=helptext, epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument(addr_opt, dest="target", required=True,
+                       metavar="FILE" if name in ("save", "load") else "ADDR")
+        common(p)
+    return parser
+
+
+async def _watch_signals(scope: trio.CancelScope, hit: list[str]) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            hit.append(signal.Signals(signum).name)
+            scope.cancel()
+            return
+
+
+async def _amain(args: argparse.Namespace, config: MigrationConfig, devices: list[DeviceBackend]) -> Stats:
+    progress = Progress()
+    interrupted: list[str] = []
+    stats: Stats | None = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_watch_signals, nursery.cancel_scope, interrupted)
+        stats = await _run_role(args, config, devices, progress)
+        nursery.cancel_scope.cancel()
+    progress.done()
+    if stats is None or interrupted:
+        raise MigrationError(f"cancelled by {interrupted[0] if interrupted else 'a signal'}")
+    return stats
+
+
+async def _run_role(
+    args: argparse.Namespace, config: MigrationConfig, devices: list[DeviceBackend], progress: Progress
+) -> Stats:
+    if args.command == "migrate":
+        addr = Address.parse(args.target)
+        streams: list[trio.abc.Stream] = []
+        try:
+            main = await open_stream(addr)
+            streams.append(main)
+            channels = []
+            from migrator import multifd_wire
+
+            for i in range(config.multifd_channels):
+                ch = await open_stream(addr)
+                streams.append(ch)
+                await ch.send_all(multifd_wire.encode_init(config.uuid, i))
+                channels.append(ch)
+            return await Source(config, devices, main, channels, progress=progress).run()
+        finally:
+            with trio.CancelScope(shield=True):
+                for s in streams:
+                    await s.aclose()
+    if args.command == "save":
+        config.multifd_for(is_file=True)
+        out = await FileStream.open(args.target, "w")
+        try:
+            return await Source(config, devices, out, return_path=False, is_file=True, progress=progress).run()
+        finally:
+            await out.aclose()
+    if args.command == "load":
+        config.multifd_for(is_file=True)
+        inp = await FileStream.open(args.target, "r")
+        try:
+            return await Destination(config, devices, is_file=True, progress=progress).run(inp)
+        finally:
+            await inp.aclose()
+    addr = Address.parse(args.target)
+    dest = Destination(config, devices, progress=progress)
+
+    async def announce() -> Stats:
+        return await dest.serve(addr, task_status=_Announce())
+
+    return await announce()
+
+
+class _Announce:
+    """task_status that prints where we listen (tests and scripts wait for this line)."""
+
+    def started(self, value: str | None = None) -> None:
+        print(f"migrator: listening on {value}", file=sys.stderr, flush=True)
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        out: list[BaseException] = []
+        for sub in exc.exceptions:
+            out += _leaves(sub)
+        return out
+    return [exc]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING,
+        format="migrator: %(levelname)s: %(message)s",
+    )
+    devices: list[DeviceBackend] = []
+    stats: Stats | None = None
+    error: str | None = None
+    try:
+        config = _config(args)
+        devices = [open_device(d) for d in args.devices]
+        stats = trio.run(_amain, args, config, devices)
+    except BaseException as exc:  # noqa: BLE001 - turned into one line and an exit code
+        if args.debug:
+            logging.exception("migration failed")
+        leaves = [e for e in _leaves(exc) if not isinstance(e, trio.Cancelled)] or [exc]
+        first = next((e for e in leaves if isinstance(e, MigrationError)), leaves[0])
+        if isinstance(first, KeyboardInterrupt):
+            error = "cancelled by SIGINT"
+        elif isinstance(first, MigrationError):
+            error = str(first)
+        else:
+            error = f"unexpected {type(first).__name__}: {first}"
+    finally:
+        for dev in devices:
+            try:
+                dev.close()
+            except MigrationError:
+                pass
+    if error is not None:
+        print(f"migrator: error: {error}", file=sys.stderr)
+        if args.json:
+            failed = Stats(status="failed", error=error)
+            print(json.dumps(failed.to_json()))
+        return 1
+    assert stats is not None
+    if args.json:
+        print(json.dumps(stats.to_json()))
+    else:
+        print(
+            f"migrator: {args.command} completed: {stats.transferred_bytes} bytes, "
+            f"downtime {stats.downtime_ms:.1f} ms, total {stats.to_json()['total_time_ms']:.1f} ms, "
+            f"{stats.precopy_iterations} pre-copy iterations",
+            file=sys.stderr,
+        )
+    return 0

@@ -1,0 +1,62 @@
+"""Migration settings, as one frozen value built by the CLI (or by tests)."""
+
+from __future__ import annotations
+
+import enum
+
+import attrs
+
+DEFAULT_MAX_QUEUED_BYTES = 64 << 20
+#: QEMU's VFIO_MIG_DEFAULT_DATA_BUFFER_SIZE.
+DATA_BUFFER_BYTES = 1 << 20
+MAX_MULTIFD_CHANNELS = 64
+
+
+class MultifdTransfer(enum.Enum):
+    """``x-migration-multifd-transfer``: ON, OFF or AUTO."""
+
+    ON = "on"
+    OFF = "off"
+    AUTO = "auto"
+
+
+@attrs.frozen(kw_only=True)
+class MigrationConfig:
+    """Everything that shapes one migration (source or destination side).
+
+    ``multifd_channels`` > 0 is QEMU's multifd capability; device state uses the
+    channels when ``multifd_transfer`` resolves on (AUTO: when channels exist and
+    the transport is a connection, not a file).
+    """
+
+    multifd_channels: int = attrs.field(default=2, validator=attrs.validators.and_(
+        attrs.validators.ge(0), attrs.validators.le(MAX_MULTIFD_CHANNELS)))
+    multifd_transfer: MultifdTransfer = MultifdTransfer.AUTO
+    switchover_ack: bool = True
+    downtime_limit_ms: int = attrs.field(default=300, validator=attrs.validators.ge(1))
+    max_queued_bytes: int = attrs.field(
+        default=DEFAULT_MAX_QUEUED_BYTES, validator=attrs.validators.ge(DATA_BUFFER_BYTES + 64)
+    )
+    #: Source send rate limit in bytes/s (QEMU's max-bandwidth); 0 = unlimited.
+    max_bandwidth: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+    #: Convergence bounds: switch over after this many iterations or seconds of
+    #: pre-copy even if pending data exceeds bandwidth x downtime-limit.
+    max_precopy_iterations: int = attrs.field(default=100_000, validator=attrs.validators.ge(1))
+    precopy_time_limit_s: float = attrs.field(default=60.0, validator=attrs.validators.gt(0))
+    #: 16-byte migration UUID for the multifd handshake (all zero by default).
+    uuid: bytes = attrs.field(default=bytes(16), validator=attrs.validators.instance_of(bytes))
+    #: Seconds a destination waits for missing multifd channels / a silent peer.
+    peer_timeout_s: float = attrs.field(default=30.0, validator=attrs.validators.gt(0))
+
+    def multifd_for(self, *, is_file: bool) -> bool:
+        """Resolve multifd device transfer; raise on ON-but-unsupported."""
+        supported = self.multifd_channels > 0 and not is_file
+        if self.multifd_transfer is MultifdTransfer.ON and not supported:
+            from migrator.errors import ConfigurationError
+
+            why = "a file transport" if is_file else "--multifd-channels 0"
+            raise ConfigurationError(
+                f"Multifd device transfer requested but unsupported in the current config ({why})",
+                phase="setup",
+            )
+        return self.multifd_transfer is not MultifdTransfer.OFF and supported

@@ -1,0 +1,540 @@
+"""The destination side: QEMU's incoming migration for VFIO devices.
+
+Theory of operation
+-------------------
+``load setup``  every device goes to RESUMING (a write-only data_fd).
+``load``        the main stream is decoded (:class:`framing.MainStreamDecoder`);
+                DATA blocks are written to the device in stream order;
+                INIT_DATA_SENT counts down the pre-copy devices and, at zero,
+                SWITCHOVER_ACK goes back on the return path; the config blob is
+                written when it arrives (non-multifd). In multifd mode the
+                device-state packets of every channel are routed by idstr into a
+                per-device :class:`Reassembler`; at MIG_CMD_SWITCHOVER_START one
+                load task per device starts writing buffers strictly in idx
+                order, and loads the config packet last.
+``start``       after QEMU_VM_EOF and once every load task finished, P2P devices
+                all go to RUNNING_P2P first, then every device to RUNNING; the
+                status goes back as MIG_RP_MSG_SHUT(0).
+
+Rule 1: the bytes queued but not yet written are bounded per device by
+        ``max_queued_bytes``: a receiver holding a packet that does not fit
+        waits (backpressure) unless it is the packet the loader needs next; if
+        every channel is stuck that way while the loader starves, the bound is
+        really exceeded and the migration fails.
+Rule 2: any failure resets every destination device and reports SHUT(1).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import attrs
+import trio
+
+from fakevfio.fsm import MigFlags, State
+from migrator import framing, multifd_wire
+from migrator.backend import DeviceBackend
+from migrator.config import DATA_BUFFER_BYTES, MigrationConfig
+from migrator.errors import (
+    ChannelBrokenError,
+    ConfigurationError,
+    FramingError,
+    MigrationError,
+    ReassemblyError,
+    RemoteProtocolError,
+)
+from migrator.reassembly import Reassembler
+from migrator.stats import Progress, Stats
+from migrator.transport import Address, open_listeners
+
+logger = logging.getLogger(__name__)
+
+#: Largest multifd payload accepted: a 1 MiB data buffer plus headers, or a config packet.
+MAX_PACKET_BYTES = 16 << 20
+_WRITE_BATCH_BYTES = 1 << 20
+_MARKER_BYTES = 8
+
+
+class _Notifier:
+    """A re-armable event: ``wait()`` until the next ``notify()``."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+    def notify(self) -> None:
+        self._event.set()
+        self._event = trio.Event()
+
+
+@attrs.define(eq=False)
+class _Dev:
+    backend: DeviceBackend
+    flags: MigFlags = MigFlags.STOP_COPY
+    multifd: bool = False
+    seen: bool = False
+    reassembler: Reassembler | None = None
+    changed: _Notifier = attrs.field(factory=_Notifier)
+    loader_waiting: bool = False
+    done: bool = False
+
+    @property
+    def idstr(self) -> str:
+        return self.backend.idstr
+
+
+async def _call(phase: str, dev: _Dev, fn: object, *args: object) -> object:
+    try:
+        return await trio.to_thread.run_sync(fn, *args)  # type: ignore[arg-type]
+    except MigrationError as exc:
+        raise exc.with_context(phase=phase, device=dev.idstr) from None
+
+
+class _Reader:
+    """Exact-size reads from a stream with a small carry-over buffer."""
+
+    def __init__(self, stream: trio.abc.Stream, initial: bytes = b"") -> None:
+        self.stream = stream
+        self._buf = bytearray(initial)
+
+    async def receive_exactly(self, n: int, what: str) -> bytes | None:
+        """``n`` bytes, or None on EOF before the first byte; FramingError on a short read."""
+        while len(self._buf) < n:
+            try:
+                data = await self.stream.receive_some(max(65536, n - len(self._buf)))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise ChannelBrokenError(f"multifd channel broke while reading {what}: {exc}") from exc
+            if not data:
+                if not self._buf:
+                    return None
+                raise FramingError(f"unexpected EOF in {what} ({len(self._buf)} of {n} bytes)")
+            self._buf += data
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    def take_buffered(self) -> bytes:
+        """Bytes read from the stream but not yet consumed."""
+        out = bytes(self._buf)
+        self._buf.clear()
+        return out
+
+
+class Destination:
+    """One incoming migration."""
+
+    def __init__(
+        self,
+        config: MigrationConfig,
+        devices: Sequence[DeviceBackend],
+        *,
+        is_file: bool = False,
+        progress: Progress | None = None,
+    ) -> None:
+        self.config = config
+        self.is_file = is_file
+        self.devs = [_Dev(backend=b) for b in devices]
+        self.by_idstr = {d.idstr: d for d in self.devs}
+        if len(self.by_idstr) != len(self.devs):
+            raise ConfigurationError("two destination devices have the same id", phase="setup")
+        self.multifd = config.multifd_for(is_file=is_file)
+        for dev in self.devs:
+            dev.multifd = self.multifd
+            if self.multifd:
+                dev.reassembler = Reassembler(dev.idstr, max_queued_bytes=config.max_queued_bytes)
+        self.stats = Stats()
+        self.progress = progress or Progress(enabled=False)
+        self.phase = "load setup"
+        self._main: trio.abc.Stream | None = None
+        self._rp = False
+        self._rp_lock = trio.Lock()
+        self._ack_pending = 0
+        self._live_channels = 0
+        self._blocked = 0
+        self._channel_ids: set[int] = set()
+        self._load_nursery: trio.Nursery | None = None
+        self._loads_started = False
+
+    # -- entry points ---------------------------------------------------------
+    async def serve(
+        self, addr: Address, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+    ) -> Stats:
+        """Listen on ``addr``, accept one migration (main + multifd channels), load it."""
+        listeners = await open_listeners(addr)
+        where = str(addr)
+        if addr.kind == "tcp":
+            sockname = listeners[0].socket.getsockname()
+            where = f"tcp:{addr.host}:{sockname[1]}"
+        main_ch_send, main_ch_recv = trio.open_memory_channel[tuple[trio.abc.Stream, bytes]](1)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._load_nursery = nursery
+                nursery.start_soon(self._accept_loop, listeners, main_ch_send)
+                task_status.started(where)
+                stream, first = await main_ch_recv.receive()
+                stats = await self.run(stream, first)
+                nursery.cancel_scope.cancel()
+                return stats
+        finally:
+            for listener in listeners:
+                await listener.aclose()
+
+    async def run(self, main: trio.abc.Stream, first: bytes = b"") -> Stats:
+        """Load one migration from the main stream (channels arrive via ``serve``)."""
+        self._main = main
+        self.stats.start(trio.current_time())
+        try:
+            async with trio.open_nursery() as nursery:
+                if self._load_nursery is None:
+                    self._load_nursery = nursery
+                await self._load(main, first)
+        except BaseException as exc:
+            with trio.CancelScope(shield=True):
+                for dev in self.devs:
+                    try:
+                        await _call("recovery", dev, dev.backend.reset)
+                    except MigrationError as err:
+                        logger.error("reset failed: %s", err)
+                await self._send_shut(1)
+            if isinstance(exc, MigrationError) and not exc.phase:
+                exc.phase = self.phase
+            raise
+        self.stats.finish(trio.current_time(), "completed")
+        return self.stats
+
+    # -- main stream -------------------------------------------------------------
+    async def _load(self, main: trio.abc.Stream, first: bytes) -> None:
+        for dev in self.devs:
+            dev.flags = await _call(self.phase, dev, dev.backend.migration_flags)  # type: ignore[assignment]
+            await _call(self.phase, dev, dev.backend.set_state, State.RESUMING)
+        if self.config.switchover_ack:
+            self._ack_pending = sum(1 for d in self.devs if d.flags & MigFlags.PRE_COPY)
+        self.phase = "load"
+        decoder = framing.MainStreamDecoder(max_data_chunk=_WRITE_BATCH_BYTES)
+        sections: dict[int, _Dev] = {}
+        current: _Dev | None = None
+        batch: list[bytes] = []
+        batch_dev: _Dev | None = None
+        batch_bytes = 0
+
+        async def flush() -> None:
+            nonlocal batch, batch_dev, batch_bytes
+            if batch and batch_dev is not None:
+                pieces, dev = batch, batch_dev
+                batch, batch_dev, batch_bytes = [], None, 0
+
+                def write_all() -> None:
+                    for piece in pieces:
+                        dev.backend.write_data(memoryview(piece))
+
+                await _call("load", dev, write_all)
+
+        if first:
+            decoder.receive_data(first)
+        eof = False
+        while not eof:
+            event = decoder.next_event()
+            if event is framing.NEED_DATA:
+                await flush()
+                try:
+                    data = await main.receive_some(1 << 20)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    raise ChannelBrokenError(f"main channel broke: {exc}") from exc
+                self.stats.transferred_bytes += len(data)
+                decoder.receive_data(data)
+                continue
+            if isinstance(event, framing.DataChunk):
+                if batch_dev is not current:
+                    await flush()
+                batch_dev = current
+                batch.append(event.data)
+                batch_bytes += len(event.data)
+                if batch_bytes >= _WRITE_BATCH_BYTES:
+                    await flush()
+                continue
+            await flush()
+            match event:
+                case framing.FileHeader() | framing.Configuration() | framing.DataHeader():
+                    pass
+                case framing.Command():
+                    await self._command(event)
+                case framing.SectionStart() | framing.SectionFull():
+                    current = self._section(event, sections)
+                case framing.SectionPart() | framing.SectionEnd():
+                    current = sections.get(event.section_id)
+                    if current is None:
+                        raise FramingError(f"section {event.section_id} was never started")
+                case framing.MarkerEvent():
+                    assert current is not None
+                    await self._marker(current, event.marker)
+                case framing.ConfigBlob():
+                    assert current is not None
+                    await _call("config", current, current.backend.write_config, event.data)
+                case framing.SectionFooter():
+                    current = None
+                case framing.EndOfFile():
+                    eof = True
+                case _:
+                    logger.debug("ignoring %r", event)
+        missing = [d.idstr for d in self.devs if not d.seen]
+        if missing:
+            raise ConfigurationError(
+                f"the stream carried no state for destination device(s) {', '.join(missing)} "
+                f"(the source sent {len(sections)} device(s), this side has {len(self.devs)})"
+            )
+        if self.multifd:
+            if not self._loads_started:
+                raise RemoteProtocolError("stream ended without MIG_CMD_SWITCHOVER_START")
+            await self._wait_loads()
+        self.phase = "start"
+        for dev in self.devs:
+            if dev.flags & MigFlags.P2P:
+                await _call("start", dev, dev.backend.set_state, State.RUNNING_P2P)
+        for dev in self.devs:
+            await _call("start", dev, dev.backend.set_state, State.RUNNING)
+        await self._send_shut(0)
+
+    def _section(
+        self, event: framing.SectionStart | framing.SectionFull, sections: dict[int, _Dev]
+    ) -> _Dev:
+        dev = self.by_idstr.get(event.idstr)
+        if dev is None or event.instance_id != 0:
+            raise RemoteProtocolError(
+                f"Unknown savevm section or instance '{event.idstr}' {event.instance_id} "
+                f"(this side has: {', '.join(self.by_idstr) or 'no devices'})"
+            )
+        if event.version_id > 1:
+            raise RemoteProtocolError(
+                f"savevm: unsupported version {event.version_id} for '{event.idstr}' v1"
+            )
+        known = sections.get(event.section_id)
+        if known is not None and known is not dev:
+            raise RemoteProtocolError(f"section id {event.section_id} reused for {event.idstr}")
+        sections[event.section_id] = dev
+        dev.seen = True
+        return dev
+
+    async def _command(self, event: framing.Command) -> None:
+        if event.cmd == framing.MIG_CMD_OPEN_RETURN_PATH:
+            self._rp = not self.is_file
+            if self.config.switchover_ack and self._ack_pending == 0:
+                await self._send_rp(framing.encode_rp_switchover_ack())
+        elif event.cmd == framing.MIG_CMD_SWITCHOVER_START:
+            self._start_loads()
+        elif event.cmd == framing.MIG_CMD_PING:
+            await self._send_rp(framing.encode_rp_message(framing.RpMsg.PONG, event.payload[:4]))
+        else:
+            raise RemoteProtocolError(f"unsupported migration command {event.cmd}")
+
+    async def _marker(self, dev: _Dev, marker: framing.Marker) -> None:
+        M = framing.Marker
+        if marker == M.DEV_CONFIG_STATE and dev.multifd:
+            raise RemoteProtocolError(
+                "got DEV_CONFIG_STATE in main migration channel but doing multifd transfer",
+                device=dev.idstr,
+            )
+        if marker == M.DEV_INIT_DATA_SENT:
+            if not (dev.flags & MigFlags.PRE_COPY) or not self.config.switchover_ack:
+                raise RemoteProtocolError(
+                    "Received INIT_DATA_SENT but switchover ack is not used", device=dev.idstr
+                )
+            if self._ack_pending <= 0:
+                raise RemoteProtocolError("switchover approved more times than needed", device=dev.idstr)
+            self._ack_pending -= 1
+            if self._ack_pending == 0:
+                await self._send_rp(framing.encode_rp_switchover_ack())
+        if marker == M.DEV_CONFIG_LOAD_READY:
+            why = "but was disabled" if dev.multifd else "outside multifd transfer"
+            raise RemoteProtocolError(f"got DEV_CONFIG_LOAD_READY {why}", device=dev.idstr)
+
+    async def _send_rp(self, message: bytes) -> None:
+        if not self._rp or self._main is None:
+            return
+        async with self._rp_lock:
+            try:
+                await self._main.send_all(message)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise ChannelBrokenError(f"return path broke: {exc}") from exc
+
+    async def _send_shut(self, status: int) -> None:
+        try:
+            await self._send_rp(framing.encode_rp_shut(status))
+        except ChannelBrokenError as exc:
+            if status == 0:
+                raise
+            logger.debug("could not report failure: %s", exc)
+
+    # -- multifd -------------------------------------------------------------
+    async def _accept_loop(
+        self,
+        listeners: list[trio.SocketListener],
+        main_out: trio.MemorySendChannel[tuple[trio.abc.Stream, bytes]],
+    ) -> None:
+        want_channels = self.config.multifd_channels
+        have_main = False
+        async with trio.open_nursery() as nursery:
+            while not have_main or len(self._channel_ids) < want_channels:
+                stream = await listeners[0].accept()
+                sniffer = _Reader(stream)
+                with trio.move_on_after(self.config.peer_timeout_s) as scope:
+                    first = await sniffer.receive_exactly(4, "the first bytes of a connection")
+                if scope.cancelled_caught or first is None:
+                    await stream.aclose()
+                    continue
+                kind = multifd_wire.sniff_channel(first)
+                if kind == "main":
+                    if have_main:
+                        await stream.aclose()
+                        continue
+                    have_main = True
+                    await main_out.send((stream, first + sniffer.take_buffered()))
+                    continue
+                if want_channels == 0:
+                    raise RemoteProtocolError(
+                        "a multifd channel connected but this side has --multifd-channels 0"
+                    )
+                reader = _Reader(stream, first + sniffer.take_buffered())
+                init = await reader.receive_exactly(multifd_wire.INIT_SIZE, "the multifd handshake")
+                if init is None:
+                    raise FramingError("multifd channel closed during its handshake")
+                channel_id = multifd_wire.decode_init(
+                    init, expected_uuid=self.config.uuid, channels=want_channels
+                )
+                if channel_id in self._channel_ids:
+                    raise RemoteProtocolError(f"multifd channel id {channel_id} connected twice")
+                self._channel_ids.add(channel_id)
+                self._live_channels += 1
+                nursery.start_soon(self._receive_channel, reader, channel_id)
+        # Exactly one migration: stop listening once every connection arrived.
+        for listener in listeners:
+            await listener.aclose()
+
+    async def _receive_channel(self, reader: _Reader, channel_id: int) -> None:
+        try:
+            while True:
+                header = await reader.receive_exactly(
+                    multifd_wire.DEVICE_STATE_HEADER_SIZE, "a multifd packet header"
+                )
+                if header is None:
+                    return
+                hdr = multifd_wire.decode_device_state_header(header, max_payload=MAX_PACKET_BYTES)
+                payload = await reader.receive_exactly(hdr.size, "a multifd packet payload")
+                if payload is None:
+                    raise FramingError("unexpected EOF after packet header")
+                self.stats.transferred_bytes += len(header) + len(payload)
+                dev = self.by_idstr.get(hdr.idstr)
+                if dev is None or hdr.instance_id != 0:
+                    raise RemoteProtocolError(
+                        f"Unknown idstr {hdr.idstr} or instance id {hdr.instance_id} for load state buffer"
+                    )
+                if not dev.multifd or dev.reassembler is None:
+                    raise RemoteProtocolError(
+                        "got device state packet but not doing multifd transfer", device=dev.idstr
+                    )
+                packet = multifd_wire.decode_vfio_packet(payload)
+                data = bytes(packet.data)
+                await self._queue(dev, packet.idx, packet.is_config, data)
+        except MigrationError as exc:
+            raise exc.with_context(phase="load") from None
+        finally:
+            self._live_channels -= 1
+            for dev in self.devs:
+                dev.changed.notify()
+
+    async def _queue(self, dev: _Dev, idx: int, is_config: bool, data: bytes) -> None:
+        r = dev.reassembler
+        assert r is not None
+        while not is_config and idx != r.waiting_for and not r.can_accept(len(data)):
+            self._blocked += 1
+            try:
+                self._check_stuck(dev, idx, len(data))
+                await dev.changed.wait()
+            finally:
+                self._blocked -= 1
+        r.push(idx, is_config, data)
+        dev.changed.notify()
+
+    def _check_stuck(self, dev: _Dev, idx: int, size: int) -> None:
+        if self._blocked >= self._live_channels and dev.loader_waiting:
+            raise ReassemblyError(
+                f"queuing state buffer {idx} would exceed the size max of "
+                f"{self.config.max_queued_bytes} (every channel is blocked, buffer "
+                f"{dev.reassembler.waiting_for if dev.reassembler else '?'} never arrived)",
+                device=dev.idstr,
+            )
+
+    def _start_loads(self) -> None:
+        if not self.multifd or self._loads_started:
+            return
+        self._loads_started = True
+        assert self._load_nursery is not None
+        for dev in self.devs:
+            self._load_nursery.start_soon(self._load_device, dev)
+
+    async def _load_device(self, dev: _Dev) -> None:
+        """QEMU's vfio_load_bufs_thread: write buffers in idx order, config last."""
+        r = dev.reassembler
+        assert r is not None
+        try:
+            while True:
+                ready = r.pop_ready()
+                if ready:
+                    dev.changed.notify()
+
+                    def write_all(buffers: list[bytes] = ready) -> None:
+                        for buf in buffers:
+                            if buf:
+                                dev.backend.write_data(memoryview(buf))
+
+                    await _call("load", dev, write_all)
+                    continue
+                config = r.config
+                if config is not None:
+                    await self._load_config(dev, config)
+                    dev.done = True
+                    dev.changed.notify()
+                    return
+                if self._live_channels <= 0 and self._channel_ids:
+                    raise ChannelBrokenError(
+                        f"multifd channels closed before state buffer {r.waiting_for} arrived"
+                    )
+                dev.loader_waiting = True
+                try:
+                    if self._blocked and self._blocked >= self._live_channels:
+                        self._check_stuck(dev, r.waiting_for, 0)
+                    await dev.changed.wait()
+                finally:
+                    dev.loader_waiting = False
+        except MigrationError as exc:
+            raise exc.with_context(phase="load", device=dev.idstr) from None
+
+    async def _load_config(self, dev: _Dev, packet: bytes) -> None:
+        M = framing.Marker
+        if len(packet) < _MARKER_BYTES or int.from_bytes(packet[:8], "big") != M.DEV_CONFIG_STATE:
+            got = int.from_bytes(packet[:8], "big") if len(packet) >= 8 else 0
+            raise RemoteProtocolError(f"expected FLAG_DEV_CONFIG_STATE but got {got:#x}", device=dev.idstr)
+        if len(packet) < 12:
+            raise FramingError("config packet too short", device=dev.idstr)
+        length = int.from_bytes(packet[8:12], "big")
+        blob = packet[12 : 12 + length]
+        tail = packet[12 + length :]
+        if len(blob) != length or len(tail) != _MARKER_BYTES or int.from_bytes(tail, "big") != M.END_OF_STATE:
+            raise RemoteProtocolError("config packet: end flag incorrect", device=dev.idstr)
+        await _call("config", dev, dev.backend.write_config, blob)
+
+    async def _wait_loads(self) -> None:
+        deadline = trio.current_time() + self.config.peer_timeout_s
+        while not all(d.done for d in self.devs):
+            if not self._channel_ids and trio.current_time() > deadline:
+                raise ChannelBrokenError(
+                    f"no multifd channel connected within {self.config.peer_timeout_s:g} s"
+                )
+            waiting = next(d for d in self.devs if not d.done)
+            with trio.move_on_after(1.0):
+                await waiting.changed.wait()
+
+
+__all__ = ["DATA_BUFFER_BYTES", "Destination"]

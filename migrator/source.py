@@ -1,0 +1,507 @@
+"""The source side: what QEMU's migration thread and hw/vfio do for VFIO devices.
+
+Theory of operation
+-------------------
+Phases, in order (names appear in error messages and ``--json``):
+
+``setup``      file header, MIG_CMD_OPEN_RETURN_PATH (connections only), then
+               per device a SECTION_START with ``[SETUP][EOS]``. The data buffer
+               is ``min(1 MiB, stop_copy_length)``; pre-copy devices go
+               RUNNING -> PRE_COPY.
+``pre-copy``   iterations: per active device one SECTION_PART with at most one
+               read of the buffer size (ENOMSG and 0 mean "nothing now"), then
+               INIT_DATA_SENT once the initial bytes are gone (switchover-ack) or
+               EOS. Switch over when every pre-copy device's initial data was
+               acked and the pending bytes fit bandwidth x downtime-limit, or
+               when the iteration/time bound is reached (once acked).
+``stop``       the VM stops: P2P devices all go to *_P2P first, then each device
+               to STOP_COPY (pre-copy devices) or STOP; MIG_CMD_SWITCHOVER_START.
+``stop-copy``  multifd: one save task per device is started first (it moves the
+               device to STOP_COPY, reads chunks into VFIO device-state packets
+               with consecutive idx and queues them to whichever channel is
+               idle, then the config packet); then every device's SECTION_END
+               carries a lone EOS. Without multifd: SECTION_END carries the data
+               blocks until a read returns 0, then EOS.
+``config``     SECTION_FULL per device: ``[DEV_CONFIG_STATE][be32 n][config][EOS]``
+               (multifd: a lone EOS), then QEMU_VM_EOF.
+``complete``   wait for the destination's SHUT on the return path; devices go
+               STOP_COPY -> STOP and are left there.
+
+Rule: any failure returns every source device to RUNNING (reset if that
+fails), and the error names the phase and device.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import attrs
+import trio
+
+from fakevfio.fsm import PRECOPY_STATES, MigFlags, State
+from migrator import framing, multifd_wire
+from migrator.backend import DeviceBackend
+from migrator.config import DATA_BUFFER_BYTES, MigrationConfig
+from migrator.errors import (
+    ChannelBrokenError,
+    DeviceOpError,
+    MigrationError,
+    NoDataNow,
+    RemoteProtocolError,
+)
+from migrator.stats import Progress, Stats
+
+logger = logging.getLogger(__name__)
+
+_HDR = multifd_wire.DEVICE_STATE_HEADER_SIZE
+_VHDR = multifd_wire.VFIO_PACKET_HEADER_SIZE
+#: How long one bandwidth sample lasts (QEMU's BUFFER_DELAY is 100 ms).
+_BANDWIDTH_WINDOW_S = 0.1
+
+
+@attrs.define(eq=False)
+class _Dev:
+    backend: DeviceBackend
+    section_id: int
+    flags: MigFlags = MigFlags.STOP_COPY
+    state: State = State.RUNNING
+    multifd: bool = False
+    buf_size: int = DATA_BUFFER_BYTES
+    init_size: int = 0
+    dirty_size: int = 0
+    init_sent: bool = False
+
+    @property
+    def idstr(self) -> str:
+        return self.backend.idstr
+
+    @property
+    def precopy(self) -> bool:
+        return bool(self.flags & MigFlags.PRE_COPY)
+
+
+async def _call(phase: str, dev: _Dev, fn: object, *args: object) -> object:
+    """Run a blocking backend call in a worker thread, tagging errors."""
+    try:
+        return await trio.to_thread.run_sync(fn, *args)  # type: ignore[arg-type]
+    except MigrationError as exc:
+        raise exc.with_context(phase=phase, device=dev.idstr) from None
+
+
+class _Sender:
+    """Serialised writes on the main channel, with byte counting and rate limit."""
+
+    def __init__(self, stream: trio.abc.Stream, stats: Stats, max_bandwidth: int) -> None:
+        self.stream = stream
+        self.stats = stats
+        self.max_bandwidth = max_bandwidth
+        self._start = trio.current_time()
+        self._sent = 0
+
+    async def send(self, *parts: bytes | bytearray | memoryview) -> None:
+        for part in parts:
+            if not len(part):
+                continue
+            try:
+                await self.stream.send_all(part)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise ChannelBrokenError(f"main channel broke while sending: {exc}") from exc
+            self._sent += len(part)
+            self.stats.transferred_bytes += len(part)
+        if self.max_bandwidth:
+            ahead = self._sent / self.max_bandwidth - (trio.current_time() - self._start)
+            if ahead > 0:
+                await trio.sleep(ahead)
+
+
+class Source:
+    """One outgoing migration."""
+
+    def __init__(
+        self,
+        config: MigrationConfig,
+        devices: Sequence[DeviceBackend],
+        main: trio.abc.Stream,
+        channels: Sequence[trio.abc.Stream] = (),
+        *,
+        return_path: bool = True,
+        is_file: bool = False,
+        progress: Progress | None = None,
+    ) -> None:
+        self.config = config
+        self.devs = [_Dev(backend=b, section_id=i + 1) for i, b in enumerate(devices)]
+        self.main = main
+        self.channels = list(channels)
+        self.return_path = return_path
+        self.is_file = is_file
+        self.stats = Stats()
+        self.progress = progress or Progress(enabled=False)
+        self.phase = "setup"
+        self._acked = trio.Event()
+        self._shut: int | None = None
+        self._shut_event = trio.Event()
+        self._rp_error: MigrationError | None = None
+
+    # -- public -------------------------------------------------------------
+    async def run(self) -> Stats:
+        """Migrate; on any failure restore the devices to RUNNING and re-raise."""
+        t0 = trio.current_time()
+        self.stats.start(t0)
+        sender = _Sender(self.main, self.stats, self.config.max_bandwidth)
+        try:
+            async with trio.open_nursery() as nursery:
+                if self.return_path:
+                    nursery.start_soon(self._read_return_path)
+                await self._migrate(sender)
+                nursery.cancel_scope.cancel()
+        except BaseException as exc:
+            failure = exc
+            with trio.CancelScope(shield=True):
+                await self._restore_running()
+            if isinstance(failure, MigrationError) and not failure.phase:
+                failure.phase = self.phase
+            raise
+        self.stats.finish(trio.current_time(), "completed")
+        return self.stats
+
+    # -- phases ---------------------------------------------------------------
+    async def _migrate(self, sender: _Sender) -> None:
+        cfg = self.config
+        multifd = cfg.multifd_for(is_file=self.is_file) and bool(self.channels)
+        await self._setup(sender, multifd)
+        self.stats.setup_time_ms = (trio.current_time() - self.stats.t_start) * 1000
+        self.phase = "pre-copy"
+        await self._iterate(sender)
+        self.phase = "stop"
+        self.stats.mark_stop(trio.current_time())
+        await self._stop_devices()
+        await sender.send(framing.encode_command(framing.MIG_CMD_SWITCHOVER_START))
+        self.phase = "stop-copy"
+        await self._complete(sender)
+        self.phase = "config"
+        for dev in self.devs:
+            parts: list[bytes] = [
+                framing.encode_section_full(dev.section_id, dev.idstr, 0, 1)
+            ]
+            if dev.multifd:
+                parts.append(framing.encode_marker(framing.Marker.END_OF_STATE))
+            else:
+                config = bytes(await _call("config", dev, dev.backend.read_config))  # type: ignore[arg-type]
+                parts += [
+                    framing.encode_marker(framing.Marker.DEV_CONFIG_STATE),
+                    framing.encode_config_blob(config),
+                    framing.encode_marker(framing.Marker.END_OF_STATE),
+                ]
+                self.stats.device(dev.idstr).config_bytes += len(config)
+            parts.append(framing.encode_footer(dev.section_id))
+            await sender.send(*parts)
+        await sender.send(framing.encode_eof())
+        self.phase = "complete"
+        if isinstance(self.main, trio.abc.HalfCloseableStream) and not self.return_path:
+            await self.main.send_eof()
+        if self.return_path:
+            await self._wait_shut()
+        elif hasattr(self.main, "flush_to_disk"):
+            await self.main.flush_to_disk()
+        self.stats.mark_resumed(trio.current_time())
+        self.phase = "cleanup"
+        for dev in self.devs:
+            # QEMU does STOP_COPY -> STOP in save_cleanup, outside the downtime.
+            await self._set_or_reset("cleanup", dev, State.STOP)
+
+    async def _setup(self, sender: _Sender, multifd: bool) -> None:
+        await sender.send(framing.encode_file_header())
+        if self.return_path:
+            await sender.send(framing.encode_command(framing.MIG_CMD_OPEN_RETURN_PATH))
+        for dev in self.devs:
+            dev.flags = await _call("setup", dev, dev.backend.migration_flags)  # type: ignore[assignment]
+            dev.state = await _call("setup", dev, dev.backend.get_state)  # type: ignore[assignment]
+            if dev.state not in (State.RUNNING, State.STOP):
+                raise MigrationError(
+                    f"device is in {dev.state.name}; a source device must be RUNNING",
+                    phase="setup", device=dev.idstr,
+                )
+            dev.multifd = multifd
+            try:
+                size = int(await _call("setup", dev, dev.backend.data_size))  # type: ignore[call-overload]
+            except DeviceOpError:
+                size = DATA_BUFFER_BYTES
+            dev.buf_size = min(DATA_BUFFER_BYTES, size)
+            if dev.buf_size <= 0:
+                raise MigrationError(
+                    "Failed to allocate migration data buffer (device reports 0 stop-copy bytes)",
+                    phase="setup", device=dev.idstr,
+                )
+            if dev.precopy and dev.state is State.RUNNING:
+                await self._set_state("setup", dev, State.PRE_COPY, recover=State.RUNNING)
+                await self._refresh_precopy(dev)
+            self.stats.device(dev.idstr)
+            await sender.send(
+                framing.encode_section_start(dev.section_id, dev.idstr, 0, 1),
+                framing.encode_marker(framing.Marker.DEV_SETUP_STATE),
+                framing.encode_marker(framing.Marker.END_OF_STATE),
+                framing.encode_footer(dev.section_id),
+            )
+        if not self.return_path or not self.config.switchover_ack:
+            self._acked.set()
+
+    async def _refresh_precopy(self, dev: _Dev) -> None:
+        dev.init_size = dev.dirty_size = 0
+        try:
+            init, dirty = await _call("pre-copy", dev, dev.backend.precopy_info)  # type: ignore[misc]
+        except DeviceOpError:
+            return
+        dev.init_size, dev.dirty_size = init, dirty
+
+    async def _iterate(self, sender: _Sender) -> None:
+        cfg = self.config
+        start = trio.current_time()
+        window_start, window_bytes = start, self.stats.transferred_bytes
+        bandwidth = 0.0  # bytes per second, last full window
+        buffers = {id(dev): bytearray(dev.buf_size) for dev in self.devs if dev.precopy}
+        while True:
+            active = [d for d in self.devs if d.state in PRECOPY_STATES]
+            if not active:
+                return
+            if self.phase == "pre-copy":
+                self._check_peer()
+            for dev in active:
+                await self._iterate_device(sender, dev, buffers[id(dev)])
+            self.stats.precopy_iterations += 1
+            now = trio.current_time()
+            if now - window_start >= _BANDWIDTH_WINDOW_S:
+                bandwidth = (self.stats.transferred_bytes - window_bytes) / (now - window_start)
+                window_start, window_bytes = now, self.stats.transferred_bytes
+            threshold = bandwidth * cfg.downtime_limit_ms / 1000.0
+            pending = sum(d.init_size + d.dirty_size for d in active)
+            self.stats.pending_bytes = pending
+            self.progress.update(self.phase, self.stats, bandwidth)
+            can_switchover = self._acked.is_set()
+            if pending <= threshold or not bandwidth:
+                pending = 0
+                for dev in self.devs:
+                    try:
+                        pending += int(await _call("pre-copy", dev, dev.backend.data_size))  # type: ignore[call-overload]
+                    except DeviceOpError:
+                        pending += 100 << 30  # QEMU's VFIO_MIG_STOP_COPY_SIZE
+                    if dev.state in PRECOPY_STATES:
+                        await self._refresh_precopy(dev)
+                self.stats.pending_bytes = pending
+                if can_switchover and bandwidth and pending <= threshold:
+                    return
+            bounded = (
+                self.stats.precopy_iterations >= cfg.max_precopy_iterations
+                or now - start >= cfg.precopy_time_limit_s
+            )
+            if bounded and can_switchover:
+                logger.info("pre-copy bound reached; switching over with %d bytes pending", pending)
+                self.stats.forced_switchover = True
+                return
+            await trio.sleep(0)
+
+    async def _iterate_device(self, sender: _Sender, dev: _Dev, buf: bytearray) -> None:
+        view = memoryview(buf)
+        try:
+            n = int(await _call("pre-copy", dev, dev.backend.read_data, view))  # type: ignore[call-overload]
+        except NoDataNow:
+            n = 0
+        parts: list[bytes | memoryview] = [framing.encode_section_part(dev.section_id)]
+        if n:
+            parts += [framing.encode_data_header(n), view[:n]]
+            self.stats.device(dev.idstr).precopy_bytes += n
+            taken = min(dev.init_size, n)
+            dev.init_size -= taken
+            dev.dirty_size = max(0, dev.dirty_size - (n - taken))
+        else:
+            dev.init_size = dev.dirty_size = 0
+        if self.config.switchover_ack and self.return_path and dev.init_size == 0 and not dev.init_sent:
+            dev.init_sent = True
+            parts.append(framing.encode_marker(framing.Marker.DEV_INIT_DATA_SENT))
+        else:
+            parts.append(framing.encode_marker(framing.Marker.END_OF_STATE))
+        parts.append(framing.encode_footer(dev.section_id))
+        await sender.send(*parts)
+
+    async def _stop_devices(self) -> None:
+        for dev in self.devs:
+            if dev.flags & MigFlags.P2P:
+                target = State.PRE_COPY_P2P if dev.state in PRECOPY_STATES else State.RUNNING_P2P
+                await self._set_state("stop", dev, target, recover=None)
+        for dev in self.devs:
+            target = State.STOP_COPY if dev.state in PRECOPY_STATES else State.STOP
+            await self._set_state("stop", dev, target, recover=None)
+
+    async def _complete(self, sender: _Sender) -> None:
+        multifd = [d for d in self.devs if d.multifd]
+        if not multifd:
+            for dev in self.devs:
+                await self._complete_main(sender, dev)
+            return
+        send_ch, recv_ch = trio.open_memory_channel[memoryview](max(2, len(self.channels) * 2))
+        async with trio.open_nursery() as nursery:
+            for stream in self.channels:
+                nursery.start_soon(self._channel_sender, stream, recv_ch.clone())
+            recv_ch.close()
+            async with send_ch:
+                async with trio.open_nursery() as savers:
+                    for dev in multifd:
+                        savers.start_soon(self._save_thread, dev, send_ch.clone())
+                    for dev in self.devs:
+                        if dev.multifd:
+                            await sender.send(
+                                framing.encode_section_end(dev.section_id),
+                                framing.encode_marker(framing.Marker.END_OF_STATE),
+                                framing.encode_footer(dev.section_id),
+                            )
+                        else:
+                            await self._complete_main(sender, dev)
+
+    async def _channel_sender(
+        self, stream: trio.abc.Stream, packets: trio.MemoryReceiveChannel[memoryview]
+    ) -> None:
+        async with packets:
+            async for packet in packets:
+                try:
+                    await stream.send_all(packet)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    raise ChannelBrokenError(
+                        f"multifd channel broke while sending: {exc}", phase="stop-copy"
+                    ) from exc
+                self.stats.transferred_bytes += len(packet)
+
+    async def _save_thread(self, dev: _Dev, out: trio.MemorySendChannel[memoryview]) -> None:
+        """QEMU's save_complete_precopy_thread for one device."""
+        async with out:
+            await self._set_state("stop-copy", dev, State.STOP_COPY, recover=State.STOP)
+            idx = 0
+            counters = self.stats.device(dev.idstr)
+            while True:
+                packet = bytearray(_HDR + _VHDR + dev.buf_size)
+                view = memoryview(packet)
+                n = int(await _call("stop-copy", dev, dev.backend.read_data, view[_HDR + _VHDR :]))  # type: ignore[call-overload]
+                if n == 0:
+                    break
+                view[:_HDR] = multifd_wire.encode_device_state_header(dev.idstr, 0, _VHDR + n)
+                view[_HDR : _HDR + _VHDR] = multifd_wire.encode_vfio_packet_header(idx, 0)
+                await out.send(view[: _HDR + _VHDR + n])
+                counters.stopcopy_bytes += n
+                idx += 1
+            config = bytes(await _call("config", dev, dev.backend.read_config))  # type: ignore[arg-type]
+            payload = (
+                multifd_wire.encode_vfio_packet_header(idx, multifd_wire.VFIO_DEVICE_STATE_CONFIG_STATE)
+                + framing.encode_marker(framing.Marker.DEV_CONFIG_STATE)
+                + framing.encode_config_blob(config)
+                + framing.encode_marker(framing.Marker.END_OF_STATE)
+            )
+            counters.config_bytes += len(config)
+            await out.send(
+                memoryview(multifd_wire.encode_device_state_header(dev.idstr, 0, len(payload)) + payload)
+            )
+
+    async def _complete_main(self, sender: _Sender, dev: _Dev) -> None:
+        await self._set_state("stop-copy", dev, State.STOP_COPY, recover=State.STOP)
+        await sender.send(framing.encode_section_end(dev.section_id))
+        buf = bytearray(dev.buf_size)
+        view = memoryview(buf)
+        counters = self.stats.device(dev.idstr)
+        while True:
+            n = int(await _call("stop-copy", dev, dev.backend.read_data, view))  # type: ignore[call-overload]
+            if n == 0:
+                break
+            await sender.send(framing.encode_data_header(n), view[:n])
+            counters.stopcopy_bytes += n
+            self.progress.update(self.phase, self.stats, 0.0)
+        await sender.send(
+            framing.encode_marker(framing.Marker.END_OF_STATE), framing.encode_footer(dev.section_id)
+        )
+
+    # -- device state helpers ---------------------------------------------------
+    async def _set_state(self, phase: str, dev: _Dev, state: State, *, recover: State | None) -> None:
+        """QEMU's vfio_migration_set_state: on failure try ``recover``, else reset."""
+        if dev.state == state:
+            return
+        try:
+            await _call(phase, dev, dev.backend.set_state, state)
+        except MigrationError as exc:
+            try:
+                if recover is None:
+                    raise exc
+                await _call(phase, dev, dev.backend.set_state, recover)
+                dev.state = recover
+            except MigrationError:
+                await self._reset(dev)
+            raise exc.with_context(phase=phase, device=dev.idstr) from None
+        dev.state = state
+
+    async def _set_or_reset(self, phase: str, dev: _Dev, state: State) -> None:
+        try:
+            await self._set_state(phase, dev, state, recover=None)
+        except MigrationError as exc:
+            logger.warning("%s", exc)
+
+    async def _reset(self, dev: _Dev) -> None:
+        try:
+            await _call("recovery", dev, dev.backend.reset)
+        except MigrationError as exc:
+            logger.error("reset failed: %s", exc)
+        dev.state = State.RUNNING
+
+    async def _restore_running(self) -> None:
+        """Failure path: every device back to RUNNING (reset if that fails)."""
+        for dev in self.devs:
+            try:
+                current = await _call("recovery", dev, dev.backend.get_state)
+                dev.state = current  # type: ignore[assignment]
+                if current is State.RUNNING:
+                    continue
+                await _call("recovery", dev, dev.backend.set_state, State.RUNNING)
+                dev.state = State.RUNNING
+            except MigrationError as exc:
+                logger.warning("%s; resetting", exc)
+                await self._reset(dev)
+
+    # -- return path ------------------------------------------------------------
+    async def _read_return_path(self) -> None:
+        decoder = framing.ReturnPathDecoder()
+        try:
+            while True:
+                try:
+                    data = await self.main.receive_some(65536)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    raise ChannelBrokenError(f"return path broke: {exc}") from exc
+                decoder.receive_data(data)
+                while True:
+                    event = decoder.next_event()
+                    if event is framing.NEED_DATA:
+                        break
+                    assert isinstance(event, framing.RpEvent)
+                    if event.msg_type == framing.RpMsg.SWITCHOVER_ACK:
+                        self._acked.set()
+                    elif event.msg_type == framing.RpMsg.SHUT:
+                        self._shut = int.from_bytes(event.payload[:4], "big") if event.payload else 1
+                        self._shut_event.set()
+                        return
+                if not data:
+                    raise ChannelBrokenError("the destination closed the connection before reporting a result")
+        except MigrationError as exc:
+            self._rp_error = exc
+            self._shut_event.set()
+
+    async def _wait_shut(self) -> None:
+        # No deadline here: the destination may still be loading a large state;
+        # its death closes the connection, which ends the wait.
+        await self._shut_event.wait()
+        self._check_peer()
+
+    def _check_peer(self) -> None:
+        """Raise if the return path failed or the destination reported a result early."""
+        if not self._shut_event.is_set():
+            return
+        if self._rp_error is not None:
+            raise self._rp_error.with_context(phase="complete")
+        if self._shut != 0 or self.phase != "complete":
+            raise RemoteProtocolError(
+                f"the destination failed to load the state (status {self._shut})", phase="load"
+            )
+
