@@ -1,0 +1,61 @@
+"""fakevfio: emulated VFIO migration devices served as a FUSE filesystem.
+
+The package root re-exports the pure core (devices, the migration FSM, the
+driver API, the registry and the filesystem model). The pyfuse3 adapter,
+:mod:`fakevfio.fuse`, is deliberately not imported here so that everything
+else works on machines without libfuse.
+"""
+
+from __future__ import annotations
+
+from fakevfio.device import Device, Session, SetStateResult
+from fakevfio.driver import (
+    ArcDriver,
+    LoadStream,
+    OptionSpec,
+    PrecopyInfo,
+    SaveStream,
+    StateDriver,
+)
+from fakevfio.drivers import DriverSet, load_drivers
+from fakevfio.errors import (
+    ConfigError,
+    DeviceError,
+    DriverLoadError,
+    FakeVfioError,
+    IllegalTransition,
+    SessionGone,
+    UnknownDevice,
+)
+from fakevfio.faults import FaultRules
+from fakevfio.fsm import MigFlags, State
+from fakevfio.options import DeviceSpec
+from fakevfio.registry import Registry
+from fakevfio.tree import Tree
+
+__all__ = [
+    "ArcDriver",
+    "ConfigError",
+    "Device",
+    "DeviceError",
+    "DeviceSpec",
+    "DriverLoadError",
+    "DriverSet",
+    "FakeVfioError",
+    "FaultRules",
+    "IllegalTransition",
+    "LoadStream",
+    "MigFlags",
+    "OptionSpec",
+    "PrecopyInfo",
+    "Registry",
+    "SaveStream",
+    "Session",
+    "SessionGone",
+    "SetStateResult",
+    "State",
+    "StateDriver",
+    "Tree",
+    "UnknownDevice",
+    "load_drivers",
+]

@@ -54,8 +54,13 @@ def main() -> int:
         src_mp, dst_mp = base / "src", base / "dst"
         mounts = [
             _mount(src_mp, DEVICES),
-            _mount(dst_mp, {n: ",".join(o for o in opts.split(",") if o.split("=")[0] in ("size", "flags"))
-                            for n, opts in DEVICES.items()}),
+            _mount(
+                dst_mp,
+                {
+                    n: ",".join(o for o in opts.split(",") if o.split("=")[0] in ("size", "flags"))
+                    for n, opts in DEVICES.items()
+                },
+            ),
         ]
         try:
             sock = f"unix:{base}/migration.sock"
@@ -70,8 +75,19 @@ def main() -> int:
             print(incoming.stderr.readline().decode().strip())
             time.sleep(0.2)  # the workload dirties some pages before we start
             out = subprocess.run(
-                [*migrator, "migrate", "--to", sock, "--multifd-channels", "4", "--json", *src_devs],
-                capture_output=True, text=True, check=False,
+                [
+                    *migrator,
+                    "migrate",
+                    "--to",
+                    sock,
+                    "--multifd-channels",
+                    "4",
+                    "--json",
+                    *src_devs,
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
             )
             incoming.wait(timeout=60)
             if out.returncode or incoming.returncode:
@@ -85,8 +101,11 @@ def main() -> int:
                 s, d = _info(src_mp, name), _info(dst_mp, name)
                 same = s["state_digest"] == d["state_digest"]
                 ok &= same
-                print(f"\n{name}: source {s['state']}, destination {d['state']}, "
-                      f"state_digest {'EQUAL' if same else 'DIFFERENT'} ({str(d['state_digest'])[:16]}...)")
+                print(
+                    f"\n{name}: source {s['state']}, destination {d['state']}, "
+                    f"state_digest {'EQUAL' if same else 'DIFFERENT'} "
+                    f"({str(d['state_digest'])[:16]}...)"
+                )
                 print("  source arcs:      " + " | ".join(_log(src_mp, name)))
                 print("  destination arcs: " + " | ".join(_log(dst_mp, name)))
             print("\ndemo " + ("succeeded" if ok else "FAILED"))

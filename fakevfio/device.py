@@ -169,18 +169,25 @@ class Device:
             done: list[tuple[State, State]] = []
             new_session: Session | None = None
             delay = self.faults.delay_ms("arc") / 1000.0
+            session = self._session
+            if current is State.RESUMING and session is not None and not session.alive:
+                # The resuming stream was rejected: never load what is left of it.
+                self._log.append(f"{current.name} {arcs[0][1].name} EINVAL")
+                raise self._err(errno.EINVAL, "the resuming stream was rejected; reset the device")
             for cur, nxt in arcs:
                 injected = self.faults.arc_errno(cur, nxt)
                 if injected is not None:
                     self._log.append(f"{cur.name} {nxt.name} {errno_name(injected)}")
-                    raise self._err(injected, f"arc {cur.name} -> {nxt.name} failed (injected fault)")
+                    raise self._err(
+                        injected, f"arc {cur.name} -> {nxt.name} failed (injected fault)"
+                    )
                 stream_now = self._session.stream if self._session else None
                 try:
                     stream = self.driver.step(cur, nxt, stream_now)
                 except DeviceError as exc:
                     self._log.append(f"{cur.name} {nxt.name} {errno_name(exc.errno)}")
-                    if self._state is State.ERROR:
-                        self._end_session()
+                    if exc.enter_error:
+                        self._enter_error()
                     raise
                 self._log.append(f"{cur.name} {nxt.name}")
                 self._state = nxt
@@ -188,14 +195,18 @@ class Device:
                 if (cur, nxt) in NEW_SESSION_ARCS:
                     if stream is None:
                         self._enter_error()
-                        raise self._err(errno.EIO, f"driver opened no stream on {cur.name} -> {nxt.name}")
+                        raise self._err(
+                            errno.EIO, f"driver opened no stream on {cur.name} -> {nxt.name}"
+                        )
                     self._end_session()
                     new_session = Session(
                         id=next(_session_ids), saving=isinstance(stream, SaveStream), stream=stream
                     )
                     self._session = new_session
                 elif stream is not None:
-                    raise self._err(errno.EINVAL, f"driver returned a stream on {cur.name} -> {nxt.name}")
+                    raise self._err(
+                        errno.EINVAL, f"driver returned a stream on {cur.name} -> {nxt.name}"
+                    )
                 elif (cur, nxt) in END_SESSION_ARCS:
                     self._end_session()
             final = done[-1] if done else None
@@ -234,7 +245,9 @@ class Device:
         with self.lock:
             session = self._session
             if session is None:
-                raise self._err(errno.ENODEV, f"no live migration session (state {self._state.name})")
+                raise self._err(
+                    errno.ENODEV, f"no live migration session (state {self._state.name})"
+                )
             if session.saving and (write or not read):
                 raise self._err(errno.EACCES, "a saving session opens read-only")
             if not session.saving and (read or not write):
@@ -245,7 +258,9 @@ class Device:
         if not session.alive:
             raise self._err(errno.ENODEV, "the migration session has ended")
 
-    def read(self, session: Session, size: int, now: float = 0.0) -> tuple[bytes | bytearray, float]:
+    def read(
+        self, session: Session, size: int, now: float = 0.0
+    ) -> tuple[bytes | bytearray, float]:
         """Read the saving stream; returns (data, seconds the caller should wait)."""
         with self.lock:
             self._live(session)
@@ -254,11 +269,15 @@ class Device:
             fault = self.faults.io_fault("read")
             if fault is not None:
                 if session.position >= fault.after:
-                    raise self._err(fault.errno, f"read failed at byte {session.position} (injected fault)")
+                    raise self._err(
+                        fault.errno, f"read failed at byte {session.position} (injected fault)"
+                    )
                 size = min(size, fault.after - session.position)
             stream = session.stream
             assert isinstance(stream, SaveStream)
             data = stream.read(size, self._state)
+            if isinstance(data, memoryview):
+                data = bytes(data)
             start = session.position
             session.position += len(data)
             for offset in self.faults.corrupt_offsets():
@@ -277,7 +296,9 @@ class Device:
                 raise self._err(errno.EBADF, "a saving session is read-only")
             fault = self.faults.io_fault("write")
             if fault is not None and session.position + len(data) > fault.after:
-                raise self._err(fault.errno, f"write failed at byte {session.position} (injected fault)")
+                raise self._err(
+                    fault.errno, f"write failed at byte {session.position} (injected fault)"
+                )
             stream = session.stream
             assert isinstance(stream, LoadStream)
             try:
@@ -297,7 +318,10 @@ class Device:
         """``VFIO_MIG_GET_PRECOPY_INFO``: EINVAL outside PRE_COPY*."""
         with self.lock:
             if self._state not in PRECOPY_STATES:
-                raise self._err(errno.EINVAL, f"pre-copy info needs PRE_COPY or PRE_COPY_P2P (state {self._state.name})")
+                raise self._err(
+                    errno.EINVAL,
+                    f"pre-copy info needs PRE_COPY or PRE_COPY_P2P (state {self._state.name})",
+                )
             session = self._session
             if session is None or not isinstance(session.stream, SaveStream):
                 raise self._err(errno.ENODEV, "no live saving session")
@@ -307,7 +331,10 @@ class Device:
         """PRECOPY_INFO through a particular data_fd (checks state first, then the session)."""
         with self.lock:
             if self._state not in PRECOPY_STATES:
-                raise self._err(errno.EINVAL, f"pre-copy info needs PRE_COPY or PRE_COPY_P2P (state {self._state.name})")
+                raise self._err(
+                    errno.EINVAL,
+                    f"pre-copy info needs PRE_COPY or PRE_COPY_P2P (state {self._state.name})",
+                )
             self._live(session)
             assert isinstance(session.stream, SaveStream)
             return session.stream.precopy_info()
@@ -327,7 +354,8 @@ class Device:
             if offset < 0 or offset + len(data) > len(self._config):
                 raise self._err(
                     errno.EINVAL,
-                    f"config write of {len(data)} bytes at {offset} is past the end ({len(self._config)} bytes)",
+                    f"config write of {len(data)} bytes at {offset} is past the end "
+                    f"({len(self._config)} bytes)",
                 )
             self._config[offset : offset + len(data)] = data
             return len(data)
@@ -353,7 +381,8 @@ class Device:
             if offset < 0 or offset + len(data) > total:
                 raise self._err(
                     errno.EINVAL,
-                    f"region {region}: write of {len(data)} bytes at {offset} is past the end ({total} bytes)",
+                    f"region {region}: write of {len(data)} bytes at {offset} is past the end "
+                    f"({total} bytes)",
                 )
             self.driver.region_write(region, offset, data)
             return len(data)
@@ -373,7 +402,7 @@ class Device:
 
     def check_removable(self) -> None:
         with self.lock:
-            if self._session is not None:
+            if self._session is not None and self._session.alive:
                 raise self._err(errno.EBUSY, "a migration session is live")
 
     def close(self) -> None:

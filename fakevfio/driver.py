@@ -126,7 +126,9 @@ class ArcDriver(abc.ABC):
         try:
             return int(value, 0)
         except ValueError:
-            raise ConfigError(f"device {self.name}: option {key}={value!r} is not an integer") from None
+            raise ConfigError(
+                f"device {self.name}: option {key}={value!r} is not an integer"
+            ) from None
 
     # -- description ----------------------------------------------------
     @property

@@ -60,7 +60,9 @@ def load_drivers(
         try:
             candidates.append((ep.name, ep.value, ep.load()))
         except Exception as exc:  # noqa: BLE001 - any import failure is the plugin's error
-            errors.append(DriverLoadError(ep.name, ep.value, f"import failed: {type(exc).__name__}: {exc}"))
+            errors.append(
+                DriverLoadError(ep.name, ep.value, f"import failed: {type(exc).__name__}: {exc}")
+            )
     for spec in extra_modules:
         name, _, value = spec.partition("=")
         try:
@@ -69,12 +71,16 @@ def load_drivers(
                 raise ValueError("expected NAME=module:Class")
             candidates.append((name, value, getattr(importlib.import_module(module), attr)))
         except Exception as exc:  # noqa: BLE001
-            errors.append(DriverLoadError(name, value, f"import failed: {type(exc).__name__}: {exc}"))
+            errors.append(
+                DriverLoadError(name, value, f"import failed: {type(exc).__name__}: {exc}")
+            )
     for name, value, obj in candidates:
         try:
             cls = _validate(name, value, obj)
             if name in drivers:
-                raise DriverLoadError(name, value, f"duplicate driver name (already provided by {sources[name]})")
+                raise DriverLoadError(
+                    name, value, f"duplicate driver name (already provided by {sources[name]})"
+                )
         except DriverLoadError as exc:
             errors.append(exc)
             continue

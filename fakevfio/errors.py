@@ -23,9 +23,14 @@ class DeviceError(FakeVfioError):
         device: name of the device, when known.
     """
 
-    def __init__(self, err: int, message: str, *, device: str = "") -> None:
+    def __init__(
+        self, err: int, message: str, *, device: str = "", enter_error: bool = False
+    ) -> None:
         self.errno = err
         self.device = device
+        #: A driver sets this when it cannot reach any valid state: the core
+        #: then moves the device to ERROR (only a reset leaves it).
+        self.enter_error = enter_error
         self.detail = message
         where = f"device {device}: " if device else ""
         super().__init__(f"{where}{message} ({errno_name(err)})")
@@ -77,6 +82,8 @@ class UnknownDevice(FakeVfioError):
 
 def errno_name(err: int) -> str:
     """Return the symbolic name of an errno (``EINVAL``), or its number."""
+    if err == _errno.EOPNOTSUPP:
+        return "EOPNOTSUPP"  # same number as ENOTSUP on Linux; the uAPI docs say EOPNOTSUPP
     return _errno.errorcode.get(err, str(err))
 
 

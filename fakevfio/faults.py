@@ -79,7 +79,9 @@ class FaultRules:
             try:
                 rules.append(_parse_rule(words))
             except ConfigError as exc:
-                raise ConfigError(f"fault rule line {number} {line.strip()[:80]!r}: {exc}") from None
+                raise ConfigError(
+                    f"fault rule line {number} {line.strip()[:80]!r}: {exc}"
+                ) from None
         if len(rules) > MAX_RULES:
             raise ConfigError(f"{len(rules)} fault rules (at most {MAX_RULES})")
         return cls(tuple(rules))
@@ -107,7 +109,7 @@ class FaultRules:
 
 
 def _int(word: str, what: str) -> int:
-    if not word.isdigit() or len(word) > 19:
+    if not (word.isascii() and word.isdigit()) or len(word) > 19:
         raise ConfigError(f"{what} {word!r} is not a non-negative integer")
     return int(word)
 
@@ -122,7 +124,9 @@ def _state(word: str) -> State:
 def _parse_rule(words: list[str]) -> Fault:
     kind = words[0]
     if kind == "arc" and len(words) == 4:
-        return ArcFault(current=_state(words[1]), nxt=_state(words[2]), errno=errno_from_name(words[3]))
+        return ArcFault(
+            current=_state(words[1]), nxt=_state(words[2]), errno=errno_from_name(words[3])
+        )
     if kind in ("read", "write") and len(words) == 4 and words[2] == "after":
         return IoFault(op=kind, errno=errno_from_name(words[1]), after=_int(words[3], "byte count"))
     if kind == "delay" and len(words) == 3 and words[1] in ("read", "write", "arc"):

@@ -59,6 +59,7 @@ VALID_FLAGS: tuple[MigFlags, ...] = (
 )
 
 _S = State
+# fmt: off
 #: Raw next step for (current, target), before unsupported states are skipped.
 TABLE: Mapping[State, Mapping[State, State]] = {
     _S.STOP: {
@@ -96,7 +97,7 @@ TABLE: Mapping[State, Mapping[State, State]] = {
         _S.RESUMING: _S.STOP, _S.RUNNING_P2P: _S.RUNNING_P2P,
         _S.PRE_COPY: _S.RUNNING, _S.PRE_COPY_P2P: _S.PRE_COPY_P2P, _S.ERROR: _S.ERROR,
     },
-    _S.ERROR: {s: _S.ERROR for s in State},
+    _S.ERROR: dict.fromkeys(State, _S.ERROR),
 }
 
 #: Flag bits a state needs; ERROR needs bits no device has.
@@ -105,21 +106,27 @@ _STATE_FLAGS: Mapping[State, int] = {
     _S.RUNNING_P2P: 3, _S.PRE_COPY: 5, _S.PRE_COPY_P2P: 7, _S.ERROR: 0xFFFFFFFF,
 }
 
+# fmt: on
+
 #: Arcs that return a new data_fd (start a migration session).
-NEW_SESSION_ARCS: frozenset[tuple[State, State]] = frozenset({
-    (_S.RUNNING, _S.PRE_COPY),
-    (_S.RUNNING_P2P, _S.PRE_COPY_P2P),
-    (_S.STOP, _S.STOP_COPY),
-    (_S.STOP, _S.RESUMING),
-})
+NEW_SESSION_ARCS: frozenset[tuple[State, State]] = frozenset(
+    {
+        (_S.RUNNING, _S.PRE_COPY),
+        (_S.RUNNING_P2P, _S.PRE_COPY_P2P),
+        (_S.STOP, _S.STOP_COPY),
+        (_S.STOP, _S.RESUMING),
+    }
+)
 
 #: Arcs that end the live session.
-END_SESSION_ARCS: frozenset[tuple[State, State]] = frozenset({
-    (_S.STOP_COPY, _S.STOP),
-    (_S.PRE_COPY, _S.RUNNING),
-    (_S.PRE_COPY_P2P, _S.RUNNING_P2P),
-    (_S.RESUMING, _S.STOP),
-})
+END_SESSION_ARCS: frozenset[tuple[State, State]] = frozenset(
+    {
+        (_S.STOP_COPY, _S.STOP),
+        (_S.PRE_COPY, _S.RUNNING),
+        (_S.PRE_COPY_P2P, _S.RUNNING_P2P),
+        (_S.RESUMING, _S.STOP),
+    }
+)
 
 SAVING_STATES: frozenset[State] = frozenset({_S.PRE_COPY, _S.PRE_COPY_P2P, _S.STOP_COPY})
 PRECOPY_STATES: frozenset[State] = frozenset({_S.PRE_COPY, _S.PRE_COPY_P2P})

@@ -63,7 +63,9 @@ class DeviceSpec:
         words = text.split()
         if not words:
             raise ConfigError("empty create line (expected NAME [key=value ...])")
-        return cls(check_device_name(words[0]), _check_driver(driver), _parse_pairs(words[1:], text))
+        return cls(
+            check_device_name(words[0]), _check_driver(driver), _parse_pairs(words[1:], text)
+        )
 
 
 def _check_driver(driver: str) -> str:

@@ -36,15 +36,26 @@ class RamDriver(StateDriver):
     options: ClassVar[Mapping[str, OptionSpec]] = {
         "size": OptionSpec(kind="size", default="1M", help="state size in bytes (K, M, G)"),
         "flags": OptionSpec(
-            kind="flags", default="STOP_COPY+P2P+PRE_COPY",
+            kind="flags",
+            default="STOP_COPY+P2P+PRE_COPY",
             help="migration flags: STOP_COPY[+P2P][+PRE_COPY]",
         ),
-        "seed": OptionSpec(kind="int", default=None, help="deterministic initial content (zeros if absent)"),
-        "dirty_rate": OptionSpec(kind="size", default="0", help="bytes/s the workload changes while running"),
-        "read_bandwidth": OptionSpec(kind="size", default=None, help="data stream read speed, bytes/s"),
-        "write_bandwidth": OptionSpec(kind="size", default=None, help="data stream write speed, bytes/s"),
+        "seed": OptionSpec(
+            kind="int", default=None, help="deterministic initial content (zeros if absent)"
+        ),
+        "dirty_rate": OptionSpec(
+            kind="size", default="0", help="bytes/s the workload changes while running"
+        ),
+        "read_bandwidth": OptionSpec(
+            kind="size", default=None, help="data stream read speed, bytes/s"
+        ),
+        "write_bandwidth": OptionSpec(
+            kind="size", default=None, help="data stream write speed, bytes/s"
+        ),
         "page_size": OptionSpec(kind="size", default="4K", help="dirty-tracking granularity"),
-        "config_size": OptionSpec(kind="int", default="256", help="PCI config space size: 256 or 4096"),
+        "config_size": OptionSpec(
+            kind="int", default="256", help="PCI config space size: 256 or 4096"
+        ),
     }
     stream_version = 1
 
@@ -104,7 +115,11 @@ class RamDriver(StateDriver):
 
     def check_header(self, header: bytes) -> None:
         if len(header) != _HEADER.size:
-            raise DeviceError(errno.EINVAL, f"ram header of {len(header)} bytes (expected {_HEADER.size})", device=self.name)
+            raise DeviceError(
+                errno.EINVAL,
+                f"ram header of {len(header)} bytes (expected {_HEADER.size})",
+                device=self.name,
+            )
         magic, version, page, size = _HEADER.unpack(header)
         if magic != _MAGIC:
             raise DeviceError(errno.EINVAL, f"not a ram stream (magic {magic!r})", device=self.name)
@@ -117,7 +132,8 @@ class RamDriver(StateDriver):
         if size != self._size or page != self.page_size:
             raise DeviceError(
                 errno.EOPNOTSUPP,
-                f"ram stream of {size} bytes / {page}-byte pages (this device: {self._size} / {self.page_size})",
+                f"ram stream of {size} bytes / {page}-byte pages "
+                f"(this device: {self._size} / {self.page_size})",
                 device=self.name,
             )
 
@@ -145,7 +161,9 @@ class RamDriver(StateDriver):
         rng = self._rng
         for _ in range(pages):
             page = rng.randrange(npages)
-            off = page * self.page_size + rng.randrange(0, min(self.page_size, self._size - page * self.page_size))
+            off = page * self.page_size + rng.randrange(
+                0, min(self.page_size, self._size - page * self.page_size)
+            )
             off = min(off, self._size - 8) if self._size >= 8 else 0
             chunk = rng.randbytes(min(8, self._size))
             self._view[off : off + len(chunk)] = chunk

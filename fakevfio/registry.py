@@ -41,7 +41,9 @@ class Registry:
         cls = self.drivers.get(spec.driver)
         if cls is None:
             known = ", ".join(sorted(self.drivers)) or "none"
-            raise ConfigError(f"unknown driver {spec.driver!r} for device {spec.name} (loaded: {known})")
+            raise ConfigError(
+                f"unknown driver {spec.driver!r} for device {spec.name} (loaded: {known})"
+            )
         with self._lock:
             if spec.name in self._devices:
                 raise ConfigError(f"a device named {spec.name} already exists")
@@ -58,7 +60,9 @@ class Registry:
             raise
         except (ValueError, TypeError, OverflowError, MemoryError) as exc:
             self._drop(spec.name)
-            raise ConfigError(f"device {spec.name}: driver {spec.driver} refused it: {exc}") from exc
+            raise ConfigError(
+                f"device {spec.name}: driver {spec.driver} refused it: {exc}"
+            ) from exc
         except BaseException:
             self._drop(spec.name)
             raise
@@ -93,10 +97,10 @@ class Registry:
 class _Placeholder(Device):
     """Reserves a name while a device is being created."""
 
-    def __init__(self) -> None:  # noqa: D107 - never a real device
+    def __init__(self) -> None:
         pass
 
 
 _placeholder = _Placeholder()
 
-__all__ = ["Registry", "DeviceError"]
+__all__ = ["DeviceError", "Registry"]

@@ -66,7 +66,9 @@ def _stream_header(driver: StateDriver) -> bytes:
     drv = driver.header()
     if len(drv) > MAX_DRIVER_HEADER_BYTES:
         raise ValueError(f"driver header of {len(drv)} bytes exceeds {MAX_DRIVER_HEADER_BYTES}")
-    return HEADER.pack(MAGIC, FORMAT_VERSION, driver.page_size, driver.state_size(), len(drv), 0) + drv
+    return (
+        HEADER.pack(MAGIC, FORMAT_VERSION, driver.page_size, driver.state_size(), len(drv), 0) + drv
+    )
 
 
 def _records_bytes(length: int, run: int) -> int:
@@ -114,7 +116,9 @@ class StateSaveStream(SaveStream):
         initial = self._initial_left()
         # Bytes already produced beyond the initial part, plus dirty pages to come.
         produced_dirty = self._emitted + self._pending - max(self._initial_total, self._emitted)
-        dirty = max(0, produced_dirty) + self._driver.dirty_pages() * self._driver.page_size
+        # Upper bound per dirty page (data + a record header), so reads never grow it.
+        per_page = self._driver.page_size + RECORD.size
+        dirty = max(0, produced_dirty) + self._driver.dirty_pages() * per_page
         return PrecopyInfo(initial_bytes=initial, dirty_bytes=dirty)
 
     def remaining(self) -> int:
@@ -134,6 +138,8 @@ class StateSaveStream(SaveStream):
     def _produce(self, state: State) -> bool:
         """Queue the next record; False when nothing is left for now."""
         driver = self._driver
+        if self._end_written:
+            return False  # after END: EOF forever, even if something is dirtied later
         if self._cursor < self._size:
             offset = self._cursor
             length = min(self._run, self._size - offset)
@@ -165,6 +171,8 @@ class StateSaveStream(SaveStream):
         return True
 
     def read(self, size: int, state: State) -> bytearray | bytes:
+        if size <= 0:
+            return b""
         out = bytearray(size)
         filled = 0
         segments = self._segments
@@ -212,7 +220,9 @@ class StateLoadStream(LoadStream):
         self.received = 0
 
     def _fail(self, err: int, msg: str) -> DeviceError:
-        return DeviceError(err, f"resuming stream at byte {self.received}: {msg}", device=self._driver.name)
+        return DeviceError(
+            err, f"resuming stream at byte {self.received}: {msg}", device=self._driver.name
+        )
 
     def write(self, data: memoryview) -> None:
         pos = 0
@@ -247,7 +257,8 @@ class StateLoadStream(LoadStream):
                 raise self._fail(errno.EINVAL, f"bad magic {magic!r} (expected {MAGIC!r})")
             if version != FORMAT_VERSION:
                 raise self._fail(
-                    errno.EOPNOTSUPP, f"stream format version {version} (this device loads {FORMAT_VERSION})"
+                    errno.EOPNOTSUPP,
+                    f"stream format version {version} (this device loads {FORMAT_VERSION})",
                 )
             if page != self._page or size != self._size:
                 raise self._fail(
@@ -273,6 +284,7 @@ class StateLoadStream(LoadStream):
                     or length > MAX_RECORD_BYTES
                     or offset % self._page
                     or offset + length > self._size
+                    or (length % self._page and offset + length != self._size)
                 ):
                     raise self._fail(
                         errno.EINVAL, f"bad PAGES record (offset {offset}, length {length})"
@@ -318,12 +330,14 @@ class StateLoadStream(LoadStream):
         if self._loaded_count != self._pages:
             raise self._fail(
                 errno.EINVAL,
-                f"incomplete state: {self._pages - self._loaded_count} of {self._pages} pages never sent",
+                f"incomplete state: {self._pages - self._loaded_count} of {self._pages} "
+                "pages never sent",
             )
         if self._end_count != self._data_bytes:
             raise self._fail(
                 errno.EINVAL,
-                f"END record counts {self._end_count} data bytes, stream carried {self._data_bytes}",
+                f"END record counts {self._end_count} data bytes, "
+                f"stream carried {self._data_bytes}",
             )
         self._driver.validate()
 

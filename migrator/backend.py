@@ -85,7 +85,9 @@ class FakeVfioBackend(DeviceBackend):
         self.location = str(self.dir)
         self.idstr = idstr or f"{self.dir.name}/vfio"
         if not (self.dir / "migration" / "state").exists():
-            raise DeviceOpError(self.location, "open", errno.ENOENT, "not a fakevfio device directory")
+            raise DeviceOpError(
+                self.location, "open", errno.ENOENT, "not a fakevfio device directory"
+            )
         self._flags = parse_flags(self._read_text("migration/flags"))
         self._data_fd: int | None = None
         self._data_writable = False
@@ -166,7 +168,9 @@ class FakeVfioBackend(DeviceBackend):
             data = data[n:]
 
     def precopy_info(self) -> tuple[int, int]:
-        fields = dict(line.split() for line in self._read_text("migration/precopy_info").splitlines())
+        fields = dict(
+            line.split() for line in self._read_text("migration/precopy_info").splitlines()
+        )
         return int(fields["initial_bytes"]), int(fields["dirty_bytes"])
 
     def data_size(self) -> int:

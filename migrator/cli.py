@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -30,7 +31,8 @@ examples:
   migrator incoming --listen tcp:127.0.0.1:4444 /mnt/dst/devices/gpu0
   migrator migrate --to tcp:127.0.0.1:4444 --json /mnt/src/devices/gpu0
   migrator migrate --to unix:/tmp/mig.sock --multifd-channels 4 DEV1 DEV2,id=nic/vfio
-  migrator save -o state.bin /mnt/src/devices/gpu0 ; migrator load -i state.bin /mnt/dst/devices/gpu0
+  migrator save -o state.bin /mnt/src/devices/gpu0
+  migrator load -i state.bin /mnt/dst/devices/gpu0
   migrator migrate --to tcp:10.0.0.2:4444 /dev/vfio/devices/vfio0     (real device, iommufd)
   migrator migrate --to tcp:10.0.0.2:4444 0000:3b:00.1                  (real device, group path)
 """
@@ -43,7 +45,9 @@ def open_device(arg: str) -> DeviceBackend:
     if opts:
         key, _, value = opts.partition("=")
         if key != "id" or not value or len(value.encode()) > 255:
-            raise ConfigurationError(f"invalid device option {opts!r} (expected id=IDSTR, at most 255 bytes)")
+            raise ConfigurationError(
+                f"invalid device option {opts!r} (expected id=IDSTR, at most 255 bytes)"
+            )
         idstr = value
     if os.path.isdir(spec):
         return FakeVfioBackend(spec, idstr)
@@ -54,7 +58,8 @@ def open_device(arg: str) -> DeviceBackend:
             raise ConfigurationError(f"the kernel backend is unavailable: {exc}") from exc
         return open_kernel_device(spec, idstr)
     raise ConfigurationError(
-        f"{spec!r} is not a fakevfio device directory, a /dev/vfio/devices/vfioN cdev, or a PCI address"
+        f"{spec!r} is not a fakevfio device directory, a /dev/vfio/devices/vfioN cdev, "
+        "or a PCI address"
     )
 
 
@@ -83,7 +88,7 @@ def _config(args: argparse.Namespace) -> MigrationConfig:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="migrator",
-        description="Migrate VFIO device state like QEMU 10.1 (fakevfio devices or real /dev/vfio).",
+        description="Migrate VFIO device state like QEMU 10.1 (fakevfio or real /dev/vfio).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -95,14 +100,24 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--multifd-transfer", choices=["on", "off", "auto"], default="auto")
         p.add_argument("--switchover-ack", choices=["on", "off"], default="on")
         p.add_argument("--downtime-limit", type=int, default=300, metavar="MS")
-        p.add_argument("--max-queued-bytes", default="64M", metavar="BYTES",
-                       help="destination bound on queued multifd bytes per device (default 64M)")
-        p.add_argument("--max-bandwidth", default="0", metavar="BYTES_PER_S",
-                       help="source send rate limit (0 = unlimited)")
+        p.add_argument(
+            "--max-queued-bytes",
+            default="64M",
+            metavar="BYTES",
+            help="destination bound on queued multifd bytes per device (default 64M)",
+        )
+        p.add_argument(
+            "--max-bandwidth",
+            default="0",
+            metavar="BYTES_PER_S",
+            help="source send rate limit (0 = unlimited)",
+        )
         p.add_argument("--max-precopy-iterations", type=int, default=100_000, metavar="N")
         p.add_argument("--precopy-time-limit", type=float, default=60.0, metavar="SECONDS")
         p.add_argument("--peer-timeout", type=float, default=30.0, metavar="SECONDS")
-        p.add_argument("--uuid", default=None, help="migration UUID checked in the multifd handshake")
+        p.add_argument(
+            "--uuid", default=None, help="migration UUID checked in the multifd handshake"
+        )
         p.add_argument("--json", action="store_true", help="print statistics as one JSON object")
         p.add_argument("--debug", action="store_true", help="debug logging and full tracebacks")
 
@@ -112,10 +127,15 @@ def _parser() -> argparse.ArgumentParser:
         ("save", "save device state to a file (no multifd)", "-o"),
         ("load", "load device state from a file", "-i"),
     ):
-        p = sub.add_parser(name, help=helptext, epilog=EPILOG,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument(addr_opt, dest="target", required=True,
-                       metavar="FILE" if name in ("save", "load") else "ADDR")
+        p = sub.add_parser(
+            name, help=helptext, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+        p.add_argument(
+            addr_opt,
+            dest="target",
+            required=True,
+            metavar="FILE" if name in ("save", "load") else "ADDR",
+        )
         common(p)
     return parser
 
@@ -128,7 +148,9 @@ async def _watch_signals(scope: trio.CancelScope, hit: list[str]) -> None:
             return
 
 
-async def _amain(args: argparse.Namespace, config: MigrationConfig, devices: list[DeviceBackend]) -> Stats:
+async def _amain(
+    args: argparse.Namespace, config: MigrationConfig, devices: list[DeviceBackend]
+) -> Stats:
     progress = Progress()
     interrupted: list[str] = []
     stats: Stats | None = None
@@ -137,13 +159,16 @@ async def _amain(args: argparse.Namespace, config: MigrationConfig, devices: lis
         stats = await _run_role(args, config, devices, progress)
         nursery.cancel_scope.cancel()
     progress.done()
-    if stats is None or interrupted:
+    if interrupted:
         raise MigrationError(f"cancelled by {interrupted[0] if interrupted else 'a signal'}")
     return stats
 
 
 async def _run_role(
-    args: argparse.Namespace, config: MigrationConfig, devices: list[DeviceBackend], progress: Progress
+    args: argparse.Namespace,
+    config: MigrationConfig,
+    devices: list[DeviceBackend],
+    progress: Progress,
 ) -> Stats:
     if args.command == "migrate":
         addr = Address.parse(args.target)
@@ -168,7 +193,9 @@ async def _run_role(
         config.multifd_for(is_file=True)
         out = await FileStream.open(args.target, "w")
         try:
-            return await Source(config, devices, out, return_path=False, is_file=True, progress=progress).run()
+            return await Source(
+                config, devices, out, return_path=False, is_file=True, progress=progress
+            ).run()
         finally:
             await out.aclose()
     if args.command == "load":
@@ -217,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = _config(args)
         devices = [open_device(d) for d in args.devices]
         stats = trio.run(_amain, args, config, devices)
-    except BaseException as exc:  # noqa: BLE001 - turned into one line and an exit code
+    except BaseException as exc:
         if args.debug:
             logging.exception("migration failed")
         leaves = [e for e in _leaves(exc) if not isinstance(e, trio.Cancelled)] or [exc]
@@ -230,10 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             error = f"unexpected {type(first).__name__}: {first}"
     finally:
         for dev in devices:
-            try:
+            with contextlib.suppress(MigrationError):
                 dev.close()
-            except MigrationError:
-                pass
     if error is not None:
         print(f"migrator: error: {error}", file=sys.stderr)
         if args.json:
@@ -246,7 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print(
             f"migrator: {args.command} completed: {stats.transferred_bytes} bytes, "
-            f"downtime {stats.downtime_ms:.1f} ms, total {stats.to_json()['total_time_ms']:.1f} ms, "
+            f"downtime {stats.downtime_ms:.1f} ms, "
+            f"total {stats.to_json()['total_time_ms']:.1f} ms, "
             f"{stats.precopy_iterations} pre-copy iterations",
             file=sys.stderr,
         )

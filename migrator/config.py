@@ -29,8 +29,12 @@ class MigrationConfig:
     the transport is a connection, not a file).
     """
 
-    multifd_channels: int = attrs.field(default=2, validator=attrs.validators.and_(
-        attrs.validators.ge(0), attrs.validators.le(MAX_MULTIFD_CHANNELS)))
+    multifd_channels: int = attrs.field(
+        default=2,
+        validator=attrs.validators.and_(
+            attrs.validators.ge(0), attrs.validators.le(MAX_MULTIFD_CHANNELS)
+        ),
+    )
     multifd_transfer: MultifdTransfer = MultifdTransfer.AUTO
     switchover_ack: bool = True
     downtime_limit_ms: int = attrs.field(default=300, validator=attrs.validators.ge(1))

@@ -27,7 +27,8 @@ Rule 2: any failure resets every destination device and reports SHUT(1).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import attrs
 import trio
@@ -49,6 +50,7 @@ from migrator.stats import Progress, Stats
 from migrator.transport import Address, open_listeners
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Largest multifd payload accepted: a 1 MiB data buffer plus headers, or a config packet.
 MAX_PACKET_BYTES = 16 << 20
@@ -86,9 +88,9 @@ class _Dev:
         return self.backend.idstr
 
 
-async def _call(phase: str, dev: _Dev, fn: object, *args: object) -> object:
+async def _call(phase: str, dev: _Dev, fn: Callable[..., T], *args: object) -> T:
     try:
-        return await trio.to_thread.run_sync(fn, *args)  # type: ignore[arg-type]
+        return await trio.to_thread.run_sync(fn, *args)
     except MigrationError as exc:
         raise exc.with_context(phase=phase, device=dev.idstr) from None
 
@@ -106,7 +108,9 @@ class _Reader:
             try:
                 data = await self.stream.receive_some(max(65536, n - len(self._buf)))
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                raise ChannelBrokenError(f"multifd channel broke while reading {what}: {exc}") from exc
+                raise ChannelBrokenError(
+                    f"multifd channel broke while reading {what}: {exc}"
+                ) from exc
             if not data:
                 if not self._buf:
                     return None
@@ -156,6 +160,7 @@ class Destination:
         self._blocked = 0
         self._channel_ids: set[int] = set()
         self._load_nursery: trio.Nursery | None = None
+        self._touched = False
         self._loads_started = False
 
     # -- entry points ---------------------------------------------------------
@@ -193,7 +198,7 @@ class Destination:
                 await self._load(main, first)
         except BaseException as exc:
             with trio.CancelScope(shield=True):
-                for dev in self.devs:
+                for dev in self.devs if self._touched else ():
                     try:
                         await _call("recovery", dev, dev.backend.reset)
                     except MigrationError as err:
@@ -206,14 +211,43 @@ class Destination:
         return self.stats
 
     # -- main stream -------------------------------------------------------------
+    async def _preamble(self, decoder: framing.MainStreamDecoder, main: trio.abc.Stream) -> None:
+        """Read the file header (and the configuration, required with --uuid) first."""
+        need_uuid = self.config.uuid != bytes(16)
+        seen_header = False
+        while True:
+            event = decoder.next_event()
+            if event is framing.NEED_DATA:
+                data = await main.receive_some(1 << 16)
+                decoder.receive_data(data)
+                continue
+            if isinstance(event, framing.FileHeader):
+                seen_header = True
+                if not need_uuid:
+                    return
+                continue
+            if seen_header and isinstance(event, framing.Configuration):
+                if event.uuid != self.config.uuid:
+                    raise RemoteProtocolError(
+                        "the source's migration UUID does not match --uuid; refusing the stream"
+                    )
+                return
+            raise RemoteProtocolError(
+                "the stream carries no migration UUID but --uuid was given; refusing it"
+            )
+
     async def _load(self, main: trio.abc.Stream, first: bytes) -> None:
+        decoder = framing.MainStreamDecoder(max_data_chunk=_WRITE_BATCH_BYTES)
+        if first:
+            decoder.receive_data(first)
+        await self._preamble(decoder, main)
+        self._touched = True
         for dev in self.devs:
-            dev.flags = await _call(self.phase, dev, dev.backend.migration_flags)  # type: ignore[assignment]
+            dev.flags = await _call(self.phase, dev, dev.backend.migration_flags)
             await _call(self.phase, dev, dev.backend.set_state, State.RESUMING)
         if self.config.switchover_ack:
             self._ack_pending = sum(1 for d in self.devs if d.flags & MigFlags.PRE_COPY)
         self.phase = "load"
-        decoder = framing.MainStreamDecoder(max_data_chunk=_WRITE_BATCH_BYTES)
         sections: dict[int, _Dev] = {}
         current: _Dev | None = None
         batch: list[bytes] = []
@@ -232,8 +266,6 @@ class Destination:
 
                 await _call("load", dev, write_all)
 
-        if first:
-            decoder.receive_data(first)
         eof = False
         while not eof:
             event = decoder.next_event()
@@ -342,7 +374,9 @@ class Destination:
                     "Received INIT_DATA_SENT but switchover ack is not used", device=dev.idstr
                 )
             if self._ack_pending <= 0:
-                raise RemoteProtocolError("switchover approved more times than needed", device=dev.idstr)
+                raise RemoteProtocolError(
+                    "switchover approved more times than needed", device=dev.idstr
+                )
             self._ack_pending -= 1
             if self._ack_pending == 0:
                 await self._send_rp(framing.encode_rp_switchover_ack())
@@ -428,7 +462,8 @@ class Destination:
                 dev = self.by_idstr.get(hdr.idstr)
                 if dev is None or hdr.instance_id != 0:
                     raise RemoteProtocolError(
-                        f"Unknown idstr {hdr.idstr} or instance id {hdr.instance_id} for load state buffer"
+                        f"Unknown idstr {hdr.idstr} or instance id {hdr.instance_id} "
+                        "for load state buffer"
                     )
                 if not dev.multifd or dev.reassembler is None:
                     raise RemoteProtocolError(
@@ -515,13 +550,19 @@ class Destination:
         M = framing.Marker
         if len(packet) < _MARKER_BYTES or int.from_bytes(packet[:8], "big") != M.DEV_CONFIG_STATE:
             got = int.from_bytes(packet[:8], "big") if len(packet) >= 8 else 0
-            raise RemoteProtocolError(f"expected FLAG_DEV_CONFIG_STATE but got {got:#x}", device=dev.idstr)
+            raise RemoteProtocolError(
+                f"expected FLAG_DEV_CONFIG_STATE but got {got:#x}", device=dev.idstr
+            )
         if len(packet) < 12:
             raise FramingError("config packet too short", device=dev.idstr)
         length = int.from_bytes(packet[8:12], "big")
         blob = packet[12 : 12 + length]
         tail = packet[12 + length :]
-        if len(blob) != length or len(tail) != _MARKER_BYTES or int.from_bytes(tail, "big") != M.END_OF_STATE:
+        if (
+            len(blob) != length
+            or len(tail) != _MARKER_BYTES
+            or int.from_bytes(tail, "big") != M.END_OF_STATE
+        ):
             raise RemoteProtocolError("config packet: end flag incorrect", device=dev.idstr)
         await _call("config", dev, dev.backend.write_config, blob)
 

@@ -34,10 +34,12 @@ fails), and the error names the phase and device.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import attrs
 import trio
+import trio.lowlevel
 
 from fakevfio.fsm import PRECOPY_STATES, MigFlags, State
 from migrator import framing, multifd_wire
@@ -53,6 +55,7 @@ from migrator.errors import (
 from migrator.stats import Progress, Stats
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _HDR = multifd_wire.DEVICE_STATE_HEADER_SIZE
 _VHDR = multifd_wire.VFIO_PACKET_HEADER_SIZE
@@ -81,10 +84,10 @@ class _Dev:
         return bool(self.flags & MigFlags.PRE_COPY)
 
 
-async def _call(phase: str, dev: _Dev, fn: object, *args: object) -> object:
+async def _call(phase: str, dev: _Dev, fn: Callable[..., T], *args: object) -> T:
     """Run a blocking backend call in a worker thread, tagging errors."""
     try:
-        return await trio.to_thread.run_sync(fn, *args)  # type: ignore[arg-type]
+        return await trio.to_thread.run_sync(fn, *args)
     except MigrationError as exc:
         raise exc.with_context(phase=phase, device=dev.idstr) from None
 
@@ -181,13 +184,11 @@ class Source:
         await self._complete(sender)
         self.phase = "config"
         for dev in self.devs:
-            parts: list[bytes] = [
-                framing.encode_section_full(dev.section_id, dev.idstr, 0, 1)
-            ]
+            parts: list[bytes] = [framing.encode_section_full(dev.section_id, dev.idstr, 0, 1)]
             if dev.multifd:
                 parts.append(framing.encode_marker(framing.Marker.END_OF_STATE))
             else:
-                config = bytes(await _call("config", dev, dev.backend.read_config))  # type: ignore[arg-type]
+                config = bytes(await _call("config", dev, dev.backend.read_config))
                 parts += [
                     framing.encode_marker(framing.Marker.DEV_CONFIG_STATE),
                     framing.encode_config_blob(config),
@@ -212,26 +213,32 @@ class Source:
 
     async def _setup(self, sender: _Sender, multifd: bool) -> None:
         await sender.send(framing.encode_file_header())
+        if self.config.uuid != bytes(16):
+            # QEMU's configuration section can carry the migration UUID; a
+            # destination started with --uuid refuses a stream without it.
+            await sender.send(framing.encode_configuration("fakevfio", uuid=self.config.uuid))
         if self.return_path:
             await sender.send(framing.encode_command(framing.MIG_CMD_OPEN_RETURN_PATH))
         for dev in self.devs:
-            dev.flags = await _call("setup", dev, dev.backend.migration_flags)  # type: ignore[assignment]
-            dev.state = await _call("setup", dev, dev.backend.get_state)  # type: ignore[assignment]
+            dev.flags = await _call("setup", dev, dev.backend.migration_flags)
+            dev.state = await _call("setup", dev, dev.backend.get_state)
             if dev.state not in (State.RUNNING, State.STOP):
                 raise MigrationError(
                     f"device is in {dev.state.name}; a source device must be RUNNING",
-                    phase="setup", device=dev.idstr,
+                    phase="setup",
+                    device=dev.idstr,
                 )
             dev.multifd = multifd
             try:
-                size = int(await _call("setup", dev, dev.backend.data_size))  # type: ignore[call-overload]
+                size = int(await _call("setup", dev, dev.backend.data_size))
             except DeviceOpError:
                 size = DATA_BUFFER_BYTES
             dev.buf_size = min(DATA_BUFFER_BYTES, size)
             if dev.buf_size <= 0:
                 raise MigrationError(
                     "Failed to allocate migration data buffer (device reports 0 stop-copy bytes)",
-                    phase="setup", device=dev.idstr,
+                    phase="setup",
+                    device=dev.idstr,
                 )
             if dev.precopy and dev.state is State.RUNNING:
                 await self._set_state("setup", dev, State.PRE_COPY, recover=State.RUNNING)
@@ -249,7 +256,7 @@ class Source:
     async def _refresh_precopy(self, dev: _Dev) -> None:
         dev.init_size = dev.dirty_size = 0
         try:
-            init, dirty = await _call("pre-copy", dev, dev.backend.precopy_info)  # type: ignore[misc]
+            init, dirty = await _call("pre-copy", dev, dev.backend.precopy_info)
         except DeviceOpError:
             return
         dev.init_size, dev.dirty_size = init, dirty
@@ -282,7 +289,7 @@ class Source:
                 pending = 0
                 for dev in self.devs:
                     try:
-                        pending += int(await _call("pre-copy", dev, dev.backend.data_size))  # type: ignore[call-overload]
+                        pending += int(await _call("pre-copy", dev, dev.backend.data_size))
                     except DeviceOpError:
                         pending += 100 << 30  # QEMU's VFIO_MIG_STOP_COPY_SIZE
                     if dev.state in PRECOPY_STATES:
@@ -298,12 +305,12 @@ class Source:
                 logger.info("pre-copy bound reached; switching over with %d bytes pending", pending)
                 self.stats.forced_switchover = True
                 return
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
 
     async def _iterate_device(self, sender: _Sender, dev: _Dev, buf: bytearray) -> None:
         view = memoryview(buf)
         try:
-            n = int(await _call("pre-copy", dev, dev.backend.read_data, view))  # type: ignore[call-overload]
+            n = int(await _call("pre-copy", dev, dev.backend.read_data, view))
         except NoDataNow:
             n = 0
         parts: list[bytes | memoryview] = [framing.encode_section_part(dev.section_id)]
@@ -315,7 +322,12 @@ class Source:
             dev.dirty_size = max(0, dev.dirty_size - (n - taken))
         else:
             dev.init_size = dev.dirty_size = 0
-        if self.config.switchover_ack and self.return_path and dev.init_size == 0 and not dev.init_sent:
+        if (
+            self.config.switchover_ack
+            and self.return_path
+            and dev.init_size == 0
+            and not dev.init_sent
+        ):
             dev.init_sent = True
             parts.append(framing.encode_marker(framing.Marker.DEV_INIT_DATA_SENT))
         else:
@@ -343,19 +355,18 @@ class Source:
             for stream in self.channels:
                 nursery.start_soon(self._channel_sender, stream, recv_ch.clone())
             recv_ch.close()
-            async with send_ch:
-                async with trio.open_nursery() as savers:
-                    for dev in multifd:
-                        savers.start_soon(self._save_thread, dev, send_ch.clone())
-                    for dev in self.devs:
-                        if dev.multifd:
-                            await sender.send(
-                                framing.encode_section_end(dev.section_id),
-                                framing.encode_marker(framing.Marker.END_OF_STATE),
-                                framing.encode_footer(dev.section_id),
-                            )
-                        else:
-                            await self._complete_main(sender, dev)
+            async with send_ch, trio.open_nursery() as savers:
+                for dev in multifd:
+                    savers.start_soon(self._save_thread, dev, send_ch.clone())
+                for dev in self.devs:
+                    if dev.multifd:
+                        await sender.send(
+                            framing.encode_section_end(dev.section_id),
+                            framing.encode_marker(framing.Marker.END_OF_STATE),
+                            framing.encode_footer(dev.section_id),
+                        )
+                    else:
+                        await self._complete_main(sender, dev)
 
     async def _channel_sender(
         self, stream: trio.abc.Stream, packets: trio.MemoryReceiveChannel[memoryview]
@@ -379,7 +390,7 @@ class Source:
             while True:
                 packet = bytearray(_HDR + _VHDR + dev.buf_size)
                 view = memoryview(packet)
-                n = int(await _call("stop-copy", dev, dev.backend.read_data, view[_HDR + _VHDR :]))  # type: ignore[call-overload]
+                n = int(await _call("stop-copy", dev, dev.backend.read_data, view[_HDR + _VHDR :]))
                 if n == 0:
                     break
                 view[:_HDR] = multifd_wire.encode_device_state_header(dev.idstr, 0, _VHDR + n)
@@ -387,16 +398,20 @@ class Source:
                 await out.send(view[: _HDR + _VHDR + n])
                 counters.stopcopy_bytes += n
                 idx += 1
-            config = bytes(await _call("config", dev, dev.backend.read_config))  # type: ignore[arg-type]
+            config = bytes(await _call("config", dev, dev.backend.read_config))
             payload = (
-                multifd_wire.encode_vfio_packet_header(idx, multifd_wire.VFIO_DEVICE_STATE_CONFIG_STATE)
+                multifd_wire.encode_vfio_packet_header(
+                    idx, multifd_wire.VFIO_DEVICE_STATE_CONFIG_STATE
+                )
                 + framing.encode_marker(framing.Marker.DEV_CONFIG_STATE)
                 + framing.encode_config_blob(config)
                 + framing.encode_marker(framing.Marker.END_OF_STATE)
             )
             counters.config_bytes += len(config)
             await out.send(
-                memoryview(multifd_wire.encode_device_state_header(dev.idstr, 0, len(payload)) + payload)
+                memoryview(
+                    multifd_wire.encode_device_state_header(dev.idstr, 0, len(payload)) + payload
+                )
             )
 
     async def _complete_main(self, sender: _Sender, dev: _Dev) -> None:
@@ -406,30 +421,36 @@ class Source:
         view = memoryview(buf)
         counters = self.stats.device(dev.idstr)
         while True:
-            n = int(await _call("stop-copy", dev, dev.backend.read_data, view))  # type: ignore[call-overload]
+            n = int(await _call("stop-copy", dev, dev.backend.read_data, view))
             if n == 0:
                 break
             await sender.send(framing.encode_data_header(n), view[:n])
             counters.stopcopy_bytes += n
             self.progress.update(self.phase, self.stats, 0.0)
         await sender.send(
-            framing.encode_marker(framing.Marker.END_OF_STATE), framing.encode_footer(dev.section_id)
+            framing.encode_marker(framing.Marker.END_OF_STATE),
+            framing.encode_footer(dev.section_id),
         )
 
     # -- device state helpers ---------------------------------------------------
-    async def _set_state(self, phase: str, dev: _Dev, state: State, *, recover: State | None) -> None:
+    async def _set_state(
+        self, phase: str, dev: _Dev, state: State, *, recover: State | None
+    ) -> None:
         """QEMU's vfio_migration_set_state: on failure try ``recover``, else reset."""
         if dev.state == state:
             return
         try:
             await _call(phase, dev, dev.backend.set_state, state)
         except MigrationError as exc:
-            try:
-                if recover is None:
-                    raise exc
-                await _call(phase, dev, dev.backend.set_state, recover)
-                dev.state = recover
-            except MigrationError:
+            recovered = False
+            if recover is not None:
+                try:
+                    await _call(phase, dev, dev.backend.set_state, recover)
+                    dev.state = recover
+                    recovered = True
+                except MigrationError as err:
+                    logger.warning("recovery to %s failed: %s", recover.name, err)
+            if not recovered:
                 await self._reset(dev)
             raise exc.with_context(phase=phase, device=dev.idstr) from None
         dev.state = state
@@ -452,7 +473,7 @@ class Source:
         for dev in self.devs:
             try:
                 current = await _call("recovery", dev, dev.backend.get_state)
-                dev.state = current  # type: ignore[assignment]
+                dev.state = current
                 if current is State.RUNNING:
                     continue
                 await _call("recovery", dev, dev.backend.set_state, State.RUNNING)
@@ -479,11 +500,15 @@ class Source:
                     if event.msg_type == framing.RpMsg.SWITCHOVER_ACK:
                         self._acked.set()
                     elif event.msg_type == framing.RpMsg.SHUT:
-                        self._shut = int.from_bytes(event.payload[:4], "big") if event.payload else 1
+                        self._shut = (
+                            int.from_bytes(event.payload[:4], "big") if event.payload else 1
+                        )
                         self._shut_event.set()
                         return
                 if not data:
-                    raise ChannelBrokenError("the destination closed the connection before reporting a result")
+                    raise ChannelBrokenError(
+                        "the destination closed the connection before reporting a result"
+                    )
         except MigrationError as exc:
             self._rp_error = exc
             self._shut_event.set()
@@ -504,4 +529,3 @@ class Source:
             raise RemoteProtocolError(
                 f"the destination failed to load the state (status {self._shut})", phase="load"
             )
-

@@ -7,6 +7,7 @@ file transport looks like a one-way connection.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Awaitable, Callable
 
@@ -62,7 +63,7 @@ async def open_listeners(addr: Address) -> list[trio.SocketListener]:
     try:
         if addr.kind == "tcp":
             return await trio.open_tcp_listeners(addr.port, host=addr.host or None)
-        if os.path.exists(addr.path):
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(addr.path)
         sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
         await sock.bind(addr.path)

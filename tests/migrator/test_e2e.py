@@ -48,9 +48,7 @@ def _pair(
     return name, name
 
 
-def _check(
-    mounts: tuple[MountHandle, MountHandle], names: list[str], flags: list[str]
-) -> None:
+def _check(mounts: tuple[MountHandle, MountHandle], names: list[str], flags: list[str]) -> None:
     src, dst = mounts
     for name, flag in zip(names, flags, strict=True):
         assert src.state(name) == "STOP"
@@ -66,7 +64,11 @@ def _check(
 @pytest.mark.parametrize("transport", ["tcp", "unix"])
 @pytest.mark.parametrize("multifd", ["off", "on"])
 def test_migrate_each_flag_set(
-    mounts: tuple[MountHandle, MountHandle], tmp_path: Path, flags: str, transport: str, multifd: str
+    mounts: tuple[MountHandle, MountHandle],
+    tmp_path: Path,
+    flags: str,
+    transport: str,
+    multifd: str,
 ) -> None:
     src, dst = mounts
     name, _ = _pair(mounts, flags)
@@ -112,7 +114,10 @@ def test_many_devices_multifd_four_channels(
         "tcp:127.0.0.1:0",
         [str(src.device(n)) for n in names],
         [str(dst.device(n)) for n in names],
-        "--multifd-channels", "4", "--multifd-transfer", "on",
+        "--multifd-channels",
+        "4",
+        "--multifd-transfer",
+        "on",
     )
     assert source.returncode == 0, source.stderr
     assert dest.returncode == 0, dest.stderr
@@ -132,6 +137,7 @@ def test_custom_ids_match_devices_with_different_names(
         [f"{dst.device(b)},id=second", f"{dst.device(a)},id=first"],
     )
     assert source.returncode == 0, source.stderr
+    assert dest.returncode == 0, dest.stderr
     assert digest(dst, a) == digest(src, a)
     assert digest(dst, b) == digest(src, b)
 
@@ -143,10 +149,14 @@ def test_precopy_converges_with_a_moderate_dirty_rate(
     name, _ = _pair(mounts, "STOP_COPY+P2P+PRE_COPY", size="8M", dirty="1M")
     # A 64 MiB/s link: the device dirties 1 MiB/s, so pre-copy converges on its own.
     source, dest = migrate(
-        f"unix:{tmp_path}/c.sock", [str(src.device(name))], [str(dst.device(name))],
-        "--max-bandwidth", "64M",
+        f"unix:{tmp_path}/c.sock",
+        [str(src.device(name))],
+        [str(dst.device(name))],
+        "--max-bandwidth",
+        "64M",
     )
     assert source.returncode == 0, source.stderr
+    assert dest.returncode == 0, dest.stderr
     stats = source.json()
     assert stats["forced_switchover"] is False
     _check(mounts, [name], ["STOP_COPY+P2P+PRE_COPY"])
@@ -159,11 +169,19 @@ def test_precopy_above_link_rate_still_completes(
     name, _ = _pair(mounts, "STOP_COPY+P2P+PRE_COPY", size="8M", dirty="64M")
     # The device dirties 64 MiB/s over a 16 MiB/s link: only the bound ends pre-copy.
     source, dest = migrate(
-        f"unix:{tmp_path}/d.sock", [str(src.device(name))], [str(dst.device(name))],
-        "--max-bandwidth", "16M", "--downtime-limit", "10", "--precopy-time-limit", "2",
+        f"unix:{tmp_path}/d.sock",
+        [str(src.device(name))],
+        [str(dst.device(name))],
+        "--max-bandwidth",
+        "16M",
+        "--downtime-limit",
+        "10",
+        "--precopy-time-limit",
+        "2",
         timeout=90,
     )
     assert source.returncode == 0, source.stderr
+    assert dest.returncode == 0, dest.stderr
     stats = source.json()
     assert stats["forced_switchover"] is True
     assert stats["precopy_iterations"] > 1

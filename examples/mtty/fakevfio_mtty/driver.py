@@ -1,0 +1,256 @@
+"""The mtty sample's migration, at the arc level of the fakevfio driver API.
+
+This driver shows the full-control level (:class:`fakevfio.driver.ArcDriver`):
+it implements ``step()`` arc by arc, the way ``mtty_set_state()`` does in
+``samples/vfio-mdev/mtty.c``, and returns its own :class:`~fakevfio.driver.SaveStream`
+and :class:`~fakevfio.driver.LoadStream` on the arcs that open a data_fd.
+
+Theory of operation
+-------------------
+The migration image is ``struct mtty_data``, little-endian::
+
+    0   8  magic 0x7e9d09898c3e2c4e
+    8   4  major version (1)
+    12  4  minor version (0)
+    16  4  nr_ports (1 or 2)
+    20  4  flags (0)
+    24  36 x nr_ports  struct serial_port (see fakevfio_mtty.uart)
+
+Rule 1: RUNNING -> PRE_COPY (and RUNNING_P2P -> PRE_COPY_P2P) opens a saving
+        stream holding only the 24-byte header: that is the whole pre-copy
+        "initial" data (initial_bytes counts its unread bytes, dirty_bytes is
+        always 0 because the ports are only ever sent in STOP_COPY). Once it is
+        read, a read fails with ENOMSG (the sample returns 0 here).
+Rule 2: PRE_COPY_P2P -> STOP_COPY appends the ports to the same stream; STOP ->
+        STOP_COPY opens a stream with header and ports. In STOP_COPY a read past
+        the image returns 0 bytes forever.
+Rule 3: STOP -> RESUMING opens a write-only stream. Writes are stored in order;
+        as soon as 24 bytes are present the header is checked. Bad magic or
+        flags != 0 give EINVAL, another major/minor version or another nr_ports
+        give EOPNOTSUPP, data past the image size gives ENOMEM. Any write error
+        kills the stream (the core returns ENODEV for every later write).
+Rule 4: RESUMING -> STOP re-checks the header, requires exactly the image size
+        and checks every port for consistency; only then are the ports loaded.
+        Otherwise EINVAL and the device stays in RESUMING (the sample checks
+        neither the header again nor an exact length). A short image leaves the
+        stream usable (write the rest, then try again); a bad one kills it.
+Rule 5: every other arc is a no-op; ``reset`` does not touch the UART state
+        (neither does the sample's VFIO_DEVICE_RESET).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import struct
+from collections.abc import Mapping
+from typing import ClassVar
+
+from fakevfio.driver import ArcDriver, LoadStream, OptionSpec, PrecopyInfo, SaveStream
+from fakevfio.errors import ConfigError, DeviceError
+from fakevfio.fsm import MigFlags, State
+from fakevfio_mtty.uart import PORT, REGISTERS, Port, PortImageError
+
+MAGIC = 0x7E9D09898C3E2C4E
+MAJOR_VERSION = 1
+MINOR_VERSION = 0
+HEADER = struct.Struct("<QIIII")
+assert HEADER.size == 24
+PORT_BYTES = PORT.size
+
+
+def image_size(nr_ports: int) -> int:
+    """Bytes of a complete image (60 for one port, 96 for two)."""
+    return HEADER.size + PORT_BYTES * nr_ports
+
+
+def encode_header(nr_ports: int, *, major: int = MAJOR_VERSION, minor: int = MINOR_VERSION,
+                  flags: int = 0, magic: int = MAGIC) -> bytes:
+    """The 24-byte image header (keyword arguments exist to build bad ones in tests)."""
+    return HEADER.pack(magic, major, minor, nr_ports, flags)
+
+
+def check_header(header: bytes | bytearray | memoryview, nr_ports: int) -> tuple[int, str] | None:
+    """Return ``(errno, reason)`` if the header cannot be loaded by this device, else None."""
+    magic, major, minor, ports, flags = HEADER.unpack(header)
+    if magic != MAGIC:
+        return errno.EINVAL, f"bad magic {magic:#018x} (expected {MAGIC:#018x})"
+    if flags != 0:
+        return errno.EINVAL, f"header flags {flags:#x} (must be 0)"
+    if (major, minor) != (MAJOR_VERSION, MINOR_VERSION):
+        return (
+            errno.EOPNOTSUPP,
+            f"image version {major}.{minor} (this driver loads {MAJOR_VERSION}.{MINOR_VERSION})",
+        )
+    if ports != nr_ports:
+        return errno.EOPNOTSUPP, f"image of {ports} port(s), this device has {nr_ports}"
+    return None
+
+
+class MttySaveStream(SaveStream):
+    """A saving data_fd: a buffer that grows once (Rule 2) and a read position."""
+
+    def __init__(self, driver: MttyDriver, *, with_ports: bool) -> None:
+        self._driver = driver
+        self._buf = bytearray(encode_header(driver.nr_ports))
+        self._pos = 0
+        self.has_ports = False
+        if with_ports:
+            self.append_ports()
+
+    def append_ports(self) -> None:
+        if not self.has_ports:
+            self._buf += self._driver.ports_image()
+            self.has_ports = True
+
+    def read(self, size: int, state: State) -> bytes:
+        if size <= 0:
+            return b""
+        data = bytes(self._buf[self._pos : self._pos + size])
+        self._pos += len(data)
+        if not data and state is not State.STOP_COPY:
+            # uAPI: the temporary end of a pre-copy stream is ENOMSG, not EOF.
+            raise DeviceError(errno.ENOMSG, "no pre-copy data for now", device=self._driver.name)
+        return data
+
+    def precopy_info(self) -> PrecopyInfo:
+        return PrecopyInfo(initial_bytes=len(self._buf) - self._pos, dirty_bytes=0)
+
+    def remaining(self) -> int:
+        left = len(self._buf) - self._pos
+        return left if self.has_ports else left + PORT_BYTES * self._driver.nr_ports
+
+
+class MttyLoadStream(LoadStream):
+    """A resuming data_fd (Rules 3 and 4)."""
+
+    def __init__(self, driver: MttyDriver) -> None:
+        self._driver = driver
+        self._size = image_size(driver.nr_ports)
+        self._buf = bytearray()
+        self._header_ok = False
+        self.failed: DeviceError | None = None
+
+    def _fail(self, err: int, msg: str) -> DeviceError:
+        exc = DeviceError(err, f"resuming stream at byte {len(self._buf)}: {msg}",
+                          device=self._driver.name)
+        self.failed = exc
+        return exc
+
+    def write(self, data: memoryview) -> None:
+        if self.failed is not None:
+            raise DeviceError(errno.ENODEV, "the stream was rejected earlier",
+                              device=self._driver.name)
+        if len(self._buf) + len(data) > self._size:
+            raise self._fail(
+                errno.ENOMEM,
+                f"{len(data)} more bytes would exceed the {self._size}-byte image",
+            )
+        self._buf += data
+        if not self._header_ok and len(self._buf) >= HEADER.size:
+            problem = check_header(self._buf[: HEADER.size], self._driver.nr_ports)
+            if problem is not None:
+                raise self._fail(*problem)
+            self._header_ok = True
+
+    def finish(self) -> list[Port]:
+        """The RESUMING -> STOP check; returns the ports to load."""
+        if self.failed is not None:
+            raise DeviceError(
+                errno.EINVAL, f"cannot load: the stream was rejected ({self.failed.detail})",
+                device=self._driver.name,
+            )
+        if len(self._buf) != self._size:
+            # Not fatal: the rest may still be written before the next attempt.
+            raise DeviceError(errno.EINVAL, f"incomplete image: {len(self._buf)} of {self._size} "
+                              "bytes written", device=self._driver.name)
+        problem = check_header(self._buf[: HEADER.size], self._driver.nr_ports)
+        if problem is not None:
+            raise self._fail(*problem)
+        ports = []
+        for i in range(self._driver.nr_ports):
+            off = HEADER.size + i * PORT_BYTES
+            try:
+                ports.append(Port.from_bytes(self._buf[off : off + PORT_BYTES]))
+            except PortImageError as exc:
+                raise self._fail(errno.EINVAL, f"port {i}: {exc}") from None
+        return ports
+
+
+class MttyDriver(ArcDriver):
+    """The mtty sample serial device (1 or 2 ports), with its migration fixed up."""
+
+    description = "the kernel's mtty sample serial device (arc-level driver example)"
+    options: ClassVar[Mapping[str, OptionSpec]] = {
+        "nr_ports": OptionSpec(kind="int", default="1", help="number of UART ports: 1 or 2"),
+    }
+
+    def __init__(self, name: str, options: Mapping[str, str]) -> None:
+        super().__init__(name, options)
+        nr_ports = self.int_option("nr_ports")
+        if nr_ports not in (1, 2):
+            raise ConfigError(f"device {name}: nr_ports must be 1 or 2, got {nr_ports}")
+        self.nr_ports = nr_ports
+        self.ports = [Port() for _ in range(nr_ports)]
+
+    @property
+    def migration_flags(self) -> MigFlags:
+        return MigFlags.STOP_COPY | MigFlags.P2P | MigFlags.PRE_COPY
+
+    def initial_config(self) -> bytes:
+        cfg = bytearray(self.config_size)
+        cfg[0:2] = (0x4348).to_bytes(2, "little")  # the sample's vendor id (WCH)
+        cfg[2:4] = (0x3253).to_bytes(2, "little")
+        cfg[0x0A:0x0C] = (0x0700).to_bytes(2, "little")  # class: serial controller
+        return bytes(cfg)
+
+    # -- regions: one 8-byte I/O BAR per port --------------------------------
+    def regions(self) -> Mapping[str, int]:
+        return {f"bar{i}": REGISTERS for i in range(self.nr_ports)}
+
+    def _port(self, region: str) -> Port:
+        return self.ports[int(region.removeprefix("bar"))]
+
+    def region_read(self, region: str, offset: int, size: int) -> bytes:
+        port = self._port(region)
+        return bytes(port.read(off) for off in range(offset, offset + size))
+
+    def region_write(self, region: str, offset: int, data: memoryview) -> None:
+        port = self._port(region)
+        for i, value in enumerate(data):
+            port.write(offset + i, value)
+
+    # -- migration ------------------------------------------------------
+    def ports_image(self) -> bytes:
+        return b"".join(port.to_bytes() for port in self.ports)
+
+    def step(
+        self, current: State, nxt: State, stream: SaveStream | LoadStream | None
+    ) -> SaveStream | LoadStream | None:
+        arc = (current, nxt)
+        if arc in {(State.RUNNING, State.PRE_COPY), (State.RUNNING_P2P, State.PRE_COPY_P2P)}:
+            return MttySaveStream(self, with_ports=False)
+        if arc == (State.STOP, State.STOP_COPY):
+            return MttySaveStream(self, with_ports=True)
+        if nxt is State.STOP_COPY:  # PRE_COPY_P2P (or PRE_COPY) -> STOP_COPY: same stream
+            if not isinstance(stream, MttySaveStream):
+                raise DeviceError(errno.EINVAL, "no pre-copy stream to complete", device=self.name)
+            stream.append_ports()
+            return None
+        if arc == (State.STOP, State.RESUMING):
+            return MttyLoadStream(self)
+        if arc == (State.RESUMING, State.STOP):
+            if not isinstance(stream, MttyLoadStream):
+                raise DeviceError(errno.EINVAL, "no resuming stream to load", device=self.name)
+            self.ports = stream.finish()
+        return None
+
+    def data_size(self, stream: SaveStream | LoadStream | None) -> int:
+        # Like the sample: the fixed image size, whatever the state.
+        return image_size(self.nr_ports)
+
+    def digest(self) -> str:
+        return hashlib.sha256(encode_header(self.nr_ports) + self.ports_image()).hexdigest()
+
+    def info(self) -> Mapping[str, object]:
+        return {"nr_ports": self.nr_ports, "image_size": image_size(self.nr_ports)}

@@ -1,0 +1,358 @@
+"""The ``fakevfio`` command: mount emulated devices, list drivers, unmount, run programs.
+
+Only argument parsing, configuration and exit codes live here: domain errors
+print one line on stderr and exit 1, usage errors exit 2. The FUSE adapter
+(and with it pyfuse3) is imported lazily, so ``fakevfio drivers`` works on
+machines without libfuse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import importlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tomllib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import attrs
+
+from fakevfio.drivers import load_drivers
+from fakevfio.errors import ConfigError, FakeVfioError
+from fakevfio.options import DeviceSpec, check_device_name
+from fakevfio.registry import Registry
+
+logger = logging.getLogger(__name__)
+
+
+@attrs.frozen(kw_only=True)
+class MountConfig:
+    """Everything ``fakevfio mount`` needs, parsed and checked."""
+
+    mountpoint: str
+    devices: tuple[DeviceSpec, ...]
+    driver_specs: tuple[str, ...]
+    allow_other: bool
+    debug: bool
+
+
+class CliError(FakeVfioError):
+    """A problem the user must fix (bad mountpoint, bad config file)."""
+
+
+# -- argument parsing ---------------------------------------------------------------
+_MOUNT_EPILOG = """\
+example:
+  fakevfio mount /tmp/fv --device gpu0=ram:size=256M,flags=STOP_COPY+P2P+PRE_COPY,seed=7
+  echo STOP > /tmp/fv/devices/gpu0/migration/state
+
+config file (--config devices.toml):
+  [devices.gpu0]
+  driver = "ram"
+  size = "256M"
+  seed = 7
+"""
+_DRIVERS_EPILOG = "example:\n  fakevfio drivers --driver mine=mypkg.driver:MyDriver\n"
+_UMOUNT_EPILOG = "example:\n  fakevfio umount /tmp/fv\n"
+_RUN_EPILOG = (
+    "example:\n  fakevfio run --mount /tmp/fv -- migrator save -o /tmp/s.bin "
+    "/dev/vfio/devices/vfio0\n"
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fakevfio",
+        description="Emulated VFIO migration devices on a FUSE filesystem.",
+        epilog="example:\n  fakevfio mount /tmp/fv --device gpu0=ram:size=64M",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="DEBUG logging and full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_: str, epilog: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name,
+            help=help_,
+            description=help_,
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.add_argument(
+            "--debug",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="DEBUG logging and full tracebacks",
+        )
+        return p
+
+    mount = add(
+        "mount", "mount emulated devices and serve them until SIGINT/SIGTERM", _MOUNT_EPILOG
+    )
+    mount.add_argument("mountpoint", metavar="MOUNTPOINT", help="an empty directory")
+    mount.add_argument(
+        "--device",
+        action="append",
+        default=[],
+        metavar="NAME=DRIVER[:k=v,...]",
+        help="create a device (repeatable)",
+    )
+    mount.add_argument("--config", metavar="FILE.toml", help="devices from a TOML file")
+    mount.add_argument(
+        "--driver",
+        action="append",
+        default=[],
+        metavar="NAME=module:Class",
+        help="load an extra driver class (repeatable)",
+    )
+    mount.add_argument("--allow-other", action="store_true", help="let other users see the mount")
+
+    drivers = add("drivers", "list the available drivers and their options", _DRIVERS_EPILOG)
+    drivers.add_argument(
+        "--driver",
+        action="append",
+        default=[],
+        metavar="NAME=module:Class",
+        help="also load this driver class (repeatable)",
+    )
+
+    umount = add("umount", "unmount a fakevfio mount", _UMOUNT_EPILOG)
+    umount.add_argument("mountpoint", metavar="MOUNTPOINT")
+
+    run = add(
+        "run", "run a program that sees the mount's devices as kernel VFIO nodes", _RUN_EPILOG
+    )
+    run.add_argument("--mount", required=True, metavar="MOUNTPOINT", dest="mount")
+    run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``fakevfio``; returns the exit status."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help exits 0, usage errors 2
+        return exc.code if isinstance(exc.code, int) else 2
+    debug = bool(getattr(args, "debug", False))
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        format=(
+            "fakevfio: %(levelname)s: %(name)s: %(message)s" if debug else "fakevfio: %(message)s"
+        ),
+        stream=sys.stderr,
+    )
+    if not debug:
+        # Driver load errors are printed by the commands, one line each.
+        logging.getLogger("fakevfio.drivers").setLevel(logging.CRITICAL)
+    try:
+        if args.command == "mount":
+            return _cmd_mount(args, debug)
+        if args.command == "drivers":
+            return _cmd_drivers(args)
+        if args.command == "umount":
+            return _cmd_umount(args.mountpoint)
+        if args.command == "run":
+            return _cmd_run(args.mount, list(args.argv))
+    except FakeVfioError as exc:
+        if debug:
+            logger.exception("failed")
+        print(f"fakevfio: {exc}", file=sys.stderr)
+        return 1
+    parser.error(f"unknown command {args.command}")  # pragma: no cover - argparse checks
+
+
+# -- mount ----------------------------------------------------------------------------
+def _devices_from_toml(path: str) -> list[DeviceSpec]:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise CliError(f"cannot read config {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise CliError(f"config {path}: {exc}") from None
+    table = data.get("devices", {})
+    if not isinstance(table, dict):
+        raise CliError(f"config {path}: [devices] must be a table of [devices.NAME] tables")
+    specs = []
+    for name, entry in table.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("driver"), str):
+            raise CliError(f'config {path}: [devices.{name}] needs driver = "NAME"')
+        options: dict[str, str] = {}
+        for key, value in entry.items():
+            if key == "driver":
+                continue
+            if isinstance(value, bool) or not isinstance(value, str | int):
+                raise CliError(
+                    f"config {path}: [devices.{name}] {key} must be a string or an integer"
+                )
+            options[key] = str(value)
+        specs.append(DeviceSpec(check_device_name(name), entry["driver"], options))
+    return specs
+
+
+def _fusermount() -> str | None:
+    return shutil.which("fusermount3") or shutil.which("fusermount")
+
+
+def _lazy_unmount(mountpoint: str) -> bool:
+    tool = _fusermount()
+    commands = ([[tool, "-u", "-z", mountpoint]] if tool else []) + [["umount", "-l", mountpoint]]
+    for cmd in commands:
+        try:
+            done = subprocess.run(cmd, capture_output=True, check=False)
+        except OSError:
+            continue
+        if done.returncode == 0:
+            return True
+    return False
+
+
+def _check_mountpoint(mountpoint: str) -> None:
+    try:
+        os.stat(mountpoint)
+    except FileNotFoundError:
+        raise CliError(
+            f"mountpoint {mountpoint} does not exist (create an empty directory)"
+        ) from None
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            raise CliError(f"mountpoint {mountpoint}: {exc.strerror}") from None
+        print(
+            f"fakevfio: {mountpoint} is a stale FUSE mount (transport endpoint is not "
+            "connected, its server died); unmounting it",
+            file=sys.stderr,
+        )
+        if not _lazy_unmount(mountpoint):
+            raise CliError(
+                f"mountpoint {mountpoint} is a stale mount and unmounting it failed "
+                f"(try: fusermount3 -u -z {mountpoint})"
+            ) from None
+    path = Path(mountpoint)
+    if not path.is_dir():
+        raise CliError(f"mountpoint {mountpoint} is not a directory")
+    if any(path.iterdir()):
+        raise CliError(f"mountpoint {mountpoint} is not empty (or is already mounted)")
+
+
+def _load_registry(driver_specs: Sequence[str]) -> Registry:
+    loaded = load_drivers(extra_modules=driver_specs)
+    for err in loaded.errors:
+        print(f"fakevfio: {err}", file=sys.stderr)
+    return Registry(loaded.drivers)
+
+
+def _cmd_mount(args: argparse.Namespace, debug: bool) -> int:
+    specs: list[DeviceSpec] = []
+    if args.config:
+        specs.extend(_devices_from_toml(args.config))
+    specs.extend(DeviceSpec.from_cli(text) for text in args.device)
+    config = MountConfig(
+        mountpoint=args.mountpoint,
+        devices=tuple(specs),
+        driver_specs=tuple(args.driver),
+        allow_other=args.allow_other,
+        debug=debug,
+    )
+    _check_mountpoint(config.mountpoint)
+    registry = _load_registry(config.driver_specs)
+    for spec in config.devices:
+        registry.create(spec)
+
+    import trio  # lazily: `fakevfio drivers` stays fast and trio-free
+
+    status = 0
+    try:
+        trio.run(_amain_mount, config, registry)
+    except* (RuntimeError, OSError) as group:  # pyfuse3.init: no /dev/fuse, not permitted, ...
+        for exc in group.exceptions:
+            print(f"fakevfio: cannot mount {config.mountpoint}: {exc}", file=sys.stderr)
+        status = 1
+    finally:
+        for device in registry.live_devices():
+            device.close()
+    return status
+
+
+async def _amain_mount(config: MountConfig, registry: Registry) -> None:
+    import trio
+
+    from fakevfio.fuse import serve  # lazily: the only pyfuse3 importer
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery(strict_exception_groups=True) as nursery:
+
+            async def serve_then_stop(task_status: trio.TaskStatus[None]) -> None:
+                await serve(
+                    config.mountpoint,
+                    registry,
+                    allow_other=config.allow_other,
+                    debug=config.debug,
+                    task_status=task_status,
+                )
+                nursery.cancel_scope.cancel()  # unmounted from outside
+
+            await nursery.start(serve_then_stop)
+            count = len(registry.live_devices())
+            print(f"fakevfio: mounted {config.mountpoint} ({count} devices)", flush=True)
+            async for signum in signals:
+                logger.info("signal %d: unmounting", signum)
+                nursery.cancel_scope.cancel()
+                break
+
+
+# -- other commands ----------------------------------------------------------------------
+def _cmd_drivers(args: argparse.Namespace) -> int:
+    loaded = load_drivers(extra_modules=args.driver)
+    for name in sorted(loaded.drivers):
+        cls = loaded.drivers[name]
+        print(f"{name}: {cls.description or '(no description)'}")
+        for key in sorted(cls.options):
+            opt = cls.options[key]
+            default = "none" if opt.default is None else opt.default
+            print(f"  {key} ({opt.kind}, default {default}): {opt.help}")
+    if not loaded.drivers:
+        print("(no drivers loaded)")
+    for err in loaded.errors:
+        print(f"error: {err}")
+    return 0
+
+
+def _cmd_umount(mountpoint: str) -> int:
+    tool = _fusermount()
+    cmd = [tool, "-u", mountpoint] if tool else ["umount", mountpoint]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except OSError as exc:
+        raise CliError(f"cannot run {cmd[0]}: {exc.strerror}") from None
+    if done.returncode != 0:
+        detail = (done.stderr.strip().splitlines() or ["failed"])[-1]
+        raise CliError(f"unmounting {mountpoint} failed: {detail}")
+    return 0
+
+
+def _cmd_run(mountpoint: str, command: list[str]) -> int:
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        print(
+            "fakevfio run: a COMMAND is required (fakevfio run --mount MP -- COMMAND...)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        # Lazily: optional, Linux-only (seccomp user notification).
+        module = importlib.import_module("fakevfio.run")
+        run_command: Callable[[str, list[str]], int] = module.run_command
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"fakevfio run is not available: {exc}") from None
+    return run_command(mountpoint, command)
+
+
+__all__ = ["MountConfig", "main"]

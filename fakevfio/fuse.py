@@ -1,0 +1,290 @@
+"""The pyfuse3 adapter: serves a :class:`fakevfio.tree.Tree` as a FUSE filesystem.
+
+This is the only module that imports pyfuse3. Handlers resolve the inode or
+handle, run the tree's synchronous method in a worker thread (device locks may
+be held for a long time, e.g. while ``info`` hashes gigabytes), wait out the
+delay the core asks for (emulated bandwidth, injected delays) with
+``trio.sleep``, and translate errors: only :class:`pyfuse3.FUSEError` ever
+leaves a handler, and anything unexpected is logged and becomes EIO.
+
+Known shortcoming: pyfuse3 exposes no ``FOPEN_STREAM``; ``migration/data`` is
+opened ``nonseekable`` instead, which is what the kernel's ``stream_open`` gives
+a data_fd apart from the ``f_pos`` bookkeeping.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import pyfuse3
+import trio
+
+from fakevfio.device import Device
+from fakevfio.registry import Registry
+from fakevfio.tree import Attr, Handle, Kind, Tree, errno_of
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+#: Period of the workload ticker (devices with a dirtying workload).
+WORKLOAD_TICK_S = 0.02
+#: Kernel dentry/attribute cache lifetime; device create/remove invalidates explicitly.
+CACHE_TIMEOUT_S = 60
+#: Worker threads for device work: at least this many, else 2 per device.
+MIN_THREADS = 8
+#: FUSE request tasks; each request in flight (a read waiting out its emulated
+#: bandwidth, a state change) holds one, so allow plenty.
+MIN_TASKS = 4
+MAX_TASKS = 256
+#: Mount options. ``max_read=`` is not usable: libfuse then insists that
+#: ``conn.max_read`` match it in init(), which pyfuse3 does not expose, and the
+#: session dies at FUSE_INIT. libfuse >= 3.x negotiates up to 1 MiB requests
+#: (max_pages) by itself.
+BASE_OPTIONS = frozenset({"fsname=fakevfio", "default_permissions"})
+
+
+def _fuse_error(exc: Exception, what: str) -> pyfuse3.FUSEError:
+    if isinstance(exc, pyfuse3.FUSEError):
+        return exc
+    err = errno_of(exc)
+    if err is None:
+        logger.error("%s: unexpected error, replying EIO", what, exc_info=exc)
+        err = errno.EIO
+    else:
+        logger.debug("%s: %s", what, exc)
+    return pyfuse3.FUSEError(err)
+
+
+class VfioFs(pyfuse3.Operations):
+    """FUSE operations over the pure :class:`Tree`."""
+
+    def __init__(self, tree: Tree) -> None:
+        super().__init__()
+        self.tree = tree
+        self.limiter = trio.CapacityLimiter(MIN_THREADS)
+        self._handles: dict[int, Handle] = {}
+        self._dirs: dict[int, list[tuple[str, Attr]]] = {}
+        self._next_fh = itertools.count(1)
+        self._uid = os.getuid()
+        self._gid = os.getgid()
+        self._mtime_ns = time.time_ns()
+        self.resize_limiter()
+
+    def resize_limiter(self) -> None:
+        """Two threads per device, at least :data:`MIN_THREADS`."""
+        self.limiter.total_tokens = max(MIN_THREADS, 2 * len(self.tree.registry.live_devices()))
+
+    async def _run(self, what: str, fn: Callable[..., _T], *args: object) -> _T:
+        try:
+            return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+        except Exception as exc:  # noqa: BLE001 - the FUSE boundary maps everything
+            raise _fuse_error(exc, what) from None
+
+    def _entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = pyfuse3.InodeT(attr.ino)
+        entry.generation = 0
+        # Sizes never change for an inode, and entries that come and go are
+        # invalidated explicitly (see write), so the kernel may cache both.
+        entry.entry_timeout = CACHE_TIMEOUT_S
+        entry.attr_timeout = CACHE_TIMEOUT_S
+        entry.st_mode = pyfuse3.ModeT(attr.mode)
+        entry.st_nlink = attr.nlink
+        entry.st_uid = self._uid
+        entry.st_gid = self._gid
+        entry.st_rdev = 0
+        entry.st_size = attr.size
+        entry.st_blksize = 4096
+        entry.st_blocks = (attr.size + 511) // 512
+        entry.st_atime_ns = self._mtime_ns
+        entry.st_mtime_ns = self._mtime_ns
+        entry.st_ctime_ns = self._mtime_ns
+        return entry
+
+    def _handle(self, fh: int) -> Handle:
+        handle = self._handles.get(fh)
+        if handle is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return handle
+
+    # -- metadata ------------------------------------------------------------
+    async def lookup(
+        self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        text = os.fsdecode(name)
+        return self._entry(await self._run("lookup", self.tree.lookup, parent_inode, text))
+
+    async def getattr(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return self._entry(await self._run("getattr", self.tree.getattr, inode))
+
+    async def setattr(
+        self,
+        inode: pyfuse3.InodeT,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: pyfuse3.FileHandleT | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        # O_TRUNC of a control file must succeed (``echo X > file``); mode, owner
+        # and time changes are accepted and ignored.
+        if fields.update_size:
+            result = await self._run("truncate", self.tree.truncate, inode, attr.st_size)
+        else:
+            result = await self._run("setattr", self.tree.getattr, inode)
+        return self._entry(result)
+
+    async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
+        # Inode numbers are never reused and the tree prunes removed devices itself.
+        return
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = 4096
+        data.f_frsize = 4096
+        data.f_namemax = 255
+        return data
+
+    async def create(
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: pyfuse3.FileNameT,
+        mode: pyfuse3.ModeT,
+        flags: pyfuse3.FlagT,
+        ctx: pyfuse3.RequestContext,
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        raise pyfuse3.FUSEError(errno.EACCES)
+
+    # -- directories -----------------------------------------------------------
+    async def opendir(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileHandleT:
+        entries = await self._run("opendir", self.tree.listdir, inode)
+        fh = next(self._next_fh)
+        self._dirs[fh] = entries
+        return pyfuse3.FileHandleT(fh)
+
+    async def readdir(
+        self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken
+    ) -> None:
+        entries = self._dirs.get(fh)
+        if entries is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        for index in range(start_id, len(entries)):
+            name, attr = entries[index]
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._entry(attr), index + 1):
+                break
+
+    async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
+        self._dirs.pop(fh, None)
+
+    # -- files ------------------------------------------------------------------------
+    async def open(
+        self, inode: pyfuse3.InodeT, flags: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileInfo:
+        handle = await self._run("open", self.tree.open, inode, flags)
+        fh = next(self._next_fh)
+        self._handles[fh] = handle
+        return pyfuse3.FileInfo(
+            fh=pyfuse3.FileHandleT(fh),
+            direct_io=True,
+            keep_cache=False,
+            nonseekable=handle.node.kind is Kind.DATA,
+        )
+
+    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
+        handle = self._handle(fh)
+        data, delay = await self._run(
+            "read", self.tree.read, handle, off, size, trio.current_time()
+        )
+        if delay > 0:
+            await trio.sleep(delay)
+        return data
+
+    async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
+        handle = self._handle(fh)
+        count, delay = await self._run(
+            "write", self.tree.write, handle, off, buf, trio.current_time()
+        )
+        if handle.node.kind in (Kind.DRIVER_CREATE, Kind.REMOVE):
+            self.resize_limiter()
+            for parent, name in self.tree.take_invalidations():
+                pyfuse3.invalidate_entry_async(
+                    pyfuse3.InodeT(parent),
+                    pyfuse3.FileNameT(os.fsencode(name)),
+                    ignore_enoent=True,
+                )
+        if delay > 0:
+            await trio.sleep(delay)
+        return count
+
+    async def flush(self, fh: pyfuse3.FileHandleT) -> None:
+        return
+
+    async def release(self, fh: pyfuse3.FileHandleT) -> None:
+        handle = self._handles.pop(fh, None)
+        if handle is not None:
+            await self._run("release", self.tree.release, handle)
+
+    # -- background ----------------------------------------------------------------------
+    async def run_workloads(self) -> None:
+        """Advance the workload of every device that has one, every 20 ms, forever."""
+        last = trio.current_time()
+        while True:
+            await trio.sleep(WORKLOAD_TICK_S)
+            now = trio.current_time()
+            elapsed, last = now - last, now
+            busy = [d for d in self.tree.registry.live_devices() if d.driver.has_workload()]
+            if not busy:
+                continue
+
+            def tick(devices: list[Device] = busy, seconds: float = elapsed) -> None:
+                for device in devices:
+                    try:
+                        device.advance(seconds)
+                    except Exception:
+                        logger.exception("workload of device %s failed", device)
+
+            await trio.to_thread.run_sync(tick, limiter=self.limiter)
+
+
+async def serve(
+    mountpoint: str,
+    registry: Registry,
+    *,
+    allow_other: bool = False,
+    debug: bool = False,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Mount ``registry``'s devices at ``mountpoint`` and serve until unmounted or cancelled.
+
+    Calls ``task_status.started()`` once the mount is live. Cancelling the
+    caller's scope (or an external ``fusermount3 -u``) ends the service; the
+    filesystem is always unmounted on the way out.
+    """
+    ops = VfioFs(Tree(registry))
+    options = set(BASE_OPTIONS)
+    if allow_other:
+        options.add("allow_other")
+    if debug:
+        options.add("debug")
+    pyfuse3.init(ops, mountpoint, options)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ops.run_workloads)
+            task_status.started()
+            await pyfuse3.main(min_tasks=MIN_TASKS, max_tasks=MAX_TASKS)
+            nursery.cancel_scope.cancel()
+    finally:
+        pyfuse3.close(unmount=True)
+
+
+__all__ = ["VfioFs", "serve"]

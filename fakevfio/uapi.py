@@ -1,0 +1,279 @@
+"""The Linux VFIO and iommufd uAPI as Python constants and ``struct`` layouts.
+
+Pure data: ioctl request numbers, structure layouts (little-endian
+``struct.Struct``), flag bits and indices from ``include/uapi/linux/vfio.h`` and
+``include/uapi/linux/iommufd.h``. It is shared by the real-device backend
+(:mod:`migrator.kernel`, client side) and the ``fakevfio run`` supervisor
+(:mod:`fakevfio.run`, server side), and checked against the system header by
+``tests/test_uapi_abi.py``.
+
+Every VFIO ioctl is ``_IO(';', 100 + n)``: no direction or size bits, so the
+structure size is not part of the number and ``argsz`` is the only versioning.
+Layouts follow the newest kernels; where older headers differ (``vfio_device_info``
+was 20 bytes before 2023) the difference is noted next to the layout.
+"""
+
+from __future__ import annotations
+
+import struct
+
+VFIO_TYPE = 0x3B  # ';'
+VFIO_BASE = 100
+IOMMUFD_BASE = 0x80
+
+
+def _io(nr: int) -> int:
+    return (VFIO_TYPE << 8) | nr
+
+
+VFIO_API_VERSION = 0
+
+# --- ioctl numbers: container ----------------------------------------------------------------
+VFIO_GET_API_VERSION = _io(VFIO_BASE + 0)
+VFIO_CHECK_EXTENSION = _io(VFIO_BASE + 1)
+VFIO_SET_IOMMU = _io(VFIO_BASE + 2)
+# --- group -----------------------------------------------------------------------------------
+VFIO_GROUP_GET_STATUS = _io(VFIO_BASE + 3)
+VFIO_GROUP_SET_CONTAINER = _io(VFIO_BASE + 4)
+VFIO_GROUP_UNSET_CONTAINER = _io(VFIO_BASE + 5)
+VFIO_GROUP_GET_DEVICE_FD = _io(VFIO_BASE + 6)
+# --- device ----------------------------------------------------------------------------------
+VFIO_DEVICE_GET_INFO = _io(VFIO_BASE + 7)
+VFIO_DEVICE_GET_REGION_INFO = _io(VFIO_BASE + 8)
+VFIO_DEVICE_GET_IRQ_INFO = _io(VFIO_BASE + 9)
+VFIO_DEVICE_SET_IRQS = _io(VFIO_BASE + 10)
+VFIO_DEVICE_RESET = _io(VFIO_BASE + 11)
+VFIO_DEVICE_GET_PCI_HOT_RESET_INFO = _io(VFIO_BASE + 12)
+VFIO_DEVICE_PCI_HOT_RESET = _io(VFIO_BASE + 13)
+VFIO_DEVICE_QUERY_GFX_PLANE = _io(VFIO_BASE + 14)
+VFIO_DEVICE_GET_GFX_DMABUF = _io(VFIO_BASE + 15)
+VFIO_DEVICE_IOEVENTFD = _io(VFIO_BASE + 16)
+VFIO_DEVICE_FEATURE = _io(VFIO_BASE + 17)
+VFIO_DEVICE_BIND_IOMMUFD = _io(VFIO_BASE + 18)
+VFIO_DEVICE_ATTACH_IOMMUFD_PT = _io(VFIO_BASE + 19)
+VFIO_DEVICE_DETACH_IOMMUFD_PT = _io(VFIO_BASE + 20)
+# --- migration data_fd -----------------------------------------------------------------------
+VFIO_MIG_GET_PRECOPY_INFO = _io(VFIO_BASE + 21)
+# --- container aliases of the same numbers (type1 IOMMU) -------------------------------------
+VFIO_IOMMU_GET_INFO = _io(VFIO_BASE + 12)
+VFIO_IOMMU_MAP_DMA = _io(VFIO_BASE + 13)
+VFIO_IOMMU_UNMAP_DMA = _io(VFIO_BASE + 14)
+VFIO_IOMMU_ENABLE = _io(VFIO_BASE + 15)
+VFIO_IOMMU_DISABLE = _io(VFIO_BASE + 16)
+VFIO_IOMMU_DIRTY_PAGES = _io(VFIO_BASE + 17)
+VFIO_EEH_PE_OP = _io(VFIO_BASE + 21)
+
+# --- iommufd (/dev/iommu) --------------------------------------------------------------------
+IOMMU_DESTROY = _io(IOMMUFD_BASE + 0)
+IOMMU_IOAS_ALLOC = _io(IOMMUFD_BASE + 1)
+IOMMU_IOAS_ALLOW_IOVAS = _io(IOMMUFD_BASE + 2)
+IOMMU_IOAS_COPY = _io(IOMMUFD_BASE + 3)
+IOMMU_IOAS_IOVA_RANGES = _io(IOMMUFD_BASE + 4)
+IOMMU_IOAS_MAP = _io(IOMMUFD_BASE + 5)
+IOMMU_IOAS_UNMAP = _io(IOMMUFD_BASE + 6)
+IOMMU_OPTION = _io(IOMMUFD_BASE + 7)
+IOMMU_VFIO_IOAS = _io(IOMMUFD_BASE + 8)
+IOMMU_HWPT_ALLOC = _io(IOMMUFD_BASE + 9)
+IOMMU_GET_HW_INFO = _io(IOMMUFD_BASE + 10)
+IOMMU_HWPT_SET_DIRTY_TRACKING = _io(IOMMUFD_BASE + 11)
+IOMMU_HWPT_GET_DIRTY_BITMAP = _io(IOMMUFD_BASE + 12)
+
+#: Request numbers in the ``';'`` space: 0x64..0x7f VFIO, 0x80..0xff iommufd
+#: (Documentation/userspace-api/ioctl/ioctl-number.rst).
+VFIO_IOCTL_FIRST = _io(VFIO_BASE)
+VFIO_IOCTL_LAST = _io(0xFF)
+
+# --- extensions / IOMMU types (VFIO_CHECK_EXTENSION, VFIO_SET_IOMMU) --------------------------
+VFIO_TYPE1_IOMMU = 1
+VFIO_SPAPR_TCE_IOMMU = 2
+VFIO_TYPE1v2_IOMMU = 3
+VFIO_DMA_CC_IOMMU = 4
+VFIO_EEH = 5
+VFIO_TYPE1_NESTING_IOMMU = 6  # reserved in newest headers
+VFIO_SPAPR_TCE_v2_IOMMU = 7
+VFIO_NOIOMMU_IOMMU = 8
+VFIO_UNMAP_ALL = 9
+VFIO_UPDATE_VADDR = 10
+
+# --- group status ----------------------------------------------------------------------------
+GROUP_STATUS = struct.Struct("<II")  # argsz, flags
+VFIO_GROUP_FLAGS_VIABLE = 1 << 0
+VFIO_GROUP_FLAGS_CONTAINER_SET = 1 << 1
+
+# --- capability chain header -----------------------------------------------------------------
+INFO_CAP_HEADER = struct.Struct("<HHI")  # id, version, next
+
+# --- device info -----------------------------------------------------------------------------
+#: argsz, flags, num_regions, num_irqs, cap_offset, pad (pad since 2023; 6.1 headers: 20 bytes)
+DEVICE_INFO = struct.Struct("<IIIIII")
+DEVICE_INFO_MINSZ = 16
+DEVICE_INFO_LEGACY_SIZE = 20
+VFIO_DEVICE_FLAGS_RESET = 1 << 0
+VFIO_DEVICE_FLAGS_PCI = 1 << 1
+VFIO_DEVICE_FLAGS_PLATFORM = 1 << 2
+VFIO_DEVICE_FLAGS_AMBA = 1 << 3
+VFIO_DEVICE_FLAGS_CCW = 1 << 4
+VFIO_DEVICE_FLAGS_AP = 1 << 5
+VFIO_DEVICE_FLAGS_FSL_MC = 1 << 6
+VFIO_DEVICE_FLAGS_CAPS = 1 << 7
+VFIO_DEVICE_FLAGS_CDX = 1 << 8
+
+# --- region info -----------------------------------------------------------------------------
+REGION_INFO = struct.Struct("<IIIIQQ")  # argsz, flags, index, cap_offset, size, offset
+VFIO_REGION_INFO_FLAG_READ = 1 << 0
+VFIO_REGION_INFO_FLAG_WRITE = 1 << 1
+VFIO_REGION_INFO_FLAG_MMAP = 1 << 2
+VFIO_REGION_INFO_FLAG_CAPS = 1 << 3
+
+VFIO_PCI_OFFSET_SHIFT = 40
+VFIO_PCI_BAR0_REGION_INDEX = 0
+VFIO_PCI_BAR5_REGION_INDEX = 5
+VFIO_PCI_ROM_REGION_INDEX = 6
+VFIO_PCI_CONFIG_REGION_INDEX = 7
+VFIO_PCI_VGA_REGION_INDEX = 8
+VFIO_PCI_NUM_REGIONS = 9
+
+VFIO_PCI_INTX_IRQ_INDEX = 0
+VFIO_PCI_MSI_IRQ_INDEX = 1
+VFIO_PCI_MSIX_IRQ_INDEX = 2
+VFIO_PCI_ERR_IRQ_INDEX = 3
+VFIO_PCI_REQ_IRQ_INDEX = 4
+VFIO_PCI_NUM_IRQS = 5
+
+
+def region_offset(index: int) -> int:
+    """File offset of PCI region ``index`` in a vfio-pci device fd."""
+    return index << VFIO_PCI_OFFSET_SHIFT
+
+
+# --- irq info / set --------------------------------------------------------------------------
+IRQ_INFO = struct.Struct("<IIII")  # argsz, flags, index, count
+VFIO_IRQ_INFO_EVENTFD = 1 << 0
+VFIO_IRQ_INFO_MASKABLE = 1 << 1
+VFIO_IRQ_INFO_AUTOMASKED = 1 << 2
+VFIO_IRQ_INFO_NORESIZE = 1 << 3
+IRQ_SET = struct.Struct("<IIIII")  # argsz, flags, index, start, count (+ data[])
+VFIO_IRQ_SET_DATA_NONE = 1 << 0
+VFIO_IRQ_SET_DATA_BOOL = 1 << 1
+VFIO_IRQ_SET_DATA_EVENTFD = 1 << 2
+VFIO_IRQ_SET_ACTION_MASK = 1 << 3
+VFIO_IRQ_SET_ACTION_UNMASK = 1 << 4
+VFIO_IRQ_SET_ACTION_TRIGGER = 1 << 5
+
+# --- device feature --------------------------------------------------------------------------
+DEVICE_FEATURE = struct.Struct("<II")  # argsz, flags; data[] follows at offset 8
+VFIO_DEVICE_FEATURE_MASK = 0xFFFF
+VFIO_DEVICE_FEATURE_GET = 1 << 16
+VFIO_DEVICE_FEATURE_SET = 1 << 17
+VFIO_DEVICE_FEATURE_PROBE = 1 << 18
+VFIO_DEVICE_FEATURE_ALL_FLAGS = (
+    VFIO_DEVICE_FEATURE_MASK
+    | VFIO_DEVICE_FEATURE_GET
+    | VFIO_DEVICE_FEATURE_SET
+    | VFIO_DEVICE_FEATURE_PROBE
+)
+
+VFIO_DEVICE_FEATURE_PCI_VF_TOKEN = 0
+VFIO_DEVICE_FEATURE_MIGRATION = 1
+VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE = 2
+VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY = 3
+VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY_WITH_WAKEUP = 4
+VFIO_DEVICE_FEATURE_LOW_POWER_EXIT = 5
+VFIO_DEVICE_FEATURE_DMA_LOGGING_START = 6
+VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP = 7
+VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT = 8
+VFIO_DEVICE_FEATURE_MIG_DATA_SIZE = 9
+VFIO_DEVICE_FEATURE_BUS_MASTER = 10
+VFIO_DEVICE_FEATURE_DMA_BUF = 11
+VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOV2 = 12
+
+#: payload of MIGRATION (GET): u64 flags
+FEATURE_MIGRATION = struct.Struct("<Q")
+VFIO_MIGRATION_STOP_COPY = 1 << 0
+VFIO_MIGRATION_P2P = 1 << 1
+VFIO_MIGRATION_PRE_COPY = 1 << 2
+#: payload of MIG_DEVICE_STATE (GET/SET): u32 device_state, s32 data_fd
+FEATURE_MIG_STATE = struct.Struct("<Ii")
+#: payload of MIG_DATA_SIZE (GET): u64 stop_copy_length
+FEATURE_MIG_DATA_SIZE = struct.Struct("<Q")
+#: DMA logging payloads
+DMA_LOGGING_CONTROL = struct.Struct("<QIIQ")  # page_size, num_ranges, reserved, ranges ptr
+DMA_LOGGING_RANGE = struct.Struct("<QQ")  # iova, length
+DMA_LOGGING_REPORT = struct.Struct("<QQQQ")  # iova, length, page_size, bitmap ptr
+
+VFIO_DEVICE_STATE_ERROR = 0
+VFIO_DEVICE_STATE_STOP = 1
+VFIO_DEVICE_STATE_RUNNING = 2
+VFIO_DEVICE_STATE_STOP_COPY = 3
+VFIO_DEVICE_STATE_RESUMING = 4
+VFIO_DEVICE_STATE_RUNNING_P2P = 5
+VFIO_DEVICE_STATE_PRE_COPY = 6
+VFIO_DEVICE_STATE_PRE_COPY_P2P = 7
+VFIO_DEVICE_STATE_NR = 8
+
+#: VFIO_MIG_GET_PRECOPY_INFO (on the data_fd): argsz, flags, initial_bytes, dirty_bytes
+PRECOPY_INFO = struct.Struct("<IIQQ")
+VFIO_PRECOPY_INFO_REINIT = 1 << 0
+
+# --- iommufd cdev binding --------------------------------------------------------------------
+#: argsz, flags, s32 iommufd, out_devid, u64 token_uuid_ptr (min 16 without the token)
+BIND_IOMMUFD = struct.Struct("<IIiIQ")
+BIND_IOMMUFD_MINSZ = 16
+VFIO_DEVICE_BIND_FLAG_TOKEN = 1 << 0
+ATTACH_IOMMUFD_PT = struct.Struct("<IIII")  # argsz, flags, pt_id, pasid (min 12)
+ATTACH_IOMMUFD_PT_MINSZ = 12
+DETACH_IOMMUFD_PT = struct.Struct("<III")  # argsz, flags, pasid (min 8)
+DETACH_IOMMUFD_PT_MINSZ = 8
+VFIO_DEVICE_ATTACH_PASID = 1 << 0
+VFIO_DEVICE_DETACH_PASID = 1 << 0
+IOMMU_IOAS_ALLOC_STRUCT = struct.Struct("<III")  # size, flags, out_ioas_id
+IOMMU_DESTROY_STRUCT = struct.Struct("<II")  # size, id
+
+#: Names of every ioctl number above (for messages and the supervisor's log).
+IOCTL_NAMES: dict[int, str] = {
+    VFIO_GET_API_VERSION: "VFIO_GET_API_VERSION",
+    VFIO_CHECK_EXTENSION: "VFIO_CHECK_EXTENSION",
+    VFIO_SET_IOMMU: "VFIO_SET_IOMMU",
+    VFIO_GROUP_GET_STATUS: "VFIO_GROUP_GET_STATUS",
+    VFIO_GROUP_SET_CONTAINER: "VFIO_GROUP_SET_CONTAINER",
+    VFIO_GROUP_UNSET_CONTAINER: "VFIO_GROUP_UNSET_CONTAINER",
+    VFIO_GROUP_GET_DEVICE_FD: "VFIO_GROUP_GET_DEVICE_FD",
+    VFIO_DEVICE_GET_INFO: "VFIO_DEVICE_GET_INFO",
+    VFIO_DEVICE_GET_REGION_INFO: "VFIO_DEVICE_GET_REGION_INFO",
+    VFIO_DEVICE_GET_IRQ_INFO: "VFIO_DEVICE_GET_IRQ_INFO",
+    VFIO_DEVICE_SET_IRQS: "VFIO_DEVICE_SET_IRQS",
+    VFIO_DEVICE_RESET: "VFIO_DEVICE_RESET",
+    VFIO_DEVICE_GET_PCI_HOT_RESET_INFO: "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO",
+    VFIO_DEVICE_PCI_HOT_RESET: "VFIO_DEVICE_PCI_HOT_RESET",
+    VFIO_DEVICE_QUERY_GFX_PLANE: "VFIO_DEVICE_QUERY_GFX_PLANE",
+    VFIO_DEVICE_GET_GFX_DMABUF: "VFIO_DEVICE_GET_GFX_DMABUF",
+    VFIO_DEVICE_IOEVENTFD: "VFIO_DEVICE_IOEVENTFD",
+    VFIO_DEVICE_FEATURE: "VFIO_DEVICE_FEATURE",
+    VFIO_DEVICE_BIND_IOMMUFD: "VFIO_DEVICE_BIND_IOMMUFD",
+    VFIO_DEVICE_ATTACH_IOMMUFD_PT: "VFIO_DEVICE_ATTACH_IOMMUFD_PT",
+    VFIO_DEVICE_DETACH_IOMMUFD_PT: "VFIO_DEVICE_DETACH_IOMMUFD_PT",
+    VFIO_MIG_GET_PRECOPY_INFO: "VFIO_MIG_GET_PRECOPY_INFO",
+    IOMMU_DESTROY: "IOMMU_DESTROY",
+    IOMMU_IOAS_ALLOC: "IOMMU_IOAS_ALLOC",
+    IOMMU_IOAS_ALLOW_IOVAS: "IOMMU_IOAS_ALLOW_IOVAS",
+    IOMMU_IOAS_COPY: "IOMMU_IOAS_COPY",
+    IOMMU_IOAS_IOVA_RANGES: "IOMMU_IOAS_IOVA_RANGES",
+    IOMMU_IOAS_MAP: "IOMMU_IOAS_MAP",
+    IOMMU_IOAS_UNMAP: "IOMMU_IOAS_UNMAP",
+    IOMMU_OPTION: "IOMMU_OPTION",
+    IOMMU_VFIO_IOAS: "IOMMU_VFIO_IOAS",
+    IOMMU_HWPT_ALLOC: "IOMMU_HWPT_ALLOC",
+    IOMMU_GET_HW_INFO: "IOMMU_GET_HW_INFO",
+    IOMMU_HWPT_SET_DIRTY_TRACKING: "IOMMU_HWPT_SET_DIRTY_TRACKING",
+    IOMMU_HWPT_GET_DIRTY_BITMAP: "IOMMU_HWPT_GET_DIRTY_BITMAP",
+}
+
+
+def ioctl_name(request: int) -> str:
+    """A readable name for a request number (device-fd meaning where numbers are shared)."""
+    return IOCTL_NAMES.get(request, f"ioctl 0x{request:x}")
+
+
+def is_vfio_request(request: int) -> bool:
+    """Whether ``request`` lies in the VFIO/iommufd ``';'`` range (low 32 bits, as the kernel)."""
+    return VFIO_IOCTL_FIRST <= (request & 0xFFFFFFFF) <= VFIO_IOCTL_LAST
