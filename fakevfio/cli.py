@@ -217,12 +217,16 @@ def _lazy_unmount(mountpoint: str) -> bool:
 def _check_mountpoint(mountpoint: str) -> None:
     try:
         os.stat(mountpoint)
+        if os.path.isdir(mountpoint):
+            # stat() alone may be answered from the kernel's attribute cache
+            # of a mount whose server died; listing it needs the server.
+            os.listdir(mountpoint)
     except FileNotFoundError:
         raise CliError(
             f"mountpoint {mountpoint} does not exist (create an empty directory)"
         ) from None
     except OSError as exc:
-        if exc.errno != errno.ENOTCONN:
+        if exc.errno not in (errno.ENOTCONN, errno.ECONNABORTED):
             raise CliError(f"mountpoint {mountpoint}: {exc.strerror}") from None
         print(
             f"fakevfio: {mountpoint} is a stale FUSE mount (transport endpoint is not "
@@ -273,11 +277,28 @@ def _cmd_mount(args: argparse.Namespace, debug: bool) -> int:
     except* (RuntimeError, OSError) as group:  # pyfuse3.init: no /dev/fuse, not permitted, ...
         for exc in group.exceptions:
             print(f"fakevfio: cannot mount {config.mountpoint}: {exc}", file=sys.stderr)
+        _explain_mount_failure(config)
         status = 1
     finally:
         for device in registry.live_devices():
             device.close()
     return status
+
+
+def _explain_mount_failure(config: MountConfig) -> None:
+    """After a failed mount: name what is missing and how to fix it (docs/ci.md)."""
+    from fakevfio.testing import fuse_problems
+
+    problems = fuse_problems(config.mountpoint, allow_other=config.allow_other)
+    for problem in problems:
+        print(f"fakevfio: {problem}", file=sys.stderr)
+    if not problems:
+        print(
+            "fakevfio: /dev/fuse, fusermount3 and the mountpoint look fine; a security "
+            "policy may deny mount (Docker's AppArmor profile does: "
+            "--security-opt apparmor:unconfined), see docs/ci.md",
+            file=sys.stderr,
+        )
 
 
 async def _amain_mount(config: MountConfig, registry: Registry) -> None:

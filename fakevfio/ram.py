@@ -11,6 +11,7 @@ version or another size is refused on resume.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import mmap
@@ -174,5 +175,8 @@ class RamDriver(StateDriver):
         return {"size": self._size, "pages_dirtied": self.pages_dirtied}
 
     def close(self) -> None:
-        self._view.release()
-        self._mem.close()
+        # A dead session's stream may still hold views of the memory (pages it
+        # had queued); then the mapping is freed with the last of them.
+        with contextlib.suppress(BufferError):
+            self._view.release()
+            self._mem.close()

@@ -18,9 +18,12 @@ Stream header (32 bytes, then the driver's header)::
 Records (16-byte header, then the payload)::
 
     0  4  tag: 1 = PAGES, 2 = END
-    4  4  payload length (PAGES: 1 .. 1 MiB of state bytes; END: 8)
+    4  4  payload length (PAGES: 1 .. 1 MiB of state bytes; END: 16)
     8  8  offset of the PAGES data in the state (a page boundary); 0 for END
-    16 .. payload (END: u64 number of PAGES payload bytes in the stream)
+    16 .. payload
+
+    END payload: u64 number of PAGES payload bytes in the stream, u32 CRC-32
+    (zlib) of every stream byte before this payload, u32 reserved (0).
 
 Rule 1: the *initial* part of a stream is the header plus PAGES records for
         the whole state, in offset order. In PRE_COPY the device keeps running
@@ -31,8 +34,9 @@ Rule 2: the END record is only written in STOP_COPY, after every dirty page;
         nothing to send fails with ENOMSG (the uAPI's temporary end).
 Rule 3: the loader checks the header before it applies any byte of state:
         bad magic or malformed records give EINVAL, another format version,
-        page size, state size or driver header give EOPNOTSUPP, bytes after
-        END give ENOMEM. Any such error kills the session (ENODEV after).
+        page size, state size or driver header give EOPNOTSUPP, a CRC-32
+        mismatch at END (a corrupted stream) gives EINVAL, bytes after END
+        give ENOMEM. Any such error kills the session (ENODEV after).
 Rule 4: RESUMING -> STOP succeeds only when END arrived, every page was
         loaded at least once and END's byte count matches; otherwise EINVAL
         and the device stays in RESUMING.
@@ -42,6 +46,7 @@ from __future__ import annotations
 
 import errno
 import struct
+import zlib
 from typing import TYPE_CHECKING
 
 from fakevfio.driver import LoadStream, PrecopyInfo, SaveStream
@@ -57,7 +62,7 @@ HEADER = struct.Struct("<8sIIQII")
 RECORD = struct.Struct("<IIQ")
 TAG_PAGES = 1
 TAG_END = 2
-END_PAYLOAD = struct.Struct("<Q")
+END_PAYLOAD = struct.Struct("<QII")
 MAX_DRIVER_HEADER_BYTES = 4096
 MAX_RECORD_BYTES = 1 << 20
 
@@ -99,7 +104,10 @@ class StateSaveStream(SaveStream):
         self._size = driver.state_size()
         self._run = _run_bytes(driver)
         header = _stream_header(driver)
-        self._segments: list[memoryview] = [memoryview(header)]
+        # None stands for the END payload, built when the reader reaches it
+        # (its CRC covers every byte read before it).
+        self._segments: list[memoryview | None] = [memoryview(header)]
+        self._crc = 0
         self._cursor = 0  # next state offset of the initial part
         self._initial_total = len(header) + _records_bytes(self._size, self._run)
         self._emitted = 0  # bytes returned by read() so far
@@ -151,9 +159,9 @@ class StateSaveStream(SaveStream):
                 length = min(run[1] * driver.page_size, self._size - offset)
             elif state is State.STOP_COPY and not self._end_written:
                 self._end_written = True
-                end = RECORD.pack(TAG_END, END_PAYLOAD.size, 0) + END_PAYLOAD.pack(self._data_bytes)
-                self._segments.append(memoryview(end))
-                self._pending += len(end)
+                self._segments.append(memoryview(RECORD.pack(TAG_END, END_PAYLOAD.size, 0)))
+                self._segments.append(None)
+                self._pending += RECORD.size + END_PAYLOAD.size
                 return True
             else:
                 return False
@@ -180,8 +188,12 @@ class StateSaveStream(SaveStream):
             if not segments and not self._produce(state):
                 break
             seg = segments[0]
+            if seg is None:
+                seg = memoryview(END_PAYLOAD.pack(self._data_bytes, self._crc, 0))
+                segments[0] = seg
             n = min(len(seg), size - filled)
             out[filled : filled + n] = seg[:n]
+            self._crc = zlib.crc32(memoryview(out)[filled : filled + n], self._crc)
             filled += n
             if n == len(seg):
                 segments.pop(0)
@@ -217,6 +229,7 @@ class StateLoadStream(LoadStream):
         self._data_offset = 0
         self._data_bytes = 0
         self._end_count: int | None = None
+        self._crc = 0
         self.received = 0
 
     def _fail(self, err: int, msg: str) -> DeviceError:
@@ -230,7 +243,9 @@ class StateLoadStream(LoadStream):
         while pos < n:
             if self._phase == "data":
                 take = min(self._data_left, n - pos)
-                self._driver.load_range(self._data_offset, data[pos : pos + take])
+                piece = data[pos : pos + take]
+                self._crc = zlib.crc32(piece, self._crc)
+                self._driver.load_range(self._data_offset, piece)
                 self._data_offset += take
                 self._data_left -= take
                 pos += take
@@ -242,7 +257,10 @@ class StateLoadStream(LoadStream):
             if self._phase == "done":
                 raise self._fail(errno.ENOMEM, "data after the END record")
             take = min(self._need - len(self._buf), n - pos)
-            self._buf += data[pos : pos + take]
+            piece = data[pos : pos + take]
+            if self._phase != "end":  # the CRC covers everything before END's payload
+                self._crc = zlib.crc32(piece, self._crc)
+            self._buf += piece
             pos += take
             self.received += take
             if len(self._buf) == self._need:
@@ -308,7 +326,14 @@ class StateLoadStream(LoadStream):
                 raise self._fail(errno.EINVAL, f"unknown record tag {tag}")
             return
         if self._phase == "end":
-            (self._end_count,) = END_PAYLOAD.unpack(buf)
+            count, crc, reserved = END_PAYLOAD.unpack(buf)
+            if crc != self._crc or reserved:
+                raise self._fail(
+                    errno.EINVAL,
+                    f"stream checksum mismatch (END says {crc:#010x}, data gives "
+                    f"{self._crc:#010x}): the stream is corrupted",
+                )
+            self._end_count = count
             self._phase = "done"
             return
         raise AssertionError(self._phase)

@@ -15,6 +15,7 @@ failed SET the backend re-reads the device state.
 from __future__ import annotations
 
 import abc
+import contextlib
 import errno
 import os
 from pathlib import Path
@@ -23,6 +24,9 @@ from fakevfio.fsm import END_SESSION_ARCS, NEW_SESSION_ARCS, MigFlags, State, pa
 from migrator.errors import DeviceOpError, NoDataNow
 
 CONFIG_READ_MAX = 4096
+#: What file operations on a FUSE mount whose server died return: ENOTCONN for
+#: new lookups and opens, ECONNABORTED on files that were already open.
+_DEAD_MOUNT_ERRNOS = frozenset({errno.ENOTCONN, errno.ECONNABORTED})
 
 
 class DeviceBackend(abc.ABC):
@@ -93,7 +97,11 @@ class FakeVfioBackend(DeviceBackend):
         self._data_writable = False
 
     def _fail(self, op: str, exc: OSError) -> DeviceOpError:
-        return DeviceOpError(self.location, op, exc.errno or errno.EIO, exc.strerror or "")
+        err = exc.errno or errno.EIO
+        detail = exc.strerror or ""
+        if err in _DEAD_MOUNT_ERRNOS:
+            detail += "; the device's mount stopped answering (its fakevfio server died)"
+        return DeviceOpError(self.location, op, err, detail)
 
     def _read_text(self, rel: str) -> str:
         try:
@@ -137,9 +145,12 @@ class FakeVfioBackend(DeviceBackend):
             self._drop_data_fd()
 
     def _drop_data_fd(self) -> None:
-        if self._data_fd is not None:
-            os.close(self._data_fd)
-            self._data_fd = None
+        fd, self._data_fd = self._data_fd, None
+        if fd is not None:
+            # close() frees the fd even when it reports an error (a dead FUSE
+            # server's ENOTCONN); closing it again would hit EBADF or another fd.
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def has_data_fd(self) -> bool:
         return self._data_fd is not None

@@ -162,6 +162,9 @@ class Destination:
         self._load_nursery: trio.Nursery | None = None
         self._touched = False
         self._loads_started = False
+        self._loads_scope: trio.CancelScope | None = None
+        self._loads_done = trio.Event()
+        self._first_error: MigrationError | None = None
 
     # -- entry points ---------------------------------------------------------
     async def serve(
@@ -183,6 +186,13 @@ class Destination:
                 stats = await self.run(stream, first)
                 nursery.cancel_scope.cancel()
                 return stats
+        except BaseExceptionGroup:
+            # Tasks that fail while the first failure is being handled report
+            # consequences (a reset device, a cancelled peer); the first one is
+            # what went wrong.
+            if self._first_error is not None:
+                raise self._first_error from None
+            raise
         finally:
             for listener in listeners:
                 await listener.aclose()
@@ -197,15 +207,22 @@ class Destination:
                     self._load_nursery = nursery
                 await self._load(main, first)
         except BaseException as exc:
+            cause = self._note_failure(exc)
             with trio.CancelScope(shield=True):
+                # The load tasks live in serve()'s nursery: stop them before the
+                # reset, or they write into the reset device and their EBADF
+                # hides the real error.
+                if self._loads_scope is not None:
+                    self._loads_scope.cancel()
+                    await self._loads_done.wait()
                 for dev in self.devs if self._touched else ():
                     try:
                         await _call("recovery", dev, dev.backend.reset)
                     except MigrationError as err:
                         logger.error("reset failed: %s", err)
                 await self._send_shut(1)
-            if isinstance(exc, MigrationError) and not exc.phase:
-                exc.phase = self.phase
+            if cause is not None and not cause.phase:
+                cause.phase = self.phase
             raise
         self.stats.finish(trio.current_time(), "completed")
         return self.stats
@@ -355,7 +372,7 @@ class Destination:
             if self.config.switchover_ack and self._ack_pending == 0:
                 await self._send_rp(framing.encode_rp_switchover_ack())
         elif event.cmd == framing.MIG_CMD_SWITCHOVER_START:
-            self._start_loads()
+            await self._start_loads()
         elif event.cmd == framing.MIG_CMD_PING:
             await self._send_rp(framing.encode_rp_message(framing.RpMsg.PONG, event.payload[:4]))
         else:
@@ -407,6 +424,17 @@ class Destination:
         listeners: list[trio.SocketListener],
         main_out: trio.MemorySendChannel[tuple[trio.abc.Stream, bytes]],
     ) -> None:
+        try:
+            await self._accept_connections(listeners, main_out)
+        except MigrationError as exc:
+            self._note_failure(exc)
+            raise
+
+    async def _accept_connections(
+        self,
+        listeners: list[trio.SocketListener],
+        main_out: trio.MemorySendChannel[tuple[trio.abc.Stream, bytes]],
+    ) -> None:
         want_channels = self.config.multifd_channels
         have_main = False
         async with trio.open_nursery() as nursery:
@@ -447,12 +475,14 @@ class Destination:
             await listener.aclose()
 
     async def _receive_channel(self, reader: _Reader, channel_id: int) -> None:
+        closed_by_peer = False
         try:
             while True:
                 header = await reader.receive_exactly(
                     multifd_wire.DEVICE_STATE_HEADER_SIZE, "a multifd packet header"
                 )
                 if header is None:
+                    closed_by_peer = True
                     return
                 hdr = multifd_wire.decode_device_state_header(header, max_payload=MAX_PACKET_BYTES)
                 payload = await reader.receive_exactly(hdr.size, "a multifd packet payload")
@@ -473,11 +503,16 @@ class Destination:
                 data = bytes(packet.data)
                 await self._queue(dev, packet.idx, packet.is_config, data)
         except MigrationError as exc:
+            self._note_failure(exc)
             raise exc.with_context(phase="load") from None
         finally:
-            self._live_channels -= 1
-            for dev in self.devs:
-                dev.changed.notify()
+            # Only a clean close by the peer counts: a channel that failed (or was
+            # cancelled because another one failed) must not make the loaders
+            # report "channels closed" instead of the real error.
+            if closed_by_peer:
+                self._live_channels -= 1
+                for dev in self.devs:
+                    dev.changed.notify()
 
     async def _queue(self, dev: _Dev, idx: int, is_config: bool, data: bytes) -> None:
         r = dev.reassembler
@@ -501,13 +536,24 @@ class Destination:
                 device=dev.idstr,
             )
 
-    def _start_loads(self) -> None:
+    async def _start_loads(self) -> None:
         if not self.multifd or self._loads_started:
             return
         self._loads_started = True
         assert self._load_nursery is not None
-        for dev in self.devs:
-            self._load_nursery.start_soon(self._load_device, dev)
+        await self._load_nursery.start(self._run_loads)
+
+    async def _run_loads(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """One load task per device, under a cancel scope the failure path can cancel."""
+        try:
+            with trio.CancelScope() as scope:
+                self._loads_scope = scope
+                async with trio.open_nursery() as nursery:
+                    for dev in self.devs:
+                        nursery.start_soon(self._load_device, dev)
+                    task_status.started()
+        finally:
+            self._loads_done.set()
 
     async def _load_device(self, dev: _Dev) -> None:
         """QEMU's vfio_load_bufs_thread: write buffers in idx order, config last."""
@@ -544,7 +590,21 @@ class Destination:
                 finally:
                     dev.loader_waiting = False
         except MigrationError as exc:
+            self._note_failure(exc)
             raise exc.with_context(phase="load", device=dev.idstr) from None
+
+    def _note_failure(self, exc: BaseException) -> MigrationError | None:
+        """Remember the first failure; returns the MigrationError inside ``exc``, if any."""
+        while isinstance(exc, BaseExceptionGroup):
+            inner = [e for e in exc.exceptions if not isinstance(e, trio.Cancelled)]
+            if not inner:
+                return None
+            exc = next((e for e in inner if isinstance(e, MigrationError)), inner[0])
+        if not isinstance(exc, MigrationError):
+            return None
+        if self._first_error is None:
+            self._first_error = exc
+        return exc
 
     async def _load_config(self, dev: _Dev, packet: bytes) -> None:
         M = framing.Marker

@@ -92,6 +92,13 @@ async def _call(phase: str, dev: _Dev, fn: Callable[..., T], *args: object) -> T
         raise exc.with_context(phase=phase, device=dev.idstr) from None
 
 
+def _migration_errors(exc: BaseException) -> list[MigrationError]:
+    """The MigrationErrors in ``exc`` (itself or the leaves of an exception group)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [e for sub in exc.exceptions for e in _migration_errors(sub)]
+    return [exc] if isinstance(exc, MigrationError) else []
+
+
 class _Sender:
     """Serialised writes on the main channel, with byte counting and rate limit."""
 
@@ -159,11 +166,12 @@ class Source:
                 await self._migrate(sender)
                 nursery.cancel_scope.cancel()
         except BaseException as exc:
-            failure = exc
             with trio.CancelScope(shield=True):
                 await self._restore_running()
-            if isinstance(failure, MigrationError) and not failure.phase:
-                failure.phase = self.phase
+            # The failure may come wrapped in the nursery's exception group.
+            for failure in _migration_errors(exc):
+                if not failure.phase:
+                    failure.phase = self.phase
             raise
         self.stats.finish(trio.current_time(), "completed")
         return self.stats

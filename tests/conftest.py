@@ -183,10 +183,13 @@ class MountHandle:
 
 
 def _is_stale_or_mounted(path: Path) -> bool:
+    # os.path.ismount() swallows errors, so a stale mount (ENOTCONN) would look
+    # unmounted: ask lstat first.
     try:
-        return os.path.ismount(path)
+        os.lstat(path)
     except OSError as exc:
         return exc.errno == errno.ENOTCONN
+    return os.path.ismount(path)
 
 
 def _force_unmount(path: Path) -> None:

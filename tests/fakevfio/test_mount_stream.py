@@ -192,7 +192,7 @@ def test_mount_concurrent_slow_readers_do_not_block_the_fs(mnt: Any) -> None:
     m = mnt
     names = [f"slow{i}" for i in range(3)]
     for name in names:
-        assert m.create(name, options="size=1M read_bandwidth=1M") is None
+        assert m.create(name, options="size=2M read_bandwidth=1M") is None
         assert m.set_state(name, "STOP_COPY") is None
     sizes = [int(m.read(n, "migration/data_size")) for n in names]
     # Several processes per session, sharing its position; one slow device each.
@@ -209,7 +209,8 @@ def test_mount_concurrent_slow_readers_do_not_block_the_fs(mnt: Any) -> None:
             assert m.state("src") in ("RUNNING", "STOP")
             m.read("small", "migration/log")
             worst = max(worst, time.monotonic() - t0)
-        assert worst < 0.3, f"fs blocked for {worst:.2f} s while slow readers ran"
+        # A blocked loop would stall for a whole 2 s device read; allow for a busy machine.
+        assert worst < 1.0, f"fs blocked for {worst:.2f} s while slow readers ran"
         counts = [int(p.communicate(timeout=20)[0]) for p in procs]
     finally:
         for p in procs:
