@@ -161,6 +161,7 @@ class Destination:
         self._channel_ids: set[int] = set()
         self._load_nursery: trio.Nursery | None = None
         self._touched = False
+        self._last_activity = 0.0
         self._loads_started = False
         self._loads_scope: trio.CancelScope | None = None
         self._loads_done = trio.Event()
@@ -205,7 +206,10 @@ class Destination:
             async with trio.open_nursery() as nursery:
                 if self._load_nursery is None:
                     self._load_nursery = nursery
+                self._touch()
+                nursery.start_soon(self._watchdog)
                 await self._load(main, first)
+                nursery.cancel_scope.cancel()
         except BaseException as exc:
             cause = self._note_failure(exc)
             with trio.CancelScope(shield=True):
@@ -227,6 +231,21 @@ class Destination:
         self.stats.finish(trio.current_time(), "completed")
         return self.stats
 
+    def _touch(self) -> None:
+        """Progress happened: bytes arrived or a device write finished."""
+        self._last_activity = trio.current_time()
+
+    async def _watchdog(self) -> None:
+        """A source that stays connected but sends nothing must not hang us forever."""
+        limit = self.config.peer_timeout_s
+        while True:
+            await trio.sleep(min(1.0, limit / 4))
+            idle = trio.current_time() - self._last_activity
+            if idle > limit:
+                raise ChannelBrokenError(
+                    f"no data from the source for {idle:.0f} s (--peer-timeout {limit:g})"
+                )
+
     # -- main stream -------------------------------------------------------------
     async def _preamble(self, decoder: framing.MainStreamDecoder, main: trio.abc.Stream) -> None:
         """Read the file header (and the configuration, required with --uuid) first."""
@@ -236,6 +255,7 @@ class Destination:
             event = decoder.next_event()
             if event is framing.NEED_DATA:
                 data = await main.receive_some(1 << 16)
+                self._touch()
                 decoder.receive_data(data)
                 continue
             if isinstance(event, framing.FileHeader):
@@ -282,6 +302,7 @@ class Destination:
                         dev.backend.write_data(memoryview(piece))
 
                 await _call("load", dev, write_all)
+                self._touch()
 
         eof = False
         while not eof:
@@ -290,6 +311,7 @@ class Destination:
                 await flush()
                 try:
                     data = await main.receive_some(1 << 20)
+                    self._touch()
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                     raise ChannelBrokenError(f"main channel broke: {exc}") from exc
                 self.stats.transferred_bytes += len(data)
@@ -486,6 +508,7 @@ class Destination:
                     return
                 hdr = multifd_wire.decode_device_state_header(header, max_payload=MAX_PACKET_BYTES)
                 payload = await reader.receive_exactly(hdr.size, "a multifd packet payload")
+                self._touch()
                 if payload is None:
                     raise FramingError("unexpected EOF after packet header")
                 self.stats.transferred_bytes += len(header) + len(payload)
@@ -571,6 +594,7 @@ class Destination:
                                 dev.backend.write_data(memoryview(buf))
 
                     await _call("load", dev, write_all)
+                    self._touch()
                     continue
                 config = r.config
                 if config is not None:
