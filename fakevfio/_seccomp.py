@@ -29,6 +29,10 @@ PR_SET_NO_NEW_PRIVS = 38
 SECCOMP_SET_MODE_FILTER = 1
 SECCOMP_GET_NOTIF_SIZES = 3
 SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
+#: Linux >= 5.19: once the supervisor has received a notification, only a fatal signal
+#: interrupts the caller. Without it a signal (QEMU's threads get many) restarts an
+#: ioctl whose side effect the supervisor already made (e.g. IOMMU_IOAS_MAP -> EEXIST).
+SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV = 1 << 5
 SECCOMP_RET_ALLOW = 0x7FFF0000
 SECCOMP_RET_USER_NOTIF = 0x7FC00000
 SECCOMP_USER_NOTIF_FLAG_CONTINUE = 1 << 0
@@ -112,11 +116,12 @@ def install_filter() -> int:
     # struct sock_fprog { unsigned short len; struct sock_filter *filter; }
     fprog = struct.pack("<HxxxxxxQ", len(code) // _SOCK_FILTER.size, ctypes.addressof(buf))
     fbuf = ctypes.create_string_buffer(fprog, len(fprog))
-    return _check(
-        _syscall(SYS_SECCOMP, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_NEW_LISTENER,
-                 ctypes.addressof(fbuf)),
-        "seccomp(SET_MODE_FILTER)",
-    )
+    flags = SECCOMP_FILTER_FLAG_NEW_LISTENER | SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV
+    fd = _syscall(SYS_SECCOMP, SECCOMP_SET_MODE_FILTER, flags, ctypes.addressof(fbuf))
+    if fd < 0 and ctypes.get_errno() == errno.EINVAL:  # kernel < 5.19: no killable wait
+        fd = _syscall(SYS_SECCOMP, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_NEW_LISTENER,
+                      ctypes.addressof(fbuf))
+    return _check(fd, "seccomp(SET_MODE_FILTER)")
 
 
 def notif_sizes() -> tuple[int, int, int]:

@@ -200,7 +200,11 @@ class VfioFs(pyfuse3.Operations):
             nonseekable=handle.node.kind is Kind.DATA,
         )
 
-    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
+    # pyfuse3's stub says bytes, but its handler takes any contiguous buffer
+    # (PyObject_GetBuffer), so a bytearray from the stream goes out uncopied.
+    async def read(  # type: ignore[override]
+        self, fh: pyfuse3.FileHandleT, off: int, size: int
+    ) -> bytes | bytearray:
         handle = self._handle(fh)
         data, delay = await self._run(
             "read", self.tree.read, handle, off, size, trio.current_time()

@@ -82,7 +82,14 @@ class RamDriver(StateDriver):
         self._dirty_rate = self.size_option("dirty_rate") or 0
         self._seed = self.int_option("seed")
         self._size = size
-        self._mem = mmap.mmap(-1, size)
+        try:
+            self._mem = mmap.mmap(-1, size)
+        except OSError as exc:  # the host cannot map that much
+            raise DeviceError(
+                exc.errno or errno.ENOMEM,
+                f"cannot allocate {size} bytes of state: {exc.strerror}",
+                device=name,
+            ) from None
         self._view = memoryview(self._mem)
         if self._seed is not None:
             self._fill(self._seed)

@@ -36,7 +36,11 @@ Known shortcomings: sessions are tracked by the supervisor (a data_fd is dead
 after a session-ending SET or reset done *through the supervisor*); a session
 ended and restarted by writing ``migration/state`` directly is not noticed for
 old data_fds. A cdev may be bound by several open files at once (the kernel
-allows one). DMA mapping ioctls are accepted and ignored; IRQs report count 0.
+allows one). Container DMA mapping ioctls are accepted and ignored; the iommufd
+objects (IOAS, HWPT, IOVA mappings) are tracked but nothing is pinned
+(:mod:`fakevfio._qemu_iommufd`, enough for QEMU's ``-device vfio-pci,iommufd=``);
+IRQs report count 0; no IOMMU or device dirty tracking (QEMU needs
+``enable-migration=on``).
 """
 
 from __future__ import annotations
@@ -53,12 +57,13 @@ import socket
 import struct
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import ClassVar
 
 import attrs
 
+from fakevfio import _qemu_iommufd as _iommufd
 from fakevfio import _seccomp as sc
 from fakevfio import uapi
 from fakevfio.errors import IllegalTransition
@@ -134,8 +139,22 @@ class _File:
     container: _File | None = None  # group: its container (or iommufd, compat)
     iommu_type: int = 0  # container
     groups: int = 0  # container: attached groups
-    ioas: set[int] = attrs.Factory(set)  # iommufd
+    iommufd_ctx: _iommufd.Context = attrs.Factory(_iommufd.Context)  # iommufd: IOAS, HWPT
     generation: int = 0  # data: the device's session generation at creation
+
+
+class _CallerMemory:
+    """The caller's memory for one request, with the supervisor's EFAULT mapping."""
+
+    def __init__(self, sup: Supervisor, req: _Request) -> None:
+        self._sup = sup
+        self._req = req
+
+    def read(self, addr: int, size: int) -> bytes:
+        return self._sup._read(self._req, addr, size)
+
+    def write(self, addr: int, data: bytes) -> None:
+        self._sup._write(self._req, addr, data)
 
 
 class Supervisor:
@@ -451,7 +470,7 @@ class Supervisor:
             entry = self._entry(req, req.fd, ino, K_IOMMU, None)
             ioas = self._next_id
             self._next_id += 1
-            entry.ioas.add(ioas)
+            entry.iommufd_ctx.ioas[ioas] = _iommufd.Ioas()
             self._write(req, req.arg + 8, _U32.pack(ioas))
             return 0
         if r == uapi.IOMMU_DESTROY:
@@ -460,11 +479,45 @@ class Supervisor:
             if size < uapi.IOMMU_DESTROY_STRUCT.size:
                 raise _Errno(errno.EINVAL, "size < 8")
             found = self._find(req, req.fd, ino)
-            if found is None or obj not in found.ioas:
+            if found is None:
                 raise _Errno(errno.ENOENT, f"no object {obj}")
-            found.ioas.discard(obj)
+            attached = {f.pt_id for f in self.files if f.iommufd is found and f.pt_id}
+            with self._iommufd_errors():
+                found.iommufd_ctx.destroy(obj, attached)
             return 0
-        raise _Errno(errno.ENOTTY)
+        return self._iommufd_object_ioctl(req, ino)
+
+    @contextlib.contextmanager
+    def _iommufd_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except _iommufd.IommufdError as exc:
+            raise _Errno(exc.errno, exc.why) from None
+
+    def _iommufd_object_ioctl(self, req: _Request, ino: int) -> int:
+        """The iommufd ioctls QEMU's iommufd backend issues (see :mod:`._qemu_iommufd`)."""
+        handlers = {
+            uapi.IOMMU_IOAS_MAP: _iommufd.Context.ioas_map,
+            uapi.IOMMU_IOAS_UNMAP: _iommufd.Context.ioas_unmap,
+            uapi.IOMMU_IOAS_IOVA_RANGES: _iommufd.Context.iova_ranges,
+            uapi.IOMMU_OPTION: _iommufd.Context.option,
+        }
+        r = req.request
+        if r not in handlers and r not in (uapi.IOMMU_GET_HW_INFO, uapi.IOMMU_HWPT_ALLOC):
+            raise _Errno(errno.ENOTTY)
+        mem = _CallerMemory(self, req)
+        found = self._find(req, req.fd, ino)
+        ctx = found.iommufd_ctx if found is not None else _iommufd.Context()
+        dev_ids = {f.devid for f in self.files
+                   if f.kind == K_CDEV and f.bound and found is not None and f.iommufd is found}
+        with self._iommufd_errors():
+            if r == uapi.IOMMU_GET_HW_INFO:
+                return _iommufd.hw_info(mem, req.arg, dev_ids)
+            if r == uapi.IOMMU_HWPT_ALLOC:
+                result = ctx.hwpt_alloc(mem, req.arg, dev_ids, self._next_id)
+                self._next_id += 1
+                return result
+            return handlers[r](ctx, mem, req.arg)
 
     def _group(self, req: _Request, ino: int, device: str | None) -> int | None:
         r = req.request
@@ -541,7 +594,7 @@ class Supervisor:
             argsz, flags, pt_id = struct.unpack("<III", self._read(req, req.arg, 12))
             if argsz < uapi.ATTACH_IOMMUFD_PT_MINSZ or flags:
                 raise _Errno(errno.EINVAL, "argsz < 12 or flags (PASID unsupported)")
-            if entry.iommufd is None or pt_id not in entry.iommufd.ioas:
+            if entry.iommufd is None or not entry.iommufd.iommufd_ctx.has_pt(pt_id):
                 raise _Errno(errno.ENOENT, f"no IOAS/HWPT {pt_id}")
             entry.pt_id = pt_id
             self._write(req, req.arg + 8, _U32.pack(pt_id))

@@ -416,7 +416,9 @@ class Tree:
             handle.session = device.open_session(read=readable, write=writable)
         return handle
 
-    def read(self, handle: Handle, off: int, size: int, now: float = 0.0) -> tuple[bytes, float]:
+    def read(
+        self, handle: Handle, off: int, size: int, now: float = 0.0
+    ) -> tuple[bytes | bytearray, float]:
         """Read ``size`` bytes at ``off``; returns (data, seconds the caller should wait)."""
         node, device = handle.node, handle.device
         kind = node.kind
@@ -430,8 +432,8 @@ class Tree:
         if kind is Kind.DATA:
             assert device is not None
             assert handle.session is not None
-            data, delay = device.read(handle.session, size, now)
-            return bytes(data), delay
+            # pyfuse3 replies from any contiguous buffer: no copy here.
+            return device.read(handle.session, size, now)
         if kind is Kind.CONFIG:
             assert device is not None
             return device.config_read(off, size), 0.0

@@ -81,7 +81,52 @@ class DeviceBackend(abc.ABC):
         return False
 
 
-class FakeVfioBackend(DeviceBackend):
+class DataFdBackend(DeviceBackend):
+    """The data_fd half both backends share: a stream read and written with plain syscalls."""
+
+    location: str
+    _data_fd: int | None = None
+
+    @abc.abstractmethod
+    def _fail(self, op: str, exc: OSError) -> DeviceOpError:
+        """Turn an OSError of ``op`` into a DeviceOpError naming this device."""
+
+    def _drop_data_fd(self) -> None:
+        fd, self._data_fd = self._data_fd, None
+        if fd is not None:
+            # close() frees the fd even when it reports an error (a dead FUSE
+            # server's ENOTCONN); closing it again would hit EBADF or another fd.
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def has_data_fd(self) -> bool:
+        return self._data_fd is not None
+
+    def _data(self, op: str) -> int:
+        if self._data_fd is None:
+            raise DeviceOpError(self.location, op, errno.EBADF, "no data_fd (no live session)")
+        return self._data_fd
+
+    def read_data(self, buf: memoryview) -> int:
+        fd = self._data("read data")
+        try:
+            return os.readv(fd, [buf])
+        except OSError as exc:
+            if exc.errno == errno.ENOMSG:
+                raise NoDataNow(self.location) from None
+            raise self._fail("read data", exc) from None
+
+    def write_data(self, data: memoryview) -> None:
+        fd = self._data("write data")
+        while len(data):
+            try:
+                n = os.write(fd, data)
+            except OSError as exc:
+                raise self._fail("write data", exc) from None
+            data = data[n:]
+
+
+class FakeVfioBackend(DataFdBackend):
     """A fakevfio device directory (``MOUNT/devices/NAME``), driven through its files."""
 
     def __init__(self, directory: str | os.PathLike[str], idstr: str | None = None) -> None:
@@ -143,40 +188,6 @@ class FakeVfioBackend(DeviceBackend):
             self._data_writable = writable
         elif any(arc in END_SESSION_ARCS for arc in arcs):
             self._drop_data_fd()
-
-    def _drop_data_fd(self) -> None:
-        fd, self._data_fd = self._data_fd, None
-        if fd is not None:
-            # close() frees the fd even when it reports an error (a dead FUSE
-            # server's ENOTCONN); closing it again would hit EBADF or another fd.
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-    def has_data_fd(self) -> bool:
-        return self._data_fd is not None
-
-    def _fd(self, op: str) -> int:
-        if self._data_fd is None:
-            raise DeviceOpError(self.location, op, errno.EBADF, "no data_fd (no live session)")
-        return self._data_fd
-
-    def read_data(self, buf: memoryview) -> int:
-        fd = self._fd("read data")
-        try:
-            return os.readv(fd, [buf])
-        except OSError as exc:
-            if exc.errno == errno.ENOMSG:
-                raise NoDataNow(self.location) from None
-            raise self._fail("read data", exc) from None
-
-    def write_data(self, data: memoryview) -> None:
-        fd = self._fd("write data")
-        while len(data):
-            try:
-                n = os.write(fd, data)
-            except OSError as exc:
-                raise self._fail("write data", exc) from None
-            data = data[n:]
 
     def precopy_info(self) -> tuple[int, int]:
         fields = dict(

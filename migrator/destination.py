@@ -80,7 +80,7 @@ class _Dev:
     seen: bool = False
     reassembler: Reassembler | None = None
     changed: _Notifier = attrs.field(factory=_Notifier)
-    loader_waiting: bool = False
+    writing: bool = False
     done: bool = False
 
     @property
@@ -148,7 +148,11 @@ class Destination:
         for dev in self.devs:
             dev.multifd = self.multifd
             if self.multifd:
-                dev.reassembler = Reassembler(dev.idstr, max_queued_bytes=config.max_queued_bytes)
+                # The hard per-device bound leaves room for the one packet a
+                # waiting writer needs, which is let past the shared budget.
+                dev.reassembler = Reassembler(
+                    dev.idstr, max_queued_bytes=config.max_queued_bytes + MAX_PACKET_BYTES
+                )
         self.stats = Stats()
         self.progress = progress or Progress(enabled=False)
         self.phase = "load setup"
@@ -161,6 +165,8 @@ class Destination:
         self._channel_ids: set[int] = set()
         self._load_nursery: trio.Nursery | None = None
         self._touched = False
+        self._queued_total = 0  # bytes received and not yet written, all devices
+        self._space = _Notifier()
         self._last_activity = 0.0
         self._loads_started = False
         self._loads_scope: trio.CancelScope | None = None
@@ -439,6 +445,16 @@ class Destination:
             if status == 0:
                 raise
             logger.debug("could not report failure: %s", exc)
+            return
+        if status and self._rp and self._main is not None:
+            # Keep reading (and dropping) for a moment, so the source reads our
+            # verdict before it runs into a reset connection.
+            with trio.move_on_after(1.0):
+                try:
+                    while await self._main.receive_some(1 << 16):
+                        pass
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
 
     # -- multifd -------------------------------------------------------------
     async def _accept_loop(
@@ -448,8 +464,11 @@ class Destination:
     ) -> None:
         try:
             await self._accept_connections(listeners, main_out)
-        except MigrationError as exc:
-            self._note_failure(exc)
+        except BaseException as exc:
+            # (A handshake error arrives wrapped in the inner nursery's group.)
+            cause = self._note_failure(exc)
+            if cause is not None:
+                cause.with_context(phase=self.phase)
             raise
 
     async def _accept_connections(
@@ -536,28 +555,40 @@ class Destination:
                 self._live_channels -= 1
                 for dev in self.devs:
                     dev.changed.notify()
+                self._space.notify()
 
     async def _queue(self, dev: _Dev, idx: int, is_config: bool, data: bytes) -> None:
+        """Queue a packet within the shared budget (Rule 1), then wake the device's loader."""
         r = dev.reassembler
         assert r is not None
-        while not is_config and idx != r.waiting_for and not r.can_accept(len(data)):
+        limit = self.config.max_queued_bytes
+        while not is_config and idx != r.waiting_for and self._queued_total + len(data) > limit:
             self._blocked += 1
             try:
-                self._check_stuck(dev, idx, len(data))
-                await dev.changed.wait()
+                if self._stuck():
+                    raise ReassemblyError(
+                        f"queuing state buffer {idx} would exceed the size max of {limit} "
+                        f"(every channel is blocked, buffer {r.waiting_for} never arrived)",
+                        device=dev.idstr,
+                    )
+                await self._space.wait()
             finally:
                 self._blocked -= 1
         r.push(idx, is_config, data)
+        self._queued_total += len(data)
         dev.changed.notify()
 
-    def _check_stuck(self, dev: _Dev, idx: int, size: int) -> None:
-        if self._blocked >= self._live_channels and dev.loader_waiting:
-            raise ReassemblyError(
-                f"queuing state buffer {idx} would exceed the size max of "
-                f"{self.config.max_queued_bytes} (every channel is blocked, buffer "
-                f"{dev.reassembler.waiting_for if dev.reassembler else '?'} never arrived)",
-                device=dev.idstr,
-            )
+    def _stuck(self) -> bool:
+        """Every channel waits for budget and no loader can free any: the bound is real."""
+        if not self._loads_started or not self._blocked or self._blocked < self._live_channels:
+            return False
+        for dev in self.devs:
+            r = dev.reassembler
+            if dev.done or r is None:
+                continue
+            if dev.writing or r.has_ready:
+                return False
+        return True
 
     async def _start_loads(self) -> None:
         if not self.multifd or self._loads_started:
@@ -584,35 +615,44 @@ class Destination:
         assert r is not None
         try:
             while True:
-                ready = r.pop_ready()
+                ready = r.pop_ready(_WRITE_BATCH_BYTES)
                 if ready:
-                    dev.changed.notify()
+                    size = sum(len(b) for b in ready)
 
                     def write_all(buffers: list[bytes] = ready) -> None:
                         for buf in buffers:
-                            if buf:
-                                dev.backend.write_data(memoryview(buf))
+                            dev.backend.write_data(memoryview(buf))
 
-                    await _call("load", dev, write_all)
+                    dev.writing = True
+                    try:
+                        await _call("load", dev, write_all)
+                    finally:
+                        dev.writing = False
+                    # Budget is freed once the bytes are in the device, not before.
+                    self._queued_total -= size
+                    self._space.notify()
                     self._touch()
                     continue
                 config = r.config
                 if config is not None:
                     await self._load_config(dev, config)
                     dev.done = True
+                    self._queued_total -= len(config)
+                    self._space.notify()
                     dev.changed.notify()
                     return
                 if self._live_channels <= 0 and self._channel_ids:
                     raise ChannelBrokenError(
                         f"multifd channels closed before state buffer {r.waiting_for} arrived"
                     )
-                dev.loader_waiting = True
-                try:
-                    if self._blocked and self._blocked >= self._live_channels:
-                        self._check_stuck(dev, r.waiting_for, 0)
-                    await dev.changed.wait()
-                finally:
-                    dev.loader_waiting = False
+                if self._stuck():
+                    raise ReassemblyError(
+                        f"queuing state buffer {r.waiting_for} would exceed the size max of "
+                        f"{self.config.max_queued_bytes} (every channel is blocked, buffer "
+                        f"{r.waiting_for} never arrived)",
+                        device=dev.idstr,
+                    )
+                await dev.changed.wait()
         except MigrationError as exc:
             self._note_failure(exc)
             raise exc.with_context(phase="load", device=dev.idstr) from None

@@ -39,8 +39,8 @@ from typing import Any
 from fakevfio import uapi
 from fakevfio.errors import IllegalTransition
 from fakevfio.fsm import END_SESSION_ARCS, NEW_SESSION_ARCS, PRECOPY_STATES, MigFlags, State, path
-from migrator.backend import DeviceBackend
-from migrator.errors import DeviceOpError, NoDataNow
+from migrator.backend import DataFdBackend, DeviceBackend
+from migrator.errors import DeviceOpError
 
 DEV_VFIO = Path("/dev/vfio")
 DEV_IOMMU = Path("/dev/iommu")
@@ -62,7 +62,7 @@ def _ioctl_val(fd: int, request: int, value: int = 0) -> int:
     return fcntl.ioctl(fd, request, value)
 
 
-class KernelBackend(DeviceBackend):
+class KernelBackend(DataFdBackend):
     """One kernel VFIO device fd with VFIO migration v2 support.
 
     Use :meth:`open_cdev`, :meth:`open_pci` or :func:`open_device`; the
@@ -103,16 +103,28 @@ class KernelBackend(DeviceBackend):
             iommufd = _open(str(DEV_IOMMU), fds)
             bind = bytearray(uapi.BIND_IOMMUFD.pack(uapi.BIND_IOMMUFD_MINSZ, 0, iommufd, 0, 0))
             # argsz 16 (the minimum): every kernel with the cdev path accepts it.
-            _op(where, "VFIO_DEVICE_BIND_IOMMUFD", _ioctl_buf, dev, uapi.VFIO_DEVICE_BIND_IOMMUFD,
-                bind)
+            _op(
+                where,
+                "VFIO_DEVICE_BIND_IOMMUFD",
+                _ioctl_buf,
+                dev,
+                uapi.VFIO_DEVICE_BIND_IOMMUFD,
+                bind,
+            )
             alloc = bytearray(uapi.IOMMU_IOAS_ALLOC_STRUCT.pack(12, 0, 0))
             _op(where, "IOMMU_IOAS_ALLOC", _ioctl_buf, iommufd, uapi.IOMMU_IOAS_ALLOC, alloc)
             ioas = uapi.IOMMU_IOAS_ALLOC_STRUCT.unpack(alloc)[2]
             attach = bytearray(
                 uapi.ATTACH_IOMMUFD_PT.pack(uapi.ATTACH_IOMMUFD_PT_MINSZ, 0, ioas, 0)
             )[: uapi.ATTACH_IOMMUFD_PT_MINSZ]
-            _op(where, "VFIO_DEVICE_ATTACH_IOMMUFD_PT", _ioctl_buf, dev,
-                uapi.VFIO_DEVICE_ATTACH_IOMMUFD_PT, attach)
+            _op(
+                where,
+                "VFIO_DEVICE_ATTACH_IOMMUFD_PT",
+                _ioctl_buf,
+                dev,
+                uapi.VFIO_DEVICE_ATTACH_IOMMUFD_PT,
+                attach,
+            )
         except BaseException:
             _close_all(fds)
             raise
@@ -129,8 +141,12 @@ class KernelBackend(DeviceBackend):
         try:
             group = os.path.basename(os.readlink(SYS_PCI_DEVICES / bdf / "iommu_group"))
         except OSError as exc:
-            raise DeviceOpError(where, "find iommu_group", exc.errno or errno.ENODEV,
-                                "no such PCI device or no IOMMU group") from None
+            raise DeviceOpError(
+                where,
+                "find iommu_group",
+                exc.errno or errno.ENODEV,
+                "no such PCI device or no IOMMU group",
+            ) from None
         fds: list[int] = []
         try:
             dev, grp, container = _open_legacy(where, bdf, group, fds)
@@ -162,13 +178,21 @@ class KernelBackend(DeviceBackend):
             )
         except DeviceOpError as exc:
             if exc.errno == errno.ENOTTY:
-                raise DeviceOpError(self.location, "GET VFIO_DEVICE_FEATURE_MIGRATION",
-                                    errno.ENOTTY, "the device has no migration support") from None
+                raise DeviceOpError(
+                    self.location,
+                    "GET VFIO_DEVICE_FEATURE_MIGRATION",
+                    errno.ENOTTY,
+                    "the device has no migration support",
+                ) from None
             raise
         value = uapi.FEATURE_MIGRATION.unpack(out)[0]
         if not value & uapi.VFIO_MIGRATION_STOP_COPY:
-            raise DeviceOpError(self.location, "GET VFIO_DEVICE_FEATURE_MIGRATION", errno.EINVAL,
-                                f"flags 0x{value:x} lack STOP_COPY")
+            raise DeviceOpError(
+                self.location,
+                "GET VFIO_DEVICE_FEATURE_MIGRATION",
+                errno.EINVAL,
+                f"flags 0x{value:x} lack STOP_COPY",
+            )
         return MigFlags(value & (MigFlags.STOP_COPY | MigFlags.P2P | MigFlags.PRE_COPY))
 
     def probe(self, feature: int) -> bool:
@@ -198,8 +222,12 @@ class KernelBackend(DeviceBackend):
         try:
             state = State(number)
         except ValueError:
-            raise DeviceOpError(self.location, "GET VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE",
-                                errno.EINVAL, f"unknown state number {number}") from None
+            raise DeviceOpError(
+                self.location,
+                "GET VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE",
+                errno.EINVAL,
+                f"unknown state number {number}",
+            ) from None
         self._last_state = state
         return state
 
@@ -208,8 +236,12 @@ class KernelBackend(DeviceBackend):
         op = f"set state {before.name} -> {state.name}"
         if before is State.STOP_COPY and state in PRECOPY_STATES:
             # Rule 1: never send this arc to a kernel (it hangs unpatched kernels).
-            raise DeviceOpError(self.location, op, errno.EINVAL,
-                                "STOP_COPY -> PRE_COPY* is not allowed (refused locally)")
+            raise DeviceOpError(
+                self.location,
+                op,
+                errno.EINVAL,
+                "STOP_COPY -> PRE_COPY* is not allowed (refused locally)",
+            )
         if before == state:
             return
         try:
@@ -240,45 +272,18 @@ class KernelBackend(DeviceBackend):
             self._data_fd = data_fd
         elif opens_session:
             self._drop_data_fd()
-            raise DeviceOpError(self.location, op, errno.EBADF,
-                                "data_fd out of sync (the kernel returned no data_fd)")
+            raise DeviceOpError(
+                self.location,
+                op,
+                errno.EBADF,
+                "data_fd out of sync (the kernel returned no data_fd)",
+            )
 
     def _reread_state(self) -> State | None:
         try:
             return self.get_state()
         except DeviceOpError:
             return None
-
-    def _drop_data_fd(self) -> None:
-        if self._data_fd is not None:
-            fd, self._data_fd = self._data_fd, None
-            os.close(fd)
-
-    def has_data_fd(self) -> bool:
-        return self._data_fd is not None
-
-    def _data(self, op: str) -> int:
-        if self._data_fd is None:
-            raise DeviceOpError(self.location, op, errno.EBADF, "no data_fd (no live session)")
-        return self._data_fd
-
-    def read_data(self, buf: memoryview) -> int:
-        fd = self._data("read data")
-        try:
-            return os.readv(fd, [buf])
-        except OSError as exc:
-            if exc.errno == errno.ENOMSG:
-                raise NoDataNow(self.location) from None
-            raise self._fail("read data", exc) from None
-
-    def write_data(self, data: memoryview) -> None:
-        fd = self._data("write data")
-        while len(data):
-            try:
-                n = os.write(fd, data)
-            except OSError as exc:
-                raise self._fail("write data", exc) from None
-            data = data[n:]
 
     def precopy_info(self) -> tuple[int, int]:
         fd = self._data("VFIO_MIG_GET_PRECOPY_INFO")
@@ -301,8 +306,11 @@ class KernelBackend(DeviceBackend):
 
     def _config_region(self) -> tuple[int, int]:
         if self._config is None:
-            buf = bytearray(uapi.REGION_INFO.pack(uapi.REGION_INFO.size, 0,
-                                                  uapi.VFIO_PCI_CONFIG_REGION_INDEX, 0, 0, 0))
+            buf = bytearray(
+                uapi.REGION_INFO.pack(
+                    uapi.REGION_INFO.size, 0, uapi.VFIO_PCI_CONFIG_REGION_INDEX, 0, 0, 0
+                )
+            )
             try:
                 _ioctl_buf(self._fd, uapi.VFIO_DEVICE_GET_REGION_INFO, buf)
             except OSError as exc:
@@ -353,8 +361,9 @@ def _open(where: str, fds: list[int]) -> int:
     try:
         fd = os.open(where, os.O_RDWR | os.O_CLOEXEC)
     except OSError as exc:
-        raise DeviceOpError(where, f"open {where}", exc.errno or errno.EIO,
-                            exc.strerror or "") from None
+        raise DeviceOpError(
+            where, f"open {where}", exc.errno or errno.EIO, exc.strerror or ""
+        ) from None
     fds.append(fd)
     return fd
 
@@ -371,26 +380,56 @@ def _open_legacy(where: str, bdf: str, group: str, fds: list[int]) -> tuple[int,
     container = _open(str(DEV_VFIO / "vfio"), fds)
     version = _op(where, "VFIO_GET_API_VERSION", _ioctl_val, container, uapi.VFIO_GET_API_VERSION)
     if version != uapi.VFIO_API_VERSION:
-        raise DeviceOpError(where, "VFIO_GET_API_VERSION", errno.EINVAL,
-                            f"unknown API version {version}")
+        raise DeviceOpError(
+            where, "VFIO_GET_API_VERSION", errno.EINVAL, f"unknown API version {version}"
+        )
     grp = _open(str(DEV_VFIO / group), fds)
     status = bytearray(uapi.GROUP_STATUS.pack(uapi.GROUP_STATUS.size, 0))
     _op(where, "VFIO_GROUP_GET_STATUS", _ioctl_buf, grp, uapi.VFIO_GROUP_GET_STATUS, status)
     if not uapi.GROUP_STATUS.unpack(status)[1] & uapi.VFIO_GROUP_FLAGS_VIABLE:
-        raise DeviceOpError(where, "VFIO_GROUP_GET_STATUS", errno.EBUSY,
-                            f"group {group} is not viable (bind all its devices to vfio)")
-    _op(where, "VFIO_GROUP_SET_CONTAINER", _ioctl_buf, grp, uapi.VFIO_GROUP_SET_CONTAINER,
-        bytearray(_INT.pack(container)))
+        raise DeviceOpError(
+            where,
+            "VFIO_GROUP_GET_STATUS",
+            errno.EBUSY,
+            f"group {group} is not viable (bind all its devices to vfio)",
+        )
+    _op(
+        where,
+        "VFIO_GROUP_SET_CONTAINER",
+        _ioctl_buf,
+        grp,
+        uapi.VFIO_GROUP_SET_CONTAINER,
+        bytearray(_INT.pack(container)),
+    )
     for iommu in (uapi.VFIO_TYPE1v2_IOMMU, uapi.VFIO_TYPE1_IOMMU):
-        if _op(where, "VFIO_CHECK_EXTENSION", _ioctl_val, container, uapi.VFIO_CHECK_EXTENSION,
-               iommu) > 0:
+        if (
+            _op(
+                where,
+                "VFIO_CHECK_EXTENSION",
+                _ioctl_val,
+                container,
+                uapi.VFIO_CHECK_EXTENSION,
+                iommu,
+            )
+            > 0
+        ):
             _op(where, "VFIO_SET_IOMMU", _ioctl_val, container, uapi.VFIO_SET_IOMMU, iommu)
             break
     else:
-        raise DeviceOpError(where, "VFIO_CHECK_EXTENSION", errno.ENODEV,
-                            "container supports neither TYPE1v2 nor TYPE1")
-    dev = _op(where, "VFIO_GROUP_GET_DEVICE_FD", _ioctl_buf, grp, uapi.VFIO_GROUP_GET_DEVICE_FD,
-              bytearray(bdf.encode() + b"\0"))
+        raise DeviceOpError(
+            where,
+            "VFIO_CHECK_EXTENSION",
+            errno.ENODEV,
+            "container supports neither TYPE1v2 nor TYPE1",
+        )
+    dev = _op(
+        where,
+        "VFIO_GROUP_GET_DEVICE_FD",
+        _ioctl_buf,
+        grp,
+        uapi.VFIO_GROUP_GET_DEVICE_FD,
+        bytearray(bdf.encode() + b"\0"),
+    )
     fds.append(dev)
     return dev, grp, container
 

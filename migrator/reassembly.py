@@ -132,14 +132,25 @@ class Reassembler:
             self._bufs[idx] = data
             self._max_data_idx = max(self._max_data_idx, idx)
 
-    def pop_ready(self) -> list[bytes]:
-        """The data buffers now ready, in idx order (empty ones left out)."""
+    @property
+    def has_ready(self) -> bool:
+        """Whether ``pop_ready()`` or ``config`` would give something now."""
+        return self._next in self._bufs or self.config is not None
+
+    def pop_ready(self, max_bytes: int | None = None) -> list[bytes]:
+        """The data buffers now ready, in idx order (empty ones left out).
+
+        With ``max_bytes``, stop once that many bytes were taken (at least one
+        buffer is taken when one is ready), so a caller can write in batches.
+        """
         out: list[bytes] = []
         bufs = self._bufs
-        while self._next in bufs:
+        taken = 0
+        while self._next in bufs and (max_bytes is None or taken < max_bytes):
             data = bufs.pop(self._next)
             self._queued -= len(data)
             self._next += 1
+            taken += len(data)
             if data:
                 out.append(data)
         return out

@@ -508,16 +508,21 @@ class Source:
                     if event.msg_type == framing.RpMsg.SWITCHOVER_ACK:
                         self._acked.set()
                     elif event.msg_type == framing.RpMsg.SHUT:
-                        self._shut = (
-                            int.from_bytes(event.payload[:4], "big") if event.payload else 1
-                        )
+                        self._shut = framing.rp_shut_status(event)
                         self._shut_event.set()
+                        if self._shut != 0:
+                            # The destination failed: stop at once with its verdict
+                            # rather than with whatever our next send runs into.
+                            raise RemoteProtocolError(
+                                f"the destination failed to load the state (status {self._shut})",
+                                phase="load",
+                            )
                         return
                 if not data:
                     raise ChannelBrokenError(
                         "the destination closed the connection before reporting a result"
                     )
-        except MigrationError as exc:
+        except ChannelBrokenError as exc:
             self._rp_error = exc
             self._shut_event.set()
 

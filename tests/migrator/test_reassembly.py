@@ -163,3 +163,24 @@ def test_reassembler_bad_arguments() -> None:
     r = Reassembler("d", max_queued_bytes=BIG)
     with pytest.raises(ValueError, match="not a u32"):
         r.push(-1, False, b"")
+
+
+def _ready(r: Reassembler) -> bool:
+    return r.has_ready  # a call, so mypy does not narrow the property across pushes
+
+
+def test_reassembler_pop_ready_in_batches_and_has_ready() -> None:
+    r = Reassembler("dev/vfio", max_queued_bytes=1 << 20)
+    assert not _ready(r)
+    for idx in (2, 0, 1, 3):
+        r.push(idx, False, bytes([idx]) * 100)
+    assert _ready(r)
+    first = r.pop_ready(150)  # stops once 150 bytes were taken
+    assert first == [b"\x00" * 100, b"\x01" * 100]
+    assert r.queued_bytes == 200
+    assert r.pop_ready(1) == [b"\x02" * 100]  # at least one buffer per call
+    assert r.pop_ready() == [b"\x03" * 100]
+    assert not _ready(r)
+    r.push(4, True, b"cfg")
+    assert r.config == b"cfg"
+    assert _ready(r)

@@ -1,0 +1,222 @@
+"""An unmodified QEMU migrates a fakevfio device as ``-device vfio-pci``.
+
+Two QEMUs (source; destination with ``-incoming defer``), each under ``fakevfio
+run`` on its own mount, get the device through the iommufd cdev path with fds
+passed on the command line (``-object iommufd,fd=`` / ``-device vfio-pci,fd=``;
+the fds are opened inside the private namespace, so QEMU needs no sysfs). They
+are driven over QMP with the multifd, return-path and switchover-ack
+capabilities, and migrate over TCP loopback. The device's state, the arc logs
+(QEMU's requests as the device executed them) and the migrator's arcs for the
+same set-up are compared.
+
+Without ``qemu-system-x86_64`` the tests skip, except under ``CI=true`` where
+they fail (CI installs QEMU 10 from bookworm-backports).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import MountFactory, MountHandle
+from tests.migrator.helpers import DEST_ARCS, SOURCE_ARCS, digest, migrate
+
+pytestmark = [pytest.mark.fuse, pytest.mark.qemu, pytest.mark.slow, pytest.mark.deadline(240)]
+
+QEMU = "qemu-system-x86_64"
+FLAGS = "STOP_COPY+P2P+PRE_COPY"
+SIZE = "64M"
+
+
+@pytest.fixture(autouse=True)
+def _need_qemu() -> None:
+    if shutil.which(QEMU):
+        return
+    reason = f"{QEMU} is not installed (apt-get install -t bookworm-backports qemu-system-x86)"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"QEMU tests must run in CI, but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+class Qmp:
+    """A minimal synchronous QMP client (events are kept, not interpreted)."""
+
+    def __init__(self, path: Path, proc: subprocess.Popen[bytes], log: Path) -> None:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"QEMU exited with {proc.returncode}:\n{log.read_text()}")
+            try:
+                self.sock = socket.socket(socket.AF_UNIX)
+                self.sock.connect(str(path))
+                break
+            except OSError:
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no QMP socket {path}:\n{log.read_text()}") from None
+                time.sleep(0.05)
+        self.sock.settimeout(60)
+        self.file = self.sock.makefile("rwb")
+        self.events: list[dict[str, Any]] = []
+        json.loads(self.file.readline())  # greeting
+        self.cmd("qmp_capabilities")
+
+    def cmd(self, name: str, **arguments: Any) -> Any:
+        msg: dict[str, Any] = {"execute": name}
+        if arguments:
+            msg["arguments"] = arguments
+        self.file.write(json.dumps(msg).encode() + b"\n")
+        self.file.flush()
+        while True:
+            line = self.file.readline()
+            if not line:
+                raise ConnectionError(f"QMP closed during {name}")
+            reply = json.loads(line)
+            if "event" in reply:
+                self.events.append(reply)
+                continue
+            if "error" in reply:
+                raise RuntimeError(f"{name}: {reply['error']}")
+            return reply["return"]
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.file.close()
+        self.sock.close()
+
+
+def qemu_command(qmp: Path, multifd: str, *extra: str) -> list[str]:
+    """QEMU's command line inside ``fakevfio run`` (fd 3: the cdev, fd 4: /dev/iommu)."""
+    return [
+        QEMU, "-accel", "tcg", "-machine", "q35", "-nodefaults", "-display", "none",
+        "-S", "-m", "64M",
+        "-object", "iommufd,id=iommufd0,fd=4",
+        "-device", "vfio-pci,id=gpu0,iommufd=iommufd0,fd=3,rombar=0,enable-migration=on,"
+        f"x-migration-multifd-transfer={multifd}",
+        "-qmp", f"unix:{qmp},server=on,wait=off",
+        *extra,
+    ]
+
+
+@contextlib.contextmanager
+def qemu_under_run(mount: MountHandle, tmp: Path, tag: str, multifd: str,
+                   *extra: str) -> Iterator[Qmp]:
+    qmp_path = tmp / f"{tag}.qmp"
+    log = tmp / f"{tag}.log"
+    script = 'exec 3<>/dev/vfio/devices/vfio0 4<>/dev/iommu && exec "$@"'
+    argv = [sys.executable, "-m", "fakevfio", "run", "--mount", str(mount.path), "--",
+            "sh", "-c", script, "sh", *qemu_command(qmp_path, multifd, *extra)]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    qmp: Qmp | None = None
+    try:
+        qmp = Qmp(qmp_path, proc, log)
+        yield qmp
+        with contextlib.suppress(OSError, RuntimeError):
+            qmp.cmd("quit")
+        assert proc.wait(timeout=30) == 0, log.read_text()
+    finally:
+        if qmp is not None:
+            qmp.close()
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def arcs(mount: MountHandle) -> list[str]:
+    return mount.read("gpu0", "migration/log").splitlines()
+
+
+def wait_migration(qmp: Qmp, timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        info: dict[str, Any] = qmp.cmd("query-migrate")
+        if info.get("status") in ("completed", "failed", "cancelled"):
+            return info
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"migration did not finish: {info}")
+        time.sleep(0.1)
+
+
+def qemu_migrate(src: MountHandle, dst: MountHandle, tmp: Path,
+                 multifd: str) -> tuple[list[str], list[str], dict[str, Any]]:
+    """Migrate gpu0 from ``src`` to ``dst`` with two QEMUs; returns both migration arc lists."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    caps = [{"capability": c, "state": True} for c in ("multifd", "return-path", "switchover-ack")]
+    with (
+        qemu_under_run(src, tmp, "src", multifd) as sq,
+        qemu_under_run(dst, tmp, "dst", multifd, "-incoming", "defer") as dq,
+    ):
+        for q in (sq, dq):
+            q.cmd("migrate-set-capabilities", capabilities=caps)
+            q.cmd("migrate-set-parameters", **{"multifd-channels": 2})
+        sq.cmd("migrate-set-parameters", **{"max-bandwidth": 8 << 30, "downtime-limit": 1000})
+        sq.cmd("cont")  # the device goes RUNNING -> RUNNING_P2P -> RUNNING with the VM
+        dst_start = len(arcs(dst))
+        dq.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
+        src_start = len(arcs(src))
+        sq.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+        info = wait_migration(sq)
+        assert info["status"] == "completed", info
+        assert wait_migration(dq)["status"] == "completed"
+        assert sq.cmd("query-status")["status"] == "postmigrate"
+        src_digest = digest(src, "gpu0")  # the source device is in STOP now
+        dq.cmd("cont")  # RESUMING -> STOP validates the stream, then RUNNING
+        dst_end = len(arcs(dst))
+        dq.cmd("stop")
+        assert src.info("gpu0")["state"] == "STOP"
+        assert dst.info("gpu0")["state"] == "STOP"
+        assert digest(dst, "gpu0") == src_digest
+    return arcs(src)[src_start:], arcs(dst)[dst_start:dst_end], info
+
+
+@pytest.mark.parametrize(
+    ("multifd", "dirty"), [("on", "0"), ("off", "0"), ("on", "4M"), ("off", "4M")]
+)
+def test_qemu_migrates_a_fakevfio_device(
+    fakevfio_mount: MountFactory, tmp_path: Path, multifd: str, dirty: str
+) -> None:
+    with (
+        fakevfio_mount([f"gpu0=ram:size={SIZE},flags={FLAGS},seed=7,dirty_rate={dirty}"]) as src,
+        fakevfio_mount([f"gpu0=ram:size={SIZE},flags={FLAGS}"]) as dst,
+    ):
+        src_arcs, dst_arcs, info = qemu_migrate(src, dst, tmp_path, multifd)
+        assert src_arcs == SOURCE_ARCS[FLAGS]
+        assert dst_arcs == DEST_ARCS[True]
+        assert info["vfio"]["transferred"] >= 64 << 20
+        if dirty != "0":
+            assert src.info("gpu0")["pages_dirtied"] > 0
+
+
+@pytest.mark.parametrize("multifd", ["on", "off"])
+def test_migrator_requests_the_same_arcs_as_qemu(
+    fakevfio_mount: MountFactory, tmp_path: Path, multifd: str
+) -> None:
+    spec = f"gpu0=ram:size=16M,flags={FLAGS},seed=3"
+    with fakevfio_mount([spec]) as src, fakevfio_mount(["gpu0=ram:size=16M"]) as dst:
+        qemu_src, qemu_dst, _ = qemu_migrate(src, dst, tmp_path, multifd)
+    with fakevfio_mount([spec]) as src, fakevfio_mount(["gpu0=ram:size=16M"]) as dst:
+        source, dest = migrate(
+            "tcp:127.0.0.1:0", [str(src.device("gpu0"))], [str(dst.device("gpu0"))],
+            "--multifd-transfer", multifd, "--multifd-channels", "2",
+        )
+        assert source.returncode == 0, source.stderr
+        assert dest.returncode == 0, dest.stderr
+        assert arcs(src) == qemu_src
+        assert arcs(dst) == qemu_dst
