@@ -58,10 +58,7 @@ def _run_inner(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
 def _record(pytester: pytest.Pytester) -> tuple[Path, str]:
     """A file the inner test writes its mounts to, and the snippet that writes it."""
     out = pytester.path / "mounts.json"
-    snippet = (
-        f"Path({str(out)!r}).write_text(json.dumps("
-        "[[str(m.path), m.pid] for m in MOUNTS]))"
-    )
+    snippet = f"Path({str(out)!r}).write_text(json.dumps([[str(m.path), m.pid] for m in MOUNTS]))"
     return out, snippet
 
 
@@ -107,16 +104,15 @@ def test_device_args_accepts_mapping_and_cli_specs() -> None:
 
 
 def test_fuse_problems_names_missing_dev_fuse(tmp_path: Path) -> None:
-    problems = testing.fuse_problems(
-        dev_fuse=str(tmp_path / "fuse"), euid=0, cap_bounding_set=None
-    )
+    problems = testing.fuse_problems(dev_fuse=str(tmp_path / "fuse"), euid=0, cap_bounding_set=None)
     assert any("does not exist" in p and "--device /dev/fuse" in p for p in problems)
 
 
 def test_fuse_problems_names_missing_fusermount3(tmp_path: Path) -> None:
     problems = testing.fuse_problems(fusermount=None, euid=1000, cap_bounding_set=None)
-    assert any("fusermount3 is not installed" in p and "apt-get install fuse3" in p
-               for p in problems)
+    assert any(
+        "fusermount3 is not installed" in p and "apt-get install fuse3" in p for p in problems
+    )
 
 
 def test_fuse_problems_names_fusermount3_without_setuid(tmp_path: Path) -> None:
@@ -137,13 +133,19 @@ def test_fuse_problems_allow_other_needs_fuse_conf(tmp_path: Path) -> None:
     conf.write_text("# user_allow_other\n")
     tool = shutil.which("fusermount3") or ""
     problems = testing.fuse_problems(
-        allow_other=True, fusermount=tool or None, euid=1000, cap_bounding_set=None,
+        allow_other=True,
+        fusermount=tool or None,
+        euid=1000,
+        cap_bounding_set=None,
         fuse_conf=str(conf),
     )
     assert any("user_allow_other" in p for p in problems)
     conf.write_text("user_allow_other\n")
     problems = testing.fuse_problems(
-        allow_other=True, fusermount=tool or None, euid=1000, cap_bounding_set=None,
+        allow_other=True,
+        fusermount=tool or None,
+        euid=1000,
+        cap_bounding_set=None,
         fuse_conf=str(conf),
     )
     assert not any("user_allow_other" in p for p in problems)
@@ -163,25 +165,47 @@ def test_require_fuse_skips_outside_ci_and_fails_in_ci(monkeypatch: pytest.Monke
         pytest_plugin.require_fuse()
 
 
-def _nobody_can_run_python() -> str | None:
+def _nobody_python() -> tuple[list[str], dict[str, str]] | str:
+    """A Python the user nobody can run with fakevfio importable, or why there is none.
+
+    The venv's interpreter may live under a 0700 /root (pyenv); the system
+    Python with the checkout and the venv's site-packages on PYTHONPATH serves
+    then (same Python minor version, so compiled dependencies load).
+    """
     if os.geteuid() != 0:
         return "needs root to switch to the user nobody"
-    if shutil.which("runuser") is None:
+    runuser = shutil.which("runuser")
+    if runuser is None:
         return "runuser is not installed"
-    done = subprocess.run(
-        ["runuser", "-u", "nobody", "--", sys.executable, "-c", "import fakevfio.testing"],
-        capture_output=True, text=True, timeout=60, check=False,
-    )
-    if done.returncode != 0:
-        return f"nobody cannot run {sys.executable} with fakevfio: {done.stderr.strip()[-200:]}"
-    return None
+    import attrs  # fakevfio's own imports need its dependencies too
+
+    checkout = str(Path(testing.__file__).resolve().parent.parent)
+    site = str(Path(attrs.__file__).resolve().parent.parent)
+    reasons = []
+    for python, env in (
+        (sys.executable, dict(os.environ)),
+        ("/usr/bin/python3", {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{checkout}:{site}"}),
+    ):
+        done = subprocess.run(
+            [runuser, "-u", "nobody", "--", python, "-c", "import fakevfio.testing"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env=env,
+        )
+        if done.returncode == 0:
+            return [runuser, "-u", "nobody", "--", python], env
+        reasons.append(f"{python}: {done.stderr.strip()[-200:]}")
+    return "nobody cannot run a Python with fakevfio: " + "; ".join(reasons)
 
 
 def test_fuse_problems_as_unprivileged_user() -> None:
     """A real ordinary user facing a 0600 root-owned FUSE device and a root-owned mountpoint."""
-    reason = _nobody_can_run_python()
-    if reason is not None:
-        pytest.skip(reason)
+    found = _nobody_python()
+    if isinstance(found, str):
+        pytest.skip(found)
+    command, env = found
     base = Path(tempfile.mkdtemp(prefix="fv-nobody-"))
     try:
         base.chmod(0o755)
@@ -195,8 +219,12 @@ def test_fuse_problems_as_unprivileged_user() -> None:
             f"print('\\n'.join(fuse_problems({str(mp)!r}, dev_fuse={str(dev)!r})))"
         )
         done = subprocess.run(
-            ["runuser", "-u", "nobody", "--", sys.executable, "-c", code],
-            capture_output=True, text=True, timeout=60, check=False,
+            [*command, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env=env,
         )
         assert done.returncode == 0, done.stderr
         assert "is not readable and writable by uid 65534" in done.stdout
@@ -394,10 +422,22 @@ def test_plugin_unmounts_when_pytest_gets_sigint(pytester: pytest.Pytester) -> N
             """
         )
     )
-    cmd = [sys.executable, "-m", "pytest", *_plugin_args(), "-p", "no:cacheprovider",
-           f"--basetemp={pytester.path / 'basetemp'}", str(testfile)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        *_plugin_args(),
+        "-p",
+        "no:cacheprovider",
+        f"--basetemp={pytester.path / 'basetemp'}",
+        str(testfile),
+    ]
     proc = subprocess.Popen(
-        cmd, cwd=pytester.path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cmd,
+        cwd=pytester.path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         start_new_session=True,  # SIGINT goes to pytest only: stopping the servers is our job
     )
     try:
@@ -436,10 +476,23 @@ def test_killed_pytest_leaves_no_server(pytester: pytest.Pytester) -> None:
             """
         )
     )
-    cmd = [sys.executable, "-m", "pytest", *_plugin_args(), "-p", "no:cacheprovider",
-           f"--basetemp={pytester.path / 'basetemp'}", str(testfile)]
-    proc = subprocess.Popen(cmd, cwd=pytester.path, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        *_plugin_args(),
+        "-p",
+        "no:cacheprovider",
+        f"--basetemp={pytester.path / 'basetemp'}",
+        str(testfile),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=pytester.path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while not record.exists():
