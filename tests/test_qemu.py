@@ -35,7 +35,8 @@ from tests.migrator.helpers import DEST_ARCS, SOURCE_ARCS, digest, migrate
 
 pytestmark = [pytest.mark.fuse, pytest.mark.qemu, pytest.mark.slow, pytest.mark.deadline(240)]
 
-QEMU = "qemu-system-x86_64"
+#: Your own QEMU build: FAKEVFIO_QEMU=/path/to/build/qemu-system-x86_64 pytest -m qemu
+QEMU = os.environ.get("FAKEVFIO_QEMU", "qemu-system-x86_64")
 FLAGS = "STOP_COPY+P2P+PRE_COPY"
 SIZE = "64M"
 
