@@ -105,6 +105,8 @@ class Device:
         if len(self._config) not in (256, 4096):
             raise ValueError(f"driver of {name} returned {len(self._config)} config bytes")
         self._log: collections.deque[str] = collections.deque(maxlen=LOG_LINES)
+        #: Sizes of the read() requests on saving streams (what the migrator asks).
+        self._read_sizes: collections.Counter[int] = collections.Counter()
         self.faults = FaultRules()
         self.read_bw = Bandwidth(driver.read_bandwidth)
         self.write_bw = Bandwidth(driver.write_bandwidth)
@@ -146,6 +148,7 @@ class Device:
                 "cdev": self.cdev,
                 "iommu_group": self.iommu_group,
                 "session": self._session.id if self._session else None,
+                "read_sizes": {str(k): v for k, v in sorted(self._read_sizes.items())},
             }
             out.update(self.driver.info())
             if with_digest:
@@ -266,6 +269,8 @@ class Device:
             self._live(session)
             if not session.saving:
                 raise self._err(errno.EBADF, "a resuming session is write-only")
+            if len(self._read_sizes) < 64 or size in self._read_sizes:
+                self._read_sizes[size] += 1
             fault = self.faults.io_fault("read")
             if fault is not None:
                 if session.position >= fault.after:
