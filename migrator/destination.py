@@ -45,7 +45,7 @@ from migrator.errors import (
     ReassemblyError,
     RemoteProtocolError,
 )
-from migrator.reassembly import Reassembler
+from migrator.reassembly import Buffer, Reassembler
 from migrator.stats import Progress, Stats
 from migrator.transport import Address, open_listeners
 
@@ -118,6 +118,36 @@ class _Reader:
             self._buf += data
         out = bytes(self._buf[:n])
         del self._buf[:n]
+        return out
+
+    async def receive_payload(self, n: int, what: str) -> bytearray:
+        """Exactly ``n`` bytes into a new buffer, straight from the socket when possible.
+
+        A 1 MiB multifd payload goes from the kernel into its own buffer with
+        ``recv_into``: no carry-over buffer, no slicing, no trimming.
+        """
+        out = bytearray(n)
+        view = memoryview(out)
+        got = min(len(self._buf), n)
+        view[:got] = self._buf[:got]
+        del self._buf[:got]
+        sock = getattr(self.stream, "socket", None)
+        while got < n:
+            try:
+                if sock is not None:
+                    k = await sock.recv_into(view[got:])
+                else:
+                    data = await self.stream.receive_some(n - got)
+                    k = len(data)
+                    view[got : got + k] = data
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise ChannelBrokenError(
+                    f"multifd channel broke while reading {what}: {exc}"
+                ) from exc
+            if k == 0:
+                where = "after packet header" if got == 0 else f"in {what} ({got} of {n} bytes)"
+                raise FramingError(f"unexpected EOF {where}")
+            got += k
         return out
 
     def take_buffered(self) -> bytes:
@@ -526,10 +556,8 @@ class Destination:
                     closed_by_peer = True
                     return
                 hdr = multifd_wire.decode_device_state_header(header, max_payload=MAX_PACKET_BYTES)
-                payload = await reader.receive_exactly(hdr.size, "a multifd packet payload")
+                payload = await reader.receive_payload(hdr.size, "a multifd packet payload")
                 self._touch()
-                if payload is None:
-                    raise FramingError("unexpected EOF after packet header")
                 self.stats.transferred_bytes += len(header) + len(payload)
                 dev = self.by_idstr.get(hdr.idstr)
                 if dev is None or hdr.instance_id != 0:
@@ -541,9 +569,8 @@ class Destination:
                     raise RemoteProtocolError(
                         "got device state packet but not doing multifd transfer", device=dev.idstr
                     )
-                packet = multifd_wire.decode_vfio_packet(payload)
-                data = bytes(packet.data)
-                await self._queue(dev, packet.idx, packet.is_config, data)
+                packet = multifd_wire.decode_vfio_packet(memoryview(payload))
+                await self._queue(dev, packet.idx, packet.is_config, packet.data)
         except MigrationError as exc:
             self._note_failure(exc)
             raise exc.with_context(phase="load") from None
@@ -557,7 +584,7 @@ class Destination:
                     dev.changed.notify()
                 self._space.notify()
 
-    async def _queue(self, dev: _Dev, idx: int, is_config: bool, data: bytes) -> None:
+    async def _queue(self, dev: _Dev, idx: int, is_config: bool, data: Buffer) -> None:
         """Queue a packet within the shared budget (Rule 1), then wake the device's loader."""
         r = dev.reassembler
         assert r is not None
@@ -619,7 +646,7 @@ class Destination:
                 if ready:
                     size = sum(len(b) for b in ready)
 
-                    def write_all(buffers: list[bytes] = ready) -> None:
+                    def write_all(buffers: list[Buffer] = ready) -> None:
                         for buf in buffers:
                             dev.backend.write_data(memoryview(buf))
 
@@ -670,7 +697,7 @@ class Destination:
             self._first_error = exc
         return exc
 
-    async def _load_config(self, dev: _Dev, packet: bytes) -> None:
+    async def _load_config(self, dev: _Dev, packet: Buffer) -> None:
         M = framing.Marker
         if len(packet) < _MARKER_BYTES or int.from_bytes(packet[:8], "big") != M.DEV_CONFIG_STATE:
             got = int.from_bytes(packet[:8], "big") if len(packet) >= 8 else 0
@@ -688,7 +715,7 @@ class Destination:
             or int.from_bytes(tail, "big") != M.END_OF_STATE
         ):
             raise RemoteProtocolError("config packet: end flag incorrect", device=dev.idstr)
-        await _call("config", dev, dev.backend.write_config, blob)
+        await _call("config", dev, dev.backend.write_config, bytes(blob))
 
     async def _wait_loads(self) -> None:
         deadline = trio.current_time() + self.config.peer_timeout_s

@@ -33,6 +33,8 @@ from __future__ import annotations
 from migrator.errors import ReassemblyError
 
 IDX_INVALID = 0xFFFFFFFF
+#: A packet's data: bytes, or a view into the buffer it was received in (no copy).
+Buffer = bytes | bytearray | memoryview
 
 
 class Reassembler:
@@ -46,12 +48,12 @@ class Reassembler:
         self.idstr = idstr
         self._max_bytes = max_queued_bytes
         self._max_buffers = max_queued_buffers
-        self._bufs: dict[int, bytes] = {}
+        self._bufs: dict[int, Buffer] = {}
         self._next = 0
         self._queued = 0
         self._max_data_idx = -1  # highest data idx seen so far
         self._config_idx: int | None = None
-        self._config: bytes | None = None
+        self._config: Buffer | None = None
 
     @property
     def next_idx(self) -> int:
@@ -76,7 +78,7 @@ class Reassembler:
         return self._config_idx
 
     @property
-    def config(self) -> bytes | None:
+    def config(self) -> Buffer | None:
         """The config packet's data, once every data buffer before it was popped."""
         if self._config_idx is not None and self._next == self._config_idx:
             return self._config
@@ -90,7 +92,7 @@ class Reassembler:
         """Whether a packet of ``nbytes`` data bytes fits within the bounds now."""
         return self._queued + nbytes <= self._max_bytes and self.queued_buffers < self._max_buffers
 
-    def push(self, idx: int, is_config: bool, data: bytes) -> None:
+    def push(self, idx: int, is_config: bool, data: Buffer) -> None:
         """Queue one packet's data; raises ReassemblyError (nothing stored then)."""
         if idx == IDX_INVALID:
             raise ReassemblyError("packet index is invalid", device=self.idstr)
@@ -137,13 +139,13 @@ class Reassembler:
         """Whether ``pop_ready()`` or ``config`` would give something now."""
         return self._next in self._bufs or self.config is not None
 
-    def pop_ready(self, max_bytes: int | None = None) -> list[bytes]:
+    def pop_ready(self, max_bytes: int | None = None) -> list[Buffer]:
         """The data buffers now ready, in idx order (empty ones left out).
 
         With ``max_bytes``, stop once that many bytes were taken (at least one
         buffer is taken when one is ready), so a caller can write in batches.
         """
-        out: list[bytes] = []
+        out: list[Buffer] = []
         bufs = self._bufs
         taken = 0
         while self._next in bufs and (max_bytes is None or taken < max_bytes):

@@ -19,13 +19,14 @@ def reassemble(
     for (idx, is_config, data), pop in zip(packets, pop_after, strict=True):
         r.push(idx, is_config, data)
         if pop:
-            out += r.pop_ready()
-    out += r.pop_ready()
+            out += [bytes(b) for b in r.pop_ready()]
+    out += [bytes(b) for b in r.pop_ready()]
     return out
 
 
 def config_of(r: Reassembler) -> bytes | None:
-    return r.config  # a call, so mypy does not narrow the property across steps
+    # A call, so mypy does not narrow the property across steps.
+    return None if r.config is None else bytes(r.config)
 
 
 def test_reassembler_in_order() -> None:
