@@ -55,6 +55,9 @@ T = TypeVar("T")
 #: Largest multifd payload accepted: a 1 MiB data buffer plus headers, or a config packet.
 MAX_PACKET_BYTES = 16 << 20
 _WRITE_BATCH_BYTES = 1 << 20
+#: Receive buffers hold one full data packet payload (12-byte header + 1 MiB).
+POOL_BUFFER_BYTES = 12 + DATA_BUFFER_BYTES
+_RX_POOL_MAX = 16
 _MARKER_BYTES = 8
 
 
@@ -120,14 +123,23 @@ class _Reader:
         del self._buf[:n]
         return out
 
-    async def receive_payload(self, n: int, what: str) -> bytearray:
-        """Exactly ``n`` bytes into a new buffer, straight from the socket when possible.
+    async def receive_payload(
+        self, n: int, what: str, pool: list[bytearray] | None = None
+    ) -> memoryview:
+        """Exactly ``n`` bytes into a buffer of their own, straight from the socket.
 
-        A 1 MiB multifd payload goes from the kernel into its own buffer with
-        ``recv_into``: no carry-over buffer, no slicing, no trimming.
+        A 1 MiB multifd payload goes from the kernel into its buffer with
+        ``recv_into``: no carry-over buffer, no slicing, no trimming. Buffers of
+        ``POOL_BUFFER_BYTES`` come from ``pool`` when it has one (a fresh 1 MiB
+        buffer per packet costs page faults).
         """
-        out = bytearray(n)
-        view = memoryview(out)
+        if pool and n <= POOL_BUFFER_BYTES:
+            out = pool.pop()
+        elif n < POOL_BUFFER_BYTES // 16:
+            out = bytearray(n)  # config packets and other small ones: not pooled
+        else:
+            out = bytearray(max(POOL_BUFFER_BYTES, n))
+        view = memoryview(out)[:n]
         got = min(len(self._buf), n)
         view[:got] = self._buf[:got]
         del self._buf[:got]
@@ -148,7 +160,7 @@ class _Reader:
                 where = "after packet header" if got == 0 else f"in {what} ({got} of {n} bytes)"
                 raise FramingError(f"unexpected EOF {where}")
             got += k
-        return out
+        return view
 
     def take_buffered(self) -> bytes:
         """Bytes read from the stream but not yet consumed."""
@@ -196,6 +208,7 @@ class Destination:
         self._load_nursery: trio.Nursery | None = None
         self._touched = False
         self._queued_total = 0  # bytes received and not yet written, all devices
+        self._rx_pool: list[bytearray] = []
         self._space = _Notifier()
         self._last_activity = 0.0
         self._loads_started = False
@@ -556,7 +569,9 @@ class Destination:
                     closed_by_peer = True
                     return
                 hdr = multifd_wire.decode_device_state_header(header, max_payload=MAX_PACKET_BYTES)
-                payload = await reader.receive_payload(hdr.size, "a multifd packet payload")
+                payload = await reader.receive_payload(
+                    hdr.size, "a multifd packet payload", self._rx_pool
+                )
                 self._touch()
                 self.stats.transferred_bytes += len(header) + len(payload)
                 dev = self.by_idstr.get(hdr.idstr)
@@ -569,7 +584,7 @@ class Destination:
                     raise RemoteProtocolError(
                         "got device state packet but not doing multifd transfer", device=dev.idstr
                     )
-                packet = multifd_wire.decode_vfio_packet(memoryview(payload))
+                packet = multifd_wire.decode_vfio_packet(payload)
                 await self._queue(dev, packet.idx, packet.is_config, packet.data)
         except MigrationError as exc:
             self._note_failure(exc)
@@ -604,6 +619,17 @@ class Destination:
         r.push(idx, is_config, data)
         self._queued_total += len(data)
         dev.changed.notify()
+
+    def _recycle(self, buffers: list[Buffer]) -> None:
+        """Give written payload buffers back to the receive pool (bounded)."""
+        for buf in buffers:
+            base = buf.obj if isinstance(buf, memoryview) else None
+            if (
+                isinstance(base, bytearray)
+                and len(base) == POOL_BUFFER_BYTES
+                and len(self._rx_pool) < _RX_POOL_MAX
+            ):
+                self._rx_pool.append(base)
 
     def _stuck(self) -> bool:
         """Every channel waits for budget and no loader can free any: the bound is real."""
@@ -655,6 +681,7 @@ class Destination:
                         await _call("load", dev, write_all)
                     finally:
                         dev.writing = False
+                    self._recycle(ready)
                     # Budget is freed once the bytes are in the device, not before.
                     self._queued_total -= size
                     self._space.notify()
