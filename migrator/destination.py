@@ -207,6 +207,8 @@ class Destination:
         self._channel_ids: set[int] = set()
         self._load_nursery: trio.Nursery | None = None
         self._touched = False
+        self._have_main = False
+        self._accepting: trio.CancelScope | None = None
         self._queued_total = 0  # bytes received and not yet written, all devices
         self._rx_pool: list[bytearray] = []
         self._space = _Notifier()
@@ -519,44 +521,67 @@ class Destination:
         listeners: list[trio.SocketListener],
         main_out: trio.MemorySendChannel[tuple[trio.abc.Stream, bytes]],
     ) -> None:
-        want_channels = self.config.multifd_channels
-        have_main = False
+        """Accept the main connection and the multifd channels, each sniffed in its own task.
+
+        A connection that sends nothing only holds up itself (until
+        ``--peer-timeout``), never the real source's connections. Once the main
+        channel and every multifd channel arrived, the listeners close: one
+        migration, then no more connections.
+        """
         async with trio.open_nursery() as nursery:
-            while not have_main or len(self._channel_ids) < want_channels:
-                stream = await listeners[0].accept()
-                sniffer = _Reader(stream)
-                with trio.move_on_after(self.config.peer_timeout_s) as scope:
-                    first = await sniffer.receive_exactly(4, "the first bytes of a connection")
-                if scope.cancelled_caught or first is None:
-                    await stream.aclose()
-                    continue
-                kind = multifd_wire.sniff_channel(first)
-                if kind == "main":
-                    if have_main:
-                        await stream.aclose()
-                        continue
-                    have_main = True
-                    await main_out.send((stream, first + sniffer.take_buffered()))
-                    continue
-                if want_channels == 0:
-                    raise RemoteProtocolError(
-                        "a multifd channel connected but this side has --multifd-channels 0"
-                    )
-                reader = _Reader(stream, first + sniffer.take_buffered())
-                init = await reader.receive_exactly(multifd_wire.INIT_SIZE, "the multifd handshake")
-                if init is None:
-                    raise FramingError("multifd channel closed during its handshake")
-                channel_id = multifd_wire.decode_init(
-                    init, expected_uuid=self.config.uuid, channels=want_channels
-                )
-                if channel_id in self._channel_ids:
-                    raise RemoteProtocolError(f"multifd channel id {channel_id} connected twice")
-                self._channel_ids.add(channel_id)
-                self._live_channels += 1
-                nursery.start_soon(self._receive_channel, reader, channel_id)
-        # Exactly one migration: stop listening once every connection arrived.
-        for listener in listeners:
-            await listener.aclose()
+            with trio.CancelScope() as accepting:
+                self._accepting = accepting
+                try:
+                    while True:
+                        stream = await listeners[0].accept()
+                        nursery.start_soon(self._route, stream, main_out)
+                finally:
+                    for listener in listeners:
+                        listener.socket.close()
+
+    async def _route(
+        self,
+        stream: trio.abc.Stream,
+        main_out: trio.MemorySendChannel[tuple[trio.abc.Stream, bytes]],
+    ) -> None:
+        want_channels = self.config.multifd_channels
+        sniffer = _Reader(stream)
+        with trio.move_on_after(self.config.peer_timeout_s) as scope:
+            first = await sniffer.receive_exactly(4, "the first bytes of a connection")
+        if scope.cancelled_caught or first is None:
+            await stream.aclose()
+            return
+        kind = multifd_wire.sniff_channel(first)
+        if kind == "main":
+            if self._have_main:
+                await stream.aclose()
+                return
+            self._have_main = True
+            self._check_all_connected()
+            await main_out.send((stream, first + sniffer.take_buffered()))
+            return
+        if want_channels == 0:
+            raise RemoteProtocolError(
+                "a multifd channel connected but this side has --multifd-channels 0"
+            )
+        reader = _Reader(stream, first + sniffer.take_buffered())
+        init = await reader.receive_exactly(multifd_wire.INIT_SIZE, "the multifd handshake")
+        if init is None:
+            raise FramingError("multifd channel closed during its handshake")
+        channel_id = multifd_wire.decode_init(
+            init, expected_uuid=self.config.uuid, channels=want_channels
+        )
+        if channel_id in self._channel_ids:
+            raise RemoteProtocolError(f"multifd channel id {channel_id} connected twice")
+        self._channel_ids.add(channel_id)
+        self._live_channels += 1
+        self._check_all_connected()
+        await self._receive_channel(reader, channel_id)
+
+    def _check_all_connected(self) -> None:
+        complete = self._have_main and len(self._channel_ids) >= self.config.multifd_channels
+        if complete and self._accepting is not None:
+            self._accepting.cancel()
 
     async def _receive_channel(self, reader: _Reader, channel_id: int) -> None:
         closed_by_peer = False

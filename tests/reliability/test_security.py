@@ -378,14 +378,12 @@ def test_huge_sizes_on_the_main_channel_fail_before_allocating(
     assert (ws.RP_SHUT, struct.pack(">I", 1)) in rp
 
 
-def test_a_silent_connection_delays_the_source_at_most_the_peer_timeout(
-    mounts: Mounts, tmp_path: Path
-) -> None:
-    """A connection that never sends its first bytes holds up the real one only so long."""
+def test_a_silent_connection_does_not_delay_the_source(mounts: Mounts, tmp_path: Path) -> None:
+    """A connection that never sends its first bytes holds up only itself."""
     src, dst = mounts
     name = _pair(mounts)
     incoming, addr = start_incoming(
-        "tcp:127.0.0.1:0", [str(dst.device(name))], "--peer-timeout", "3"
+        "tcp:127.0.0.1:0", [str(dst.device(name))], "--peer-timeout", "20"
     )
     silent = ws.connect(addr, 5)
     try:
@@ -405,5 +403,6 @@ def test_a_silent_connection_delays_the_source_at_most_the_peer_timeout(
     assert source.returncode == 0, source.stderr
     assert dest.returncode == 0, dest.stderr
     assert digest(dst, name) == digest(src, name)
-    # The silent connection may cost at most the peer timeout, never more.
-    assert elapsed < 3 + 10, elapsed
+    # Each connection is sniffed in its own task: the silent one costs the
+    # real source nothing (it would cost the whole 20 s peer timeout otherwise).
+    assert elapsed < 10, elapsed
