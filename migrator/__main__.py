@@ -1,3 +1,5 @@
+"""``python -m migrator``: the same as the ``migrator`` command."""
+
 from __future__ import annotations
 
 import sys
