@@ -16,6 +16,7 @@ demo: setup
 	$(PY) -m fakevfio.demo
 
 test: setup
+	bash .ci/setup-qemu
 	$(PY) -m pytest
 
 lint: setup
