@@ -19,7 +19,7 @@ from fakevfio.options import parse_size
 from migrator.backend import DeviceBackend, FakeVfioBackend
 from migrator.config import MigrationConfig, MultifdTransfer
 from migrator.destination import Destination
-from migrator.errors import ConfigurationError, MigrationError
+from migrator.errors import ChannelBrokenError, ConfigurationError, MigrationError
 from migrator.source import Source
 from migrator.stats import Progress, Stats
 from migrator.transport import Address, FileStream, open_stream
@@ -182,7 +182,12 @@ async def _run_role(
             for i in range(config.multifd_channels):
                 ch = await open_stream(addr)
                 streams.append(ch)
-                await ch.send_all(multifd_wire.encode_init(config.uuid, i))
+                try:
+                    await ch.send_all(multifd_wire.encode_init(config.uuid, i))
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    raise ChannelBrokenError(
+                        f"multifd channel {i} broke during its handshake: {exc}", phase="setup"
+                    ) from exc
                 channels.append(ch)
             return await Source(config, devices, main, channels, progress=progress).run()
         finally:
