@@ -305,7 +305,10 @@ class Destination:
         while True:
             event = decoder.next_event()
             if event is framing.NEED_DATA:
-                data = await main.receive_some(1 << 16)
+                try:
+                    data = await main.receive_some(1 << 16)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    raise ChannelBrokenError(f"main channel broke: {exc}") from exc
                 self._touch()
                 decoder.receive_data(data)
                 continue

@@ -225,12 +225,15 @@ class Source:
             await sender.send(*parts)
         await sender.send(framing.encode_eof())
         self.phase = "complete"
-        if isinstance(self.main, trio.abc.HalfCloseableStream) and not self.return_path:
-            await self.main.send_eof()
+        try:
+            if isinstance(self.main, trio.abc.HalfCloseableStream) and not self.return_path:
+                await self.main.send_eof()
+            if not self.return_path and hasattr(self.main, "flush_to_disk"):
+                await self.main.flush_to_disk()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise ChannelBrokenError(f"finishing the stream failed: {exc}") from exc
         if self.return_path:
             await self._wait_shut()
-        elif hasattr(self.main, "flush_to_disk"):
-            await self.main.flush_to_disk()
         self.stats.mark_resumed(trio.current_time())
         self.phase = "cleanup"
         for dev in self.devs:
