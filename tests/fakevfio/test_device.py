@@ -12,7 +12,6 @@ import errno
 import itertools
 import re
 from collections.abc import Mapping
-from pathlib import Path
 
 import attrs
 import pytest
@@ -26,27 +25,18 @@ from fakevfio.errors import DeviceError, IllegalTransition
 from fakevfio.faults import FaultRules
 from fakevfio.fsm import MigFlags, State
 from fakevfio.ram import RamDriver
+from tests.fsm_tables import Outcome, tables_b
 
 # ---------------------------------------------------------------------------
 # Tables B, parsed independently of fakevfio.fsm
 
-TABLES_B = Path(__file__).resolve().parent.parent / "data" / "fsm_tables_b.md"
-_ABBREV = {
-    "ERR": State.ERROR,
-    "STOP": State.STOP,
-    "RUN": State.RUNNING,
-    "SC": State.STOP_COPY,
-    "RES": State.RESUMING,
-    "RP2P": State.RUNNING_P2P,
-    "PC": State.PRE_COPY,
-    "PCP2P": State.PRE_COPY_P2P,
-}
 NEW_FD_ARCS = {
     (State.RUNNING, State.PRE_COPY),
     (State.RUNNING_P2P, State.PRE_COPY_P2P),
     (State.STOP, State.STOP_COPY),
     (State.STOP, State.RESUMING),
 }
+
 END_ARCS = {
     (State.STOP_COPY, State.STOP),
     (State.PRE_COPY, State.RUNNING),
@@ -54,43 +44,13 @@ END_ARCS = {
     (State.RESUMING, State.STOP),
 }
 Arc = tuple[State, State]
+Row = Outcome
 
-
-@attrs.frozen
-class Row:
-    einval: bool
-    arcs: tuple[Arc, ...] = ()
-    new_fd: bool = False
-
-
-def _parse_tables() -> dict[int, dict[tuple[State, State], Row]]:
-    tables: dict[int, dict[tuple[State, State], Row]] = {}
-    table: dict[tuple[State, State], Row] = {}
-    cols: list[State | None] = []
-    for line in TABLES_B.read_text(encoding="utf-8").splitlines():
-        m = re.match(r"#### .*\(flags=0x(\d)\)", line)
-        if m:
-            table = tables.setdefault(int(m.group(1)), {})
-        if not line.startswith("|") or line.startswith("|---"):
-            continue
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if cells[0].startswith("cur"):
-            cols = [None if c == ">=8" else State(int(c[-2])) for c in cells[1:]]
-            continue
-        cur = State(int(cells[0][-2]))
-        for col, cell in zip(cols, cells[1:], strict=True):
-            if col is None:
-                continue
-            if cell == "EINVAL":
-                table[(cur, col)] = Row(einval=True)
-                continue
-            how, fd = re.fullmatch(r"(.+) \[fd (NEW|-1)\]", cell).groups()  # type: ignore[union-attr]
-            states = [] if how == "ok (no-op)" else [_ABBREV[w] for w in how.split("->")]
-            table[(cur, col)] = Row(False, tuple(itertools.pairwise(states)), fd == "NEW")
-    return tables
-
-
-TABLES = _parse_tables()
+#: flags -> (current, requested) -> outcome; the >=8 column is tested in test_fsm.
+TABLES: dict[int, dict[tuple[State, State], Row]] = {
+    flags: {(cur, State(new)): row for (cur, new), row in table.items() if new is not None}
+    for flags, table in tables_b().items()
+}
 
 
 # ---------------------------------------------------------------------------

@@ -8,29 +8,15 @@ verbatim from the reference notes; the parser below is independent of
 from __future__ import annotations
 
 import errno
-import itertools
 import re
-from pathlib import Path
 
-import attrs
 import pytest
 
 from fakevfio import fsm
 from fakevfio.errors import IllegalTransition
 from fakevfio.fsm import MigFlags, State
+from tests.fsm_tables import ABBREV, Outcome, column, tables_b
 
-TABLES_B = Path(__file__).resolve().parent.parent / "data" / "fsm_tables_b.md"
-
-_ABBREV = {
-    "ERR": State.ERROR,
-    "STOP": State.STOP,
-    "RUN": State.RUNNING,
-    "SC": State.STOP_COPY,
-    "RES": State.RESUMING,
-    "RP2P": State.RUNNING_P2P,
-    "PC": State.PRE_COPY,
-    "PCP2P": State.PRE_COPY_P2P,
-}
 #: The four arcs the uAPI says return a new data_fd (written out, not imported).
 UAPI_NEW_FD_ARCS = {
     (State.RUNNING, State.PRE_COPY),
@@ -41,66 +27,7 @@ UAPI_NEW_FD_ARCS = {
 SAVING = {State.PRE_COPY, State.PRE_COPY_P2P, State.STOP_COPY}
 
 
-@attrs.frozen
-class Outcome:
-    """One cell of a table B: EINVAL, or the arcs and whether a new fd is returned."""
-
-    einval: bool
-    arcs: tuple[tuple[State, State], ...] = ()
-    new_fd: bool = False
-
-
-def _column(head: str) -> int | None:
-    """Column header ``SC(3)`` -> 3, ``>=8`` -> None."""
-    if head == ">=8":
-        return None
-    m = re.fullmatch(r"([A-Z0-9]+)\((\d)\)", head)
-    assert m, head
-    assert _ABBREV[m.group(1)] == int(m.group(2))
-    return int(m.group(2))
-
-
-def _cell(cur: State, text: str) -> Outcome:
-    if text == "EINVAL":
-        return Outcome(einval=True)
-    m = re.fullmatch(r"(.+?) \[fd (NEW|-1)\]", text)
-    assert m, text
-    new_fd = m.group(2) == "NEW"
-    if m.group(1) == "ok (no-op)":
-        return Outcome(einval=False, arcs=(), new_fd=new_fd)
-    states = [_ABBREV[word] for word in m.group(1).split("->")]
-    assert states[0] == cur, text
-    return Outcome(einval=False, arcs=tuple(itertools.pairwise(states)), new_fd=new_fd)
-
-
-def parse_tables_b(text: str) -> dict[int, dict[tuple[State, int | None], Outcome]]:
-    """flags -> (current, requested number or None for >=8) -> outcome."""
-    tables: dict[int, dict[tuple[State, int | None], Outcome]] = {}
-    flags: int | None = None
-    columns: list[int | None] = []
-    for line in text.splitlines():
-        heading = re.match(r"#### .*\(flags=0x(\d)\)", line)
-        if heading:
-            flags = int(heading.group(1), 16)
-            tables[flags] = {}
-            continue
-        if not line.startswith("|") or line.startswith("|---"):
-            continue
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        assert flags is not None
-        if cells[0] == "cur \\ new":
-            columns = [_column(c) for c in cells[1:]]
-            continue
-        m = re.fullmatch(r"([A-Z0-9]+)\((\d)\)", cells[0])
-        assert m, line
-        cur = State(int(m.group(2)))
-        assert _ABBREV[m.group(1)] is cur
-        for col, cell in zip(columns, cells[1:], strict=True):
-            tables[flags][(cur, col)] = _cell(cur, cell)
-    return tables
-
-
-TABLES = parse_tables_b(TABLES_B.read_text(encoding="utf-8"))
+TABLES = tables_b()
 CELLS = [
     pytest.param(
         flags,
@@ -213,7 +140,7 @@ def _table_a_cells(text: str) -> list[tuple[State, int | None, str]]:
             continue
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if cells[0] == "cur \\ new":
-            columns = [_column(c) for c in cells[1:]]
+            columns = [column(c) for c in cells[1:]]
             continue
         m = re.fullmatch(r"[A-Z0-9]+\((\d)\)", cells[0])
         assert m
@@ -243,7 +170,7 @@ def test_fsm_next_state_matches_table_a(
         if cur is State.ERROR:
             assert "allows no moves" in str(info.value)
     else:
-        assert fsm.next_state(cur, State(new), flags) is _ABBREV[expected]
+        assert fsm.next_state(cur, State(new), flags) is ABBREV[expected]
 
 
 def test_fsm_table_rows_cover_every_pair() -> None:
