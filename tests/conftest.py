@@ -17,7 +17,6 @@ process, and a hung mount must never hang pytest itself). Use the
 from __future__ import annotations
 
 import contextlib
-import errno
 import importlib.util
 import inspect
 import itertools
@@ -35,6 +34,8 @@ from types import FrameType
 from typing import Any
 
 import pytest
+
+from fakevfio.testing import force_unmount
 
 READY_PREFIX = "fakevfio: mounted "
 DEFAULT_DEADLINE_S = 60
@@ -182,24 +183,6 @@ class MountHandle:
         assert self.write(name, "reset", "1\n") is None
 
 
-def _is_stale_or_mounted(path: Path) -> bool:
-    # os.path.ismount() swallows errors, so a stale mount (ENOTCONN) would look
-    # unmounted: ask lstat first.
-    try:
-        os.lstat(path)
-    except OSError as exc:
-        return exc.errno == errno.ENOTCONN
-    return os.path.ismount(path)
-
-
-def _force_unmount(path: Path) -> None:
-    tool = shutil.which("fusermount3") or shutil.which("fusermount")
-    if tool:
-        subprocess.run([tool, "-u", "-z", str(path)], capture_output=True, check=False)
-    if _is_stale_or_mounted(path):
-        subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
-
-
 @contextlib.contextmanager
 def mount_fakevfio(
     base: Path,
@@ -254,8 +237,7 @@ def mount_fakevfio(
                 proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
-        if _is_stale_or_mounted(mountpoint):
-            _force_unmount(mountpoint)
+        force_unmount(mountpoint)  # no-op unless still mounted, or stale
 
 
 MountFactory = Callable[..., contextlib.AbstractContextManager[MountHandle]]
