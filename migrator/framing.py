@@ -430,6 +430,17 @@ class _Buffer:
             self.pos = 0
         self.data += chunk
 
+    def receive(self, chunk: bytes | bytearray | memoryview) -> None:
+        """The decoders' ``receive_data``: bytes, or ``b""`` for EOF (data after EOF is misuse)."""
+        if self.eof:
+            if chunk:
+                raise ValueError("receive_data() called with data after EOF")
+            return
+        if chunk:
+            self.feed(chunk)
+        else:
+            self.eof = True
+
     def available(self) -> int:
         return len(self.data) - self.pos
 
@@ -483,14 +494,7 @@ class MainStreamDecoder:
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Feed bytes from the channel; ``b""`` means the peer closed it."""
         self._check_error()
-        if self._buf.eof:
-            if data:
-                raise ValueError("receive_data() called with data after EOF")
-            return
-        if data:
-            self._buf.feed(data)
-        else:
-            self._buf.eof = True
+        self._buf.receive(data)
 
     def next_event(self) -> Event | NeedData:
         """The next event, or NEED_DATA; raises FramingError (then always)."""
@@ -886,14 +890,7 @@ class ReturnPathDecoder:
         """Feed bytes; ``b""`` means EOF."""
         if self._error is not None:
             raise FramingError(self._error.message) from self._error
-        if self._buf.eof:
-            if data:
-                raise ValueError("receive_data() called with data after EOF")
-            return
-        if data:
-            self._buf.feed(data)
-        else:
-            self._buf.eof = True
+        self._buf.receive(data)
 
     def next_event(self) -> RpEvent | NeedData:
         """The next message, or NEED_DATA (also after a clean close; see ``closed``)."""
