@@ -2,13 +2,18 @@
 
 The package root re-exports the pure core (devices, the migration FSM, the
 driver API, the registry and the filesystem model). The pyfuse3 adapter,
-:mod:`fakevfio.fuse`, is deliberately not imported here so that everything
+:mod:`fakevfio._fuse`, is deliberately not imported here so that everything
 else works on machines without libfuse.
 """
 
 from __future__ import annotations
 
-from fakevfio.device import Device, Session, SetStateResult
+from fakevfio._device import Device, Session, SetStateResult
+from fakevfio._faults import FaultRules
+from fakevfio._loader import DriverSet, load_drivers
+from fakevfio._options import DeviceSpec
+from fakevfio._registry import Registry
+from fakevfio._tree import Tree
 from fakevfio.driver import (
     ArcDriver,
     LoadStream,
@@ -17,7 +22,6 @@ from fakevfio.driver import (
     SaveStream,
     StateDriver,
 )
-from fakevfio.drivers import DriverSet, load_drivers
 from fakevfio.errors import (
     ConfigError,
     DeviceError,
@@ -27,11 +31,7 @@ from fakevfio.errors import (
     SessionGone,
     UnknownDevice,
 )
-from fakevfio.faults import FaultRules
-from fakevfio.fsm import MigFlags, State
-from fakevfio.options import DeviceSpec
-from fakevfio.registry import Registry
-from fakevfio.tree import Tree
+from vfio_uapi.fsm import MigFlags, State
 
 __all__ = [
     "ArcDriver",

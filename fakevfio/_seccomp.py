@@ -14,7 +14,7 @@ import errno
 import os
 import struct
 
-from fakevfio import uapi
+from vfio_uapi import abi as uapi
 
 libc = ctypes.CDLL(None, use_errno=True)
 

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import attrs
 
-from fakevfio.drivers import load_drivers
+from fakevfio._loader import load_drivers
+from fakevfio._options import DeviceSpec, check_device_name
+from fakevfio._registry import Registry
 from fakevfio.errors import ConfigError, FakeVfioError
-from fakevfio.options import DeviceSpec, check_device_name
-from fakevfio.registry import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if not debug:
         # Driver load errors are printed by the commands, one line each.
-        logging.getLogger("fakevfio.drivers").setLevel(logging.CRITICAL)
+        logging.getLogger("fakevfio._loader").setLevel(logging.CRITICAL)
     try:
         if args.command == "mount":
             return _cmd_mount(args, debug)
@@ -304,7 +304,7 @@ def _explain_mount_failure(config: MountConfig) -> None:
 async def _amain_mount(config: MountConfig, registry: Registry) -> None:
     import trio
 
-    from fakevfio.fuse import serve  # lazily: the only pyfuse3 importer
+    from fakevfio._fuse import serve  # lazily: the only pyfuse3 importer
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery(strict_exception_groups=True) as nursery:

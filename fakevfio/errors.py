@@ -37,7 +37,11 @@ class DeviceError(FakeVfioError):
 
 
 class IllegalTransition(DeviceError):
-    """A requested migration state cannot be reached from the current one."""
+    """A requested migration state cannot be reached from the current one.
+
+    The device's form of :class:`vfio_uapi.IllegalTransition` (which the pure
+    FSM raises): the same refusal, with the device's name and errno EINVAL.
+    """
 
     def __init__(self, current: str, requested: str, reason: str, *, device: str = "") -> None:
         self.current = current

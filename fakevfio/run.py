@@ -65,14 +65,13 @@ import attrs
 
 from fakevfio import _qemu_iommufd as _iommufd
 from fakevfio import _seccomp as sc
-from fakevfio import uapi
-from fakevfio.errors import IllegalTransition
-from fakevfio.fsm import (
-    END_SESSION_ARCS,
-    NEW_SESSION_ARCS,
+from vfio_uapi import abi as uapi
+from vfio_uapi.errors import IllegalTransition
+from vfio_uapi.fsm import (
     PRECOPY_STATES,
     MigFlags,
     State,
+    arcs_session_change,
     path,
 )
 
@@ -754,16 +753,16 @@ class Supervisor:
                     if arc[0] == reached:
                         break
                     done.append(arc)
-                if any(arc in END_SESSION_ARCS for arc in done):
+                if arcs_session_change(done).ends:
                     self._end_session(dev.name)
             raise
-        opens = bool(arcs) and arcs[-1] in NEW_SESSION_ARCS
-        if opens or any(arc in END_SESSION_ARCS for arc in arcs):
+        change = arcs_session_change(arcs)
+        if change.ends:
             self._end_session(dev.name)
-        if not opens:
+        if not change.opens:
             self._write(req, payload, no_fd)
             return 0
-        mode = os.O_WRONLY if arcs[-1][1] is State.RESUMING else os.O_RDONLY
+        mode = os.O_WRONLY if change.writable else os.O_RDONLY
         try:
             fd = os.open(self._dev_path(dev.name, "migration", "data"), mode | os.O_CLOEXEC)
         except OSError as exc:

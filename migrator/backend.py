@@ -20,8 +20,8 @@ import errno
 import os
 from pathlib import Path
 
-from fakevfio.fsm import END_SESSION_ARCS, NEW_SESSION_ARCS, MigFlags, State, parse_flags, path
 from migrator.errors import DeviceOpError, NoDataNow
+from vfio_uapi.fsm import MigFlags, State, parse_flags, session_change
 
 CONFIG_READ_MAX = 4096
 #: What file operations on a FUSE mount whose server died return: ENOTCONN for
@@ -174,11 +174,10 @@ class FakeVfioBackend(DataFdBackend):
         except OSError as exc:
             self._drop_data_fd()
             raise self._fail(f"set state {before.name} -> {state.name}", exc) from None
-        arcs = path(before, state, self._flags)
-        final = arcs[-1]
-        if final in NEW_SESSION_ARCS:
+        change = session_change(before, state, self._flags)
+        if change.opens:
             self._drop_data_fd()
-            writable = final[1] is State.RESUMING
+            writable = change.writable
             try:
                 self._data_fd = os.open(
                     self.dir / "migration" / "data", os.O_WRONLY if writable else os.O_RDONLY
@@ -186,7 +185,7 @@ class FakeVfioBackend(DataFdBackend):
             except OSError as exc:
                 raise self._fail("open migration/data", exc) from None
             self._data_writable = writable
-        elif any(arc in END_SESSION_ARCS for arc in arcs):
+        elif change.ends:
             self._drop_data_fd()
 
     def precopy_info(self) -> tuple[int, int]:

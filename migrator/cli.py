@@ -15,7 +15,6 @@ from collections.abc import Sequence
 
 import trio
 
-from fakevfio.options import parse_size
 from migrator.backend import DeviceBackend, FakeVfioBackend
 from migrator.config import MigrationConfig, MultifdTransfer
 from migrator.destination import Destination
@@ -23,6 +22,7 @@ from migrator.errors import ChannelBrokenError, ConfigurationError, MigrationErr
 from migrator.source import Source
 from migrator.stats import Progress, Stats
 from migrator.transport import Address, FileStream, open_stream
+from vfio_uapi.units import parse_size
 
 _PCI_RE = re.compile(r"[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]")
 

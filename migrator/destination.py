@@ -33,7 +33,6 @@ from typing import TypeVar
 import attrs
 import trio
 
-from fakevfio.fsm import MigFlags, State
 from migrator import framing, multifd_wire
 from migrator.backend import DeviceBackend
 from migrator.config import DATA_BUFFER_BYTES, MigrationConfig
@@ -48,6 +47,7 @@ from migrator.errors import (
 from migrator.reassembly import Buffer, Reassembler
 from migrator.stats import Progress, Stats
 from migrator.transport import Address, open_listeners
+from vfio_uapi.fsm import MigFlags, State
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

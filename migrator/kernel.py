@@ -36,11 +36,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fakevfio import uapi
-from fakevfio.errors import IllegalTransition
-from fakevfio.fsm import END_SESSION_ARCS, NEW_SESSION_ARCS, PRECOPY_STATES, MigFlags, State, path
 from migrator.backend import DataFdBackend, DeviceBackend
 from migrator.errors import DeviceOpError
+from vfio_uapi import abi as uapi
+from vfio_uapi.errors import IllegalTransition
+from vfio_uapi.fsm import NO_CHANGE, PRECOPY_STATES, MigFlags, State, session_change
 
 DEV_VFIO = Path("/dev/vfio")
 DEV_IOMMU = Path("/dev/iommu")
@@ -258,12 +258,12 @@ class KernelBackend(DataFdBackend):
             raise
         data_fd = uapi.FEATURE_MIG_STATE.unpack(out)[1]
         try:
-            arcs = path(before, state, self._flags)
+            change = session_change(before, state, self._flags)
         except IllegalTransition:
-            arcs = []
-        if any(arc in END_SESSION_ARCS for arc in arcs):
+            change = NO_CHANGE
+        if change.ends and not change.opens:
             self._drop_data_fd()
-        opens_session = bool(arcs) and arcs[-1] in NEW_SESSION_ARCS
+        opens_session = change.opens
         if data_fd >= 0:
             if self._data_fd is not None or not opens_session:
                 os.close(data_fd)

@@ -42,7 +42,6 @@ import attrs
 import trio
 import trio.lowlevel
 
-from fakevfio.fsm import PRECOPY_STATES, MigFlags, State
 from migrator import framing, multifd_wire
 from migrator.backend import DeviceBackend
 from migrator.config import DATA_BUFFER_BYTES, MigrationConfig
@@ -54,6 +53,7 @@ from migrator.errors import (
     RemoteProtocolError,
 )
 from migrator.stats import Progress, Stats
+from vfio_uapi.fsm import PRECOPY_STATES, MigFlags, State
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -2,7 +2,7 @@
 
 ``fsm_tables_b.md`` is a verbatim copy of tables B of the kernel reference
 notes (all four flag sets). This parser shares nothing with
-:mod:`fakevfio.fsm`, so a typo in ``fsm.TABLE`` cannot hide behind itself.
+:mod:`vfio_uapi.fsm`, so a typo in ``fsm.TABLE`` cannot hide behind itself.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import attrs
 
-from fakevfio.fsm import State
+from vfio_uapi.fsm import State
 
 TABLES_B = Path(__file__).resolve().parent / "data" / "fsm_tables_b.md"
 

@@ -8,7 +8,7 @@ each example's test module and re-exports its ``test_*`` functions, which
 pytest then collects here (``tests/test_examples.py::test_mtty_...``).
 
 The tests written here check the plugin path itself: loading through
-``fakevfio.drivers.load_drivers`` with injected entry points, a real
+``fakevfio._loader.load_drivers`` with injected entry points, a real
 ``pip install`` into a fresh virtual environment, and a broken plugin that
 must not take the others down.
 """
@@ -32,11 +32,11 @@ from typing import Any
 
 import pytest
 
-from fakevfio.device import Device
-from fakevfio.drivers import GROUP, load_drivers
-from fakevfio.fsm import State
-from fakevfio.options import DeviceSpec
-from fakevfio.registry import Registry
+from fakevfio._device import Device
+from fakevfio._loader import GROUP, load_drivers
+from fakevfio._options import DeviceSpec
+from fakevfio._registry import Registry
+from vfio_uapi.fsm import State
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -219,7 +219,7 @@ def test_examples_pip_install_into_fresh_venv_registers_the_driver(tmp_path: Pat
     Path(purelib, "_project_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
 
     main_src = _copy_project(ROOT, tmp_path / "src" / "fakevfio",
-                             ["pyproject.toml", "README.md", "fakevfio", "migrator"])
+                             ["pyproject.toml", "README.md", "fakevfio", "migrator", "vfio_uapi"])
     mtty_src = _copy_project(EXAMPLES / "mtty", tmp_path / "src" / "mtty",
                              ["pyproject.toml", "README.md", "fakevfio_mtty"])
     wheels = tmp_path / "wheels"

@@ -38,9 +38,8 @@ from pathlib import Path
 import attrs
 import pytest
 
-from fakevfio.fsm import State
-from fakevfio.ram import RamDriver
-from fakevfio.stream import StateSaveStream
+from fakevfio._ram import RamDriver
+from fakevfio._stream import StateSaveStream
 from migrator import multifd_wire as wire
 from migrator.framing import QEMU_VM_FILE_MAGIC, Marker
 from tests.conftest import MountFactory, MountHandle
@@ -58,6 +57,7 @@ from tests.test_qemu import (  # _need_qemu: autouse, skips without QEMU
     qemu_under_run,
     wait_migration,
 )
+from vfio_uapi.fsm import State
 
 pytestmark = [pytest.mark.fuse, pytest.mark.qemu, pytest.mark.slow, pytest.mark.deadline(120)]
 

@@ -273,7 +273,7 @@ def test_run_fsm_tables_b_through_ioctls(
 
 KERNEL_SAVE = """
 import sys
-from fakevfio.fsm import State
+from vfio_uapi.fsm import State
 from migrator.errors import NoDataNow
 from migrator.kernel import KernelBackend, open_device
 

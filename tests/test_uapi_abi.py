@@ -1,4 +1,4 @@
-"""fakevfio.uapi against the system's <linux/vfio.h> (and <linux/iommufd.h> if present).
+"""vfio_uapi.abi against the system's <linux/vfio.h> (and <linux/iommufd.h> if present).
 
 A small C program is compiled into tmp_path; it prints every ioctl number, constant,
 ``sizeof`` and ``offsetof`` the installed header defines (guarded by ``#ifdef`` so an
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from fakevfio import uapi
+from vfio_uapi import abi as uapi
 
 HEADER = Path("/usr/include/linux/vfio.h")
 
@@ -220,7 +220,7 @@ def test_uapi_abi_matches_header(header_values: dict[str, int]) -> None:
         key: (value, expected[key]) for key, value in header_values.items()
         if expected[key] != value
     }
-    assert mismatches == {}, "header value != fakevfio.uapi value"
+    assert mismatches == {}, "header value != vfio_uapi.abi value"
 
 
 def test_uapi_abi_header_coverage(header_values: dict[str, int]) -> None:

@@ -18,17 +18,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fakevfio import fsm
-from fakevfio.device import LOG_LINES, Bandwidth, Device, Session
+from vfio_uapi import fsm
+from fakevfio._device import LOG_LINES, Bandwidth, Device, Session
+from fakevfio._faults import FaultRules
+from fakevfio._ram import RamDriver
 from fakevfio.driver import ArcDriver, LoadStream, PrecopyInfo, SaveStream
 from fakevfio.errors import DeviceError, IllegalTransition
-from fakevfio.faults import FaultRules
-from fakevfio.fsm import MigFlags, State
-from fakevfio.ram import RamDriver
 from tests.fsm_tables import Outcome, tables_b
+from vfio_uapi.fsm import MigFlags, State
 
 # ---------------------------------------------------------------------------
-# Tables B, parsed independently of fakevfio.fsm
+# Tables B, parsed independently of vfio_uapi.fsm
 
 NEW_FD_ARCS = {
     (State.RUNNING, State.PRE_COPY),

@@ -9,11 +9,11 @@ from importlib.metadata import EntryPoint
 
 import pytest
 
+from fakevfio._loader import GROUP, load_drivers
+from fakevfio._ram import RamDriver
 from fakevfio.driver import ArcDriver, LoadStream, SaveStream, StateDriver
-from fakevfio.drivers import GROUP, load_drivers
 from fakevfio.errors import DriverLoadError
-from fakevfio.fsm import MigFlags, State
-from fakevfio.ram import RamDriver
+from vfio_uapi.fsm import MigFlags, State
 
 MODULE = "fakevfio_test_plugins"
 
@@ -92,7 +92,7 @@ def test_load_drivers_bad_plugin_gives_one_error_and_others_load(
     eps = [
         ep("first", f"{plugins}:GoodDriver"),
         ep("bad", value),
-        ep("ram", "fakevfio.ram:RamDriver"),
+        ep("ram", "fakevfio._ram:RamDriver"),
     ]
     result = load_drivers(eps)
     assert result.drivers == {"first": GoodDriver, "ram": RamDriver}
@@ -108,7 +108,7 @@ def test_load_drivers_bad_plugin_gives_one_error_and_others_load(
 
 def test_load_drivers_duplicate_name(plugins: str) -> None:
     eps = [
-        ep("ram", "fakevfio.ram:RamDriver"),
+        ep("ram", "fakevfio._ram:RamDriver"),
         ep("ram", f"{plugins}:GoodDriver"),
         ep("good", f"{plugins}:GoodDriver"),
     ]
@@ -117,7 +117,7 @@ def test_load_drivers_duplicate_name(plugins: str) -> None:
     assert len(result.errors) == 1
     err = result.errors[0]
     assert (err.name, err.value) == ("ram", f"{plugins}:GoodDriver")
-    assert "duplicate driver name (already provided by fakevfio.ram:RamDriver)" in err.reason
+    assert "duplicate driver name (already provided by fakevfio._ram:RamDriver)" in err.reason
 
 
 def test_load_drivers_all_bad_kinds_together(plugins: str) -> None:

@@ -8,8 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fakevfio.errors import ConfigError
-from fakevfio.faults import (
+from fakevfio._faults import (
     MAX_RULES,
     MAX_RULES_TEXT_BYTES,
     ArcFault,
@@ -18,7 +17,8 @@ from fakevfio.faults import (
     FaultRules,
     IoFault,
 )
-from fakevfio.fsm import State
+from fakevfio.errors import ConfigError
+from vfio_uapi.fsm import State
 
 
 def test_faults_parse_every_rule_kind() -> None:

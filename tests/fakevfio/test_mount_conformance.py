@@ -7,7 +7,7 @@ through the filesystem: final state, errno, the arcs appended to
 
 A device only reaches ERROR when its driver moves it there, and no file can do
 that, so the ERROR rows are checked in-process through the same file semantics
-(:class:`fakevfio.tree.Tree`) on a device put in ERROR with ``fail_to_error``.
+(:class:`fakevfio._tree.Tree`) on a device put in ERROR with ``fail_to_error``.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ from typing import Any
 
 import pytest
 
-from fakevfio.device import Device
+from fakevfio._device import Device
+from fakevfio._options import DeviceSpec
+from fakevfio._ram import RamDriver
+from fakevfio._registry import Registry
+from fakevfio._tree import ROOT_INODE, Tree
 from fakevfio.errors import DeviceError
-from fakevfio.fsm import State
-from fakevfio.options import DeviceSpec
-from fakevfio.ram import RamDriver
-from fakevfio.registry import Registry
-from fakevfio.tree import ROOT_INODE, Tree
+from vfio_uapi.fsm import State
 
 TABLES = Path(__file__).parent.parent / "data" / "fsm_tables_b.md"
 ABBR = {

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from fakevfio.errors import ConfigError
-from fakevfio.options import (
+from fakevfio._options import (
     MAX_OPTION_VALUE_CHARS,
     MAX_OPTIONS,
     DeviceSpec,
     check_device_name,
     parse_size,
 )
+from fakevfio.errors import ConfigError
 
 
 @pytest.mark.parametrize(

@@ -8,10 +8,10 @@ import struct
 
 import pytest
 
-from fakevfio.device import Device
+from fakevfio._device import Device
+from fakevfio._ram import RamDriver
 from fakevfio.errors import ConfigError, DeviceError
-from fakevfio.fsm import MigFlags, State
-from fakevfio.ram import RamDriver
+from vfio_uapi.fsm import MigFlags, State
 
 
 def ram(**options: str) -> RamDriver:

@@ -7,12 +7,12 @@ from collections.abc import Mapping
 
 import pytest
 
+from fakevfio._options import DeviceSpec
+from fakevfio._ram import RamDriver
+from fakevfio._registry import Registry
 from fakevfio.driver import ArcDriver
 from fakevfio.errors import ConfigError, DeviceError, UnknownDevice
-from fakevfio.fsm import State
-from fakevfio.options import DeviceSpec
-from fakevfio.ram import RamDriver
-from fakevfio.registry import Registry
+from vfio_uapi.fsm import State
 
 
 class ExplodingDriver(RamDriver):

@@ -1,7 +1,7 @@
 """The core migration stream of StateDriver drivers, through Device and the ram driver.
 
 ``parse_stream`` below is an independent reading of the format described in the
-:mod:`fakevfio.stream` docstring; produced streams are checked against it.
+:mod:`fakevfio._stream` docstring; produced streams are checked against it.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fakevfio.device import Device, Session
+from fakevfio._device import Device, Session
+from fakevfio._ram import RamDriver
 from fakevfio.errors import DeviceError
-from fakevfio.fsm import State
-from fakevfio.ram import RamDriver
+from vfio_uapi.fsm import State
 
 MIB = 1 << 20
 

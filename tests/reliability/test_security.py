@@ -139,7 +139,7 @@ def test_bad_device_names_are_refused(fakevfio_mount: MountFactory, name: str) -
 EVIL = """\
 from pathlib import Path
 Path({marker!r}).write_text("imported")
-from fakevfio.ram import RamDriver as Evil
+from fakevfio._ram import RamDriver as Evil
 """
 
 

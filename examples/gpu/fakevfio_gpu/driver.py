@@ -30,9 +30,9 @@ from typing import ClassVar
 
 from fakevfio.driver import ArcDriver, LoadStream, OptionSpec, PrecopyInfo, SaveStream
 from fakevfio.errors import ConfigError, DeviceError
-from fakevfio.fsm import PRECOPY_STATES, MigFlags, State
 from fakevfio_gpu import records as rec
 from fakevfio_gpu.dirty import DirtyBitmap
+from vfio_uapi.fsm import PRECOPY_STATES, MigFlags, State
 
 CONTEXT_ID = 0x31555047  # "GPU1"
 _CTX_ID = struct.Struct("<I")

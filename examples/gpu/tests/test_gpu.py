@@ -1,4 +1,4 @@
-"""Tests of the gpu example driver, driven through fakevfio.device.Device."""
+"""Tests of the gpu example driver, driven through fakevfio._device.Device."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 from fakevfio_gpu import GpuDriver, records
 from fakevfio_gpu.records import RECORD, encode_record
 
-from fakevfio.device import Device
+from fakevfio._device import Device
 from fakevfio.errors import ConfigError, DeviceError
-from fakevfio.fsm import State
+from vfio_uapi.fsm import State
 
 SMALL = {"mem": "32K", "seed": "5"}
 CHUNKS = [1, 7, 4099]

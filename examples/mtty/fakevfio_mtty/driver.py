@@ -48,8 +48,8 @@ from typing import ClassVar
 
 from fakevfio.driver import ArcDriver, LoadStream, OptionSpec, PrecopyInfo, SaveStream
 from fakevfio.errors import ConfigError, DeviceError
-from fakevfio.fsm import MigFlags, State
 from fakevfio_mtty.uart import PORT, REGISTERS, Port, PortImageError
+from vfio_uapi.fsm import MigFlags, State
 
 MAGIC = 0x7E9D09898C3E2C4E
 MAJOR_VERSION = 1

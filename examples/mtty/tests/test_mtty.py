@@ -1,4 +1,4 @@
-"""Tests of the mtty example driver, driven through fakevfio.device.Device."""
+"""Tests of the mtty example driver, driven through fakevfio._device.Device."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from fakevfio_mtty.uart import (
     UART_LSR_OE,
 )
 
-from fakevfio.device import Device
+from fakevfio._device import Device
+from fakevfio._faults import FaultRules
 from fakevfio.errors import ConfigError, DeviceError
-from fakevfio.faults import FaultRules
-from fakevfio.fsm import State
+from vfio_uapi.fsm import State
 
 CHUNKS = [1, 7, 4099]
 THR = 0

@@ -4,7 +4,7 @@ The device's whole migratable state is one byte array that is also its BAR
 (region ``bar0``), so the driver only says how the bytes are laid out, what its
 workload dirties, and how to check a stream; the core produces the stream,
 does the pre-copy accounting and re-sends dirty pages (see
-:mod:`fakevfio.stream`).
+:mod:`fakevfio._stream`).
 
 State / BAR layout (little-endian; every table starts on a 4 KiB page)::
 
@@ -42,7 +42,7 @@ from typing import ClassVar
 
 from fakevfio.driver import OptionSpec, StateDriver
 from fakevfio.errors import ConfigError, DeviceError
-from fakevfio.fsm import MigFlags
+from vfio_uapi.fsm import MigFlags
 
 PAGE_BYTES = 4096
 ID_VALUE = 0x4E494331

@@ -1,4 +1,4 @@
-"""Tests of the nic example driver, driven through fakevfio.device.Device."""
+"""Tests of the nic example driver, driven through fakevfio._device.Device."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 from fakevfio_nic import DRIVER_HEADER, NicDriver
 from fakevfio_nic.driver import DESC, REG_ID, REG_RINGS
 
-from fakevfio import stream as core_stream
-from fakevfio.device import Device
+from fakevfio import _stream as core_stream
+from fakevfio._device import Device
 from fakevfio.errors import ConfigError, DeviceError
-from fakevfio.fsm import State
+from vfio_uapi.fsm import State
 
 SMALL = {"ring_size": "16", "filters": "16"}
 CHUNKS = [1, 7, 4099]

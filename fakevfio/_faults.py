@@ -9,7 +9,7 @@ from __future__ import annotations
 import attrs
 
 from fakevfio.errors import ConfigError, errno_from_name, errno_name
-from fakevfio.fsm import State
+from vfio_uapi.fsm import State
 
 MAX_RULES = 64
 MAX_RULES_TEXT_BYTES = 8192

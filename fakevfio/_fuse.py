@@ -1,4 +1,4 @@
-"""The pyfuse3 adapter: serves a :class:`fakevfio.tree.Tree` as a FUSE filesystem.
+"""The pyfuse3 adapter: serves a :class:`fakevfio._tree.Tree` as a FUSE filesystem.
 
 This is the only module that imports pyfuse3. Handlers resolve the inode or
 handle, run the tree's synchronous method in a worker thread (device locks may
@@ -25,9 +25,9 @@ from typing import TypeVar
 import pyfuse3
 import trio
 
-from fakevfio.device import Device
-from fakevfio.registry import Registry
-from fakevfio.tree import Attr, Handle, Kind, Tree, errno_of
+from fakevfio._device import Device
+from fakevfio._registry import Registry
+from fakevfio._tree import Attr, Handle, Kind, Tree, errno_of
 
 logger = logging.getLogger(__name__)
 

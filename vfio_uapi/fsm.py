@@ -18,15 +18,19 @@ Rule 4: STOP_COPY -> PRE_COPY and STOP_COPY -> PRE_COPY_P2P are refused with
         EINVAL (unpatched kernels spin forever there; we never do).
 Rule 5: a new migration session (a new data_fd in the kernel) starts only when
         the *final* arc is one of ``NEW_SESSION_ARCS``; the session ends on any
-        of ``END_SESSION_ARCS``, on reset and on ERROR.
+        of ``END_SESSION_ARCS``, on reset and on ERROR. :func:`session_change`
+        is the one place that rule is worked out: the device model, the
+        ``fakevfio run`` supervisor and both migrator backends ask it.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
-from fakevfio.errors import IllegalTransition
+import attrs
+
+from vfio_uapi.errors import IllegalTransition
 
 
 class State(enum.IntEnum):
@@ -227,3 +231,48 @@ def path(current: State, target: State, flags: int) -> list[tuple[State, State]]
         arcs.append((state, step))
         state = step
     return arcs
+
+
+@attrs.frozen
+class SessionChange:
+    """What a run of arcs does to the migration session (Rule 5).
+
+    Attributes:
+        ends: the session that was live before the arcs (if any) is over.
+        opens: a new session (a new data_fd) starts.
+        writable: the new session is a resuming one (data is written to it);
+            meaningless unless ``opens``.
+    """
+
+    ends: bool
+    opens: bool
+    writable: bool = False
+
+
+#: The change of no arc at all (current == target, or the first arc failed).
+NO_CHANGE = SessionChange(ends=False, opens=False)
+
+
+def arcs_session_change(arcs: Iterable[tuple[State, State]]) -> SessionChange:
+    """The session effect of ``arcs``, executed in order (Rule 5).
+
+    Only the final arc can open a session (a new data_fd is returned only when
+    it ends the request); a newly opened session replaces any live one.
+    """
+    ends = False
+    last: tuple[State, State] | None = None
+    for arc in arcs:
+        ends = ends or arc in END_SESSION_ARCS
+        last = arc
+    if last is not None and last in NEW_SESSION_ARCS:
+        return SessionChange(ends=True, opens=True, writable=last[1] is State.RESUMING)
+    return SessionChange(ends=ends, opens=False)
+
+
+def session_change(current: State, target: State, flags: int) -> SessionChange:
+    """The session effect of one SET request from ``current`` to ``target``.
+
+    Raises:
+        IllegalTransition: as :func:`path`.
+    """
+    return arcs_session_change(path(current, target, flags))

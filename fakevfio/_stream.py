@@ -49,12 +49,12 @@ import struct
 import zlib
 from typing import TYPE_CHECKING
 
-from fakevfio.driver import LoadStream, PrecopyInfo, SaveStream
+from fakevfio.driver._base import LoadStream, PrecopyInfo, SaveStream
 from fakevfio.errors import DeviceError
-from fakevfio.fsm import PRECOPY_STATES, State
+from vfio_uapi.fsm import PRECOPY_STATES, State
 
 if TYPE_CHECKING:
-    from fakevfio.driver import StateDriver
+    from fakevfio.driver._state import StateDriver
 
 MAGIC = b"FVIOSTRM"
 FORMAT_VERSION = 1

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 :class:`Tree` knows the layout of the mount and what a read or write of each
-file does; the pyfuse3 adapter (:mod:`fakevfio.fuse`) only resolves inodes,
+file does; the pyfuse3 adapter (:mod:`fakevfio._fuse`) only resolves inodes,
 calls these synchronous methods (in worker threads where they may block) and
 maps errors to errno with :func:`errno_of`. Nothing here imports pyfuse3 or trio.
 
@@ -49,12 +49,12 @@ from collections.abc import Callable, Mapping
 
 import attrs
 
-from fakevfio.device import Device, Session
+from fakevfio._device import Device, Session
+from fakevfio._faults import FaultRules
+from fakevfio._options import DeviceSpec
+from fakevfio._registry import Registry
 from fakevfio.errors import ConfigError, DeviceError, UnknownDevice
-from fakevfio.faults import FaultRules
-from fakevfio.fsm import flags_text, parse_state
-from fakevfio.options import DeviceSpec
-from fakevfio.registry import Registry
+from vfio_uapi.fsm import flags_text, parse_state
 
 ROOT_INODE = 1
 #: Upper bound of one write to a control file (state, faults, create, ...).

@@ -2,7 +2,7 @@
 
 Tables B for all four flag sets live in ``tests/data/fsm_tables_b.md``, copied
 verbatim from the reference notes; the parser below is independent of
-:mod:`fakevfio.fsm`, so a typo in ``fsm.TABLE`` cannot hide behind itself.
+:mod:`vfio_uapi.fsm`, so a typo in ``fsm.TABLE`` cannot hide behind itself.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import re
 
 import pytest
 
-from fakevfio import fsm
-from fakevfio.errors import IllegalTransition
-from fakevfio.fsm import MigFlags, State
+from vfio_uapi import fsm
+from vfio_uapi.errors import IllegalTransition
 from tests.fsm_tables import ABBREV, Outcome, column, tables_b
+from vfio_uapi.fsm import MigFlags, State
 
 #: The four arcs the uAPI says return a new data_fd (written out, not imported).
 UAPI_NEW_FD_ARCS = {
@@ -71,9 +71,15 @@ def test_fsm_path_matches_table_b(
         return
     arcs = fsm.path(cur, target, flags)
     assert tuple(arcs) == outcome.arcs
-    # Rule 5: a new session iff the *final* arc is a new-fd arc.
-    new_session = bool(arcs) and arcs[-1] in fsm.NEW_SESSION_ARCS
-    assert new_session == outcome.new_fd
+    # Rule 5: a new session iff the *final* arc is a new-fd arc (table B's column).
+    change = fsm.session_change(cur, target, flags)
+    assert change.opens == outcome.new_fd
+    assert change.writable == (change.opens and target is State.RESUMING)
+    # A session ends when an arc leaves the saving group or RESUMING for a state
+    # outside the saving group (stated by group, not by the module's arc lists).
+    leaves = any(a in SAVING | {State.RESUMING} and b not in SAVING for a, b in arcs)
+    assert change.ends == (leaves or change.opens)
+    assert fsm.arcs_session_change(arcs) == change
     # Rule 2: a saving-group state is interior only on a move inside the group
     # (PRE_COPY -> PRE_COPY_P2P -> STOP_COPY); no path leaves and re-enters it.
     for _, mid in arcs[:-1]:

@@ -13,10 +13,10 @@ from collections.abc import Mapping
 import attrs
 
 from fakevfio.errors import ConfigError
+from vfio_uapi import units
 
 DEVICE_NAME_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _KEY_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
-_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 MAX_OPTIONS = 64
 MAX_OPTION_VALUE_CHARS = 256
 
@@ -33,10 +33,10 @@ def check_device_name(name: str) -> str:
 
 def parse_size(text: str, *, what: str = "size") -> int:
     """Parse ``256M`` / ``4096`` / ``1G`` into bytes (K, M, G, T are powers of 1024)."""
-    m = re.fullmatch(r"\s*(\d{1,19})\s*([KMGTkmgt]?)(?:i?[Bb])?\s*", text)
-    if not m:
-        raise ConfigError(f"invalid {what} {text!r} (expected a number with optional K, M or G)")
-    return int(m.group(1)) * _SUFFIXES[m.group(2).upper()]
+    try:
+        return units.parse_size(text, what=what)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 @attrs.frozen

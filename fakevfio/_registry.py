@@ -5,10 +5,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping
 
-from fakevfio.device import Device
+from fakevfio._device import Device
+from fakevfio._options import DeviceSpec
 from fakevfio.driver import ArcDriver
 from fakevfio.errors import ConfigError, DeviceError, FakeVfioError, UnknownDevice
-from fakevfio.options import DeviceSpec
 
 MAX_DEVICES = 1024
 

@@ -7,7 +7,7 @@ Theory of operation
 thread-safe: every public method takes the device lock, so the FUSE adapter and
 the ioctl supervisor may call it from worker threads.
 
-Rule 1: ``set_state`` runs :func:`fakevfio.fsm.path` and calls the driver once
+Rule 1: ``set_state`` runs :func:`vfio_uapi.fsm.path` and calls the driver once
         per arc. A failed arc stops the loop; the device stays in the last state
         it reached and the errno is raised. Illegal requests change nothing and
         are logged as ``REFUSED FROM TO``.
@@ -33,16 +33,16 @@ from collections.abc import Mapping
 
 import attrs
 
+from fakevfio._faults import FaultRules
 from fakevfio.driver import ArcDriver, LoadStream, PrecopyInfo, SaveStream
 from fakevfio.errors import DeviceError, IllegalTransition, errno_name
-from fakevfio.faults import FaultRules
-from fakevfio.fsm import (
-    END_SESSION_ARCS,
-    NEW_SESSION_ARCS,
+from vfio_uapi import errors as uapi_errors
+from vfio_uapi.fsm import (
     PRECOPY_STATES,
     RUNNING_STATES,
     MigFlags,
     State,
+    arcs_session_change,
     flags_text,
     path,
 )
@@ -164,10 +164,10 @@ class Device:
                 return SetStateResult(arcs=(), session=None, delay_s=0.0)
             try:
                 arcs = path(current, target, self.flags)
-            except IllegalTransition as exc:
+            except uapi_errors.IllegalTransition as exc:
                 self._log.append(f"REFUSED {current.name} {target.name}")
                 raise IllegalTransition(
-                    exc.current, exc.requested, str(exc.detail).split(": ", 1)[-1], device=self.name
+                    exc.current, exc.requested, exc.reason, device=self.name
                 ) from None
             done: list[tuple[State, State]] = []
             new_session: Session | None = None
@@ -195,7 +195,8 @@ class Device:
                 self._log.append(f"{cur.name} {nxt.name}")
                 self._state = nxt
                 done.append((cur, nxt))
-                if (cur, nxt) in NEW_SESSION_ARCS:
+                change = arcs_session_change([(cur, nxt)])
+                if change.opens:
                     if stream is None:
                         self._enter_error()
                         raise self._err(
@@ -210,12 +211,11 @@ class Device:
                     raise self._err(
                         errno.EINVAL, f"driver returned a stream on {cur.name} -> {nxt.name}"
                     )
-                elif (cur, nxt) in END_SESSION_ARCS:
+                elif change.ends:
                     self._end_session()
-            final = done[-1] if done else None
             return SetStateResult(
                 arcs=tuple(done),
-                session=new_session if final in NEW_SESSION_ARCS else None,
+                session=new_session if arcs_session_change(done).opens else None,
                 delay_s=delay * len(done),
             )
 

@@ -4,7 +4,7 @@ Its state is ``size`` bytes (anonymous memory, so unused sizes cost nothing
 until written), exposed as region ``bar0``. With ``dirty_rate`` set, a workload
 rewrites randomly chosen pages while the device runs, at that many bytes per
 second, so pre-copy really has dirty pages to re-send. The stream, sessions
-and validation come from the core (:mod:`fakevfio.stream`); the driver header
+and validation come from the core (:mod:`fakevfio._stream`); the driver header
 names the driver, its stream version and its size, so a stream from another
 version or another size is refused on resume.
 """
@@ -22,7 +22,7 @@ from typing import ClassVar
 
 from fakevfio.driver import OptionSpec, StateDriver
 from fakevfio.errors import ConfigError, DeviceError
-from fakevfio.fsm import MigFlags, parse_flags
+from vfio_uapi.fsm import MigFlags, parse_flags
 
 _HEADER = struct.Struct("<8sIIQ")
 _MAGIC = b"FVRAMDEV"
