@@ -18,13 +18,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vfio_uapi import fsm
 from fakevfio._device import LOG_LINES, Bandwidth, Device, Session
 from fakevfio._faults import FaultRules
 from fakevfio._ram import RamDriver
 from fakevfio.driver import ArcDriver, LoadStream, PrecopyInfo, SaveStream
 from fakevfio.errors import DeviceError, IllegalTransition
 from tests.fsm_tables import Outcome, tables_b
+from vfio_uapi import fsm
 from vfio_uapi.fsm import MigFlags, State
 
 # ---------------------------------------------------------------------------

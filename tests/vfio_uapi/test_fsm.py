@@ -12,9 +12,9 @@ import re
 
 import pytest
 
+from tests.fsm_tables import ABBREV, Outcome, column, tables_b
 from vfio_uapi import fsm
 from vfio_uapi.errors import IllegalTransition
-from tests.fsm_tables import ABBREV, Outcome, column, tables_b
 from vfio_uapi.fsm import MigFlags, State
 
 #: The four arcs the uAPI says return a new data_fd (written out, not imported).
