@@ -332,18 +332,6 @@ class Device:
                 raise self._err(errno.ENODEV, "no live saving session")
             return session.stream.precopy_info()
 
-    def session_precopy_info(self, session: Session) -> PrecopyInfo:
-        """PRECOPY_INFO through a particular data_fd (checks state first, then the session)."""
-        with self.lock:
-            if self._state not in PRECOPY_STATES:
-                raise self._err(
-                    errno.EINVAL,
-                    f"pre-copy info needs PRE_COPY or PRE_COPY_P2P (state {self._state.name})",
-                )
-            self._live(session)
-            assert isinstance(session.stream, SaveStream)
-            return session.stream.precopy_info()
-
     def data_size(self) -> int:
         """``VFIO_DEVICE_FEATURE_MIG_DATA_SIZE`` (any state)."""
         with self.lock:
