@@ -31,9 +31,10 @@ from fakevfio.errors import (
     SessionGone,
     UnknownDevice,
 )
-from vfio_uapi.fsm import MigFlags, State
+from vfio_uapi.fsm import PRECOPY_STATES, MigFlags, State
 
 __all__ = [
+    "PRECOPY_STATES",
     "ArcDriver",
     "ConfigError",
     "Device",

@@ -28,11 +28,11 @@ import zlib
 from collections.abc import Mapping
 from typing import ClassVar
 
+from fakevfio import PRECOPY_STATES, MigFlags, State
 from fakevfio.driver import ArcDriver, LoadStream, OptionSpec, PrecopyInfo, SaveStream
 from fakevfio.errors import ConfigError, DeviceError
 from fakevfio_gpu import records as rec
 from fakevfio_gpu.dirty import DirtyBitmap
-from vfio_uapi.fsm import PRECOPY_STATES, MigFlags, State
 
 CONTEXT_ID = 0x31555047  # "GPU1"
 _CTX_ID = struct.Struct("<I")
@@ -72,8 +72,11 @@ class GpuSaveStream(SaveStream):
     def _queue_mem(self, offset: int, length: int) -> None:
         # Copy now: the CRC must cover exactly the bytes the reader will get.
         data = bytes(self._driver.view[offset : offset + length])
-        self._queue(rec.RECORD.pack(rec.TAG_MEM, rec.FLAG_MANDATORY, rec.MEM_OFFSET.size + length)
-                    + rec.MEM_OFFSET.pack(offset) + data)
+        self._queue(
+            rec.RECORD.pack(rec.TAG_MEM, rec.FLAG_MANDATORY, rec.MEM_OFFSET.size + length)
+            + rec.MEM_OFFSET.pack(offset)
+            + data
+        )
         self._mem_bytes += length
 
     def _produce(self, state: State) -> bool:
@@ -99,8 +102,13 @@ class GpuSaveStream(SaveStream):
         if state is State.STOP_COPY and not self._tail_written:
             self._tail_written = True
             self._queue(rec.encode_record(rec.TAG_CONTEXT, bytes(driver.context)))
-            self._queue(rec.encode_record(
-                rec.TAG_STATS, rec.STATS.pack(self.pages_sent, self.pages_resent), mandatory=False))
+            self._queue(
+                rec.encode_record(
+                    rec.TAG_STATS,
+                    rec.STATS.pack(self.pages_sent, self.pages_resent),
+                    mandatory=False,
+                )
+            )
             self._queue(rec.encode_record(rec.TAG_END, rec.END.pack(self._mem_bytes, self._crc)))
             return True
         return False
@@ -132,17 +140,20 @@ class GpuSaveStream(SaveStream):
         dirty = self._driver.dirty.count if self._driver.dirty is not None else 0
         # An upper bound per dirty page (data and a whole record), so reading never grows it.
         per_page = self._page + rec.RECORD.size + rec.MEM_OFFSET.size
-        return PrecopyInfo(initial_bytes=initial,
-                           dirty_bytes=max(0, produced_beyond) + dirty * per_page)
+        return PrecopyInfo(
+            initial_bytes=initial, dirty_bytes=max(0, produced_beyond) + dirty * per_page
+        )
 
     def remaining(self) -> int:
         if self._tail_written:
             return self._pending
         dirty = self._driver.dirty.count if self._driver.dirty is not None else 0
-        return (self._pending
-                + rec.mem_records_bytes(self._mem - self._cursor, self._run)
-                + rec.mem_records_bytes(dirty * self._page, self._run)
-                + rec.TAIL_BYTES)
+        return (
+            self._pending
+            + rec.mem_records_bytes(self._mem - self._cursor, self._run)
+            + rec.mem_records_bytes(dirty * self._page, self._run)
+            + rec.TAIL_BYTES
+        )
 
 
 class GpuLoadStream(LoadStream):
@@ -170,14 +181,16 @@ class GpuLoadStream(LoadStream):
         self.failed: DeviceError | None = None
 
     def _fail(self, err: int, msg: str) -> DeviceError:
-        self.failed = DeviceError(err, f"resuming stream at byte {self.received}: {msg}",
-                                  device=self._driver.name)
+        self.failed = DeviceError(
+            err, f"resuming stream at byte {self.received}: {msg}", device=self._driver.name
+        )
         return self.failed
 
     def write(self, data: memoryview) -> None:
         if self.failed is not None:
-            raise DeviceError(errno.ENODEV, "the stream was rejected earlier",
-                              device=self._driver.name)
+            raise DeviceError(
+                errno.ENODEV, "the stream was rejected earlier", device=self._driver.name
+            )
         pos, n = 0, len(data)
         while pos < n:
             if self._phase == "done":
@@ -220,8 +233,11 @@ class GpuLoadStream(LoadStream):
             if magic != rec.MAGIC:
                 raise self._fail(errno.EINVAL, f"bad magic {magic!r} (expected {rec.MAGIC!r})")
             if version != rec.STREAM_VERSION:
-                raise self._fail(errno.EOPNOTSUPP, f"gpu stream version {version} "
-                                 f"(this driver loads version {rec.STREAM_VERSION})")
+                raise self._fail(
+                    errno.EOPNOTSUPP,
+                    f"gpu stream version {version} "
+                    f"(this driver loads version {rec.STREAM_VERSION})",
+                )
             if flags:
                 raise self._fail(errno.EINVAL, f"preamble flags {flags:#x} (must be 0)")
             self._expect_record()
@@ -257,12 +273,16 @@ class GpuLoadStream(LoadStream):
         elif phase == "end":
             mem_bytes, crc = rec.END.unpack(buf)
             if crc != self._crc_before_record:
-                raise self._fail(errno.EINVAL,
-                                 f"CRC mismatch: stream {self._crc_before_record:#010x}, "
-                                 f"END record says {crc:#010x} (corrupted stream)")
+                raise self._fail(
+                    errno.EINVAL,
+                    f"CRC mismatch: stream {self._crc_before_record:#010x}, "
+                    f"END record says {crc:#010x} (corrupted stream)",
+                )
             if mem_bytes != self._mem_bytes:
-                raise self._fail(errno.EINVAL, f"END counts {mem_bytes} memory bytes, "
-                                 f"stream carried {self._mem_bytes}")
+                raise self._fail(
+                    errno.EINVAL,
+                    f"END counts {mem_bytes} memory bytes, stream carried {self._mem_bytes}",
+                )
             self._phase = "done"
         else:
             raise AssertionError(phase)
@@ -276,14 +296,23 @@ class GpuLoadStream(LoadStream):
         self._records += 1
         if first and tag != rec.TAG_DEVINFO:
             raise self._fail(errno.EINVAL, f"first record is {name}, expected DEVINFO")
-        fixed = {rec.TAG_DEVINFO: rec.DEVINFO.size, rec.TAG_CONTEXT: rec.CONTEXT_BYTES,
-                 rec.TAG_STATS: rec.STATS.size, rec.TAG_END: rec.END.size}
-        phases = {rec.TAG_DEVINFO: "devinfo", rec.TAG_CONTEXT: "context",
-                  rec.TAG_STATS: "stats", rec.TAG_END: "end"}
+        fixed = {
+            rec.TAG_DEVINFO: rec.DEVINFO.size,
+            rec.TAG_CONTEXT: rec.CONTEXT_BYTES,
+            rec.TAG_STATS: rec.STATS.size,
+            rec.TAG_END: rec.END.size,
+        }
+        phases = {
+            rec.TAG_DEVINFO: "devinfo",
+            rec.TAG_CONTEXT: "context",
+            rec.TAG_STATS: "stats",
+            rec.TAG_END: "end",
+        }
         if tag in fixed:
             if length != fixed[tag]:
-                raise self._fail(errno.EINVAL, f"{name} record of {length} bytes "
-                                 f"(expected {fixed[tag]})")
+                raise self._fail(
+                    errno.EINVAL, f"{name} record of {length} bytes (expected {fixed[tag]})"
+                )
             if tag == rec.TAG_DEVINFO and not first:
                 raise self._fail(errno.EINVAL, "a second DEVINFO record")
             self._phase = phases[tag]
@@ -296,12 +325,17 @@ class GpuLoadStream(LoadStream):
             self._need = rec.MEM_OFFSET.size
             self._left = data
         elif flags & rec.FLAG_MANDATORY:
-            raise self._fail(errno.EOPNOTSUPP,
-                             f"unknown mandatory record tag {tag} (this driver loads version "
-                             f"{rec.STREAM_VERSION} records)")
+            raise self._fail(
+                errno.EOPNOTSUPP,
+                f"unknown mandatory record tag {tag} (this driver loads version "
+                f"{rec.STREAM_VERSION} records)",
+            )
         elif length > rec.MAX_SKIP_BYTES:
-            raise self._fail(errno.EINVAL, f"optional record tag {tag} of {length} bytes "
-                             f"(at most {rec.MAX_SKIP_BYTES} are skipped)")
+            raise self._fail(
+                errno.EINVAL,
+                f"optional record tag {tag} of {length} bytes "
+                f"(at most {rec.MAX_SKIP_BYTES} are skipped)",
+            )
         else:
             self.skipped_records += 1
             if length:
@@ -313,15 +347,23 @@ class GpuLoadStream(LoadStream):
     def finish(self) -> bytes:
         """The RESUMING -> STOP check; returns the context to install."""
         if self.failed is not None:
-            raise DeviceError(errno.EINVAL, f"cannot load: the stream was rejected "
-                              f"({self.failed.detail})", device=self._driver.name)
+            raise DeviceError(
+                errno.EINVAL,
+                f"cannot load: the stream was rejected ({self.failed.detail})",
+                device=self._driver.name,
+            )
         if self._phase != "done":
             # Not fatal: the rest may still be written before the next attempt.
-            raise DeviceError(errno.EINVAL, f"incomplete stream at byte {self.received} "
-                              f"(in {self._phase}, no END record yet)", device=self._driver.name)
+            raise DeviceError(
+                errno.EINVAL,
+                f"incomplete stream at byte {self.received} (in {self._phase}, no END record yet)",
+                device=self._driver.name,
+            )
         if self._loaded.count != self._pages:
-            raise self._fail(errno.EINVAL, f"{self._pages - self._loaded.count} of "
-                             f"{self._pages} pages never sent")
+            raise self._fail(
+                errno.EINVAL,
+                f"{self._pages - self._loaded.count} of {self._pages} pages never sent",
+            )
         if self._context is None:
             raise self._fail(errno.EINVAL, "no CONTEXT record")
         return self._context
@@ -334,14 +376,18 @@ class GpuDriver(ArcDriver):
     options: ClassVar[Mapping[str, OptionSpec]] = {
         "mem": OptionSpec(kind="size", default="512M", help="device memory in bytes (K, M, G)"),
         "page_size": OptionSpec(kind="size", default="4K", help="dirty-tracking page size"),
-        "dirty_rate": OptionSpec(kind="size", default="0",
-                                 help="memory bytes/s the workload rewrites while running"),
-        "read_bandwidth": OptionSpec(kind="size", default=None,
-                                     help="device save speed on the data stream, bytes/s"),
-        "write_bandwidth": OptionSpec(kind="size", default=None,
-                                      help="device restore speed on the data stream, bytes/s"),
-        "seed": OptionSpec(kind="int", default=None,
-                           help="deterministic initial memory content (zeros if absent)"),
+        "dirty_rate": OptionSpec(
+            kind="size", default="0", help="memory bytes/s the workload rewrites while running"
+        ),
+        "read_bandwidth": OptionSpec(
+            kind="size", default=None, help="device save speed on the data stream, bytes/s"
+        ),
+        "write_bandwidth": OptionSpec(
+            kind="size", default=None, help="device restore speed on the data stream, bytes/s"
+        ),
+        "seed": OptionSpec(
+            kind="int", default=None, help="deterministic initial memory content (zeros if absent)"
+        ),
     }
 
     def __init__(self, name: str, options: Mapping[str, str]) -> None:
@@ -426,8 +472,13 @@ class GpuDriver(ArcDriver):
         if isinstance(stream, GpuSaveStream):
             return stream.remaining()
         run = max(self.page_size, rec.MAX_MEM_RECORD_BYTES // self.page_size * self.page_size)
-        return (rec.PREAMBLE.size + rec.RECORD.size + rec.DEVINFO.size
-                + rec.mem_records_bytes(self.mem_size, run) + rec.TAIL_BYTES)
+        return (
+            rec.PREAMBLE.size
+            + rec.RECORD.size
+            + rec.DEVINFO.size
+            + rec.mem_records_bytes(self.mem_size, run)
+            + rec.TAIL_BYTES
+        )
 
     def session_ended(self) -> None:
         self.dirty = None
@@ -457,8 +508,9 @@ class GpuDriver(ArcDriver):
             self._mark(off, len(chunk))
         self.pages_dirtied += pages
         (cycles,) = _CTX_CYCLES.unpack_from(self.context, CTX_CYCLES_OFFSET)
-        _CTX_CYCLES.pack_into(self.context, CTX_CYCLES_OFFSET,
-                              (cycles + int(seconds * 1e9)) & (2**64 - 1))
+        _CTX_CYCLES.pack_into(
+            self.context, CTX_CYCLES_OFFSET, (cycles + int(seconds * 1e9)) & (2**64 - 1)
+        )
 
     def info(self) -> Mapping[str, object]:
         out: dict[str, object] = {"mem": self.mem_size, "pages_dirtied": self.pages_dirtied}

@@ -12,5 +12,12 @@ from fakevfio_mtty.driver import (
 )
 from fakevfio_mtty.uart import Port
 
-__all__ = ["MAGIC", "MAJOR_VERSION", "MINOR_VERSION", "MttyDriver", "Port", "encode_header",
-           "image_size"]
+__all__ = [
+    "MAGIC",
+    "MAJOR_VERSION",
+    "MINOR_VERSION",
+    "MttyDriver",
+    "Port",
+    "encode_header",
+    "image_size",
+]

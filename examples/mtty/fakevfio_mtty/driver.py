@@ -46,10 +46,10 @@ import struct
 from collections.abc import Mapping
 from typing import ClassVar
 
+from fakevfio import MigFlags, State
 from fakevfio.driver import ArcDriver, LoadStream, OptionSpec, PrecopyInfo, SaveStream
 from fakevfio.errors import ConfigError, DeviceError
 from fakevfio_mtty.uart import PORT, REGISTERS, Port, PortImageError
-from vfio_uapi.fsm import MigFlags, State
 
 MAGIC = 0x7E9D09898C3E2C4E
 MAJOR_VERSION = 1
@@ -64,8 +64,14 @@ def image_size(nr_ports: int) -> int:
     return HEADER.size + PORT_BYTES * nr_ports
 
 
-def encode_header(nr_ports: int, *, major: int = MAJOR_VERSION, minor: int = MINOR_VERSION,
-                  flags: int = 0, magic: int = MAGIC) -> bytes:
+def encode_header(
+    nr_ports: int,
+    *,
+    major: int = MAJOR_VERSION,
+    minor: int = MINOR_VERSION,
+    flags: int = 0,
+    magic: int = MAGIC,
+) -> bytes:
     """The 24-byte image header (keyword arguments exist to build bad ones in tests)."""
     return HEADER.pack(magic, major, minor, nr_ports, flags)
 
@@ -132,15 +138,17 @@ class MttyLoadStream(LoadStream):
         self.failed: DeviceError | None = None
 
     def _fail(self, err: int, msg: str) -> DeviceError:
-        exc = DeviceError(err, f"resuming stream at byte {len(self._buf)}: {msg}",
-                          device=self._driver.name)
+        exc = DeviceError(
+            err, f"resuming stream at byte {len(self._buf)}: {msg}", device=self._driver.name
+        )
         self.failed = exc
         return exc
 
     def write(self, data: memoryview) -> None:
         if self.failed is not None:
-            raise DeviceError(errno.ENODEV, "the stream was rejected earlier",
-                              device=self._driver.name)
+            raise DeviceError(
+                errno.ENODEV, "the stream was rejected earlier", device=self._driver.name
+            )
         if len(self._buf) + len(data) > self._size:
             raise self._fail(
                 errno.ENOMEM,
@@ -157,13 +165,17 @@ class MttyLoadStream(LoadStream):
         """The RESUMING -> STOP check; returns the ports to load."""
         if self.failed is not None:
             raise DeviceError(
-                errno.EINVAL, f"cannot load: the stream was rejected ({self.failed.detail})",
+                errno.EINVAL,
+                f"cannot load: the stream was rejected ({self.failed.detail})",
                 device=self._driver.name,
             )
         if len(self._buf) != self._size:
             # Not fatal: the rest may still be written before the next attempt.
-            raise DeviceError(errno.EINVAL, f"incomplete image: {len(self._buf)} of {self._size} "
-                              "bytes written", device=self._driver.name)
+            raise DeviceError(
+                errno.EINVAL,
+                f"incomplete image: {len(self._buf)} of {self._size} bytes written",
+                device=self._driver.name,
+            )
         problem = check_header(self._buf[: HEADER.size], self._driver.nr_ports)
         if problem is not None:
             raise self._fail(*problem)

@@ -99,9 +99,17 @@ class Port:
     # -- image ------------------------------------------------------------
     def to_bytes(self) -> bytes:
         return PORT.pack(
-            bytes(self.uart_reg), bytes(self.fifo), self.head, self.tail, self.count,
-            int(self.dlab), int(self.overrun), self.divisor, self.fcr,
-            self.max_fifo_size, self.intr_trigger_level,
+            bytes(self.uart_reg),
+            bytes(self.fifo),
+            self.head,
+            self.tail,
+            self.count,
+            int(self.dlab),
+            int(self.overrun),
+            self.divisor,
+            self.fcr,
+            self.max_fifo_size,
+            self.intr_trigger_level,
         )
 
     @classmethod
@@ -111,8 +119,8 @@ class Port:
         Raises:
             PortImageError: a field is out of range or the FIFO indices disagree.
         """
-        (regs, fifo, head, tail, count, dlab, overrun, divisor, fcr, max_fifo,
-         level) = PORT.unpack(data)
+        fields = PORT.unpack(data)
+        regs, fifo, head, tail, count, dlab, overrun, divisor, fcr, max_fifo, level = fields
         if head >= FIFO_BYTES or tail >= FIFO_BYTES:
             raise PortImageError(f"FIFO index out of range (head {head}, tail {tail})")
         if max_fifo not in (1, FIFO_BYTES) or count > max_fifo:
@@ -125,8 +133,17 @@ class Port:
         if level not in _TRIGGER_LEVELS.values():
             raise PortImageError(f"interrupt trigger level {level}")
         return cls(
-            bytearray(regs), bytearray(fifo), head, tail, count, bool(dlab), bool(overrun),
-            divisor, fcr, max_fifo, level,
+            bytearray(regs),
+            bytearray(fifo),
+            head,
+            tail,
+            count,
+            bool(dlab),
+            bool(overrun),
+            divisor,
+            fcr,
+            max_fifo,
+            level,
         )
 
     # -- register access (one byte at a time, like the sample) -------------

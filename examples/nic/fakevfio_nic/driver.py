@@ -40,9 +40,9 @@ import struct
 from collections.abc import Mapping
 from typing import ClassVar
 
+from fakevfio import MigFlags
 from fakevfio.driver import OptionSpec, StateDriver
 from fakevfio.errors import ConfigError, DeviceError
-from vfio_uapi.fsm import MigFlags
 
 PAGE_BYTES = 4096
 ID_VALUE = 0x4E494331
@@ -87,11 +87,13 @@ class NicDriver(StateDriver):
 
     description = "NIC with rings, filter table and counters (StateDriver example)"
     options: ClassVar[Mapping[str, OptionSpec]] = {
-        "ring_size": OptionSpec(kind="int", default="4096",
-                                help="descriptors per ring, a power of two in 16..65536"),
+        "ring_size": OptionSpec(
+            kind="int", default="4096", help="descriptors per ring, a power of two in 16..65536"
+        ),
         "filters": OptionSpec(kind="int", default="1024", help="filter table entries, 1..65536"),
-        "pps": OptionSpec(kind="size", default="0",
-                          help="packets/s the workload receives and sends while running"),
+        "pps": OptionSpec(
+            kind="size", default="0", help="packets/s the workload receives and sends while running"
+        ),
         "mac": OptionSpec(kind="str", default="52:54:00:12:34:56", help="initial MAC address"),
         "seed": OptionSpec(kind="int", default="0", help="workload random seed"),
     }
@@ -146,16 +148,20 @@ class NicDriver(StateDriver):
 
     def check_header(self, header: bytes) -> None:
         if len(header) != DRIVER_HEADER.size:
-            raise DeviceError(errno.EINVAL, f"nic header of {len(header)} bytes "
-                              f"(expected {DRIVER_HEADER.size})", device=self.name)
+            raise DeviceError(
+                errno.EINVAL,
+                f"nic header of {len(header)} bytes (expected {DRIVER_HEADER.size})",
+                device=self.name,
+            )
         magic, version, ring, filters = DRIVER_HEADER.unpack(header)
         if magic != STREAM_MAGIC:
             raise DeviceError(errno.EINVAL, f"not a nic stream (magic {magic!r})", device=self.name)
         if version != self.stream_version:
-            raise DeviceError(errno.EOPNOTSUPP,
-                              f"nic stream version {version} "
-                              f"(this driver loads version {self.stream_version})",
-                              device=self.name)
+            raise DeviceError(
+                errno.EOPNOTSUPP,
+                f"nic stream version {version} (this driver loads version {self.stream_version})",
+                device=self.name,
+            )
         if (ring, filters) != (self.ring_size, self.filters):
             raise DeviceError(
                 errno.EOPNOTSUPP,
@@ -167,8 +173,9 @@ class NicDriver(StateDriver):
     def validate(self) -> None:
         problem = self._inconsistency()
         if problem:
-            raise DeviceError(errno.EINVAL, f"loaded nic state is inconsistent: {problem}",
-                              device=self.name)
+            raise DeviceError(
+                errno.EINVAL, f"loaded nic state is inconsistent: {problem}", device=self.name
+            )
 
     def _inconsistency(self) -> str:
         (ident,) = _U32.unpack_from(self._state, REG_ID)
@@ -223,15 +230,27 @@ class NicDriver(StateDriver):
             self._seq = (self._seq + 1) & 0xFFFFFFFF
             if rng.random() < 0.5:
                 off = self.rx_off + rx_head * DESC.size
-                DESC.pack_into(self._state, off, 0x1000_0000 + rx_head * 2048, length,
-                               DESC_DONE | DESC_EOP, self._seq)
+                DESC.pack_into(
+                    self._state,
+                    off,
+                    0x1000_0000 + rx_head * 2048,
+                    length,
+                    DESC_DONE | DESC_EOP,
+                    self._seq,
+                )
                 rx_head = (rx_head + 1) % self.ring_size
                 counters[0] += 1
                 counters[1] += length
             else:
                 off = self.tx_off + tx_tail * DESC.size
-                DESC.pack_into(self._state, off, 0x2000_0000 + tx_tail * 2048, length,
-                               DESC_DONE | DESC_EOP, self._seq)
+                DESC.pack_into(
+                    self._state,
+                    off,
+                    0x2000_0000 + tx_tail * 2048,
+                    length,
+                    DESC_DONE | DESC_EOP,
+                    self._seq,
+                )
                 tx_tail = (tx_tail + 1) % self.ring_size
                 counters[2] += 1
                 counters[3] += length
