@@ -8,6 +8,30 @@ else works on machines without libfuse.
 
 from __future__ import annotations
 
+# General layout (docs/architecture.md draws it; pyproject.toml's
+# [tool.importlinter] contracts enforce it):
+#
+# Core: synchronous, no I/O of its own, imports neither trio nor pyfuse3.
+#   errors.py      FakeVfioError and its subclasses.
+#   driver/        the driver API (ArcDriver, StateDriver, the stream types).
+#   _stream.py     the migration stream the core makes for StateDriver drivers.
+#   _device.py     one device: the FSM loop, sessions, log, bandwidth, faults.
+#   _faults.py, _options.py, _registry.py, _tree.py (the filesystem model),
+#   _ram.py (the built-in ram driver).
+#   The FSM, the ABI and sizes are vfio_uapi's, outside this package.
+#
+# Adapters: move bytes between the world and the core.
+#   _fuse.py       the pyfuse3.Operations subclass and the mount lifecycle: the
+#                  one module that imports pyfuse3.
+#   _loader.py     drivers from the fakevfio.drivers entry points.
+#   run.py, _seccomp.py, _qemu_iommufd.py: the `fakevfio run` supervisor (a
+#                  program's VFIO ioctls answered from a mount's devices).
+#
+# Edges: parse arguments, start processes, turn errors into exit codes.
+#   cli.py, __main__.py, demo.py, _environment.py (can FUSE work here?), and
+#   the testing toolkit: testing/ and pytest_plugin.py.
+#
+# This file re-exports the core and the loader; it imports no adapter.
 from fakevfio._device import Device, Session, SetStateResult
 from fakevfio._faults import FaultRules
 from fakevfio._loader import DriverSet, load_drivers
