@@ -12,16 +12,18 @@ import signal
 import sys
 import uuid as _uuid
 from collections.abc import Sequence
+from functools import partial
 
+import attrs
 import trio
 
 from migrator.backend import DeviceBackend, FakeVfioBackend
 from migrator.config import MigrationConfig, MultifdTransfer
 from migrator.destination import Destination
-from migrator.errors import ChannelBrokenError, ConfigurationError, MigrationError
-from migrator.source import Source
+from migrator.errors import ConfigurationError, MigrationError
+from migrator.source import Source, migrate
 from migrator.stats import Progress, Stats
-from migrator.transport import Address, FileStream, open_stream
+from migrator.transport import Address, FileStream, listening_on, open_listeners, open_stream
 from vfio_uapi.units import parse_size
 
 _PCI_RE = re.compile(r"[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]")
@@ -172,28 +174,7 @@ async def _run_role(
 ) -> Stats:
     if args.command == "migrate":
         addr = Address.parse(args.target)
-        streams: list[trio.abc.Stream] = []
-        try:
-            main = await open_stream(addr)
-            streams.append(main)
-            channels = []
-            from migrator import multifd_wire
-
-            for i in range(config.multifd_channels):
-                ch = await open_stream(addr)
-                streams.append(ch)
-                try:
-                    await ch.send_all(multifd_wire.encode_init(config.uuid, i))
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    raise ChannelBrokenError(
-                        f"multifd channel {i} broke during its handshake: {exc}", phase="setup"
-                    ) from exc
-                channels.append(ch)
-            return await Source(config, devices, main, channels, progress=progress).run()
-        finally:
-            with trio.CancelScope(shield=True):
-                for s in streams:
-                    await s.aclose()
+        return await migrate(config, devices, partial(open_stream, addr), progress=progress)
     if args.command == "save":
         config.multifd_for(is_file=True)
         out = await FileStream.open(args.target, "w")
@@ -212,18 +193,18 @@ async def _run_role(
             await inp.aclose()
     addr = Address.parse(args.target)
     dest = Destination(config, devices, progress=progress)
-
-    async def announce() -> Stats:
-        return await dest.serve(addr, task_status=_Announce())
-
-    return await announce()
+    listeners = await open_listeners(addr)
+    return await dest.serve(listeners, task_status=_Announce(listening_on(addr, listeners)))
 
 
+@attrs.frozen
 class _Announce:
     """task_status that prints where we listen (tests and scripts wait for this line)."""
 
-    def started(self, value: str | None = None) -> None:
-        print(f"migrator: listening on {value}", file=sys.stderr, flush=True)
+    where: str
+
+    def started(self, value: None = None) -> None:
+        print(f"migrator: listening on {self.where}", file=sys.stderr, flush=True)
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:

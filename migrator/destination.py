@@ -9,18 +9,21 @@ Theory of operation
                 SWITCHOVER_ACK goes back on the return path; the config blob is
                 written when it arrives (non-multifd). In multifd mode the
                 device-state packets of every channel are routed by idstr into a
-                per-device :class:`Reassembler`; at MIG_CMD_SWITCHOVER_START one
+                per-device reassembler (in the intake); at MIG_CMD_SWITCHOVER_START one
                 load task per device starts writing buffers strictly in idx
                 order, and loads the config packet last.
 ``start``       after QEMU_VM_EOF and once every load task finished, P2P devices
                 all go to RUNNING_P2P first, then every device to RUNNING; the
                 status goes back as MIG_RP_MSG_SHUT(0).
 
-Rule 1: the bytes queued but not yet written are bounded per device by
-        ``max_queued_bytes``: a receiver holding a packet that does not fit
-        waits (backpressure) unless it is the packet the loader needs next; if
-        every channel is stuck that way while the loader starves, the bound is
-        really exceeded and the migration fails.
+Rule 1: the bytes queued but not yet written are bounded by
+        ``max_queued_bytes`` over all devices: a receiver holding a packet that
+        does not fit waits (backpressure) unless it is the packet the loader
+        needs next; if every channel is stuck that way while the loaders
+        starve, the bound is really exceeded and the migration fails. The
+        budget, the handshake and packet checks are the pure
+        :class:`migrator._protocol.multifd.MultifdIntake`; this module only
+        moves bytes and waits where the intake says so.
 Rule 2: any failure resets every destination device and reports SHUT(1).
 """
 
@@ -34,6 +37,7 @@ import attrs
 import trio
 
 from migrator import framing, multifd_wire
+from migrator._protocol.multifd import MultifdIntake, Packet
 from migrator.backend import DeviceBackend
 from migrator.config import DATA_BUFFER_BYTES, MigrationConfig
 from migrator.errors import (
@@ -41,24 +45,19 @@ from migrator.errors import (
     ConfigurationError,
     FramingError,
     MigrationError,
-    ReassemblyError,
     RemoteProtocolError,
 )
-from migrator.reassembly import Buffer, Reassembler
+from migrator.reassembly import Buffer
 from migrator.stats import Progress, Stats
-from migrator.transport import Address, open_listeners
 from vfio_uapi.fsm import MigFlags, State
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-#: Largest multifd payload accepted: a 1 MiB data buffer plus headers, or a config packet.
-MAX_PACKET_BYTES = 16 << 20
 _WRITE_BATCH_BYTES = 1 << 20
 #: Receive buffers hold one full data packet payload (12-byte header + 1 MiB).
 POOL_BUFFER_BYTES = 12 + DATA_BUFFER_BYTES
 _RX_POOL_MAX = 16
-_MARKER_BYTES = 8
 
 
 class _Notifier:
@@ -81,10 +80,7 @@ class _Dev:
     flags: MigFlags = MigFlags.STOP_COPY
     multifd: bool = False
     seen: bool = False
-    reassembler: Reassembler | None = None
     changed: _Notifier = attrs.field(factory=_Notifier)
-    writing: bool = False
-    done: bool = False
 
     @property
     def idstr(self) -> str:
@@ -189,12 +185,13 @@ class Destination:
         self.multifd = config.multifd_for(is_file=is_file)
         for dev in self.devs:
             dev.multifd = self.multifd
-            if self.multifd:
-                # The hard per-device bound leaves room for the one packet a
-                # waiting writer needs, which is let past the shared budget.
-                dev.reassembler = Reassembler(
-                    dev.idstr, max_queued_bytes=config.max_queued_bytes + MAX_PACKET_BYTES
-                )
+        self.intake = MultifdIntake(
+            self.by_idstr,
+            channels=config.multifd_channels,
+            uuid=config.uuid,
+            max_queued_bytes=config.max_queued_bytes,
+            multifd=self.multifd,
+        )
         self.stats = Stats()
         self.progress = progress or Progress(enabled=False)
         self.phase = "load setup"
@@ -202,14 +199,10 @@ class Destination:
         self._rp = False
         self._rp_lock = trio.Lock()
         self._ack_pending = 0
-        self._live_channels = 0
-        self._blocked = 0
-        self._channel_ids: set[int] = set()
         self._load_nursery: trio.Nursery | None = None
         self._touched = False
         self._have_main = False
         self._accepting: trio.CancelScope | None = None
-        self._queued_total = 0  # bytes received and not yet written, all devices
         self._rx_pool: list[bytearray] = []
         self._space = _Notifier()
         self._last_activity = 0.0
@@ -220,20 +213,23 @@ class Destination:
 
     # -- entry points ---------------------------------------------------------
     async def serve(
-        self, addr: Address, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+        self,
+        listeners: Sequence[trio.abc.Listener[trio.abc.Stream]],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> Stats:
-        """Listen on ``addr``, accept one migration (main + multifd channels), load it."""
-        listeners = await open_listeners(addr)
-        where = str(addr)
-        if addr.kind == "tcp":
-            sockname = listeners[0].socket.getsockname()
-            where = f"tcp:{addr.host}:{sockname[1]}"
+        """Accept one migration (main + multifd channels) on ``listeners``, load it.
+
+        Each connection is told apart by its first bytes (main channel or
+        multifd). The listeners are closed once every channel arrived, and in
+        any case when this returns.
+        """
         main_ch_send, main_ch_recv = trio.open_memory_channel[tuple[trio.abc.Stream, bytes]](1)
         try:
             async with trio.open_nursery() as nursery:
                 self._load_nursery = nursery
                 nursery.start_soon(self._accept_loop, listeners, main_ch_send)
-                task_status.started(where)
+                task_status.started()
                 stream, first = await main_ch_recv.receive()
                 stats = await self.run(stream, first)
                 nursery.cancel_scope.cancel()
@@ -246,8 +242,9 @@ class Destination:
                 raise self._first_error from None
             raise
         finally:
-            for listener in listeners:
-                await listener.aclose()
+            with trio.CancelScope(shield=True):
+                for listener in listeners:
+                    await listener.aclose()
 
     async def run(self, main: trio.abc.Stream, first: bytes = b"") -> Stats:
         """Load one migration from the main stream (channels arrive via ``serve``)."""
@@ -507,7 +504,7 @@ class Destination:
     # -- multifd -------------------------------------------------------------
     async def _accept_loop(
         self,
-        listeners: list[trio.SocketListener],
+        listeners: Sequence[trio.abc.Listener[trio.abc.Stream]],
         main_out: trio.MemorySendChannel[tuple[trio.abc.Stream, bytes]],
     ) -> None:
         try:
@@ -521,7 +518,7 @@ class Destination:
 
     async def _accept_connections(
         self,
-        listeners: list[trio.SocketListener],
+        listeners: Sequence[trio.abc.Listener[trio.abc.Stream]],
         main_out: trio.MemorySendChannel[tuple[trio.abc.Stream, bytes]],
     ) -> None:
         """Accept the main connection and the multifd channels, each sniffed in its own task.
@@ -531,23 +528,29 @@ class Destination:
         channel and every multifd channel arrived, the listeners close: one
         migration, then no more connections.
         """
+
+        async def accept_from(listener: trio.abc.Listener[trio.abc.Stream]) -> None:
+            while True:
+                stream = await listener.accept()
+                nursery.start_soon(self._route, stream, main_out)
+
         async with trio.open_nursery() as nursery:
             with trio.CancelScope() as accepting:
                 self._accepting = accepting
                 try:
-                    while True:
-                        stream = await listeners[0].accept()
-                        nursery.start_soon(self._route, stream, main_out)
+                    async with trio.open_nursery() as acceptors:
+                        for listener in listeners:
+                            acceptors.start_soon(accept_from, listener)
                 finally:
-                    for listener in listeners:
-                        listener.socket.close()
+                    with trio.CancelScope(shield=True):
+                        for listener in listeners:
+                            await listener.aclose()
 
     async def _route(
         self,
         stream: trio.abc.Stream,
         main_out: trio.MemorySendChannel[tuple[trio.abc.Stream, bytes]],
     ) -> None:
-        want_channels = self.config.multifd_channels
         sniffer = _Reader(stream)
         with trio.move_on_after(self.config.peer_timeout_s) as scope:
             first = await sniffer.receive_exactly(4, "the first bytes of a connection")
@@ -563,26 +566,17 @@ class Destination:
             self._check_all_connected()
             await main_out.send((stream, first + sniffer.take_buffered()))
             return
-        if want_channels == 0:
-            raise RemoteProtocolError(
-                "a multifd channel connected but this side has --multifd-channels 0"
-            )
+        self.intake.begin_channel()
         reader = _Reader(stream, first + sniffer.take_buffered())
         init = await reader.receive_exactly(multifd_wire.INIT_SIZE, "the multifd handshake")
         if init is None:
             raise FramingError("multifd channel closed during its handshake")
-        channel_id = multifd_wire.decode_init(
-            init, expected_uuid=self.config.uuid, channels=want_channels
-        )
-        if channel_id in self._channel_ids:
-            raise RemoteProtocolError(f"multifd channel id {channel_id} connected twice")
-        self._channel_ids.add(channel_id)
-        self._live_channels += 1
+        channel_id = self.intake.accept_handshake(init)
         self._check_all_connected()
         await self._receive_channel(reader, channel_id)
 
     def _check_all_connected(self) -> None:
-        complete = self._have_main and len(self._channel_ids) >= self.config.multifd_channels
+        complete = self._have_main and self.intake.all_channels_connected
         if complete and self._accepting is not None:
             self._accepting.cancel()
 
@@ -596,24 +590,13 @@ class Destination:
                 if header is None:
                     closed_by_peer = True
                     return
-                hdr = multifd_wire.decode_device_state_header(header, max_payload=MAX_PACKET_BYTES)
+                hdr = self.intake.decode_header(header)
                 payload = await reader.receive_payload(
                     hdr.size, "a multifd packet payload", self._rx_pool
                 )
                 self._touch()
                 self.stats.transferred_bytes += len(header) + len(payload)
-                dev = self.by_idstr.get(hdr.idstr)
-                if dev is None or hdr.instance_id != 0:
-                    raise RemoteProtocolError(
-                        f"Unknown idstr {hdr.idstr} or instance id {hdr.instance_id} "
-                        "for load state buffer"
-                    )
-                if not dev.multifd or dev.reassembler is None:
-                    raise RemoteProtocolError(
-                        "got device state packet but not doing multifd transfer", device=dev.idstr
-                    )
-                packet = multifd_wire.decode_vfio_packet(payload)
-                await self._queue(dev, packet.idx, packet.is_config, packet.data)
+                await self._queue(self.intake.decode_packet(hdr, payload))
         except MigrationError as exc:
             self._note_failure(exc)
             raise exc.with_context(phase="load") from None
@@ -622,31 +605,21 @@ class Destination:
             # cancelled because another one failed) must not make the loaders
             # report "channels closed" instead of the real error.
             if closed_by_peer:
-                self._live_channels -= 1
+                self.intake.channel_closed()
                 for dev in self.devs:
                     dev.changed.notify()
                 self._space.notify()
 
-    async def _queue(self, dev: _Dev, idx: int, is_config: bool, data: Buffer) -> None:
-        """Queue a packet within the shared budget (Rule 1), then wake the device's loader."""
-        r = dev.reassembler
-        assert r is not None
-        limit = self.config.max_queued_bytes
-        while not is_config and idx != r.waiting_for and self._queued_total + len(data) > limit:
-            self._blocked += 1
+    async def _queue(self, packet: Packet) -> None:
+        """Queue a packet within the shared budget, waiting for room, then wake its loader."""
+        while not self.intake.fits(packet):
+            self.intake.block(packet)
             try:
-                if self._stuck():
-                    raise ReassemblyError(
-                        f"queuing state buffer {idx} would exceed the size max of {limit} "
-                        f"(every channel is blocked, buffer {r.waiting_for} never arrived)",
-                        device=dev.idstr,
-                    )
                 await self._space.wait()
             finally:
-                self._blocked -= 1
-        r.push(idx, is_config, data)
-        self._queued_total += len(data)
-        dev.changed.notify()
+                self.intake.unblock()
+        self.intake.push(packet)
+        self.by_idstr[packet.idstr].changed.notify()
 
     def _recycle(self, buffers: list[Buffer]) -> None:
         """Give written payload buffers back to the receive pool (bounded)."""
@@ -659,22 +632,11 @@ class Destination:
             ):
                 self._rx_pool.append(base)
 
-    def _stuck(self) -> bool:
-        """Every channel waits for budget and no loader can free any: the bound is real."""
-        if not self._loads_started or not self._blocked or self._blocked < self._live_channels:
-            return False
-        for dev in self.devs:
-            r = dev.reassembler
-            if dev.done or r is None:
-                continue
-            if dev.writing or r.has_ready:
-                return False
-        return True
-
     async def _start_loads(self) -> None:
         if not self.multifd or self._loads_started:
             return
         self._loads_started = True
+        self.intake.start_loads()
         assert self._load_nursery is not None
         await self._load_nursery.start(self._run_loads)
 
@@ -692,11 +654,10 @@ class Destination:
 
     async def _load_device(self, dev: _Dev) -> None:
         """QEMU's vfio_load_bufs_thread: write buffers in idx order, config last."""
-        r = dev.reassembler
-        assert r is not None
+        intake = self.intake
         try:
             while True:
-                ready = r.pop_ready(_WRITE_BATCH_BYTES)
+                ready = intake.pop_ready(dev.idstr, _WRITE_BATCH_BYTES)
                 if ready:
                     size = sum(len(b) for b in ready)
 
@@ -704,36 +665,24 @@ class Destination:
                         for buf in buffers:
                             dev.backend.write_data(memoryview(buf))
 
-                    dev.writing = True
                     try:
                         await _call("load", dev, write_all)
-                    finally:
-                        dev.writing = False
+                    except BaseException:
+                        intake.write_failed(dev.idstr)
+                        raise
                     self._recycle(ready)
-                    # Budget is freed once the bytes are in the device, not before.
-                    self._queued_total -= size
+                    intake.written(dev.idstr, size)
                     self._space.notify()
                     self._touch()
                     continue
-                config = r.config
+                config = intake.take_config(dev.idstr)
                 if config is not None:
-                    await self._load_config(dev, config)
-                    dev.done = True
-                    self._queued_total -= len(config)
+                    await _call("config", dev, dev.backend.write_config, config)
+                    intake.config_loaded(dev.idstr)
                     self._space.notify()
                     dev.changed.notify()
                     return
-                if self._live_channels <= 0 and self._channel_ids:
-                    raise ChannelBrokenError(
-                        f"multifd channels closed before state buffer {r.waiting_for} arrived"
-                    )
-                if self._stuck():
-                    raise ReassemblyError(
-                        f"queuing state buffer {r.waiting_for} would exceed the size max of "
-                        f"{self.config.max_queued_bytes} (every channel is blocked, buffer "
-                        f"{r.waiting_for} never arrived)",
-                        device=dev.idstr,
-                    )
+                intake.check_progress(dev.idstr)
                 await dev.changed.wait()
         except MigrationError as exc:
             self._note_failure(exc)
@@ -752,34 +701,14 @@ class Destination:
             self._first_error = exc
         return exc
 
-    async def _load_config(self, dev: _Dev, packet: Buffer) -> None:
-        M = framing.Marker
-        if len(packet) < _MARKER_BYTES or int.from_bytes(packet[:8], "big") != M.DEV_CONFIG_STATE:
-            got = int.from_bytes(packet[:8], "big") if len(packet) >= 8 else 0
-            raise RemoteProtocolError(
-                f"expected FLAG_DEV_CONFIG_STATE but got {got:#x}", device=dev.idstr
-            )
-        if len(packet) < 12:
-            raise FramingError("config packet too short", device=dev.idstr)
-        length = int.from_bytes(packet[8:12], "big")
-        blob = packet[12 : 12 + length]
-        tail = packet[12 + length :]
-        if (
-            len(blob) != length
-            or len(tail) != _MARKER_BYTES
-            or int.from_bytes(tail, "big") != M.END_OF_STATE
-        ):
-            raise RemoteProtocolError("config packet: end flag incorrect", device=dev.idstr)
-        await _call("config", dev, dev.backend.write_config, bytes(blob))
-
     async def _wait_loads(self) -> None:
         deadline = trio.current_time() + self.config.peer_timeout_s
-        while not all(d.done for d in self.devs):
-            if not self._channel_ids and trio.current_time() > deadline:
+        while not all(self.intake.done(d.idstr) for d in self.devs):
+            if not self.intake.any_channel_connected and trio.current_time() > deadline:
                 raise ChannelBrokenError(
                     f"no multifd channel connected within {self.config.peer_timeout_s:g} s"
                 )
-            waiting = next(d for d in self.devs if not d.done)
+            waiting = next(d for d in self.devs if not self.intake.done(d.idstr))
             with trio.move_on_after(1.0):
                 await waiting.changed.wait()
 

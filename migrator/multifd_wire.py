@@ -196,7 +196,14 @@ def encode_vfio_packet_header(idx: int, flags: int) -> bytes:
     return _VFIO.pack(VFIO_DEVICE_STATE_PACKET_VERSION, idx, flags)
 
 
-def decode_vfio_packet(payload: memoryview | bytes) -> VfioPacket:
+def encode_packet_headers(idstr: str, idx: int, flags: int, data_len: int) -> bytes:
+    """Both headers of a device-state packet (instance 0) whose VFIO data is ``data_len`` bytes."""
+    return encode_device_state_header(
+        idstr, 0, VFIO_PACKET_HEADER_SIZE + data_len
+    ) + encode_vfio_packet_header(idx, flags)
+
+
+def decode_vfio_packet(payload: bytes | bytearray | memoryview) -> VfioPacket:
     """Split a device-state payload into its VFIO header and data (no copy).
 
     Raises:
@@ -229,7 +236,9 @@ def encode_config_packet_data(config: bytes) -> bytes:
     )
 
 
-def decode_config_packet_data(data: bytes | memoryview, *, max_config_bytes: int) -> bytes:
+def decode_config_packet_data(
+    data: bytes | bytearray | memoryview, *, max_config_bytes: int
+) -> bytes:
     """The config blob inside a config packet's data (see encode_config_packet_data).
 
     Raises:

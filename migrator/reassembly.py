@@ -25,14 +25,16 @@ Rule 4: ``pop_ready()`` releases the in-order run from ``next_idx`` up to the
 
 Backpressure: an adapter may ask ``can_accept(n)`` and hold a packet back
 instead of failing, but it must always offer the packet at ``waiting_for``,
-otherwise it waits for itself.
+otherwise it waits for itself. The destination's shared budget over all
+devices (and the per-device bound it sets here) is
+:class:`migrator._protocol.multifd.MultifdIntake`.
 """
 
 from __future__ import annotations
 
 from migrator.errors import ReassemblyError
+from migrator.multifd_wire import IDX_INVALID
 
-IDX_INVALID = 0xFFFFFFFF
 #: A packet's data: bytes, or a view into the buffer it was received in (no copy).
 Buffer = bytes | bytearray | memoryview
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import mmap
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 import attrs
@@ -43,6 +43,8 @@ import trio
 import trio.lowlevel
 
 from migrator import framing, multifd_wire
+from migrator._protocol.convergence import Convergence, Decision
+from migrator._protocol.multifd import PacketLayout, PacketPlanner
 from migrator.backend import DeviceBackend
 from migrator.config import DATA_BUFFER_BYTES, MigrationConfig
 from migrator.errors import (
@@ -58,10 +60,6 @@ from vfio_uapi.fsm import PRECOPY_STATES, MigFlags, State
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_HDR = multifd_wire.DEVICE_STATE_HEADER_SIZE
-_VHDR = multifd_wire.VFIO_PACKET_HEADER_SIZE
-#: How long one bandwidth sample lasts (QEMU's BUFFER_DELAY is 100 ms).
-_BANDWIDTH_WINDOW_S = 0.1
 _PAGE = mmap.PAGESIZE
 #: A multifd packet queued for a channel, and the reusable buffer it lives in.
 _Packet = tuple[memoryview, memoryview | None]
@@ -292,9 +290,13 @@ class Source:
 
     async def _iterate(self, sender: _Sender) -> None:
         cfg = self.config
-        start = trio.current_time()
-        window_start, window_bytes = start, self.stats.transferred_bytes
-        bandwidth = 0.0  # bytes per second, last full window
+        policy = Convergence(
+            downtime_limit_ms=cfg.downtime_limit_ms,
+            max_iterations=cfg.max_precopy_iterations,
+            time_limit_s=cfg.precopy_time_limit_s,
+            start=trio.current_time(),
+            window_bytes=self.stats.transferred_bytes,
+        )
         buffers = {id(dev): _aligned(dev.buf_size) for dev in self.devs if dev.precopy}
         while True:
             active = [d for d in self.devs if d.state in PRECOPY_STATES]
@@ -306,15 +308,13 @@ class Source:
                 await self._iterate_device(sender, dev, buffers[id(dev)])
             self.stats.precopy_iterations += 1
             now = trio.current_time()
-            if now - window_start >= _BANDWIDTH_WINDOW_S:
-                bandwidth = (self.stats.transferred_bytes - window_bytes) / (now - window_start)
-                window_start, window_bytes = now, self.stats.transferred_bytes
-            threshold = bandwidth * cfg.downtime_limit_ms / 1000.0
+            bandwidth = policy.observe(now, self.stats.transferred_bytes)
             pending = sum(d.init_size + d.dirty_size for d in active)
             self.stats.pending_bytes = pending
             self.progress.update(self.phase, self.stats, bandwidth)
-            can_switchover = self._acked.is_set()
-            if pending <= threshold or not bandwidth:
+            acked = self._acked.is_set()
+            exact = policy.wants_exact_size(pending)
+            if exact:
                 pending = 0
                 for dev in self.devs:
                     try:
@@ -324,13 +324,16 @@ class Source:
                     if dev.state in PRECOPY_STATES:
                         await self._refresh_precopy(dev)
                 self.stats.pending_bytes = pending
-                if can_switchover and bandwidth and pending <= threshold:
-                    return
-            bounded = (
-                self.stats.precopy_iterations >= cfg.max_precopy_iterations
-                or now - start >= cfg.precopy_time_limit_s
+            decision = policy.decide(
+                now=now,
+                iterations=self.stats.precopy_iterations,
+                pending=pending,
+                exact=exact,
+                acked=acked,
             )
-            if bounded and can_switchover:
+            if decision is Decision.CONVERGED:
+                return
+            if decision is Decision.FORCED:
                 logger.info("pre-copy bound reached; switching over with %d bytes pending", pending)
                 self.stats.forced_switchover = True
                 return
@@ -415,35 +418,23 @@ class Source:
         """QEMU's save_complete_precopy_thread for one device."""
         async with out:
             await self._set_state("stop-copy", dev, State.STOP_COPY, recover=State.STOP)
-            idx = 0
+            # The headers go just before a page boundary, so the data read lands
+            # page-aligned (see _aligned).
+            plan = PacketPlanner(dev.idstr, PacketLayout(data_offset=_PAGE, buf_size=dev.buf_size))
+            layout = plan.layout
             counters = self.stats.device(dev.idstr)
             while True:
-                # The headers go just before a page boundary, so the data read
-                # lands page-aligned (see _aligned).
-                view = self._packet_buffer(_PAGE + dev.buf_size)
-                head = _PAGE - _HDR - _VHDR
-                n = int(await _call("stop-copy", dev, dev.backend.read_data, view[_PAGE:]))
+                view = self._packet_buffer(layout.buffer_bytes)
+                data = view[layout.data_offset :]
+                n = int(await _call("stop-copy", dev, dev.backend.read_data, data))
                 if n == 0:
                     break
-                view[head : head + _HDR] = multifd_wire.encode_device_state_header(
-                    dev.idstr, 0, _VHDR + n
-                )
-                view[head + _HDR : _PAGE] = multifd_wire.encode_vfio_packet_header(idx, 0)
-                await out.send((view[head : _PAGE + n], view))
+                view[layout.head : layout.data_offset] = plan.data_headers(n)
+                await out.send((view[layout.frame(n)], view))
                 counters.stopcopy_bytes += n
-                idx += 1
             config = bytes(await _call("config", dev, dev.backend.read_config))
-            payload = (
-                multifd_wire.encode_vfio_packet_header(
-                    idx, multifd_wire.VFIO_DEVICE_STATE_CONFIG_STATE
-                )
-                + framing.encode_marker(framing.Marker.DEV_CONFIG_STATE)
-                + framing.encode_config_blob(config)
-                + framing.encode_marker(framing.Marker.END_OF_STATE)
-            )
             counters.config_bytes += len(config)
-            header = multifd_wire.encode_device_state_header(dev.idstr, 0, len(payload))
-            await out.send((memoryview(header + payload), None))
+            await out.send((memoryview(plan.config_packet(config)), None))
 
     async def _complete_main(self, sender: _Sender, dev: _Dev) -> None:
         await self._set_state("stop-copy", dev, State.STOP_COPY, recover=State.STOP)
@@ -571,3 +562,35 @@ class Source:
             raise RemoteProtocolError(
                 f"the destination failed to load the state (status {self._shut})", phase="load"
             )
+
+
+async def migrate(
+    config: MigrationConfig,
+    devices: Sequence[DeviceBackend],
+    connect: Callable[[], Awaitable[trio.abc.Stream]],
+    *,
+    progress: Progress | None = None,
+) -> Stats:
+    """Open the main channel and the multifd channels with ``connect``, then migrate.
+
+    Each multifd channel starts with its MultiFDInit_t (channel ids 0..N-1, the
+    config's UUID). Every stream opened is closed on return.
+    """
+    streams: list[trio.abc.Stream] = []
+    try:
+        main = await connect()
+        streams.append(main)
+        for i in range(config.multifd_channels):
+            channel = await connect()
+            streams.append(channel)
+            try:
+                await channel.send_all(multifd_wire.encode_init(config.uuid, i))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise ChannelBrokenError(
+                    f"multifd channel {i} broke during its handshake: {exc}", phase="setup"
+                ) from exc
+        return await Source(config, devices, main, streams[1:], progress=progress).run()
+    finally:
+        with trio.CancelScope(shield=True):
+            for stream in streams:
+                await stream.aclose()

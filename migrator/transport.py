@@ -73,6 +73,13 @@ async def open_listeners(addr: Address) -> list[trio.SocketListener]:
         raise ConfigurationError(f"cannot listen on {addr}: {exc.strerror or exc}") from exc
 
 
+def listening_on(addr: Address, listeners: list[trio.SocketListener]) -> str:
+    """Where ``listeners`` opened for ``addr`` listen (the real port for ``tcp:HOST:0``)."""
+    if addr.kind == "tcp":
+        return f"tcp:{addr.host}:{listeners[0].socket.getsockname()[1]}"
+    return str(addr)
+
+
 class FileStream(trio.abc.Stream):
     """A file as a one-directional trio stream (``save`` writes, ``load`` reads)."""
 
