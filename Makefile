@@ -4,7 +4,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean fresh-machine
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,12 @@ lint: setup
 
 bench: setup
 	$(PY) -m benchmarks
+
+# Not part of .ci/run: debootstraps clean Debian 12 and 13 root filesystems (cached under
+# /var/cache/fakevfio-rootfs) and runs `make demo` in each (FRESH_ARGS="--test" adds
+# `make test`); needs root and takes minutes. See .ci/fresh-machine.
+fresh-machine:
+	bash .ci/fresh-machine $(FRESH_ARGS)
 
 clean:
 	rm -rf $(VENV)
