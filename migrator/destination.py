@@ -617,7 +617,7 @@ class Destination:
             try:
                 await self._space.wait()
             finally:
-                self.intake.unblock()
+                self.intake.unblock(packet)
         self.intake.push(packet)
         self.by_idstr[packet.idstr].changed.notify()
 

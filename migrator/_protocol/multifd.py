@@ -17,9 +17,11 @@ Rule 1: the payload bytes received and not yet written, over all devices, stay
         packet its device's loader waits for, which always pass, or the loader
         would starve. Each reassembler's own hard bound is the budget plus one
         maximal packet, the room those let-through packets need.
-Rule 2: if every live channel holds a packet back while no loader has anything
-        to write or is writing, nothing can ever free budget: the bound is
-        really exceeded and the migration fails (ReassemblyError).
+Rule 2: if every live channel holds a packet back, none of those packets fits
+        now, and no loader has anything to write or is writing, nothing can
+        ever free budget: the bound is really exceeded and the migration fails
+        (ReassemblyError). (A held packet that fits now belongs to a channel
+        that was woken and has not run yet: not stuck.)
 Rule 3: budget is given back once bytes are in the device, not when they are
         handed to the writer.
 
@@ -93,7 +95,7 @@ class MultifdIntake:
                 )
         self._channel_ids: set[int] = set()
         self._live_channels = 0
-        self._blocked = 0
+        self._blocked: list[Packet] = []
         self._queued_total = 0
         self.loads_started = False
 
@@ -164,9 +166,9 @@ class MultifdIntake:
 
         Call :meth:`unblock` once the wait ends (also when it is cancelled).
         """
-        self._blocked += 1
+        self._blocked.append(packet)
         if self._stuck():
-            self._blocked -= 1
+            self._blocked.remove(packet)
             r = self._dev(packet.idstr).reassembler
             raise ReassemblyError(
                 f"queuing state buffer {packet.idx} would exceed the size max of "
@@ -175,8 +177,9 @@ class MultifdIntake:
                 device=packet.idstr,
             )
 
-    def unblock(self) -> None:
-        self._blocked -= 1
+    def unblock(self, packet: Packet) -> None:
+        """The wait that :meth:`block` began for ``packet`` ended."""
+        self._blocked.remove(packet)
 
     def push(self, packet: Packet) -> None:
         """Queue ``packet`` in its device's reassembler (duplicates etc. raise there)."""
@@ -252,7 +255,10 @@ class MultifdIntake:
 
     def _stuck(self) -> bool:
         """Every channel waits for budget and no loader can free any (Rule 2)."""
-        if not self.loads_started or not self._blocked or self._blocked < self._live_channels:
+        blocked = self._blocked
+        if not self.loads_started or not blocked or len(blocked) < self._live_channels:
+            return False
+        if any(self.fits(p) for p in blocked):
             return False
         for dev in self._devs.values():
             if dev.done:
