@@ -165,12 +165,14 @@ def test_require_fuse_skips_outside_ci_and_fails_in_ci(monkeypatch: pytest.Monke
         pytest_plugin.require_fuse()
 
 
-def _nobody_python() -> tuple[list[str], dict[str, str]] | str:
-    """A Python the user nobody can run with fakevfio importable, or why there is none.
+def _nobody_python(stage: Path, code: str) -> tuple[list[str], dict[str, str]] | str:
+    """A Python the user nobody can run ``code`` with fakevfio importable, or why there is none.
 
     The venv's interpreter may live under a 0700 /root (pyenv); the system
     Python with the checkout and the venv's site-packages on PYTHONPATH serves
-    then (same Python minor version, so compiled dependencies load).
+    then (same Python minor version, so compiled dependencies load). When the
+    checkout itself is under a 0700 home, the packages that ``code`` imports are
+    copied into the world-readable ``stage`` and the system Python runs from there.
     """
     if os.geteuid() != 0:
         return "needs root to switch to the user nobody"
@@ -179,13 +181,20 @@ def _nobody_python() -> tuple[list[str], dict[str, str]] | str:
         return "runuser is not installed"
     import attrs  # fakevfio's own imports need its dependencies too
 
-    checkout = str(Path(testing.__file__).resolve().parent.parent)
+    import fakevfio
+
+    checkout = str(Path(fakevfio.__file__).resolve().parent.parent)
     site = str(Path(attrs.__file__).resolve().parent.parent)
-    reasons = []
-    for python, env in (
+    system = {"PATH": "/usr/bin:/bin"}
+    candidates = [
         (sys.executable, dict(os.environ)),
-        ("/usr/bin/python3", {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{checkout}:{site}"}),
-    ):
+        ("/usr/bin/python3", {**system, "PYTHONPATH": f"{checkout}:{site}"}),
+        ("/usr/bin/python3", {**system, "PYTHONPATH": ""}),  # staged copy, made if needed
+    ]
+    reasons = []
+    for python, env in candidates:
+        if env.get("PYTHONPATH") == "":
+            env["PYTHONPATH"] = _stage_imports(stage, code, (checkout, site))
         done = subprocess.run(
             [runuser, "-u", "nobody", "--", python, "-c", "import fakevfio.testing"],
             capture_output=True,
@@ -196,16 +205,45 @@ def _nobody_python() -> tuple[list[str], dict[str, str]] | str:
         )
         if done.returncode == 0:
             return [runuser, "-u", "nobody", "--", python], env
-        reasons.append(f"{python}: {done.stderr.strip()[-200:]}")
+        reasons.append(f"{python} ({env.get('PYTHONPATH', 'venv')}): {done.stderr.strip()[-200:]}")
     return "nobody cannot run a Python with fakevfio: " + "; ".join(reasons)
+
+
+def _stage_imports(stage: Path, code: str, roots: tuple[str, ...]) -> str:
+    """Copies the top-level packages that running ``code`` imports from ``roots`` into
+    ``stage`` (world-readable); returns the directory for PYTHONPATH ("" if none)."""
+    lister = (
+        f"exec({code!r}); import sys; "
+        "print('\\n'.join(getattr(m, '__file__', None) or '' for n, m in "
+        "list(sys.modules.items()) if '.' not in n and not n.startswith('_')))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", lister], capture_output=True, text=True, timeout=60, check=False
+    )
+    if done.returncode != 0:
+        return ""
+    dest = stage / "pythonpath"
+    dest.mkdir(mode=0o755)
+    for line in done.stdout.splitlines():  # code's own output lines match no root
+        path = Path(line)
+        # The longest root first: the venv's site-packages may lie inside the checkout.
+        root = next(
+            (r for r in sorted(roots, key=len, reverse=True) if line.startswith(r + "/")), None
+        )
+        if root is None or not path.is_file():
+            continue
+        top = Path(root) / path.relative_to(root).parts[0]
+        if top.is_dir() and not (dest / top.name).exists():
+            shutil.copytree(top, dest / top.name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif top.is_file():
+            shutil.copy2(top, dest / top.name)
+    for item in [dest, *dest.rglob("*")]:
+        item.chmod(0o755 if item.is_dir() else 0o644)
+    return str(dest)
 
 
 def test_fuse_problems_as_unprivileged_user() -> None:
     """A real ordinary user facing a 0600 root-owned FUSE device and a root-owned mountpoint."""
-    found = _nobody_python()
-    if isinstance(found, str):
-        pytest.skip(found)
-    command, env = found
     base = Path(tempfile.mkdtemp(prefix="fv-nobody-"))
     try:
         base.chmod(0o755)
@@ -218,6 +256,10 @@ def test_fuse_problems_as_unprivileged_user() -> None:
             "from fakevfio.testing import fuse_problems; "
             f"print('\\n'.join(fuse_problems({str(mp)!r}, dev_fuse={str(dev)!r})))"
         )
+        found = _nobody_python(base, code)
+        if isinstance(found, str):
+            pytest.skip(found)
+        command, env = found
         done = subprocess.run(
             [*command, "-c", code],
             capture_output=True,
