@@ -1,0 +1,234 @@
+"""Source and Destination in one trio run, over memory streams and a memory listener.
+
+No sockets, no FUSE, no subprocess: the engines' channel opening, the
+destination's sniffing and handshake checks, multifd fan-out and fan-in, and
+the timeouts (under ``autojump_clock``) run in milliseconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import pytest
+import trio
+import trio.testing
+
+from migrator import framing, multifd_wire
+from migrator.config import DATA_BUFFER_BYTES, MigrationConfig
+from migrator.destination import Destination
+from migrator.errors import ChannelBrokenError, FramingError
+from migrator.source import migrate
+from migrator.stats import Stats
+from tests.migrator.memory import MemoryDevice, MemoryListener
+from vfio_uapi.fsm import MigFlags, State
+
+MIB = 1 << 20
+GUARD_S = 20
+T = TypeVar("T")
+
+
+@pytest.fixture(autouse=True)
+def inline_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Memory devices do not block: run their calls inline, not in worker threads.
+
+    This keeps each run deterministic, and lets ``autojump_clock`` jump only
+    when every task really waits (a worker thread in flight looks idle to it).
+    """
+
+    async def run_sync(fn: Callable[..., T], *args: object) -> T:
+        await trio.lowlevel.checkpoint()
+        return fn(*args)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", run_sync)
+
+
+def group_of(exc: type[BaseException], match: str) -> pytest.RaisesGroup[BaseException]:
+    """What a test's own nursery raises when the served Destination fails with ``exc``."""
+    return pytest.RaisesGroup(pytest.RaisesExc(exc, match=match))
+
+
+def pair(
+    name: str, size: int, *, flags: MigFlags = MigFlags.STOP_COPY
+) -> tuple[MemoryDevice, MemoryDevice]:
+    pattern = bytes((i * 7 + len(name)) % 251 for i in range(251))
+    state = (pattern * (size // 251 + 1))[:size]
+    src = MemoryDevice(name, state, config=name.encode() * 3, flags=flags)
+    return src, MemoryDevice(name, flags=flags)
+
+
+def config(channels: int, **kw: object) -> MigrationConfig:
+    return MigrationConfig(
+        multifd_channels=channels,
+        max_precopy_iterations=3,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+async def run_both(
+    cfg: MigrationConfig, src: list[MemoryDevice], dst: list[MemoryDevice]
+) -> tuple[Stats, Stats, MemoryListener]:
+    listener = MemoryListener()
+    dest = Destination(cfg, dst)
+    out: dict[str, Stats] = {}
+
+    async def serve() -> None:
+        out["dest"] = await dest.serve([listener])
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        out["src"] = await migrate(cfg, src, listener.connect)
+    return out["src"], out["dest"], listener
+
+
+@pytest.mark.parametrize("channels", [0, 1, 3])
+async def test_engines_migrate_over_memory_streams(channels: int) -> None:
+    with trio.fail_after(GUARD_S):
+        devices = [
+            pair("gpu0/vfio", 2 * MIB + 5, flags=MigFlags.STOP_COPY | MigFlags.PRE_COPY),
+            pair("nic/vfio", 10, flags=MigFlags.STOP_COPY | MigFlags.P2P),
+        ]
+        src = [s for s, _ in devices]
+        dst = [d for _, d in devices]
+        src_stats, dst_stats, listener = await run_both(config(channels), src, dst)
+    assert src_stats.status == dst_stats.status == "completed"
+    for s, d in devices:
+        assert bytes(d.received) == s.state_bytes
+        assert d.loaded_config == s.config
+        assert s.state is State.STOP
+        assert d.state is State.RUNNING
+        assert src_stats.devices[s.idstr].stopcopy_bytes == len(s.state_bytes)
+    assert listener.closed
+    # (The destination leaves out the main channel's sniffed first bytes.)
+    assert 0 < src_stats.transferred_bytes - dst_stats.transferred_bytes <= 1 << 16
+
+
+async def test_engines_keep_to_the_queue_budget_with_backpressure() -> None:
+    """Six 1 MiB packets per device over three channels, with room for about one."""
+    cfg = config(3, max_queued_bytes=DATA_BUFFER_BYTES + 64)
+    devices = [pair("a/vfio", 6 * MIB), pair("b/vfio", 6 * MIB + 1)]
+    with trio.fail_after(GUARD_S):
+        await run_both(cfg, [s for s, _ in devices], [d for _, d in devices])
+    for s, d in devices:
+        assert bytes(d.received) == s.state_bytes
+
+
+async def test_destination_refuses_a_channel_with_the_wrong_uuid() -> None:
+    cfg = config(2, uuid=bytes(range(16)))
+    listener = MemoryListener()
+    dest = Destination(cfg, [MemoryDevice("gpu0/vfio")])
+    with trio.fail_after(GUARD_S), group_of(FramingError, "has uuid 00000000-"):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(dest.serve, [listener])
+            channel = await listener.connect()
+            await channel.send_all(multifd_wire.encode_init(bytes(16), 0))
+    assert listener.closed
+
+
+async def test_destination_refuses_a_channel_id_out_of_range() -> None:
+    listener = MemoryListener()
+    dest = Destination(config(2), [MemoryDevice("gpu0/vfio")])
+    with trio.fail_after(GUARD_S), group_of(FramingError, "id 2 is out of range"):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(dest.serve, [listener])
+            channel = await listener.connect()
+            await channel.send_all(multifd_wire.encode_init(bytes(16), 2))
+
+
+async def test_destination_refuses_unknown_first_bytes() -> None:
+    listener = MemoryListener()
+    dest = Destination(config(1), [MemoryDevice("gpu0/vfio")])
+    with trio.fail_after(GUARD_S), group_of(FramingError, "no known magic"):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(dest.serve, [listener])
+            stranger = await listener.connect()
+            await stranger.send_all(b"GET / HTTP/1.1\r\n")
+
+
+async def test_silent_connection_does_not_hold_up_the_migration(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    cfg = config(2, peer_timeout_s=5.0)
+    src, dst = pair("gpu0/vfio", MIB // 2)
+    listener = MemoryListener()
+    dest = Destination(cfg, [dst])
+    with trio.fail_after(GUARD_S):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(dest.serve, [listener])
+            silent = await listener.connect()
+            stats = await migrate(cfg, [src], listener.connect)
+            # Done long before the silent connection's --peer-timeout.
+            assert trio.current_time() < cfg.peer_timeout_s
+    assert stats.status == "completed"
+    await silent.aclose()
+    assert bytes(dst.received) == src.state_bytes
+
+
+async def test_destination_watchdog_fails_a_silent_source(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    cfg = config(0, peer_timeout_s=5.0)
+    dst = MemoryDevice("gpu0/vfio")
+    listener = MemoryListener()
+    dest = Destination(cfg, [dst])
+    with trio.fail_after(GUARD_S), group_of(ChannelBrokenError, "no data from the source"):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(dest.serve, [listener])
+            main = await listener.connect()
+            await main.send_all(framing.encode_file_header())
+    assert trio.current_time() >= 5.0
+    assert (State.RESUMING, State.RUNNING) not in dst.arcs  # reset, not started
+    assert dst.state is State.RUNNING
+
+
+async def test_silent_connection_is_dropped_after_the_peer_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    cfg = config(1, peer_timeout_s=5.0)
+    listener = MemoryListener()
+    dest = Destination(cfg, [MemoryDevice("gpu0/vfio")])
+    with trio.fail_after(GUARD_S):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(dest.serve, [listener])
+            silent = await listener.connect()
+            assert await silent.receive_some() == b""
+            assert trio.current_time() >= cfg.peer_timeout_s
+            assert not listener.closed  # still waiting for the real source
+            nursery.cancel_scope.cancel()
+    assert listener.closed
+
+
+class _BrokenStream(trio.abc.Stream):
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        raise trio.BrokenResourceError("peer reset")
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        await trio.lowlevel.checkpoint()
+        return b""
+
+    async def aclose(self) -> None:
+        self.closed = True
+        await trio.lowlevel.checkpoint()
+
+
+async def test_source_channel_broken_during_handshake_is_a_setup_error() -> None:
+    opened: list[trio.abc.Stream] = []
+
+    async def connect() -> trio.abc.Stream:
+        stream: trio.abc.Stream = (
+            _BrokenStream() if opened else trio.testing.memory_stream_pair()[0]
+        )
+        opened.append(stream)
+        return stream
+
+    src, _ = pair("gpu0/vfio", 10)
+    broke = "multifd channel 0 broke during its handshake"
+    with trio.fail_after(GUARD_S), pytest.raises(ChannelBrokenError, match=broke) as info:
+        await migrate(config(2), [src], connect)
+    assert info.value.phase == "setup"
+    assert len(opened) == 2
+    assert getattr(opened[1], "closed", False)
+    assert src.arcs == []  # no device was touched
