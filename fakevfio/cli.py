@@ -369,7 +369,7 @@ def _cmd_run(mountpoint: str, command: list[str]) -> int:
         return 2
     try:
         # Lazily: optional, Linux-only (seccomp user notification).
-        module = importlib.import_module("fakevfio.run")
+        module = importlib.import_module("fakevfio._run")
         run_command: Callable[[str, list[str]], int] = module.run_command
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"fakevfio run is not available: {exc}") from None

@@ -60,6 +60,24 @@ class SessionGone(DeviceError):
         super().__init__(_errno.ENODEV, "the migration session has ended", device=device)
 
 
+class IoctlError(FakeVfioError):
+    """An ioctl that ``fakevfio run`` answers fails with the errno the kernel returns.
+
+    Raised by the supervisor's VFIO and iommufd handlers (and by the caller-memory
+    accessors, EFAULT); the notification loop answers the caller's ioctl with it.
+
+    Attributes:
+        errno: the errno the caller's ioctl returns.
+        detail: what was attempted or which check failed (``"argsz < 16"``).
+    """
+
+    def __init__(self, err: int, detail: str = "") -> None:
+        self.errno = err
+        self.detail = detail
+        what = f"{detail} " if detail else ""
+        super().__init__(f"ioctl: {what}({errno_name(err)})")
+
+
 class ConfigError(FakeVfioError):
     """A device description, option or rule is malformed."""
 

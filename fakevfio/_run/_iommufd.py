@@ -20,15 +20,24 @@ QEMU must rely on device dirty tracking or ``enable-migration=on``.
 
 All structures start with ``u32 size``; ``size`` below the kernel's minimum is
 EINVAL, and the output fields are written only after every check passed.
+:func:`iommu_ioctl` answers an ioctl on a ``/dev/iommu`` open file with the
+:class:`Context` held for it.
 """
 
 from __future__ import annotations
 
 import errno
 import struct
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import attrs
+
+from fakevfio._run._nodes import NodeKind
+from fakevfio.errors import IoctlError
+from vfio_uapi import abi as uapi
+
+if TYPE_CHECKING:
+    from fakevfio._run._vfio import Call, Vfio
 
 IOMMU_IOAS_MAP_FIXED_IOVA = 1 << 0
 IOMMU_IOAS_MAP_WRITEABLE = 1 << 1
@@ -64,15 +73,8 @@ IOVA_ALIGNMENT = 4096
 _U64_MAX = (1 << 64) - 1
 
 
-class IommufdError(Exception):
-    def __init__(self, err: int, why: str = "") -> None:
-        super().__init__(err, why)
-        self.errno = err
-        self.why = why
-
-
 class Memory(Protocol):
-    """Access to the caller's memory (the supervisor's _read/_write of one request)."""
+    """Access to the caller's memory; both raise IoctlError(EFAULT) like the kernel."""
 
     def read(self, addr: int, size: int) -> bytes: ...
 
@@ -114,34 +116,36 @@ class Context:
     def destroy(self, obj: int, attached: set[int]) -> None:
         if obj in self.hwpts:
             if obj in attached:
-                raise IommufdError(errno.EBUSY, f"HWPT {obj} has attached devices")
+                raise IoctlError(errno.EBUSY, f"HWPT {obj} has attached devices")
             del self.hwpts[obj]
             return
         if obj in self.ioas:
             if obj in attached or any(h.ioas == obj for h in self.hwpts.values()):
-                raise IommufdError(errno.EBUSY, f"IOAS {obj} is in use")
+                raise IoctlError(errno.EBUSY, f"IOAS {obj} is in use")
             del self.ioas[obj]
             return
-        raise IommufdError(errno.ENOENT, f"no object {obj}")
+        raise IoctlError(errno.ENOENT, f"no object {obj}")
 
     # -- ioctls ----------------------------------------------------------------------------
     def ioas_map(self, mem: Memory, arg: int) -> int:
         raw = mem.read(arg, IOAS_MAP.size)
         size, flags, ioas_id, reserved, user_va, length, iova = IOAS_MAP.unpack(raw)
         if size < IOAS_MAP.size:
-            raise IommufdError(errno.EINVAL, "size < 40")
+            raise IoctlError(errno.EINVAL, "size < 40")
         if reserved or flags & ~_MAP_FLAGS:
-            raise IommufdError(errno.EOPNOTSUPP, "unknown flags or reserved field set")
+            raise IoctlError(errno.EOPNOTSUPP, "unknown flags or reserved field set")
         ioas = self._ioas(ioas_id)
-        if not length or user_va + length > _U64_MAX or (
-            flags & IOMMU_IOAS_MAP_FIXED_IOVA and iova + length - 1 > IOVA_LAST
+        if (
+            not length
+            or user_va + length > _U64_MAX
+            or (flags & IOMMU_IOAS_MAP_FIXED_IOVA and iova + length - 1 > IOVA_LAST)
         ):
-            raise IommufdError(errno.EOVERFLOW if length else errno.EINVAL, "bad length")
+            raise IoctlError(errno.EOVERFLOW if length else errno.EINVAL, "bad length")
         if flags & IOMMU_IOAS_MAP_FIXED_IOVA:
             if iova % IOVA_ALIGNMENT or length % IOVA_ALIGNMENT:
-                raise IommufdError(errno.EINVAL, "iova or length not aligned")
+                raise IoctlError(errno.EINVAL, "iova or length not aligned")
             if ioas.overlaps(iova, length):
-                raise IommufdError(errno.EEXIST, f"iova 0x{iova:x} is already mapped")
+                raise IoctlError(errno.EEXIST, f"iova 0x{iova:x} is already mapped")
         else:
             iova = ioas.free_iova(length)
         mem.write(arg + 32, struct.pack("<Q", iova))
@@ -151,22 +155,22 @@ class Context:
     def ioas_unmap(self, mem: Memory, arg: int) -> int:
         size, ioas_id, iova, length = IOAS_UNMAP.unpack(mem.read(arg, IOAS_UNMAP.size))
         if size < IOAS_UNMAP.size:
-            raise IommufdError(errno.EINVAL, "size < 24")
+            raise IoctlError(errno.EINVAL, "size < 24")
         ioas = self._ioas(ioas_id)
         if iova == 0 and length == _U64_MAX:
             gone = list(ioas.maps)
         else:
             if not length or iova + length - 1 > _U64_MAX:
-                raise IommufdError(errno.EINVAL if not length else errno.EOVERFLOW, "bad range")
+                raise IoctlError(errno.EINVAL if not length else errno.EOVERFLOW, "bad range")
             end = iova + length
             gone = []
             for a, (ln, _va, _f) in ioas.maps.items():
                 if a < end and iova < a + ln:
                     if a < iova or a + ln > end:
-                        raise IommufdError(errno.EINVAL, "unmap would split a mapping")
+                        raise IoctlError(errno.EINVAL, "unmap would split a mapping")
                     gone.append(a)
         if not gone:
-            raise IommufdError(errno.ENOENT, "nothing mapped there")
+            raise IoctlError(errno.ENOENT, "nothing mapped there")
         total = sum(ioas.maps[a][0] for a in gone)
         mem.write(arg + 16, struct.pack("<Q", total))
         for a in gone:
@@ -177,36 +181,37 @@ class Context:
         raw = mem.read(arg, IOAS_IOVA_RANGES.size)
         size, ioas_id, num, reserved, ptr, _align = IOAS_IOVA_RANGES.unpack(raw)
         if size < IOAS_IOVA_RANGES.size:
-            raise IommufdError(errno.EINVAL, "size < 32")
+            raise IoctlError(errno.EINVAL, "size < 32")
         if reserved:
-            raise IommufdError(errno.EOPNOTSUPP, "reserved field set")
+            raise IoctlError(errno.EOPNOTSUPP, "reserved field set")
         self._ioas(ioas_id)
         ranges = [(0, IOVA_LAST)]
         if num >= len(ranges):
             mem.write(ptr, b"".join(IOVA_RANGE.pack(*r) for r in ranges))
-        mem.write(arg, IOAS_IOVA_RANGES.pack(size, ioas_id, len(ranges), 0, ptr,
-                                             IOVA_ALIGNMENT))
+        mem.write(arg, IOAS_IOVA_RANGES.pack(size, ioas_id, len(ranges), 0, ptr, IOVA_ALIGNMENT))
         if num < len(ranges):
-            raise IommufdError(errno.EMSGSIZE, "range array too short")
+            raise IoctlError(errno.EMSGSIZE, "range array too short")
         return 0
 
     def hwpt_alloc(self, mem: Memory, arg: int, dev_ids: set[int], new_id: int) -> int:
         raw = mem.read(arg, HWPT_ALLOC.size)
-        size, flags, dev_id, pt_id, _out, reserved, data_type, data_len, uptr = (
-            HWPT_ALLOC.unpack(raw))
+        size, flags, dev_id, pt_id, _out, reserved, data_type, data_len, uptr = HWPT_ALLOC.unpack(
+            raw
+        )
         if size < HWPT_ALLOC.size:
-            raise IommufdError(errno.EINVAL, "size < 40")
+            raise IoctlError(errno.EINVAL, "size < 40")
         if reserved or flags & ~(IOMMU_HWPT_ALLOC_NEST_PARENT | IOMMU_HWPT_ALLOC_DIRTY_TRACKING):
-            raise IommufdError(errno.EOPNOTSUPP, "unsupported flags")
+            raise IoctlError(errno.EOPNOTSUPP, "unsupported flags")
         if flags & IOMMU_HWPT_ALLOC_DIRTY_TRACKING:
-            raise IommufdError(errno.EOPNOTSUPP, "no IOMMU dirty tracking")
+            raise IoctlError(errno.EOPNOTSUPP, "no IOMMU dirty tracking")
         if data_type != IOMMU_HWPT_DATA_NONE or data_len or uptr:
-            raise IommufdError(errno.EOPNOTSUPP, "nested (user-managed) HWPTs unsupported")
+            raise IoctlError(errno.EOPNOTSUPP, "nested (user-managed) HWPTs unsupported")
         if dev_id not in dev_ids:
-            raise IommufdError(errno.ENOENT, f"no device {dev_id}")
+            raise IoctlError(errno.ENOENT, f"no device {dev_id}")
         if pt_id not in self.ioas:
-            raise IommufdError(errno.ENOENT if pt_id not in self.hwpts else errno.EINVAL,
-                               f"no IOAS {pt_id}")
+            raise IoctlError(
+                errno.ENOENT if pt_id not in self.hwpts else errno.EINVAL, f"no IOAS {pt_id}"
+            )
         mem.write(arg + 16, struct.pack("<I", new_id))
         self.hwpts[new_id] = Hwpt(ioas=pt_id, dev_id=dev_id, flags=flags)
         return 0
@@ -214,31 +219,31 @@ class Context:
     def option(self, mem: Memory, arg: int) -> int:
         size, option_id, op, reserved, object_id, val = OPTION.unpack(mem.read(arg, OPTION.size))
         if size < OPTION.size:
-            raise IommufdError(errno.EINVAL, "size < 24")
+            raise IoctlError(errno.EINVAL, "size < 24")
         if reserved or op not in (IOMMU_OPTION_OP_SET, IOMMU_OPTION_OP_GET):
-            raise IommufdError(errno.EOPNOTSUPP, "bad op")
+            raise IoctlError(errno.EOPNOTSUPP, "bad op")
         if option_id == IOMMU_OPTION_RLIMIT_MODE:
             if object_id:
-                raise IommufdError(errno.EINVAL, "global option, object_id must be 0")
+                raise IoctlError(errno.EINVAL, "global option, object_id must be 0")
             if op == IOMMU_OPTION_OP_GET:
                 mem.write(arg + 16, struct.pack("<Q", 0))
             elif val > 1:
-                raise IommufdError(errno.EINVAL, "value")
+                raise IoctlError(errno.EINVAL, "value")
             return 0
         if option_id == IOMMU_OPTION_HUGE_PAGES:
             ioas = self._ioas(object_id)
             if op == IOMMU_OPTION_OP_GET:
                 mem.write(arg + 16, struct.pack("<Q", ioas.huge_pages))
             elif val > 1:
-                raise IommufdError(errno.EINVAL, "value")
+                raise IoctlError(errno.EINVAL, "value")
             else:
                 ioas.huge_pages = val
             return 0
-        raise IommufdError(errno.EOPNOTSUPP, f"option {option_id}")
+        raise IoctlError(errno.EOPNOTSUPP, f"option {option_id}")
 
     def _ioas(self, ioas_id: int) -> Ioas:
         if ioas_id not in self.ioas:
-            raise IommufdError(errno.ENOENT, f"no IOAS {ioas_id}")
+            raise IoctlError(errno.ENOENT, f"no IOAS {ioas_id}")
         return self.ioas[ioas_id]
 
 
@@ -247,11 +252,11 @@ def hw_info(mem: Memory, arg: int, dev_ids: set[int]) -> int:
     raw = mem.read(arg, HW_INFO_MINSZ)
     size, flags, dev_id, data_len, uptr = struct.unpack_from("<IIIIQ", raw)
     if size < HW_INFO_MINSZ:
-        raise IommufdError(errno.EINVAL, "size < 32")
+        raise IoctlError(errno.EINVAL, "size < 32")
     if flags:
-        raise IommufdError(errno.EOPNOTSUPP, "flags")
+        raise IoctlError(errno.EOPNOTSUPP, "flags")
     if dev_id not in dev_ids:
-        raise IommufdError(errno.ENOENT, f"no device {dev_id}")
+        raise IoctlError(errno.ENOENT, f"no device {dev_id}")
     if data_len:
         mem.write(uptr, bytes(data_len))  # the kernel zero-fills what it does not report
     mem.write(arg + 12, struct.pack("<I", 0))  # data_len: nothing reported
@@ -259,3 +264,63 @@ def hw_info(mem: Memory, arg: int, dev_ids: set[int]) -> int:
     if size >= HW_INFO.size:
         mem.write(arg + 32, struct.pack("<Q", 0))  # out_capabilities: no dirty tracking
     return 0
+
+
+# -- the ioctls of a /dev/iommu open file ---------------------------------------------------------
+_U32 = struct.Struct("<I")
+_CONTEXT_IOCTLS = {
+    uapi.IOMMU_IOAS_MAP: Context.ioas_map,
+    uapi.IOMMU_IOAS_UNMAP: Context.ioas_unmap,
+    uapi.IOMMU_IOAS_IOVA_RANGES: Context.iova_ranges,
+    uapi.IOMMU_OPTION: Context.option,
+}
+
+
+def iommu_ioctl(vfio: Vfio, call: Call, ino: int) -> int:
+    """An ioctl on the caller's ``/dev/iommu`` file (inode ``ino``)."""
+    r = call.request
+    if r == uapi.VFIO_GET_API_VERSION:
+        return uapi.VFIO_API_VERSION
+    if r == uapi.VFIO_CHECK_EXTENSION:
+        return int(call.arg in (uapi.VFIO_TYPE1_IOMMU, uapi.VFIO_TYPE1v2_IOMMU))
+    if r == uapi.IOMMU_IOAS_ALLOC:
+        raw = call.mem.read(call.arg, uapi.IOMMU_IOAS_ALLOC_STRUCT.size)
+        size, flags, _ = uapi.IOMMU_IOAS_ALLOC_STRUCT.unpack(raw)
+        if size < uapi.IOMMU_IOAS_ALLOC_STRUCT.size:
+            raise IoctlError(errno.EINVAL, "size < 12")
+        if flags:
+            raise IoctlError(errno.EOPNOTSUPP, "flags must be 0")
+        call.mem.write(call.arg + 8, _U32.pack(0))  # probe before the side effect
+        entry = vfio.entry(call, call.fd, ino, NodeKind.IOMMU, None)
+        ioas = vfio.take_id()
+        entry.iommufd_ctx.ioas[ioas] = Ioas()
+        call.mem.write(call.arg + 8, _U32.pack(ioas))
+        return 0
+    if r == uapi.IOMMU_DESTROY:
+        size, obj = uapi.IOMMU_DESTROY_STRUCT.unpack(
+            call.mem.read(call.arg, uapi.IOMMU_DESTROY_STRUCT.size)
+        )
+        if size < uapi.IOMMU_DESTROY_STRUCT.size:
+            raise IoctlError(errno.EINVAL, "size < 8")
+        found = vfio.find(call, call.fd, ino)
+        if found is None:
+            raise IoctlError(errno.ENOENT, f"no object {obj}")
+        attached = {f.pt_id for f in vfio.files.files if f.iommufd is found and f.pt_id}
+        found.iommufd_ctx.destroy(obj, attached)
+        return 0
+    if r not in _CONTEXT_IOCTLS and r not in (uapi.IOMMU_GET_HW_INFO, uapi.IOMMU_HWPT_ALLOC):
+        raise IoctlError(errno.ENOTTY)
+    found = vfio.find(call, call.fd, ino)
+    ctx = found.iommufd_ctx if found is not None else Context()
+    dev_ids = {
+        f.devid
+        for f in vfio.files.files
+        if f.kind is NodeKind.CDEV and f.bound and found is not None and f.iommufd is found
+    }
+    if r == uapi.IOMMU_GET_HW_INFO:
+        return hw_info(call.mem, call.arg, dev_ids)
+    if r == uapi.IOMMU_HWPT_ALLOC:
+        result = ctx.hwpt_alloc(call.mem, call.arg, dev_ids, vfio.next_id)
+        vfio.take_id()  # the id is used only once the HWPT exists
+        return result
+    return _CONTEXT_IOCTLS[r](ctx, call.mem, call.arg)

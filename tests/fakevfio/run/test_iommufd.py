@@ -7,7 +7,8 @@ import struct
 
 import pytest
 
-from fakevfio import _qemu_iommufd as m
+from fakevfio._run import _iommufd as m
+from fakevfio.errors import IoctlError
 
 ARG = 0x1000
 RANGES = 0x8000
@@ -27,13 +28,19 @@ class Mem:
 
 
 def _err(fn: object, *args: object) -> int:
-    with pytest.raises(m.IommufdError) as info:
+    with pytest.raises(IoctlError) as info:
         fn(*args)  # type: ignore[operator]
     return info.value.errno
 
 
-def _map(mem: Mem, ctx: m.Context, ioas: int, iova: int, length: int,
-         flags: int = m.IOMMU_IOAS_MAP_FIXED_IOVA) -> int:
+def _map(
+    mem: Mem,
+    ctx: m.Context,
+    ioas: int,
+    iova: int,
+    length: int,
+    flags: int = m.IOMMU_IOAS_MAP_FIXED_IOVA,
+) -> int:
     mem.write(ARG, m.IOAS_MAP.pack(m.IOAS_MAP.size, flags, ioas, 0, 0x7F0000000000, length, iova))
     ctx.ioas_map(mem, ARG)
     return int(m.IOAS_MAP.unpack(mem.read(ARG, m.IOAS_MAP.size))[6])

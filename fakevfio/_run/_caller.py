@@ -1,0 +1,262 @@
+"""The caller's files and memory: pidfds, ``kcmp``, the held-file table, ``process_vm_*``.
+
+State the kernel keeps per open file (a cdev's binding, a group's container, a
+container's IOMMU type, an iommufd's objects) is kept here per open file
+description: the supervisor holds a copy of the caller's file
+(``pidfd_getfd``) and recognises dups and forks with ``kcmp(KCMP_FILE)``. The
+table is bounded: past :data:`MAX_HELD_FILES` a scan of ``/proc`` drops the
+files no live process refers to any more. The caller's structs are read and
+written with ``process_vm_readv/writev``, every failure answered EFAULT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import attrs
+
+from fakevfio._run._iommufd import Context
+from fakevfio._run._libc import SYS_KCMP, SYS_PIDFD_GETFD, SYS_PIDFD_OPEN, check, libc, syscall
+from fakevfio._run._nodes import NodeKind
+from fakevfio.errors import IoctlError
+
+#: Held copies of caller files before a garbage-collection scan of /proc.
+MAX_HELD_FILES = 256
+KCMP_FILE = 0
+PIDFD_THREAD = os.O_EXCL
+
+
+class PassThrough(Exception):  # a control-flow signal, not an error
+    """Let the kernel run the ioctl itself (the fd is not on the mount)."""
+
+
+# -- syscalls ------------------------------------------------------------------------------------
+def pidfd_open(pid: int) -> int:
+    """A pidfd for a process or (kernel >= 6.9) a thread."""
+    fd = syscall(SYS_PIDFD_OPEN, pid, 0)
+    if fd < 0 and ctypes.get_errno() == errno.EINVAL:  # a non-leader thread
+        fd = syscall(SYS_PIDFD_OPEN, pid, PIDFD_THREAD)
+    return check(fd, f"pidfd_open({pid})")
+
+
+def pidfd_getfd(pidfd: int, targetfd: int) -> int:
+    """A copy (same open file description) of another process's fd, O_CLOEXEC."""
+    return check(syscall(SYS_PIDFD_GETFD, pidfd, targetfd, 0), "pidfd_getfd")
+
+
+def same_file(pid: int, fd: int, my_fd: int) -> bool:
+    """kcmp(KCMP_FILE): whether ``pid``'s ``fd`` is the open file description ``my_fd``."""
+    return syscall(SYS_KCMP, os.getpid(), pid, KCMP_FILE, my_fd, fd) == 0
+
+
+class _IoVec(ctypes.Structure):
+    _fields_ = (("base", ctypes.c_void_p), ("len", ctypes.c_size_t))
+
+
+libc.process_vm_readv.restype = ctypes.c_ssize_t
+libc.process_vm_writev.restype = ctypes.c_ssize_t
+
+
+def read_mem(pid: int, addr: int, size: int) -> bytes:
+    """``size`` bytes of ``pid``'s memory at ``addr``; OSError(EFAULT) if not all mapped."""
+    if size == 0:
+        return b""
+    if addr <= 0 or addr + size > 1 << 64:
+        raise OSError(errno.EFAULT, "bad address")
+    buf = ctypes.create_string_buffer(size)
+    local = _IoVec(ctypes.addressof(buf), size)
+    remote = _IoVec(addr, size)
+    n = libc.process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+    if n != size:
+        err = ctypes.get_errno() if n < 0 else errno.EFAULT
+        raise OSError(errno.EFAULT if err in (errno.EFAULT, 0) else err, "process_vm_readv")
+    return buf.raw
+
+
+def write_mem(pid: int, addr: int, data: bytes) -> None:
+    """Write ``data`` into ``pid``'s memory at ``addr`` (honours page protections)."""
+    if not data:
+        return
+    if addr <= 0 or addr + len(data) > 1 << 64:
+        raise OSError(errno.EFAULT, "bad address")
+    buf = ctypes.create_string_buffer(data, len(data))
+    local = _IoVec(ctypes.addressof(buf), len(data))
+    remote = _IoVec(addr, len(data))
+    n = libc.process_vm_writev(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+    if n != len(data):
+        err = ctypes.get_errno() if n < 0 else errno.EFAULT
+        raise OSError(errno.EFAULT if err in (errno.EFAULT, 0) else err, "process_vm_writev")
+
+
+def read_cstring(read: Callable[[int, int], bytes], addr: int, limit: int = 4096) -> bytes:
+    """A NUL-terminated string without the NUL, read page by page (like strndup_user).
+
+    ``read(addr, size)`` reads the memory; a string longer than ``limit`` is
+    OSError(EINVAL).
+    """
+    out = bytearray()
+    while len(out) < limit:
+        chunk_len = min(limit - len(out), 4096 - ((addr + len(out)) % 4096))
+        chunk = read(addr + len(out), chunk_len)
+        nul = chunk.find(b"\0")
+        if nul >= 0:
+            return bytes(out + chunk[:nul])
+        out += chunk
+    raise OSError(errno.EINVAL, "string too long")
+
+
+@attrs.define(eq=False)
+class CallerMemory:
+    """The memory of caller ``pid``, with the supervisor's errno mapping (EFAULT)."""
+
+    pid: int
+
+    def read(self, addr: int, size: int) -> bytes:
+        try:
+            return read_mem(self.pid, addr, size)
+        except OSError:
+            raise IoctlError(errno.EFAULT, f"cannot read {size} bytes at 0x{addr:x}") from None
+
+    def write(self, addr: int, data: bytes) -> None:
+        try:
+            write_mem(self.pid, addr, data)
+        except OSError:
+            raise IoctlError(
+                errno.EFAULT, f"cannot write {len(data)} bytes at 0x{addr:x}"
+            ) from None
+
+    def read_cstring(self, addr: int) -> bytes:
+        """A device name argument (GROUP_GET_DEVICE_FD); the errno is process_vm_readv's."""
+        try:
+            return read_cstring(lambda a, n: read_mem(self.pid, a, n), addr)
+        except OSError as exc:
+            raise IoctlError(exc.errno or errno.EFAULT, "device name") from None
+
+
+# -- the held-file table -------------------------------------------------------------------------
+@attrs.define(eq=False)
+class OpenFile:
+    """Supervisor-side state of one caller open file description."""
+
+    held: int  # our fd on the same open file description
+    ino: int
+    kind: NodeKind
+    device: str | None = None
+    bound: bool = False  # cdev: bound to an iommufd, or a device fd from a group
+    from_group: bool = False
+    devid: int = 0
+    pt_id: int | None = None
+    iommufd: OpenFile | None = None
+    container: OpenFile | None = None  # group: its container (or iommufd, compat)
+    iommu_type: int = 0  # container
+    groups: int = 0  # container: attached groups
+    iommufd_ctx: Context = attrs.Factory(Context)  # iommufd: IOAS, HWPT
+    generation: int = 0  # data: the device's session generation at creation
+
+
+@attrs.define(eq=False)
+class HeldFiles:
+    """The caller open files the supervisor holds a copy of, on the mount ``dev``."""
+
+    dev: int  # st_dev of the mount
+    files: list[OpenFile] = attrs.Factory(list)
+    _pidfds: dict[int, int] = attrs.Factory(dict)
+
+    def close(self) -> None:
+        for f in self.files:
+            with contextlib.suppress(OSError):
+                os.close(f.held)
+        self.files.clear()
+        for fd in self._pidfds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._pidfds.clear()
+
+    def add(self, file: OpenFile) -> None:
+        """Hold a file the supervisor opened itself (a device fd, a data_fd)."""
+        self.files.append(file)
+
+    def stat_fd(self, pid: int, fd: int) -> os.stat_result:
+        """What ``pid``'s ``fd`` is: EBADF if not open, PassThrough if not ours to know."""
+        if fd >= 1 << 31:
+            raise IoctlError(errno.EBADF)
+        try:
+            return os.stat(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            raise IoctlError(errno.EBADF, f"fd {fd} is not open") from None
+        except OSError as exc:
+            if exc.errno == errno.ENOTCONN:
+                raise IoctlError(errno.EIO, "the fakevfio mount is gone") from None
+            raise PassThrough from None
+
+    def find(self, pid: int, fd: int, ino: int) -> OpenFile | None:
+        """The held state of ``pid``'s open file ``fd`` (inode ``ino``), if any."""
+        for f in self.files:
+            if f.ino == ino and same_file(pid, fd, f.held):
+                return f
+        return None
+
+    def entry(self, pid: int, fd: int, ino: int, kind: NodeKind, device: str | None) -> OpenFile:
+        """The state of the caller's open file ``fd``, created (and held) if new."""
+        found = self.find(pid, fd, ino)
+        if found is not None:
+            return found
+        if len(self.files) >= MAX_HELD_FILES:
+            self.collect()
+        try:
+            held = pidfd_getfd(self._pidfd(pid), fd)
+        except OSError:
+            # a stale pidfd (pid reuse) or a vanished thread: retry once with a fresh one
+            with contextlib.suppress(OSError):
+                os.close(self._pidfds.pop(pid))
+            try:
+                held = pidfd_getfd(self._pidfd(pid), fd)
+            except OSError:
+                raise IoctlError(errno.EBADF, "cannot copy the caller's fd") from None
+        new = OpenFile(held=held, ino=ino, kind=kind, device=device)
+        self.files.append(new)
+        return new
+
+    def _pidfd(self, pid: int) -> int:
+        if pid not in self._pidfds:
+            try:
+                self._pidfds[pid] = pidfd_open(pid)
+            except OSError:
+                raise IoctlError(errno.ESRCH, "caller is gone") from None
+        return self._pidfds[pid]
+
+    def collect(self) -> None:
+        """Drop held files no live process refers to any more (bounded memory)."""
+        alive: set[int] = set()
+        for pid_dir in Path("/proc").iterdir():
+            if not pid_dir.name.isdigit() or int(pid_dir.name) == os.getpid():
+                continue
+            with contextlib.suppress(OSError):
+                for fd_name in os.listdir(pid_dir / "fd"):
+                    with contextlib.suppress(OSError):
+                        st = os.stat(pid_dir / "fd" / fd_name)
+                        if st.st_dev != self.dev:
+                            continue
+                        for i, f in enumerate(self.files):
+                            if (
+                                i not in alive
+                                and f.ino == st.st_ino
+                                and same_file(int(pid_dir.name), int(fd_name), f.held)
+                            ):
+                                alive.add(i)
+        keep = []
+        for i, f in enumerate(self.files):
+            if i in alive:
+                keep.append(f)
+            else:
+                with contextlib.suppress(OSError):
+                    os.close(f.held)
+        self.files = keep
+        for pid in list(self._pidfds):
+            if not Path(f"/proc/{pid}").exists():
+                os.close(self._pidfds.pop(pid))

@@ -1,0 +1,243 @@
+"""The device fd ioctls (info, regions, IRQs, reset, DEVICE_FEATURE) and the data_fd's one.
+
+A bound cdev (or a device fd from a group) answers VFIO_DEVICE_GET_INFO,
+GET_REGION_INFO, GET_IRQ_INFO, SET_IRQS, RESET and DEVICE_FEATURE with the
+kernel's argsz checks and errno order (``vfio_ioctl_device_feature`` and
+``vfio_check_feature``); MIG_DEVICE_STATE drives ``migration/state`` and opens
+the session's data_fd on the mount (installed in the caller with ADDFD). A
+data_fd answers only VFIO_MIG_GET_PRECOPY_INFO; its reads and writes never
+reach the supervisor. Emulated devices raise no interrupts: every IRQ index
+reports count 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import struct
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from fakevfio._run._caller import OpenFile
+from fakevfio._run._nodes import DeviceInfo, NodeKind
+from fakevfio.errors import IoctlError
+from vfio_uapi import abi as uapi
+from vfio_uapi.errors import IllegalTransition
+from vfio_uapi.fsm import PRECOPY_STATES, State, arcs_session_change, path
+
+if TYPE_CHECKING:
+    from fakevfio._run._vfio import Call, Vfio
+
+_U32 = struct.Struct("<I")
+_Handler = Callable[["Vfio", "Call", DeviceInfo], int]
+
+
+def device_ioctl(vfio: Vfio, call: Call, dev: DeviceInfo) -> int:
+    """A device fd ioctl other than BIND/ATTACH/DETACH (the fd is bound)."""
+    handler = _DEVICE_IOCTLS.get(call.request)
+    if handler is None:
+        raise IoctlError(errno.ENOTTY)
+    return handler(vfio, call, dev)
+
+
+def _get_info(vfio: Vfio, call: Call, dev: DeviceInfo) -> int:
+    argsz = _U32.unpack(call.mem.read(call.arg, uapi.DEVICE_INFO_MINSZ)[:4])[0]
+    if argsz < uapi.DEVICE_INFO_MINSZ:
+        raise IoctlError(errno.EINVAL, "argsz < 16")
+    out = uapi.DEVICE_INFO.pack(
+        argsz,
+        uapi.VFIO_DEVICE_FLAGS_PCI | uapi.VFIO_DEVICE_FLAGS_RESET,
+        uapi.VFIO_PCI_NUM_REGIONS,
+        uapi.VFIO_PCI_NUM_IRQS,
+        0,
+        0,
+    )
+    call.mem.write(call.arg, out[: min(argsz, len(out))])
+    return 0
+
+
+def _get_region_info(vfio: Vfio, call: Call, dev: DeviceInfo) -> int:
+    argsz, _flags, index, _cap, _size, _off = uapi.REGION_INFO.unpack(
+        call.mem.read(call.arg, uapi.REGION_INFO.size)
+    )
+    if argsz < uapi.REGION_INFO.size:
+        raise IoctlError(errno.EINVAL, "argsz < 32")
+    if index >= uapi.VFIO_PCI_NUM_REGIONS:
+        raise IoctlError(errno.EINVAL, f"region index {index} >= 9")
+    size = 0
+    if index == uapi.VFIO_PCI_CONFIG_REGION_INDEX:
+        size = dev.config_size
+    elif index <= uapi.VFIO_PCI_BAR5_REGION_INDEX:
+        size = dev.regions.get(f"bar{index}", 0)
+    rw = uapi.VFIO_REGION_INFO_FLAG_READ | uapi.VFIO_REGION_INFO_FLAG_WRITE
+    call.mem.write(
+        call.arg,
+        uapi.REGION_INFO.pack(argsz, rw if size else 0, index, 0, size, uapi.region_offset(index)),
+    )
+    return 0
+
+
+def _get_irq_info(vfio: Vfio, call: Call, dev: DeviceInfo) -> int:
+    argsz, _flags, index, _count = uapi.IRQ_INFO.unpack(call.mem.read(call.arg, uapi.IRQ_INFO.size))
+    if argsz < uapi.IRQ_INFO.size:
+        raise IoctlError(errno.EINVAL, "argsz < 16")
+    if index >= uapi.VFIO_PCI_NUM_IRQS:
+        raise IoctlError(errno.EINVAL, f"irq index {index} >= 5")
+    flags = uapi.VFIO_IRQ_INFO_EVENTFD
+    if index == uapi.VFIO_PCI_INTX_IRQ_INDEX:
+        flags |= uapi.VFIO_IRQ_INFO_MASKABLE | uapi.VFIO_IRQ_INFO_AUTOMASKED
+    elif index in (uapi.VFIO_PCI_MSI_IRQ_INDEX, uapi.VFIO_PCI_MSIX_IRQ_INDEX):
+        flags |= uapi.VFIO_IRQ_INFO_NORESIZE
+    call.mem.write(call.arg, uapi.IRQ_INFO.pack(argsz, flags, index, 0))
+    return 0
+
+
+def _set_irqs(vfio: Vfio, call: Call, dev: DeviceInfo) -> int:
+    argsz, flags, index, start, count = uapi.IRQ_SET.unpack(
+        call.mem.read(call.arg, uapi.IRQ_SET.size)
+    )
+    if argsz < uapi.IRQ_SET.size or index >= uapi.VFIO_PCI_NUM_IRQS:
+        raise IoctlError(errno.EINVAL, "argsz < 20 or bad index")
+    disable = uapi.VFIO_IRQ_SET_DATA_NONE | uapi.VFIO_IRQ_SET_ACTION_TRIGGER
+    if count == 0 and start == 0 and flags == disable:
+        return 0  # "disable": nothing to do
+    raise IoctlError(errno.EINVAL, "no interrupts on emulated devices (count is 0)")
+
+
+def _reset(vfio: Vfio, call: Call, dev: DeviceInfo) -> int:
+    vfio.nodes.write_text(dev.name, ("reset",), "1\n")
+    vfio.nodes.end_session(dev.name)
+    return 0
+
+
+def _feature(vfio: Vfio, call: Call, dev: DeviceInfo) -> int:
+    argsz, flags = uapi.DEVICE_FEATURE.unpack(call.mem.read(call.arg, 8))
+    if argsz < uapi.DEVICE_FEATURE.size:
+        raise IoctlError(errno.EINVAL, "argsz < 8")
+    if flags & ~uapi.VFIO_DEVICE_FEATURE_ALL_FLAGS:
+        raise IoctlError(errno.EINVAL, "unknown flag bits")
+    get, set_ = uapi.VFIO_DEVICE_FEATURE_GET, uapi.VFIO_DEVICE_FEATURE_SET
+    probe = flags & uapi.VFIO_DEVICE_FEATURE_PROBE
+    if flags & get and flags & set_ and not probe:
+        raise IoctlError(errno.EINVAL, "GET and SET without PROBE")
+    index = flags & uapi.VFIO_DEVICE_FEATURE_MASK
+    ops = {
+        uapi.VFIO_DEVICE_FEATURE_MIGRATION: get,
+        uapi.VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE: get | set_,
+        uapi.VFIO_DEVICE_FEATURE_MIG_DATA_SIZE: get,
+    }.get(index)
+    if ops is None:
+        # no logging ops on emulated devices; unknown features: vfio-pci says ENOTTY
+        raise IoctlError(errno.ENOTTY, f"feature {index} not supported")
+    # vfio_check_feature()
+    if flags & (get | set_) & ~ops:
+        raise IoctlError(errno.EINVAL, "GET/SET not supported by this feature")
+    if probe:
+        return 0
+    if not flags & (get | set_):
+        raise IoctlError(errno.EINVAL, "neither GET nor SET")
+    if argsz - 8 < 8:
+        raise IoctlError(errno.EINVAL, "payload smaller than the feature's minimum")
+    payload = call.arg + 8
+    if index == uapi.VFIO_DEVICE_FEATURE_MIGRATION:
+        call.mem.write(payload, uapi.FEATURE_MIGRATION.pack(dev.flags))
+        return 0
+    if index == uapi.VFIO_DEVICE_FEATURE_MIG_DATA_SIZE:
+        size = int(vfio.nodes.read_text(dev.name, "migration", "data_size"))
+        call.mem.write(payload, uapi.FEATURE_MIG_DATA_SIZE.pack(size))
+        return 0
+    raw = call.mem.read(payload, uapi.FEATURE_MIG_STATE.size)
+    if not flags & set_:
+        state = vfio.nodes.state(dev.name)
+        call.mem.write(payload, uapi.FEATURE_MIG_STATE.pack(int(state), -1))
+        return 0
+    return _set_state(vfio, call, dev, raw)
+
+
+def _set_state(vfio: Vfio, call: Call, dev: DeviceInfo, raw: bytes) -> int:
+    nodes = vfio.nodes
+    payload = call.arg + 8
+    target_no, _fd = uapi.FEATURE_MIG_STATE.unpack(raw)
+    call.mem.write(payload, raw)  # EFAULT now rather than after the state changed
+    no_fd = uapi.FEATURE_MIG_STATE.pack(target_no, -1)
+    before = nodes.state(dev.name)
+    arcs: list[tuple[State, State]] = []
+    if target_no < uapi.VFIO_DEVICE_STATE_NR:
+        with contextlib.suppress(IllegalTransition):
+            arcs = path(before, State(target_no), dev.flags)
+    try:
+        nodes.write_text(dev.name, ("migration", "state"), f"{target_no}\n")
+    except IoctlError:
+        call.mem.write(payload, no_fd)
+        with contextlib.suppress(IoctlError):
+            reached = nodes.state(dev.name)
+            done = []
+            for arc in arcs:
+                if arc[0] == reached:
+                    break
+                done.append(arc)
+            if arcs_session_change(done).ends:
+                nodes.end_session(dev.name)
+        raise
+    change = arcs_session_change(arcs)
+    if change.ends:
+        nodes.end_session(dev.name)
+    if not change.opens:
+        call.mem.write(payload, no_fd)
+        return 0
+    mode = os.O_WRONLY if change.writable else os.O_RDONLY
+    try:
+        fd = os.open(nodes.dev_path(dev.name, "migration", "data"), mode | os.O_CLOEXEC)
+    except OSError as exc:
+        call.mem.write(payload, no_fd)
+        raise IoctlError(exc.errno or errno.EIO, "open migration/data") from None
+    try:
+        newfd = call.install_fd(fd, False)
+    except IoctlError:
+        os.close(fd)
+        raise
+    vfio.files.add(
+        OpenFile(
+            held=fd,
+            ino=os.fstat(fd).st_ino,
+            kind=NodeKind.DATA,
+            device=dev.name,
+            generation=nodes.generation.get(dev.name, 0),
+        )
+    )
+    call.mem.write(payload, uapi.FEATURE_MIG_STATE.pack(target_no, newfd))
+    return 0
+
+
+def data_ioctl(vfio: Vfio, call: Call, ino: int, device: str | None) -> int:
+    """An ioctl on a data_fd: only VFIO_MIG_GET_PRECOPY_INFO."""
+    if call.request != uapi.VFIO_MIG_GET_PRECOPY_INFO:
+        raise IoctlError(errno.ENOTTY)
+    raw = call.mem.read(call.arg, uapi.PRECOPY_INFO.size)
+    argsz, flags, _i, _d = uapi.PRECOPY_INFO.unpack(raw)
+    if argsz < uapi.PRECOPY_INFO.size:
+        raise IoctlError(errno.EINVAL, "argsz < 24")
+    dev = vfio.nodes.device(device)
+    if vfio.nodes.state(dev.name) not in PRECOPY_STATES:
+        raise IoctlError(errno.EINVAL, "not in PRE_COPY/PRE_COPY_P2P")
+    entry = vfio.find(call, call.fd, ino)
+    if entry is not None and entry.generation != vfio.nodes.generation.get(dev.name, 0):
+        raise IoctlError(errno.ENODEV, "the session of this data_fd has ended")
+    text = vfio.nodes.read_text(dev.name, "migration", "precopy_info")
+    fields = dict(line.split() for line in text.splitlines() if line.strip())
+    out = uapi.PRECOPY_INFO.pack(
+        argsz, flags, int(fields["initial_bytes"]), int(fields["dirty_bytes"])
+    )
+    call.mem.write(call.arg, out)
+    return 0
+
+
+_DEVICE_IOCTLS: dict[int, _Handler] = {
+    uapi.VFIO_DEVICE_GET_INFO: _get_info,
+    uapi.VFIO_DEVICE_GET_REGION_INFO: _get_region_info,
+    uapi.VFIO_DEVICE_GET_IRQ_INFO: _get_irq_info,
+    uapi.VFIO_DEVICE_SET_IRQS: _set_irqs,
+    uapi.VFIO_DEVICE_RESET: _reset,
+    uapi.VFIO_DEVICE_FEATURE: _feature,
+}

@@ -1,0 +1,142 @@
+"""The mount as the supervisor sees it: which inode is which VFIO node, and the device files.
+
+The node files of a fakevfio mount (``dev/vfio/vfio``, ``dev/iommu``,
+``dev/vfio/<group>``, ``dev/vfio/devices/<cdev>``, ``devices/NAME/migration/data``)
+are told apart by inode; the map is rebuilt when an unknown inode shows up
+(a device created at run time). Devices are driven through their files
+(``migration/state``, ``reset``, ...), with the file's errno passed on, and
+the supervisor counts each device's migration sessions (a data_fd of an ended
+session is dead).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import errno
+import json
+import os
+from pathlib import Path
+
+import attrs
+
+from fakevfio.errors import IoctlError
+from vfio_uapi.fsm import MigFlags, State
+
+
+class NodeKind(enum.Enum):
+    """What a file on the mount is to the VFIO uAPI."""
+
+    CONTAINER = "container"  # /dev/vfio/vfio (legacy type1 container)
+    IOMMU = "iommu"  # /dev/iommu (iommufd)
+    GROUP = "group"  # /dev/vfio/<group>
+    CDEV = "cdev"  # /dev/vfio/devices/vfioN (or a device fd from a group)
+    DATA = "data"  # a migration data_fd
+    OTHER = "other"  # any other file on the mount
+
+
+@attrs.frozen(kw_only=True)
+class DeviceInfo:
+    """A device of the mount, from its ``info`` file."""
+
+    name: str
+    cdev: str
+    group: int
+    flags: int
+    regions: dict[str, int]
+    config_size: int
+
+
+@attrs.define(eq=False)
+class MountNodes:
+    """The node map and device files of the mount at ``path`` (st_dev ``dev``)."""
+
+    path: Path
+    dev: int
+    nodes: dict[int, tuple[NodeKind, str | None]] = attrs.Factory(dict)
+    devices: dict[str, DeviceInfo] = attrs.Factory(dict)
+    #: device -> number of sessions ended through the supervisor
+    generation: dict[str, int] = attrs.Factory(dict)
+
+    @classmethod
+    def open(cls, mountpoint: str | Path) -> MountNodes:
+        path = Path(mountpoint)
+        nodes = cls(path=path, dev=os.stat(path).st_dev)
+        nodes.refresh()
+        return nodes
+
+    def refresh(self) -> None:
+        """(Re)build inode -> node kind from the mount's tree."""
+        nodes: dict[int, tuple[NodeKind, str | None]] = {}
+
+        def add(p: Path, kind: NodeKind, device: str | None) -> None:
+            with contextlib.suppress(OSError):
+                nodes[os.stat(p).st_ino] = (kind, device)
+
+        add(self.path / "dev" / "vfio" / "vfio", NodeKind.CONTAINER, None)
+        add(self.path / "dev" / "iommu", NodeKind.IOMMU, None)
+        devices: dict[str, DeviceInfo] = {}
+        with contextlib.suppress(OSError):
+            for entry in sorted(os.listdir(self.path / "devices")):
+                try:
+                    info = json.loads((self.path / "devices" / entry / "info").read_bytes())
+                except (OSError, ValueError):
+                    continue
+                flags = 0
+                for flag in info.get("migration_flags", []):
+                    flags |= MigFlags[flag]
+                dev = DeviceInfo(
+                    name=entry,
+                    cdev=str(info.get("cdev", "")),
+                    group=int(info["iommu_group"]),
+                    flags=flags,
+                    regions={str(k): int(v) for k, v in info["regions"].items()},
+                    config_size=int(info["config_size"]),
+                )
+                devices[entry] = dev
+                add(self.path / "dev" / "vfio" / "devices" / dev.cdev, NodeKind.CDEV, entry)
+                add(self.path / "dev" / "vfio" / str(dev.group), NodeKind.GROUP, entry)
+                add(self.path / "devices" / entry / "migration" / "data", NodeKind.DATA, entry)
+        self.nodes = nodes
+        self.devices = devices
+
+    def kind(self, ino: int) -> tuple[NodeKind, str | None]:
+        """The node kind and device of the mount's inode ``ino``."""
+        if ino not in self.nodes:
+            self.refresh()
+        return self.nodes.get(ino, (NodeKind.OTHER, None))
+
+    def device(self, name: str | None) -> DeviceInfo:
+        """The device ``name``; ENODEV once it was removed."""
+        if name is None or name not in self.devices:
+            self.refresh()
+        if name is None or name not in self.devices:
+            raise IoctlError(errno.ENODEV, "the device was removed")
+        return self.devices[name]
+
+    # -- device files ----------------------------------------------------------------------------
+    def dev_path(self, name: str, *rel: str) -> Path:
+        return self.path.joinpath("devices", name, *rel)
+
+    def read_text(self, name: str, *rel: str) -> str:
+        try:
+            with open(self.dev_path(name, *rel), "rb", buffering=0) as f:
+                return f.read(65536).decode()
+        except OSError as exc:
+            raise IoctlError(exc.errno or errno.EIO, f"read {'/'.join(rel)}") from None
+
+    def write_text(self, name: str, rel: tuple[str, ...], text: str) -> None:
+        try:
+            fd = os.open(self.dev_path(name, *rel), os.O_WRONLY)
+            try:
+                os.write(fd, text.encode())
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise IoctlError(exc.errno or errno.EIO, f"write {'/'.join(rel)}") from None
+
+    def state(self, name: str) -> State:
+        return State[self.read_text(name, "migration", "state").strip()]
+
+    def end_session(self, name: str) -> None:
+        self.generation[name] = self.generation.get(name, 0) + 1

@@ -1,0 +1,125 @@
+"""The supervisor: each notification answered through :class:`._vfio.Vfio`, and ``run_command``.
+
+Rule 1: an fd that is not on the mount is none of our business: the ioctl
+        continues into the kernel unchanged (SECCOMP_USER_NOTIF_FLAG_CONTINUE).
+Rule 2: state that the kernel keeps per open file is kept per open file
+        description (:mod:`._caller`).
+Rule 3: new fds (GROUP_GET_DEVICE_FD, the data_fd of MIG_DEVICE_STATE) are
+        opened by the supervisor on the mount and installed in the caller with
+        SECCOMP_IOCTL_NOTIF_ADDFD (O_CLOEXEC). data_fd reads and writes never
+        come here: they go straight to the FUSE session stream.
+Rule 4: every request gets an answer; anything unexpected is logged and
+        answered EIO. The caller's memory is checked (EFAULT) before any side
+        effect that the kernel would not have made either.
+Rule 5: the supervisor returns when COMMAND (the direct child) exits, with its
+        exit status (128 + signal number if it was killed).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import attrs
+
+from fakevfio._run._caller import CallerMemory, HeldFiles, PassThrough
+from fakevfio._run._child import fork_child, receive_listener
+from fakevfio._run._nodes import MountNodes
+from fakevfio._run._notify import Listener, Request
+from fakevfio._run._vfio import Call, Vfio
+from fakevfio.errors import IoctlError
+from vfio_uapi import abi as uapi
+
+logger = logging.getLogger("fakevfio.run")
+
+
+@attrs.define(eq=False)
+class Supervisor:
+    """Answers the VFIO ioctls of a seccomp listener from a fakevfio mount."""
+
+    listener: Listener
+    vfio: Vfio
+
+    @classmethod
+    def open(cls, mountpoint: str | Path, listener_fd: int) -> Supervisor:
+        """A supervisor for ``listener_fd`` (owned from now on) and the mount."""
+        nodes = MountNodes.open(mountpoint)
+        listener = Listener.open(listener_fd)
+        return cls(listener, Vfio(nodes, HeldFiles(nodes.dev)))
+
+    def close(self) -> None:
+        self.vfio.files.close()
+        self.listener.close()
+
+    def serve(self, child: int) -> int:
+        """Answer notifications until ``child`` exits; returns its exit status."""
+        return self.listener.serve(child, self.handle)
+
+    def handle(self, req: Request) -> None:
+        """Answer one notification (Rule 4: always)."""
+        call = Call(
+            pid=req.pid,
+            fd=req.fd,
+            request=req.request,
+            arg=req.arg,
+            mem=CallerMemory(req.pid),
+            install_fd=lambda fd, send: self.listener.add_fd(req.id, fd, send=send),
+            check_alive=functools.partial(self.listener.check_valid, req.id),
+        )
+        name = uapi.ioctl_name(req.request)
+        try:
+            value = self.vfio.dispatch(call)
+        except IoctlError as exc:
+            logger.debug(
+                "pid %d fd %d %s -> %s %s",
+                req.pid,
+                req.fd,
+                name,
+                errno.errorcode.get(exc.errno, exc.errno),
+                exc.detail,
+            )
+            self.listener.reply(req.id, 0, exc.errno)
+        except PassThrough:
+            self.listener.reply_continue(req.id)
+        except Exception:
+            logger.exception("supervisor: unexpected error on %s", name)
+            self.listener.reply(req.id, 0, errno.EIO)
+        else:
+            logger.debug("pid %d fd %d %s -> %s", req.pid, req.fd, name, value)
+            if value is not None:
+                self.listener.reply(req.id, value, 0)
+
+
+def run_command(mountpoint: str, argv: list[str]) -> int:
+    """Run ``argv`` with the mount's devices as kernel VFIO nodes; returns its exit status."""
+    if not argv:
+        print("fakevfio run: no command given", file=sys.stderr)
+        return 2
+    mount = Path(mountpoint).resolve()
+    for rel in ("dev/vfio", "dev/iommu"):
+        if not (mount / rel).exists():
+            print(
+                f"fakevfio run: {mount / rel} does not exist (not a fakevfio mount?)",
+                file=sys.stderr,
+            )
+            return 1
+    pid, sock, stage = fork_child(mount, argv)
+    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    supervisor: Supervisor | None = None
+    try:
+        listener = receive_listener(sock, stage)
+        if listener is None:  # set-up failed; the child said why
+            _, status = os.waitpid(pid, 0)
+            code = os.waitstatus_to_exitcode(status)
+            return code if code >= 0 else 128 - code
+        supervisor = Supervisor.open(mount, listener)
+        return supervisor.serve(pid)
+    finally:
+        if supervisor is not None:
+            supervisor.close()
+        signal.signal(signal.SIGINT, old_int)

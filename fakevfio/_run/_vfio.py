@@ -1,0 +1,259 @@
+"""VFIO ioctl semantics: dispatch by node kind, the container, group and cdev ioctls.
+
+Each handler answers one ioctl of a :class:`Call` the way the kernel does
+(``reference/linux-vfio-uapi.md``): argsz and flags first (EINVAL), the
+caller's memory before any side effect (EFAULT), state checks in the
+kernel's order, and output fields written only once every check passed.
+The device fd and data_fd ioctls are in :mod:`._device_ioctls`, the iommufd
+ones in :mod:`._iommufd`. Nothing here knows about seccomp: a :class:`Call`
+carries the caller's memory and the two notification services a handler
+needs (install an fd, check the caller is still there), so tests call
+:meth:`Vfio.dispatch` with an in-memory caller memory.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+from collections.abc import Callable
+from typing import Protocol
+
+import attrs
+
+from fakevfio._run import _device_ioctls, _iommufd
+from fakevfio._run._caller import HeldFiles, OpenFile, PassThrough
+from fakevfio._run._nodes import MountNodes, NodeKind
+from fakevfio.errors import IoctlError
+from vfio_uapi import abi as uapi
+
+_U32 = struct.Struct("<I")
+_I32 = struct.Struct("<i")
+
+
+class CallerMemory(Protocol):
+    """The caller's memory: ``read``/``write`` raise IoctlError (EFAULT) like the kernel."""
+
+    def read(self, addr: int, size: int) -> bytes: ...
+
+    def write(self, addr: int, data: bytes) -> None: ...
+
+    def read_cstring(self, addr: int) -> bytes:
+        """A NUL-terminated string (without the NUL) of at most one page."""
+        ...
+
+
+@attrs.frozen(kw_only=True)
+class Call:
+    """One ``ioctl(fd, request, arg)`` of caller ``pid``, being answered."""
+
+    pid: int
+    fd: int
+    request: int
+    arg: int
+    mem: CallerMemory
+    #: install our fd in the caller (ADDFD, O_CLOEXEC); with send=True that answers the ioctl
+    install_fd: Callable[[int, bool], int]
+    #: IoctlError(ENOENT) if the caller is gone (SECCOMP_IOCTL_NOTIF_ID_VALID)
+    check_alive: Callable[[], None]
+
+
+@attrs.define(eq=False)
+class Vfio:
+    """The VFIO/iommufd semantics of one mount, over the held-file table."""
+
+    nodes: MountNodes
+    files: HeldFiles
+    _next_id: int = 1  # device, IOAS and HWPT ids share one counter
+
+    @property
+    def next_id(self) -> int:
+        """The id :meth:`take_id` returns next."""
+        return self._next_id
+
+    def take_id(self) -> int:
+        new = self._next_id
+        self._next_id += 1
+        return new
+
+    def find(self, call: Call, fd: int, ino: int) -> OpenFile | None:
+        return self.files.find(call.pid, fd, ino)
+
+    def entry(self, call: Call, fd: int, ino: int, kind: NodeKind, device: str | None) -> OpenFile:
+        return self.files.entry(call.pid, fd, ino, kind, device)
+
+    def dispatch(self, call: Call) -> int | None:
+        """The ioctl's return value, None when ADDFD already answered it.
+
+        Raises:
+            IoctlError: the errno to answer.
+            PassThrough: the fd is not on the mount; the kernel runs the ioctl.
+        """
+        st = self.files.stat_fd(call.pid, call.fd)
+        if st.st_dev != self.nodes.dev:
+            raise PassThrough
+        kind, device = self.nodes.kind(st.st_ino)
+        call.check_alive()
+        if kind is NodeKind.CDEV:
+            return self._cdev(call, st.st_ino, device)
+        if kind is NodeKind.GROUP:
+            return self._group(call, st.st_ino, device)
+        if kind is NodeKind.CONTAINER:
+            return self._container(call, st.st_ino)
+        if kind is NodeKind.IOMMU:
+            return _iommufd.iommu_ioctl(self, call, st.st_ino)
+        if kind is NodeKind.DATA:
+            return _device_ioctls.data_ioctl(self, call, st.st_ino, device)
+        raise IoctlError(errno.ENOTTY, "not a VFIO node")
+
+    # -- container / group -----------------------------------------------------------------------
+    def _container(self, call: Call, ino: int) -> int:
+        r = call.request
+        if r == uapi.VFIO_GET_API_VERSION:
+            return uapi.VFIO_API_VERSION
+        if r == uapi.VFIO_CHECK_EXTENSION:
+            return int(
+                call.arg
+                in (
+                    uapi.VFIO_TYPE1_IOMMU,
+                    uapi.VFIO_TYPE1v2_IOMMU,
+                    uapi.VFIO_DMA_CC_IOMMU,
+                    uapi.VFIO_UNMAP_ALL,
+                    uapi.VFIO_UPDATE_VADDR,
+                )
+            )
+        entry = self.find(call, call.fd, ino)
+        if r == uapi.VFIO_SET_IOMMU:
+            if entry is None or entry.groups == 0 or entry.iommu_type:
+                raise IoctlError(errno.EINVAL, "no group attached, or an IOMMU is already set")
+            if call.arg not in (uapi.VFIO_TYPE1_IOMMU, uapi.VFIO_TYPE1v2_IOMMU):
+                raise IoctlError(errno.ENODEV, f"IOMMU type {call.arg} not supported")
+            entry.iommu_type = call.arg
+            return 0
+        if r in (uapi.VFIO_IOMMU_MAP_DMA, uapi.VFIO_IOMMU_UNMAP_DMA):
+            if entry is None or not entry.iommu_type:
+                raise IoctlError(errno.EINVAL, "no IOMMU set")
+            return 0  # emulated devices do no DMA: accepted and ignored
+        raise IoctlError(errno.ENOTTY)
+
+    def _group(self, call: Call, ino: int, device: str | None) -> int | None:
+        r = call.request
+        if r == uapi.VFIO_GROUP_GET_STATUS:
+            argsz, _flags = uapi.GROUP_STATUS.unpack(call.mem.read(call.arg, 8))
+            if argsz < uapi.GROUP_STATUS.size:
+                raise IoctlError(errno.EINVAL, "argsz < 8")
+            entry = self.find(call, call.fd, ino)
+            flags = uapi.VFIO_GROUP_FLAGS_VIABLE
+            if entry is not None and entry.container is not None:
+                flags |= uapi.VFIO_GROUP_FLAGS_CONTAINER_SET
+            call.mem.write(call.arg, uapi.GROUP_STATUS.pack(argsz, flags))
+            return 0
+        if r == uapi.VFIO_GROUP_SET_CONTAINER:
+            return self._set_container(call, ino, device)
+        if r == uapi.VFIO_GROUP_UNSET_CONTAINER:
+            entry = self.find(call, call.fd, ino)
+            if entry is None or entry.container is None:
+                raise IoctlError(errno.EINVAL, "no container set")
+            entry.container.groups -= 1
+            if entry.container.groups == 0:
+                entry.container.iommu_type = 0
+            entry.container = None
+            return 0
+        if r == uapi.VFIO_GROUP_GET_DEVICE_FD:
+            self._get_device_fd(call, ino, device)
+            return None  # ADDFD answered: the ioctl returns the new fd
+        raise IoctlError(errno.ENOTTY)
+
+    def _set_container(self, call: Call, ino: int, device: str | None) -> int:
+        (cfd,) = _I32.unpack(call.mem.read(call.arg, 4))
+        if cfd < 0:
+            raise IoctlError(errno.EINVAL, "negative fd")
+        cst = self.files.stat_fd(call.pid, cfd)
+        ckind = self.nodes.kind(cst.st_ino)[0] if cst.st_dev == self.nodes.dev else NodeKind.OTHER
+        entry = self.find(call, call.fd, ino)
+        if entry is not None and entry.container is not None:
+            raise IoctlError(errno.EINVAL, "the group already has a container")
+        if ckind not in (NodeKind.CONTAINER, NodeKind.IOMMU):
+            raise IoctlError(errno.EBADFD, "not a container or iommufd")
+        container = self.entry(call, cfd, cst.st_ino, ckind, None)
+        entry = self.entry(call, call.fd, ino, NodeKind.GROUP, device)
+        entry.container = container
+        container.groups += 1
+        return 0
+
+    def _get_device_fd(self, call: Call, ino: int, device: str | None) -> None:
+        entry = self.find(call, call.fd, ino)
+        if (
+            entry is None
+            or entry.container is None
+            or (entry.container.kind is NodeKind.CONTAINER and not entry.container.iommu_type)
+        ):
+            raise IoctlError(errno.EINVAL, "no container/IOMMU set")
+        raw = call.mem.read_cstring(call.arg)
+        name = raw.split(b" ", 1)[0].decode(errors="replace")
+        dev = self.nodes.device(device)
+        if name != dev.name:
+            raise IoctlError(errno.ENODEV, f"no device {name!r} in group {dev.group}")
+        node = self.nodes.path / "dev" / "vfio" / "devices" / dev.cdev
+        try:
+            fd = os.open(node, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise IoctlError(exc.errno or errno.EIO, "open the device node") from None
+        self.files.add(
+            OpenFile(
+                held=fd,
+                ino=os.fstat(fd).st_ino,
+                kind=NodeKind.CDEV,
+                device=dev.name,
+                bound=True,
+                from_group=True,
+            )
+        )
+        call.install_fd(fd, True)  # the ioctl returns the new fd
+
+    # -- cdev ------------------------------------------------------------------------------------
+    def _cdev(self, call: Call, ino: int, device: str | None) -> int:
+        entry = self.find(call, call.fd, ino)
+        r = call.request
+        if r == uapi.VFIO_DEVICE_BIND_IOMMUFD:
+            return self._bind(call, ino, device, entry)
+        if entry is None or not entry.bound:
+            raise IoctlError(errno.EINVAL, "the cdev is not bound to an iommufd")
+        dev = self.nodes.device(device)
+        if r == uapi.VFIO_DEVICE_ATTACH_IOMMUFD_PT:
+            argsz, flags, pt_id = struct.unpack("<III", call.mem.read(call.arg, 12))
+            if argsz < uapi.ATTACH_IOMMUFD_PT_MINSZ or flags:
+                raise IoctlError(errno.EINVAL, "argsz < 12 or flags (PASID unsupported)")
+            if entry.iommufd is None or not entry.iommufd.iommufd_ctx.has_pt(pt_id):
+                raise IoctlError(errno.ENOENT, f"no IOAS/HWPT {pt_id}")
+            entry.pt_id = pt_id
+            call.mem.write(call.arg + 8, _U32.pack(pt_id))
+            return 0
+        if r == uapi.VFIO_DEVICE_DETACH_IOMMUFD_PT:
+            argsz, flags = struct.unpack("<II", call.mem.read(call.arg, 8))
+            if argsz < uapi.DETACH_IOMMUFD_PT_MINSZ or flags:
+                raise IoctlError(errno.EINVAL, "argsz < 8 or flags")
+            entry.pt_id = None
+            return 0
+        return _device_ioctls.device_ioctl(self, call, dev)
+
+    def _bind(self, call: Call, ino: int, device: str | None, entry: OpenFile | None) -> int:
+        argsz, flags, iommufd, _devid = struct.unpack(
+            "<IIiI", call.mem.read(call.arg, uapi.BIND_IOMMUFD_MINSZ)
+        )
+        if argsz < uapi.BIND_IOMMUFD_MINSZ or flags or iommufd < 0:
+            raise IoctlError(errno.EINVAL, "argsz < 16, flags (no VF token support) or iommufd < 0")
+        if entry is not None and entry.bound:
+            raise IoctlError(errno.EINVAL, "already bound (or opened through the group)")
+        ist = self.files.stat_fd(call.pid, iommufd)
+        if ist.st_dev != self.nodes.dev or self.nodes.kind(ist.st_ino)[0] is not NodeKind.IOMMU:
+            raise IoctlError(errno.EBADFD, "not an iommufd")
+        self.nodes.device(device)
+        call.mem.write(call.arg + 12, _U32.pack(0))  # probe before the side effect
+        ictx = self.entry(call, iommufd, ist.st_ino, NodeKind.IOMMU, None)
+        entry = self.entry(call, call.fd, ino, NodeKind.CDEV, device)
+        entry.bound = True
+        entry.iommufd = ictx
+        entry.devid = self.take_id()
+        call.mem.write(call.arg + 12, _U32.pack(entry.devid))
+        return 0

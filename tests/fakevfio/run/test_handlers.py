@@ -1,0 +1,391 @@
+"""The ``fakevfio run`` ioctl handlers called directly, without seccomp, on a real mount.
+
+The test process is the caller: it opens the mount's node files itself, and a
+:class:`Call` carries its fds, an in-memory caller memory (faults outside the
+buffer or on read-only ranges, like the kernel's EFAULT) and an ``install_fd``
+that dups into this process (what ADDFD does to a real caller). Each test
+checks argsz handling and the errno order of the kernel (one check's errno
+wins over a later one's), and that a fault aborts before any side effect.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import struct
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import attrs
+import pytest
+
+from fakevfio._run import Call, NodeKind, Vfio
+from fakevfio._run import _iommufd as iommufd
+from fakevfio._run._caller import HeldFiles, PassThrough, read_cstring
+from fakevfio._run._nodes import MountNodes
+from fakevfio.errors import FakeVfioError, IoctlError
+from tests.conftest import MountFactory
+from vfio_uapi import abi as uapi
+
+pytestmark = pytest.mark.fuse
+
+ARG = 0x1000
+PAYLOAD = ARG + 8
+RO = 0x3000  # a read-only page of the fake caller memory
+NAME = 0x5000
+F_GET, F_SET, F_PROBE = (
+    uapi.VFIO_DEVICE_FEATURE_GET,
+    uapi.VFIO_DEVICE_FEATURE_SET,
+    uapi.VFIO_DEVICE_FEATURE_PROBE,
+)
+
+if sys.platform != "linux" or os.uname().machine != "x86_64":
+    pytest.skip("the fakevfio run handlers use x86-64 Linux syscalls", allow_module_level=True)
+
+
+class Mem:
+    """A flat fake of the caller's memory: [0x1000, 0x10000) mapped, one read-only page."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray(0x10000)
+
+    def _check(self, addr: int, size: int, *, write: bool) -> None:
+        if addr < 0x1000 or addr + size > len(self.buf):
+            raise IoctlError(errno.EFAULT, f"0x{addr:x}")
+        if write and addr < RO + 0x1000 and addr + size > RO:
+            raise IoctlError(errno.EFAULT, f"0x{addr:x} is read-only")
+
+    def read(self, addr: int, size: int) -> bytes:
+        self._check(addr, size, write=False)
+        return bytes(self.buf[addr : addr + size])
+
+    def write(self, addr: int, data: bytes) -> None:
+        self._check(addr, len(data), write=True)
+        self.buf[addr : addr + len(data)] = data
+
+    def read_cstring(self, addr: int) -> bytes:
+        try:
+            return read_cstring(self.read, addr)
+        except OSError as exc:
+            raise IoctlError(exc.errno or errno.EINVAL, "device name") from None
+
+
+@attrs.define(eq=False)
+class Caller:
+    """This process as the supervisor's caller: its fds, a fake memory, what ADDFD gave."""
+
+    vfio: Vfio
+    mem: Mem = attrs.Factory(Mem)
+    installed: list[tuple[int, bool]] = attrs.Factory(list)
+    fds: list[int] = attrs.Factory(list)
+
+    def open(self, path: Path | str, flags: int = os.O_RDWR) -> int:
+        fd = os.open(path, flags | os.O_CLOEXEC)
+        self.fds.append(fd)
+        return fd
+
+    def _install(self, fd: int, send: bool) -> int:
+        new = os.dup(fd)
+        self.fds.append(new)
+        self.installed.append((new, send))
+        return new
+
+    def ioctl(self, fd: int, request: int, arg: int | bytes = ARG) -> int | None:
+        """The handler's answer; the struct ``arg`` is placed at ARG first."""
+        if isinstance(arg, bytes):
+            self.mem.buf[ARG : ARG + len(arg)] = arg
+            arg = ARG
+        call = Call(
+            pid=os.getpid(),
+            fd=fd,
+            request=request,
+            arg=arg,
+            mem=self.mem,
+            install_fd=self._install,
+            check_alive=lambda: None,
+        )
+        return self.vfio.dispatch(call)
+
+    def err(self, fd: int, request: int, arg: int | bytes = ARG) -> int:
+        with pytest.raises(IoctlError) as info:
+            self.ioctl(fd, request, arg)
+        return info.value.errno
+
+    def out(self, offset: int, fmt: str) -> tuple[int, ...]:
+        return struct.unpack_from(fmt, self.mem.buf, ARG + offset)
+
+
+@attrs.frozen
+class Env:
+    caller: Caller
+    mount: Path
+    cdev: Path
+    group: Path
+
+
+@pytest.fixture
+def env(fakevfio_mount: MountFactory) -> Iterator[Env]:
+    with fakevfio_mount(["gpu0=ram:size=64K,flags=STOP_COPY+P2P+PRE_COPY,seed=7"]) as m:
+        info = json.loads((m.path / "devices" / "gpu0" / "info").read_text())
+        nodes = MountNodes.open(m.path)
+        files = HeldFiles(nodes.dev)
+        caller = Caller(Vfio(nodes, files))
+        vfio_dir = m.path / "dev" / "vfio"
+        try:
+            yield Env(
+                caller,
+                m.path,
+                vfio_dir / "devices" / info["cdev"],
+                vfio_dir / str(info["iommu_group"]),
+            )
+        finally:
+            files.close()
+            for fd in caller.fds:
+                os.close(fd)
+
+
+def _bind(c: Caller, dev: int, iommu: int) -> int:
+    assert c.ioctl(dev, uapi.VFIO_DEVICE_BIND_IOMMUFD, struct.pack("<IIiI", 16, 0, iommu, 0)) == 0
+    return c.out(12, "<I")[0]
+
+
+def _bound(env: Env) -> tuple[int, int, int]:
+    """A cdev bound to an iommufd and attached to a new IOAS: (dev fd, iommufd, ioas)."""
+    c = env.caller
+    dev, iommu = c.open(env.cdev), c.open(env.mount / "dev" / "iommu")
+    _bind(c, dev, iommu)
+    assert c.ioctl(iommu, uapi.IOMMU_IOAS_ALLOC, struct.pack("<III", 12, 0, 0)) == 0
+    (ioas,) = c.out(8, "<I")
+    assert c.ioctl(dev, uapi.VFIO_DEVICE_ATTACH_IOMMUFD_PT, struct.pack("<III", 12, 0, ioas)) == 0
+    return dev, iommu, ioas
+
+
+def test_ioctl_error_is_a_fakevfio_error() -> None:
+    exc = IoctlError(errno.EOPNOTSUPP, "size < 12")
+    assert isinstance(exc, FakeVfioError)
+    assert (exc.errno, exc.detail) == (errno.EOPNOTSUPP, "size < 12")
+    assert str(exc) == "ioctl: size < 12 (EOPNOTSUPP)"
+
+
+def test_handlers_tell_node_kinds_and_pass_other_fds_through(env: Env) -> None:
+    c = env.caller
+    nodes = c.vfio.nodes
+    assert nodes.kind(os.stat(env.cdev).st_ino) == (NodeKind.CDEV, "gpu0")
+    assert nodes.kind(os.stat(env.group).st_ino) == (NodeKind.GROUP, "gpu0")
+    assert nodes.kind(os.stat(env.mount / "dev" / "iommu").st_ino)[0] is NodeKind.IOMMU
+    assert nodes.kind(os.stat(env.mount / "devices").st_ino)[0] is NodeKind.OTHER
+    r, w = os.pipe()
+    c.fds += [r, w]
+    with pytest.raises(PassThrough):
+        c.ioctl(r, uapi.VFIO_DEVICE_GET_INFO)
+    assert c.err(999_999, uapi.VFIO_DEVICE_GET_INFO) == errno.EBADF
+    info = c.open(env.mount / "devices" / "gpu0" / "info", os.O_RDONLY)
+    assert c.err(info, uapi.VFIO_GET_API_VERSION) == errno.ENOTTY  # on the mount, not a node
+
+
+def test_bind_iommufd_argsz_errno_order_and_no_side_effect_on_fault(env: Env) -> None:
+    c = env.caller
+    dev, iommu = c.open(env.cdev), c.open(env.mount / "dev" / "iommu")
+    r, w = os.pipe()
+    c.fds += [r, w]
+    bind = uapi.VFIO_DEVICE_BIND_IOMMUFD
+    assert c.err(dev, uapi.VFIO_DEVICE_GET_INFO, struct.pack("<I", 24)) == errno.EINVAL  # unbound
+    # argsz < 16 is EINVAL before the iommufd is looked at (999999: not open, would be EBADF)
+    assert c.err(dev, bind, struct.pack("<IIiI", 15, 0, 999_999, 0)) == errno.EINVAL
+    assert c.err(dev, bind, struct.pack("<IIiI", 16, 1, iommu, 0)) == errno.EINVAL  # flags
+    assert c.err(dev, bind, struct.pack("<IIiI", 16, 0, -1, 0)) == errno.EINVAL
+    assert c.err(dev, bind, struct.pack("<IIiI", 16, 0, 999_999, 0)) == errno.EBADF
+    assert c.err(dev, bind, struct.pack("<IIiI", 16, 0, r, 0)) == errno.EBADFD  # not an iommufd
+    assert c.err(dev, bind, 0xFFF8) == errno.EFAULT  # the struct runs off the memory
+    # out_devid not writable: EFAULT, and the cdev stays unbound
+    c.mem.buf[RO : RO + 16] = struct.pack("<IIiI", 16, 0, iommu, 0)
+    assert c.err(dev, bind, RO) == errno.EFAULT
+    assert c.err(dev, uapi.VFIO_DEVICE_GET_INFO, struct.pack("<I", 24)) == errno.EINVAL
+    devid = _bind(c, dev, iommu)
+    assert devid > 0
+    assert c.err(dev, bind, struct.pack("<IIiI", 16, 0, iommu, 0)) == errno.EINVAL  # bound
+    # a dup is the same open file: bound too (Rule 2)
+    dup = os.dup(dev)
+    c.fds.append(dup)
+    assert c.ioctl(dup, uapi.VFIO_DEVICE_GET_INFO, struct.pack("<I", 24) + bytes(20)) == 0
+
+
+def test_attach_and_iommufd_ioctls_check_size_before_flags(env: Env) -> None:
+    c = env.caller
+    dev, iommu = c.open(env.cdev), c.open(env.mount / "dev" / "iommu")
+    devid = _bind(c, dev, iommu)
+    alloc = uapi.IOMMU_IOAS_ALLOC
+    assert c.err(iommu, alloc, struct.pack("<III", 11, 1, 0)) == errno.EINVAL  # size first
+    assert c.err(iommu, alloc, struct.pack("<III", 12, 1, 0)) == errno.EOPNOTSUPP
+    next_id = c.vfio.next_id
+    c.mem.buf[RO : RO + 12] = struct.pack("<III", 12, 0, 0)
+    assert c.err(iommu, alloc, RO) == errno.EFAULT  # out_ioas_id read-only: no IOAS made
+    assert c.vfio.next_id == next_id
+    assert c.ioctl(iommu, alloc, struct.pack("<III", 12, 0, 0)) == 0
+    (ioas,) = c.out(8, "<I")
+    assert ioas == next_id
+    attach = uapi.VFIO_DEVICE_ATTACH_IOMMUFD_PT
+    assert c.err(dev, attach, struct.pack("<III", 11, 0, ioas)) == errno.EINVAL
+    assert c.err(dev, attach, struct.pack("<III", 12, 1, ioas)) == errno.EINVAL  # PASID flag
+    assert c.err(dev, attach, struct.pack("<III", 12, 0, 0xFFFF_FFFF)) == errno.ENOENT
+    assert c.ioctl(dev, attach, struct.pack("<III", 12, 0, ioas)) == 0
+    # HWPT_ALLOC: a refused allocation uses no id; the HWPT gets the next one
+    hwpt = iommufd.HWPT_ALLOC
+    before = c.vfio.next_id
+    refused = hwpt.pack(hwpt.size, 0, devid + 1000, ioas, 0, 0, 0, 0, 0)
+    assert c.err(iommu, uapi.IOMMU_HWPT_ALLOC, refused) == errno.ENOENT  # no such device
+    short = hwpt.pack(39, 0, devid, ioas, 0, 0, 0, 0, 0)
+    assert c.err(iommu, uapi.IOMMU_HWPT_ALLOC, short) == errno.EINVAL
+    assert c.vfio.next_id == before
+    assert (
+        c.ioctl(iommu, uapi.IOMMU_HWPT_ALLOC, hwpt.pack(hwpt.size, 0, devid, ioas, 0, 0, 0, 0, 0))
+        == 0
+    )
+    assert c.out(16, "<I") == (before,)
+    # the HWPT holds the IOAS; the attached device holds the HWPT
+    assert c.ioctl(dev, attach, struct.pack("<III", 12, 0, before)) == 0
+    destroy = uapi.IOMMU_DESTROY
+    assert c.err(iommu, destroy, struct.pack("<II", 7, before)) == errno.EINVAL
+    assert c.err(iommu, destroy, struct.pack("<II", 8, ioas)) == errno.EBUSY
+    assert c.err(iommu, destroy, struct.pack("<II", 8, before)) == errno.EBUSY
+    assert c.ioctl(dev, uapi.VFIO_DEVICE_DETACH_IOMMUFD_PT, struct.pack("<II", 8, 0)) == 0
+    assert c.ioctl(iommu, destroy, struct.pack("<II", 8, before)) == 0
+    assert c.ioctl(iommu, destroy, struct.pack("<II", 8, ioas)) == 0
+    assert c.err(iommu, destroy, struct.pack("<II", 8, ioas)) == errno.ENOENT
+    assert c.err(iommu, 0x3B00 + 0x90) == errno.ENOTTY  # in the range, no such ioctl
+
+
+def test_device_info_argsz_is_honoured(env: Env) -> None:
+    c = env.caller
+    dev, _iommu, _ioas = _bound(env)
+    info = uapi.VFIO_DEVICE_GET_INFO
+    assert c.err(dev, info, struct.pack("<I", 15)) == errno.EINVAL
+    assert c.err(dev, info, 0) == errno.EFAULT
+    c.mem.buf[ARG + 20 : ARG + 24] = b"\xde\xad\xbe\xef"
+    assert c.ioctl(dev, info, struct.pack("<I", 20)) == 0  # the 24-byte struct is not overrun
+    assert c.out(0, "<IIII") == (
+        20,
+        uapi.VFIO_DEVICE_FLAGS_PCI | uapi.VFIO_DEVICE_FLAGS_RESET,
+        uapi.VFIO_PCI_NUM_REGIONS,
+        uapi.VFIO_PCI_NUM_IRQS,
+    )
+    assert bytes(c.mem.buf[ARG + 20 : ARG + 24]) == b"\xde\xad\xbe\xef"
+    region = uapi.VFIO_DEVICE_GET_REGION_INFO
+    assert c.err(dev, region, uapi.REGION_INFO.pack(31, 0, 0, 0, 0, 0)) == errno.EINVAL
+    assert c.err(dev, region, uapi.REGION_INFO.pack(32, 0, 9, 0, 0, 0)) == errno.EINVAL
+    config = uapi.VFIO_PCI_CONFIG_REGION_INDEX
+    assert c.ioctl(dev, region, uapi.REGION_INFO.pack(32, 0, config, 0, 0, 0)) == 0
+    assert c.out(16, "<QQ") == (256, uapi.region_offset(config))
+    irq = uapi.VFIO_DEVICE_GET_IRQ_INFO
+    assert c.err(dev, irq, uapi.IRQ_INFO.pack(15, 0, 0, 0)) == errno.EINVAL
+    assert c.err(dev, irq, uapi.IRQ_INFO.pack(16, 0, 5, 0)) == errno.EINVAL
+    assert c.ioctl(dev, irq, uapi.IRQ_INFO.pack(16, 0, uapi.VFIO_PCI_MSIX_IRQ_INDEX, 7)) == 0
+    assert c.out(12, "<I") == (0,)  # no interrupts on emulated devices
+    assert c.err(dev, uapi.VFIO_MIG_GET_PRECOPY_INFO) == errno.ENOTTY  # not on a device fd
+
+
+def test_device_feature_errno_order(env: Env) -> None:
+    c = env.caller
+    dev, _iommu, _ioas = _bound(env)
+    feat = uapi.VFIO_DEVICE_FEATURE
+    mig, state = uapi.VFIO_DEVICE_FEATURE_MIGRATION, uapi.VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE
+
+    def err(argsz: int, flags: int) -> int:
+        return c.err(dev, feat, struct.pack("<IIQ", argsz, flags, 0))
+
+    assert err(7, 1 << 31 | F_GET | F_SET | 99) == errno.EINVAL  # argsz first
+    assert err(16, 1 << 31 | 99) == errno.EINVAL  # unknown flag bits before the feature
+    assert err(16, F_GET | F_SET | 99) == errno.EINVAL  # GET and SET before the feature
+    assert err(16, F_GET | 99) == errno.ENOTTY
+    assert err(16, F_SET | mig) == errno.EINVAL  # MIGRATION has no SET
+    assert c.ioctl(dev, feat, struct.pack("<II", 8, F_PROBE | F_GET | mig)) == 0  # no payload
+    assert err(16, mig) == errno.EINVAL  # neither GET nor SET
+    assert err(15, F_GET | mig) == errno.EINVAL  # payload below the minimum
+    assert c.err(dev, feat, PAYLOAD + 0xF000) == errno.EFAULT
+    assert c.ioctl(dev, feat, struct.pack("<IIQ", 16, F_GET | mig, 0)) == 0
+    assert c.out(8, "<Q") == (7,)  # STOP_COPY | P2P | PRE_COPY
+    # GET MIG_DEVICE_STATE into read-only memory: EFAULT, nothing changed
+    c.mem.buf[RO : RO + 16] = struct.pack("<IIIi", 16, F_GET | state, 0, 0)
+    assert c.err(dev, feat, RO) == errno.EFAULT
+    assert c.ioctl(dev, feat, struct.pack("<IIIi", 16, F_GET | state, 0, 0)) == 0
+    assert c.out(8, "<Ii") == (uapi.VFIO_DEVICE_STATE_RUNNING, -1)
+
+
+def test_set_state_opens_a_data_fd_and_precopy_info_checks(env: Env) -> None:
+    c = env.caller
+    dev, _iommu, _ioas = _bound(env)
+    feat = uapi.VFIO_DEVICE_FEATURE
+    state = uapi.VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE
+    state_file = env.mount / "devices" / "gpu0" / "migration" / "state"
+    # SET with the payload read-only: EFAULT before the state changed
+    c.mem.buf[RO : RO + 16] = struct.pack("<IIIi", 16, F_SET | state, 6, 0)
+    assert c.err(dev, feat, RO) == errno.EFAULT
+    assert state_file.read_text().strip() == "RUNNING"
+    pre_copy = uapi.VFIO_DEVICE_STATE_PRE_COPY
+    assert c.ioctl(dev, feat, struct.pack("<IIIi", 16, F_SET | state, pre_copy, 0)) == 0
+    assert state_file.read_text().strip() == "PRE_COPY"
+    ((data, send),) = c.installed
+    assert not send  # the ioctl returns 0; the fd is in the payload
+    assert c.out(8, "<Ii") == (pre_copy, data)
+    precopy = uapi.VFIO_MIG_GET_PRECOPY_INFO
+    assert c.err(data, precopy, uapi.PRECOPY_INFO.pack(23, 0, 0, 0)) == errno.EINVAL
+    assert c.err(data, uapi.VFIO_DEVICE_GET_INFO) == errno.ENOTTY
+    assert c.ioctl(data, precopy, uapi.PRECOPY_INFO.pack(24, 0, 0, 0)) == 0
+    assert c.out(8, "<Q")[0] > 0  # initial_bytes
+    # ERROR cannot be requested: the state file's errno, no fd
+    error = uapi.VFIO_DEVICE_STATE_ERROR
+    assert c.err(dev, feat, struct.pack("<IIIi", 16, F_SET | state, error, 0)) == errno.EINVAL
+    assert c.out(8, "<Ii") == (error, -1)
+    # reset ends the session: the old data_fd is dead even in a new PRE_COPY
+    assert c.ioctl(dev, uapi.VFIO_DEVICE_RESET) == 0
+    assert c.ioctl(dev, feat, struct.pack("<IIIi", 16, F_SET | state, pre_copy, 0)) == 0
+    assert c.err(data, precopy, uapi.PRECOPY_INFO.pack(24, 0, 0, 0)) == errno.ENODEV
+
+
+def test_legacy_container_and_group_errno_order(env: Env) -> None:
+    c = env.caller
+    container = c.open(env.mount / "dev" / "vfio" / "vfio")
+    group = c.open(env.group)
+    r, w = os.pipe()
+    c.fds += [r, w]
+    assert c.ioctl(container, uapi.VFIO_GET_API_VERSION) == uapi.VFIO_API_VERSION
+    assert c.ioctl(container, uapi.VFIO_CHECK_EXTENSION, uapi.VFIO_TYPE1v2_IOMMU) == 1
+    assert c.ioctl(container, uapi.VFIO_CHECK_EXTENSION, 99) == 0
+    status = uapi.VFIO_GROUP_GET_STATUS
+    assert c.err(group, status, uapi.GROUP_STATUS.pack(7, 0)) == errno.EINVAL
+    assert c.ioctl(group, status, uapi.GROUP_STATUS.pack(8, 0)) == 0
+    assert c.out(4, "<I") == (uapi.VFIO_GROUP_FLAGS_VIABLE,)
+    c.mem.buf[NAME : NAME + 5] = b"gpu0\0"
+    get_fd = uapi.VFIO_GROUP_GET_DEVICE_FD
+    assert c.err(group, get_fd, NAME) == errno.EINVAL  # no container yet
+    set_iommu = uapi.VFIO_SET_IOMMU
+    assert c.err(container, set_iommu, uapi.VFIO_TYPE1v2_IOMMU) == errno.EINVAL  # no group
+    set_container = uapi.VFIO_GROUP_SET_CONTAINER
+    assert c.err(group, set_container, struct.pack("<i", -1)) == errno.EINVAL
+    assert c.err(group, set_container, struct.pack("<i", r)) == errno.EBADFD
+    assert c.err(group, set_container, struct.pack("<i", 999_999)) == errno.EBADF
+    assert c.ioctl(group, set_container, struct.pack("<i", container)) == 0
+    assert c.err(group, set_container, struct.pack("<i", container)) == errno.EINVAL
+    assert c.err(group, get_fd, NAME) == errno.EINVAL  # container without an IOMMU
+    assert c.err(container, uapi.VFIO_IOMMU_MAP_DMA) == errno.EINVAL
+    assert c.err(container, set_iommu, 99) == errno.ENODEV
+    assert c.ioctl(container, set_iommu, uapi.VFIO_TYPE1v2_IOMMU) == 0
+    assert c.err(container, set_iommu, uapi.VFIO_TYPE1v2_IOMMU) == errno.EINVAL  # already set
+    assert c.ioctl(container, uapi.VFIO_IOMMU_MAP_DMA) == 0  # accepted and ignored
+    c.mem.buf[NAME + 0x100 : NAME + 0x105] = b"gpu9\0"
+    assert c.err(group, get_fd, NAME + 0x100) == errno.ENODEV
+    c.mem.buf[0xFFFE:] = b"gp"  # no NUL before the end of the memory: the next page faults
+    assert c.err(group, get_fd, 0xFFFE) == errno.EFAULT
+    assert c.ioctl(group, get_fd, NAME) is None  # ADDFD answered it with the new fd
+    ((device, send),) = c.installed
+    assert send
+    # the group's device fd is bound already: no BIND, ioctls work at once
+    assert c.ioctl(device, uapi.VFIO_DEVICE_GET_INFO, struct.pack("<I", 24)) == 0
+    rebind = struct.pack("<IIiI", 16, 0, 0, 0)
+    assert c.err(device, uapi.VFIO_DEVICE_BIND_IOMMUFD, rebind) == errno.EINVAL
+    assert c.ioctl(group, status, uapi.GROUP_STATUS.pack(8, 0)) == 0
+    assert c.out(4, "<I") == (uapi.VFIO_GROUP_FLAGS_VIABLE | uapi.VFIO_GROUP_FLAGS_CONTAINER_SET,)
+    assert c.ioctl(group, uapi.VFIO_GROUP_UNSET_CONTAINER) == 0
+    assert c.err(group, uapi.VFIO_GROUP_UNSET_CONTAINER) == errno.EINVAL
