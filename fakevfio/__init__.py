@@ -24,8 +24,10 @@ from __future__ import annotations
 #   _fuse.py       the pyfuse3.Operations subclass and the mount lifecycle: the
 #                  one module that imports pyfuse3.
 #   _loader.py     drivers from the fakevfio.drivers entry points.
-#   run.py, _seccomp.py, _qemu_iommufd.py: the `fakevfio run` supervisor (a
-#                  program's VFIO ioctls answered from a mount's devices).
+#
+# Supervisor: _run/, `fakevfio run` (a program's VFIO and iommufd ioctls,
+#   trapped by seccomp, answered from a mount's device files). Its own
+#   __init__ has its layout; the cli imports it lazily.
 #
 # Edges: parse arguments, start processes, turn errors into exit codes.
 #   cli.py, __main__.py, demo.py, _environment.py (can FUSE work here?), and
