@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import TypeVar
 
 import attrs
 import trio
 
-from migrator import framing, multifd_wire
+from migrator import _wire as framing
+from migrator import multifd_wire
 from migrator._protocol.multifd import MultifdIntake, Packet
 from migrator.backend import DeviceBackend
 from migrator.config import DATA_BUFFER_BYTES, MigrationConfig
@@ -49,6 +51,7 @@ from migrator.errors import (
 )
 from migrator.reassembly import Buffer
 from migrator.stats import Progress, Stats
+from migrator.transport import BufferPool, Notifier, StreamReader, serve_connections
 from vfio_uapi.fsm import MigFlags, State
 
 logger = logging.getLogger(__name__)
@@ -57,21 +60,6 @@ T = TypeVar("T")
 _WRITE_BATCH_BYTES = 1 << 20
 #: Receive buffers hold one full data packet payload (12-byte header + 1 MiB).
 POOL_BUFFER_BYTES = 12 + DATA_BUFFER_BYTES
-_RX_POOL_MAX = 16
-
-
-class _Notifier:
-    """A re-armable event: ``wait()`` until the next ``notify()``."""
-
-    def __init__(self) -> None:
-        self._event = trio.Event()
-
-    async def wait(self) -> None:
-        await self._event.wait()
-
-    def notify(self) -> None:
-        self._event.set()
-        self._event = trio.Event()
 
 
 @attrs.define(eq=False)
@@ -80,7 +68,7 @@ class _Dev:
     flags: MigFlags = MigFlags.STOP_COPY
     multifd: bool = False
     seen: bool = False
-    changed: _Notifier = attrs.field(factory=_Notifier)
+    changed: Notifier = attrs.field(factory=Notifier)
 
     @property
     def idstr(self) -> str:
@@ -92,77 +80,6 @@ async def _call(phase: str, dev: _Dev, fn: Callable[..., T], *args: object) -> T
         return await trio.to_thread.run_sync(fn, *args)
     except MigrationError as exc:
         raise exc.with_context(phase=phase, device=dev.idstr) from None
-
-
-class _Reader:
-    """Exact-size reads from a stream with a small carry-over buffer."""
-
-    def __init__(self, stream: trio.abc.Stream, initial: bytes = b"") -> None:
-        self.stream = stream
-        self._buf = bytearray(initial)
-
-    async def receive_exactly(self, n: int, what: str) -> bytes | None:
-        """``n`` bytes, or None on EOF before the first byte; FramingError on a short read."""
-        while len(self._buf) < n:
-            try:
-                data = await self.stream.receive_some(max(65536, n - len(self._buf)))
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                raise ChannelBrokenError(
-                    f"multifd channel broke while reading {what}: {exc}"
-                ) from exc
-            if not data:
-                if not self._buf:
-                    return None
-                raise FramingError(f"unexpected EOF in {what} ({len(self._buf)} of {n} bytes)")
-            self._buf += data
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
-        return out
-
-    async def receive_payload(
-        self, n: int, what: str, pool: list[bytearray] | None = None
-    ) -> memoryview:
-        """Exactly ``n`` bytes into a buffer of their own, straight from the socket.
-
-        A 1 MiB multifd payload goes from the kernel into its buffer with
-        ``recv_into``: no carry-over buffer, no slicing, no trimming. Buffers of
-        ``POOL_BUFFER_BYTES`` come from ``pool`` when it has one (a fresh 1 MiB
-        buffer per packet costs page faults).
-        """
-        if pool and n <= POOL_BUFFER_BYTES:
-            out = pool.pop()
-        elif n < POOL_BUFFER_BYTES // 16:
-            out = bytearray(n)  # config packets and other small ones: not pooled
-        else:
-            out = bytearray(max(POOL_BUFFER_BYTES, n))
-        view = memoryview(out)[:n]
-        got = min(len(self._buf), n)
-        view[:got] = self._buf[:got]
-        del self._buf[:got]
-        sock = getattr(self.stream, "socket", None)
-        while got < n:
-            try:
-                if sock is not None:
-                    k = await sock.recv_into(view[got:])
-                else:
-                    data = await self.stream.receive_some(n - got)
-                    k = len(data)
-                    view[got : got + k] = data
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                raise ChannelBrokenError(
-                    f"multifd channel broke while reading {what}: {exc}"
-                ) from exc
-            if k == 0:
-                where = "after packet header" if got == 0 else f"in {what} ({got} of {n} bytes)"
-                raise FramingError(f"unexpected EOF {where}")
-            got += k
-        return view
-
-    def take_buffered(self) -> bytes:
-        """Bytes read from the stream but not yet consumed."""
-        out = bytes(self._buf)
-        self._buf.clear()
-        return out
 
 
 class Destination:
@@ -203,8 +120,8 @@ class Destination:
         self._touched = False
         self._have_main = False
         self._accepting: trio.CancelScope | None = None
-        self._rx_pool: list[bytearray] = []
-        self._space = _Notifier()
+        self._rx_pool = BufferPool(POOL_BUFFER_BYTES)
+        self._space = Notifier()
         self._last_activity = 0.0
         self._loads_started = False
         self._loads_scope: trio.CancelScope | None = None
@@ -507,20 +424,6 @@ class Destination:
         listeners: Sequence[trio.abc.Listener[trio.abc.Stream]],
         main_out: trio.MemorySendChannel[tuple[trio.abc.Stream, bytes]],
     ) -> None:
-        try:
-            await self._accept_connections(listeners, main_out)
-        except BaseException as exc:
-            # (A handshake error arrives wrapped in the inner nursery's group.)
-            cause = self._note_failure(exc)
-            if cause is not None:
-                cause.with_context(phase=self.phase)
-            raise
-
-    async def _accept_connections(
-        self,
-        listeners: Sequence[trio.abc.Listener[trio.abc.Stream]],
-        main_out: trio.MemorySendChannel[tuple[trio.abc.Stream, bytes]],
-    ) -> None:
         """Accept the main connection and the multifd channels, each sniffed in its own task.
 
         A connection that sends nothing only holds up itself (until
@@ -528,30 +431,22 @@ class Destination:
         channel and every multifd channel arrived, the listeners close: one
         migration, then no more connections.
         """
-
-        async def accept_from(listener: trio.abc.Listener[trio.abc.Stream]) -> None:
-            while True:
-                stream = await listener.accept()
-                nursery.start_soon(self._route, stream, main_out)
-
-        async with trio.open_nursery() as nursery:
-            with trio.CancelScope() as accepting:
-                self._accepting = accepting
-                try:
-                    async with trio.open_nursery() as acceptors:
-                        for listener in listeners:
-                            acceptors.start_soon(accept_from, listener)
-                finally:
-                    with trio.CancelScope(shield=True):
-                        for listener in listeners:
-                            await listener.aclose()
+        self._accepting = trio.CancelScope()
+        try:
+            await serve_connections(listeners, partial(self._route, main_out), self._accepting)
+        except BaseException as exc:
+            # (A handshake error arrives wrapped in the inner nursery's group.)
+            cause = self._note_failure(exc)
+            if cause is not None:
+                cause.with_context(phase=self.phase)
+            raise
 
     async def _route(
         self,
-        stream: trio.abc.Stream,
         main_out: trio.MemorySendChannel[tuple[trio.abc.Stream, bytes]],
+        stream: trio.abc.Stream,
     ) -> None:
-        sniffer = _Reader(stream)
+        sniffer = StreamReader(stream)
         with trio.move_on_after(self.config.peer_timeout_s) as scope:
             first = await sniffer.receive_exactly(4, "the first bytes of a connection")
         if scope.cancelled_caught or first is None:
@@ -567,7 +462,7 @@ class Destination:
             await main_out.send((stream, first + sniffer.take_buffered()))
             return
         self.intake.begin_channel()
-        reader = _Reader(stream, first + sniffer.take_buffered())
+        reader = StreamReader(stream, first + sniffer.take_buffered())
         init = await reader.receive_exactly(multifd_wire.INIT_SIZE, "the multifd handshake")
         if init is None:
             raise FramingError("multifd channel closed during its handshake")
@@ -580,7 +475,7 @@ class Destination:
         if complete and self._accepting is not None:
             self._accepting.cancel()
 
-    async def _receive_channel(self, reader: _Reader, channel_id: int) -> None:
+    async def _receive_channel(self, reader: StreamReader, channel_id: int) -> None:
         closed_by_peer = False
         try:
             while True:
@@ -621,17 +516,6 @@ class Destination:
         self.intake.push(packet)
         self.by_idstr[packet.idstr].changed.notify()
 
-    def _recycle(self, buffers: list[Buffer]) -> None:
-        """Give written payload buffers back to the receive pool (bounded)."""
-        for buf in buffers:
-            base = buf.obj if isinstance(buf, memoryview) else None
-            if (
-                isinstance(base, bytearray)
-                and len(base) == POOL_BUFFER_BYTES
-                and len(self._rx_pool) < _RX_POOL_MAX
-            ):
-                self._rx_pool.append(base)
-
     async def _start_loads(self) -> None:
         if not self.multifd or self._loads_started:
             return
@@ -670,7 +554,7 @@ class Destination:
                     except BaseException:
                         intake.write_failed(dev.idstr)
                         raise
-                    self._recycle(ready)
+                    self._rx_pool.give_back(ready)
                     intake.written(dev.idstr, size)
                     self._space.notify()
                     self._touch()

@@ -2,19 +2,22 @@
 
 Everything the engines send or receive goes through ``trio.abc.Stream``
 (``send_all``/``receive_some``), so tests can substitute memory streams and the
-file transport looks like a one-way connection.
+file transport looks like a one-way connection. Also here: the exact-size
+reader of multifd channels (``recv_into`` straight into pooled buffers on a
+socket), its buffer pool, and a re-armable event.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 import attrs
 import trio
 
-from migrator.errors import ConfigurationError
+from migrator.errors import ChannelBrokenError, ConfigurationError, FramingError
+from migrator.reassembly import Buffer
 
 MAX_UNIX_PATH = 107
 
@@ -78,6 +81,142 @@ def listening_on(addr: Address, listeners: list[trio.SocketListener]) -> str:
     if addr.kind == "tcp":
         return f"tcp:{addr.host}:{listeners[0].socket.getsockname()[1]}"
     return str(addr)
+
+
+async def serve_connections(
+    listeners: Sequence[trio.abc.Listener[trio.abc.Stream]],
+    handle: Callable[[trio.abc.Stream], Awaitable[None]],
+    accepting: trio.CancelScope,
+) -> None:
+    """Hand every connection of ``listeners`` to ``handle``, each in a task of its own.
+
+    Accepting stops when ``accepting`` is cancelled (the handlers go on); then
+    the listeners are closed. Returns once every handler returned.
+    """
+    async with trio.open_nursery() as handlers:
+
+        async def accept_from(listener: trio.abc.Listener[trio.abc.Stream]) -> None:
+            while True:
+                stream = await listener.accept()
+                handlers.start_soon(handle, stream)
+
+        with accepting:
+            try:
+                async with trio.open_nursery() as acceptors:
+                    for listener in listeners:
+                        acceptors.start_soon(accept_from, listener)
+            finally:
+                with trio.CancelScope(shield=True):
+                    for listener in listeners:
+                        await listener.aclose()
+
+
+class Notifier:
+    """A re-armable event: ``wait()`` until the next ``notify()``."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+    def notify(self) -> None:
+        self._event.set()
+        self._event = trio.Event()
+
+
+class BufferPool:
+    """Reusable receive buffers of ``size`` bytes, at most ``max_buffers`` kept.
+
+    A fresh 1 MiB buffer per multifd packet costs page faults; a buffer whose
+    bytes were written to the device comes back here for a later packet.
+    """
+
+    def __init__(self, size: int, max_buffers: int = 16) -> None:
+        self.size = size
+        self.max_buffers = max_buffers
+        self._free: list[bytearray] = []
+
+    def take(self, n: int) -> bytearray:
+        """A buffer of at least ``n`` bytes."""
+        if self._free and n <= self.size:
+            return self._free.pop()
+        if n < self.size // 16:
+            return bytearray(n)  # config packets and other small ones: not pooled
+        return bytearray(max(self.size, n))
+
+    def give_back(self, buffers: Iterable[Buffer]) -> None:
+        """Keep the pool's own buffers behind these views for reuse (bounded)."""
+        for buf in buffers:
+            base = buf.obj if isinstance(buf, memoryview) else None
+            if (
+                isinstance(base, bytearray)
+                and len(base) == self.size
+                and len(self._free) < self.max_buffers
+            ):
+                self._free.append(base)
+
+
+class StreamReader:
+    """Exact-size reads from a multifd channel's stream with a small carry-over buffer."""
+
+    def __init__(self, stream: trio.abc.Stream, initial: bytes = b"") -> None:
+        self.stream = stream
+        self._buf = bytearray(initial)
+
+    async def receive_exactly(self, n: int, what: str) -> bytes | None:
+        """``n`` bytes, or None on EOF before the first byte; FramingError on a short read."""
+        while len(self._buf) < n:
+            try:
+                data = await self.stream.receive_some(max(65536, n - len(self._buf)))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise ChannelBrokenError(
+                    f"multifd channel broke while reading {what}: {exc}"
+                ) from exc
+            if not data:
+                if not self._buf:
+                    return None
+                raise FramingError(f"unexpected EOF in {what} ({len(self._buf)} of {n} bytes)")
+            self._buf += data
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    async def receive_payload(self, n: int, what: str, pool: BufferPool) -> memoryview:
+        """Exactly ``n`` bytes into a buffer of their own, straight from the socket.
+
+        A 1 MiB multifd payload goes from the kernel into its buffer with
+        ``recv_into``: no carry-over buffer, no slicing, no trimming. The
+        buffer comes from ``pool``.
+        """
+        view = memoryview(pool.take(n))[:n]
+        got = min(len(self._buf), n)
+        view[:got] = self._buf[:got]
+        del self._buf[:got]
+        sock = getattr(self.stream, "socket", None)
+        while got < n:
+            try:
+                if sock is not None:
+                    k = await sock.recv_into(view[got:])
+                else:
+                    data = await self.stream.receive_some(n - got)
+                    k = len(data)
+                    view[got : got + k] = data
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise ChannelBrokenError(
+                    f"multifd channel broke while reading {what}: {exc}"
+                ) from exc
+            if k == 0:
+                where = "after packet header" if got == 0 else f"in {what} ({got} of {n} bytes)"
+                raise FramingError(f"unexpected EOF {where}")
+            got += k
+        return view
+
+    def take_buffered(self) -> bytes:
+        """Bytes read from the stream but not yet consumed."""
+        out = bytes(self._buf)
+        self._buf.clear()
+        return out
 
 
 class FileStream(trio.abc.Stream):
