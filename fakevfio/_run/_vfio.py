@@ -31,12 +31,8 @@ _U32 = struct.Struct("<I")
 _I32 = struct.Struct("<i")
 
 
-class CallerMemory(Protocol):
-    """The caller's memory: ``read``/``write`` raise IoctlError (EFAULT) like the kernel."""
-
-    def read(self, addr: int, size: int) -> bytes: ...
-
-    def write(self, addr: int, data: bytes) -> None: ...
+class Memory(_iommufd.Memory, Protocol):
+    """The caller's memory; each access raises IoctlError (EFAULT) like the kernel."""
 
     def read_cstring(self, addr: int) -> bytes:
         """A NUL-terminated string (without the NUL) of at most one page."""
@@ -51,7 +47,7 @@ class Call:
     fd: int
     request: int
     arg: int
-    mem: CallerMemory
+    mem: Memory
     #: install our fd in the caller (ADDFD, O_CLOEXEC); with send=True that answers the ioctl
     install_fd: Callable[[int, bool], int]
     #: IoctlError(ENOENT) if the caller is gone (SECCOMP_IOCTL_NOTIF_ID_VALID)

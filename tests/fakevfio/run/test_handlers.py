@@ -389,3 +389,56 @@ def test_legacy_container_and_group_errno_order(env: Env) -> None:
     assert c.out(4, "<I") == (uapi.VFIO_GROUP_FLAGS_VIABLE | uapi.VFIO_GROUP_FLAGS_CONTAINER_SET,)
     assert c.ioctl(group, uapi.VFIO_GROUP_UNSET_CONTAINER) == 0
     assert c.err(group, uapi.VFIO_GROUP_UNSET_CONTAINER) == errno.EINVAL
+
+
+def test_iommufd_object_ioctls_through_dispatch_keep_the_kernel_order(env: Env) -> None:
+    c = env.caller
+    _dev, iommu, ioas = _bound(env)
+    ioas_map = uapi.IOMMU_IOAS_MAP
+    fixed = iommufd.IOMMU_IOAS_MAP_FIXED_IOVA
+
+    def map_(size: int, flags: int, ioas_id: int, reserved: int = 0, iova: int = 0) -> int:
+        packed = iommufd.IOAS_MAP.pack(
+            size, flags, ioas_id, reserved, 0x7F00_0000_0000, 0x2000, iova
+        )
+        return c.err(iommu, ioas_map, packed)
+
+    assert map_(39, 1 << 9, ioas + 99) == errno.EINVAL  # size before flags before the IOAS
+    assert map_(40, 1 << 9, ioas + 99) == errno.EOPNOTSUPP
+    assert map_(40, fixed, ioas, reserved=1) == errno.EOPNOTSUPP
+    assert map_(40, fixed, ioas + 99) == errno.ENOENT
+    assert map_(40, fixed, ioas, iova=0x1001) == errno.EINVAL  # not aligned
+    packed = iommufd.IOAS_MAP.pack(40, fixed, ioas, 0, 0x7F00_0000_0000, 0x2000, 0x10000)
+    c.mem.buf[RO : RO + 40] = packed
+    assert c.err(iommu, ioas_map, RO) == errno.EFAULT  # the iova write faults: nothing mapped
+    assert c.ioctl(iommu, ioas_map, packed) == 0
+    assert map_(40, fixed, ioas, iova=0x11000) == errno.EEXIST
+    ranges = uapi.IOMMU_IOAS_IOVA_RANGES
+    assert c.err(iommu, ranges, iommufd.IOAS_IOVA_RANGES.pack(31, ioas, 0, 0, 0, 0)) == (
+        errno.EINVAL
+    )
+    assert c.err(iommu, ranges, iommufd.IOAS_IOVA_RANGES.pack(32, ioas, 0, 0, 0, 0)) == (
+        errno.EMSGSIZE
+    )
+    assert c.out(8, "<I") == (1,)  # how many ranges there are, written before EMSGSIZE
+    unmap = uapi.IOMMU_IOAS_UNMAP
+    assert c.err(iommu, unmap, iommufd.IOAS_UNMAP.pack(23, ioas, 0x10000, 0x2000)) == errno.EINVAL
+    assert c.err(iommu, unmap, iommufd.IOAS_UNMAP.pack(24, ioas, 0x10000, 0x1000)) == errno.EINVAL
+    assert c.ioctl(iommu, unmap, iommufd.IOAS_UNMAP.pack(24, ioas, 0x10000, 0x2000)) == 0
+    assert c.out(16, "<Q") == (0x2000,)
+    assert c.err(iommu, unmap, iommufd.IOAS_UNMAP.pack(24, ioas, 0x10000, 0x2000)) == errno.ENOENT
+    hw_info = uapi.IOMMU_GET_HW_INFO
+    assert c.err(iommu, hw_info, iommufd.HW_INFO.pack(31, 1, 0, 0, 0, 0, 0, 0)) == errno.EINVAL
+    assert c.err(iommu, hw_info, iommufd.HW_INFO.pack(40, 1, 0, 0, 0, 0, 0, 0)) == errno.EOPNOTSUPP
+    assert c.err(iommu, hw_info, iommufd.HW_INFO.pack(40, 0, 0, 0, 0, 0, 0, 0)) == errno.ENOENT
+    option = uapi.IOMMU_OPTION
+    huge = iommufd.IOMMU_OPTION_HUGE_PAGES
+    get = iommufd.IOMMU_OPTION_OP_GET
+    assert c.err(iommu, option, iommufd.OPTION.pack(23, huge, get, 0, ioas, 0)) == errno.EINVAL
+    assert c.err(iommu, option, iommufd.OPTION.pack(24, huge, 7, 0, ioas, 0)) == errno.EOPNOTSUPP
+    assert c.ioctl(iommu, option, iommufd.OPTION.pack(24, huge, get, 0, ioas, 0)) == 0
+    assert c.out(16, "<Q") == (1,)
+    # another /dev/iommu open file has none of these objects
+    other = c.open(env.mount / "dev" / "iommu")
+    packed = iommufd.IOAS_MAP.pack(40, fixed, ioas, 0, 0x7F00_0000_0000, 0x2000, 0x80000)
+    assert c.err(other, ioas_map, packed) == errno.ENOENT
