@@ -578,17 +578,21 @@ async def migrate(
     """
     streams: list[trio.abc.Stream] = []
     try:
-        main = await connect()
-        streams.append(main)
-        for i in range(config.multifd_channels):
-            channel = await connect()
-            streams.append(channel)
-            try:
-                await channel.send_all(multifd_wire.encode_init(config.uuid, i))
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                raise ChannelBrokenError(
-                    f"multifd channel {i} broke during its handshake: {exc}", phase="setup"
-                ) from exc
+        try:
+            main = await connect()
+            streams.append(main)
+            for i in range(config.multifd_channels):
+                channel = await connect()
+                streams.append(channel)
+                try:
+                    await channel.send_all(multifd_wire.encode_init(config.uuid, i))
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    raise ChannelBrokenError(
+                        f"multifd channel {i} broke during its handshake: {exc}"
+                    ) from exc
+        except MigrationError as exc:
+            # (A destination that refused an earlier channel closes its listener.)
+            raise exc.with_context(phase="setup") from None
         return await Source(config, devices, main, streams[1:], progress=progress).run()
     finally:
         with trio.CancelScope(shield=True):
