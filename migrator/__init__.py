@@ -1,6 +1,6 @@
 """migrator: VFIO device-state migration the way QEMU 10.1 does it.
 
-The sans-IO codecs (:mod:`migrator.framing`, :mod:`migrator.multifd_wire`,
+The sans-IO codecs (:mod:`migrator._wire`, :mod:`migrator.multifd_wire`,
 :mod:`migrator.reassembly`) are pure; :mod:`migrator.source` and
 :mod:`migrator.destination` are the trio engines; device access goes through
 :class:`migrator.backend.DeviceBackend` (fakevfio files, or the kernel uAPI in

@@ -23,7 +23,7 @@ from typing import Final
 import attrs
 
 from migrator.errors import FramingError
-from migrator.framing import QEMU_VM_FILE_MAGIC, Marker
+from migrator._wire import QEMU_VM_FILE_MAGIC, Marker
 
 MULTIFD_MAGIC: Final = 0x11223344
 MULTIFD_VERSION: Final = 1

@@ -42,7 +42,8 @@ import attrs
 import trio
 import trio.lowlevel
 
-from migrator import framing, multifd_wire
+from migrator import _wire as framing
+from migrator import multifd_wire
 from migrator._protocol.convergence import Convergence, Decision
 from migrator._protocol.multifd import PacketLayout, PacketPlanner
 from migrator.backend import DeviceBackend

@@ -41,7 +41,7 @@ import pytest
 from fakevfio._ram import RamDriver
 from fakevfio._stream import StateSaveStream
 from migrator import multifd_wire as wire
-from migrator.framing import QEMU_VM_FILE_MAGIC, Marker
+from migrator._wire import QEMU_VM_FILE_MAGIC, Marker
 from tests.conftest import MountFactory, MountHandle
 from tests.migrator.helpers import (
     DEST_ARCS,

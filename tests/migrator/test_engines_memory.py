@@ -14,7 +14,8 @@ import pytest
 import trio
 import trio.testing
 
-from migrator import framing, multifd_wire
+from migrator import _wire as framing
+from migrator import multifd_wire
 from migrator.config import DATA_BUFFER_BYTES, MigrationConfig
 from migrator.destination import Destination
 from migrator.errors import ChannelBrokenError, FramingError

@@ -1,5 +1,5 @@
-"""Tests of migrator.framing: golden bytes, cross-checks with the independent
-reference model, chunking and fuzzing properties, and every decoder error."""
+"""Tests of migrator._wire (the main-channel codecs): golden bytes, cross-checks with the
+independent reference model, chunking and fuzzing properties, and every decoder error."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from migrator import framing as f
+from migrator import _wire as f
 from migrator.errors import FramingError, RemoteProtocolError
 from tests.migrator.qemu_reference import build_stream, parse_rp, parse_stream
 

@@ -15,7 +15,8 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from migrator import framing, multifd_wire
+from migrator import _wire as framing
+from migrator import multifd_wire
 from migrator._protocol.multifd import (
     PACKET_HEADERS_BYTES,
     MultifdIntake,

@@ -1,15 +1,9 @@
-"""QEMU main-channel framing: savevm stream encoders, a sans-IO stream decoder,
-and the return-path message codec.
+"""The sans-IO decoder of the main channel: the savevm stream with its VFIO payload.
 
-The main migration channel (and a save file) carries QEMU's savevm stream: the
-file header, commands, sections with footers and ``QEMU_VM_EOF``, and inside
-each section the VFIO payload made of big-endian u64 markers (reference
-``qemu-vfio-multifd.md`` sections 1.1, 1.2 and 1.5). The destination talks back
-on the same connection with return-path messages (be16 type, be16 length,
-payload), of which we use ``SWITCHOVER_ACK`` and ``SHUT``.
-
-Everything here is pure and synchronous: encoders return ``bytes``, decoders are
-fed with ``receive_data()`` and drained with ``next_event()`` (h11 style).
+Fed with ``receive_data()`` and drained with ``next_event()`` (h11 style); the
+events and encoders live in :mod:`migrator._wire.savevm` and
+:mod:`migrator._wire.vfio` (reference ``qemu-vfio-multifd.md`` sections 1.1,
+1.2 and 1.5).
 
 Theory of operation of :class:`MainStreamDecoder`
 --------------------------------------------------
@@ -44,347 +38,52 @@ engine's business, since it depends on negotiated settings.
 from __future__ import annotations
 
 import enum
-import struct
-from typing import Final, TypeAlias
 
-import attrs
-
-from migrator.errors import FramingError
-
-# --- savevm stream constants (migration/savevm.h, reference 1.1) ---------------
-QEMU_VM_FILE_MAGIC: Final = 0x5145564D
-QEMU_VM_FILE_VERSION: Final = 3
-
-QEMU_VM_EOF: Final = 0x00
-QEMU_VM_SECTION_START: Final = 0x01
-QEMU_VM_SECTION_PART: Final = 0x02
-QEMU_VM_SECTION_END: Final = 0x03
-QEMU_VM_SECTION_FULL: Final = 0x04
-QEMU_VM_SUBSECTION: Final = 0x05
-QEMU_VM_VMDESCRIPTION: Final = 0x06
-QEMU_VM_CONFIGURATION: Final = 0x07
-QEMU_VM_COMMAND: Final = 0x08
-QEMU_VM_SECTION_FOOTER: Final = 0x7E
-
-# Commands (enum qemu_vm_cmd): INVALID 0, OPEN_RETURN_PATH 1, PING 2, ...,
-# RECV_BITMAP 10, SWITCHOVER_START 11.
-MIG_CMD_OPEN_RETURN_PATH: Final = 1
-MIG_CMD_PING: Final = 2
-MIG_CMD_SWITCHOVER_START: Final = 11
-
-# Payload lengths QEMU insists on for the fixed-size commands we may meet.
-_COMMAND_LENGTHS: Final[dict[int, tuple[str, int]]] = {
-    MIG_CMD_OPEN_RETURN_PATH: ("OPEN_RETURN_PATH", 0),
-    MIG_CMD_PING: ("PING", 4),
-    MIG_CMD_SWITCHOVER_START: ("SWITCHOVER_START", 0),
-}
-
-# Bounds on the CONFIGURATION record (machine names are short; QEMU has a few
-# dozen capabilities at most, each name fits a u8 length).
-MAX_MACHINE_NAME_BYTES: Final = 256
-MAX_CONFIG_CAPABILITIES: Final = 256
-
-
-class Marker(enum.IntEnum):
-    """VFIO_MIG_FLAG_* markers, written as be64 (reference 1.2)."""
-
-    END_OF_STATE = 0xFFFFFFFFEF100001
-    DEV_CONFIG_STATE = 0xFFFFFFFFEF100002
-    DEV_SETUP_STATE = 0xFFFFFFFFEF100003
-    DEV_DATA_STATE = 0xFFFFFFFFEF100004
-    DEV_INIT_DATA_SENT = 0xFFFFFFFFEF100005
-    DEV_CONFIG_LOAD_READY = 0xFFFFFFFFEF100006
-
-
-class RpMsg(enum.IntEnum):
-    """Return-path message types (enum mig_rp_message_type in migration.c)."""
-
-    INVALID = 0
-    SHUT = 1
-    PONG = 2
-    REQ_PAGES_ID = 3
-    REQ_PAGES = 4
-    RECV_BITMAP = 5
-    RESUME_ACK = 6
-    SWITCHOVER_ACK = 7
-
-
-# Fixed payload lengths of return-path messages (None = variable), as the
-# source's return-path thread checks them.
-_RP_LENGTHS: Final[dict[int, int | None]] = {
-    RpMsg.SHUT: 4,
-    RpMsg.PONG: 4,
-    RpMsg.REQ_PAGES_ID: None,
-    RpMsg.REQ_PAGES: 12,
-    RpMsg.RECV_BITMAP: None,
-    RpMsg.RESUME_ACK: 4,
-    RpMsg.SWITCHOVER_ACK: 0,
-}
-
-_U8 = struct.Struct(">B")
-_BE16 = struct.Struct(">H")
-_BE32 = struct.Struct(">I")
-_BE64 = struct.Struct(">Q")
-_HEADER = struct.Struct(">II")
-_COMMAND = struct.Struct(">BHH")
-_SECTION_SHORT = struct.Struct(">BI")
-_SECTION_LONG_PREFIX = struct.Struct(">BIB")
-_INSTANCE_VERSION = struct.Struct(">II")
-_MARKER_AND_SIZE = struct.Struct(">QQ")
-_RP_HEADER = struct.Struct(">HH")
-
-_MARKER_VALUES: Final = frozenset(int(m) for m in Marker)
-
-
-# --- encoders -----------------------------------------------------------------
-
-
-def _encode_idstr(idstr: str) -> bytes:
-    raw = idstr.encode()
-    if len(raw) > 255:
-        raise ValueError(f"idstr is {len(raw)} bytes, the maximum is 255")
-    return raw
-
-
-def encode_file_header() -> bytes:
-    """The 8-byte file header: be32 magic "QEVM", be32 version 3."""
-    return _HEADER.pack(QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION)
-
-
-def encode_command(cmd: int, payload: bytes = b"") -> bytes:
-    """A QEMU_VM_COMMAND record: type byte, be16 command, be16 length, payload."""
-    if len(payload) > 0xFFFF:
-        raise ValueError(f"command payload is {len(payload)} bytes, the maximum is 65535")
-    return _COMMAND.pack(QEMU_VM_COMMAND, cmd, len(payload)) + payload
-
-
-def encode_section_start(section_id: int, idstr: str, instance_id: int, version_id: int) -> bytes:
-    """A SECTION_START header (the VFIO payload and the footer follow)."""
-    raw = _encode_idstr(idstr)
-    return (
-        _SECTION_LONG_PREFIX.pack(QEMU_VM_SECTION_START, section_id, len(raw))
-        + raw
-        + _INSTANCE_VERSION.pack(instance_id, version_id)
-    )
-
-
-def encode_section_full(section_id: int, idstr: str, instance_id: int, version_id: int) -> bytes:
-    """A SECTION_FULL header (same layout as START)."""
-    raw = _encode_idstr(idstr)
-    return (
-        _SECTION_LONG_PREFIX.pack(QEMU_VM_SECTION_FULL, section_id, len(raw))
-        + raw
-        + _INSTANCE_VERSION.pack(instance_id, version_id)
-    )
-
-
-def encode_section_part(section_id: int) -> bytes:
-    """A SECTION_PART header: type byte + be32 section id."""
-    return _SECTION_SHORT.pack(QEMU_VM_SECTION_PART, section_id)
-
-
-def encode_section_end(section_id: int) -> bytes:
-    """A SECTION_END header: type byte + be32 section id."""
-    return _SECTION_SHORT.pack(QEMU_VM_SECTION_END, section_id)
-
-
-def encode_footer(section_id: int) -> bytes:
-    """A section footer: 0x7e + be32 section id."""
-    return _SECTION_SHORT.pack(QEMU_VM_SECTION_FOOTER, section_id)
-
-
-def encode_eof() -> bytes:
-    """QEMU_VM_EOF, the last byte of a stream."""
-    return b"\x00"
-
-
-def encode_marker(m: Marker) -> bytes:
-    """One VFIO marker as be64."""
-    return _BE64.pack(m)
-
-
-def encode_data_header(size: int) -> bytes:
-    """DEV_DATA_STATE + be64 size; the caller sends the ``size`` bytes itself."""
-    return _MARKER_AND_SIZE.pack(Marker.DEV_DATA_STATE, size)
-
-
-def encode_config_blob(config: bytes) -> bytes:
-    """The device config blob as this project frames it: be32 length + bytes."""
-    return _BE32.pack(len(config)) + config
-
-
-def encode_configuration(
-    name: str,
-    *,
-    target_page_bits: int | None = None,
-    capabilities: tuple[str, ...] = (),
-    uuid: bytes | None = None,
-) -> bytes:
-    """A CONFIGURATION record as QEMU writes it after the header (for tests/tools).
-
-    The optional subsections are written in QEMU's order (target-page-bits,
-    capabilities, uuid).
-    """
-    raw = name.encode()
-    out = bytearray(_U8.pack(QEMU_VM_CONFIGURATION) + _BE32.pack(len(raw)) + raw)
-    if target_page_bits is not None:
-        out += _subsection_header("configuration/target-page-bits")
-        out += _BE32.pack(target_page_bits)
-    if capabilities:
-        out += _subsection_header("configuration/capabilities")
-        out += _BE32.pack(len(capabilities))
-        for cap in capabilities:
-            craw = cap.encode()
-            out += _U8.pack(len(craw)) + craw
-    if uuid is not None:
-        if len(uuid) != 16:
-            raise ValueError("uuid must be 16 bytes")
-        out += _subsection_header("configuration/uuid") + uuid
-    return bytes(out)
-
-
-def _subsection_header(name: str) -> bytes:
-    raw = name.encode()
-    return _U8.pack(QEMU_VM_SUBSECTION) + _U8.pack(len(raw)) + raw + _BE32.pack(1)
-
-
-def encode_rp_message(msg_type: int, payload: bytes = b"") -> bytes:
-    """A return-path message: be16 type, be16 length, payload."""
-    if len(payload) > 0xFFFF:
-        raise ValueError(f"return-path payload is {len(payload)} bytes, the maximum is 65535")
-    return _RP_HEADER.pack(msg_type, len(payload)) + payload
-
-
-def encode_rp_shut(status: int) -> bytes:
-    """MIG_RP_MSG_SHUT with its be32 status (0 = success)."""
-    return encode_rp_message(RpMsg.SHUT, _BE32.pack(status & 0xFFFFFFFF))
-
-
-def encode_rp_switchover_ack() -> bytes:
-    """MIG_RP_MSG_SWITCHOVER_ACK (no payload)."""
-    return encode_rp_message(RpMsg.SWITCHOVER_ACK)
-
-
-# --- events -------------------------------------------------------------------
-
-
-@attrs.frozen
-class FileHeader:
-    version: int
-
-
-@attrs.frozen
-class Command:
-    cmd: int
-    payload: bytes
-
-
-@attrs.frozen
-class Configuration:
-    """A CONFIGURATION record; the subsection fields are None/empty when absent."""
-
-    name: str
-    target_page_bits: int | None = None
-    capabilities: tuple[str, ...] = ()
-    uuid: bytes | None = None
-
-
-@attrs.frozen
-class SectionStart:
-    section_id: int
-    idstr: str
-    instance_id: int
-    version_id: int
-
-
-@attrs.frozen
-class SectionPart:
-    section_id: int
-
-
-@attrs.frozen
-class SectionEnd:
-    section_id: int
-
-
-@attrs.frozen
-class SectionFull:
-    section_id: int
-    idstr: str
-    instance_id: int
-    version_id: int
-
-
-@attrs.frozen
-class MarkerEvent:
-    section_id: int
-    marker: Marker
-
-
-@attrs.frozen
-class DataHeader:
-    section_id: int
-    size: int
-
-
-@attrs.frozen
-class DataChunk:
-    section_id: int
-    data: bytes
-
-
-@attrs.frozen
-class ConfigBlob:
-    section_id: int
-    data: bytes
-
-
-@attrs.frozen
-class SectionFooter:
-    section_id: int
-
-
-@attrs.frozen
-class EndOfFile:
-    pass
-
-
-@attrs.frozen
-class VmDescription:
-    """The JSON VM description QEMU may append after QEMU_VM_EOF (skipped, not kept)."""
-
-    size: int
-
-
-Event: TypeAlias = (
-    FileHeader
-    | Command
-    | Configuration
-    | SectionStart
-    | SectionPart
-    | SectionEnd
-    | SectionFull
-    | MarkerEvent
-    | DataHeader
-    | DataChunk
-    | ConfigBlob
-    | SectionFooter
-    | EndOfFile
-    | VmDescription
+from migrator._wire.buffer import _Buffer
+from migrator._wire.savevm import (
+    _BE32,
+    _BE64,
+    _COMMAND,
+    _COMMAND_LENGTHS,
+    _HEADER,
+    _INSTANCE_VERSION,
+    _SECTION_LONG_PREFIX,
+    _SECTION_SHORT,
+    MAX_CONFIG_CAPABILITIES,
+    MAX_MACHINE_NAME_BYTES,
+    NEED_DATA,
+    QEMU_VM_COMMAND,
+    QEMU_VM_CONFIGURATION,
+    QEMU_VM_EOF,
+    QEMU_VM_FILE_MAGIC,
+    QEMU_VM_FILE_VERSION,
+    QEMU_VM_SECTION_END,
+    QEMU_VM_SECTION_FOOTER,
+    QEMU_VM_SECTION_FULL,
+    QEMU_VM_SECTION_PART,
+    QEMU_VM_SECTION_START,
+    QEMU_VM_SUBSECTION,
+    QEMU_VM_VMDESCRIPTION,
+    Command,
+    ConfigBlob,
+    Configuration,
+    DataChunk,
+    DataHeader,
+    EndOfFile,
+    Event,
+    FileHeader,
+    MarkerEvent,
+    NeedData,
+    SectionEnd,
+    SectionFooter,
+    SectionFull,
+    SectionPart,
+    SectionStart,
+    VmDescription,
 )
-
-
-class _NeedData:
-    """Type of the :data:`NEED_DATA` sentinel."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA: Final = _NeedData()
-NeedData: TypeAlias = _NeedData
+from migrator._wire.vfio import MARKER_VALUES as _MARKER_VALUES
+from migrator._wire.vfio import Marker
+from migrator.errors import FramingError
 
 
 class DecoderState(enum.Enum):
@@ -405,50 +104,6 @@ class DecoderState(enum.Enum):
 
 
 _S = DecoderState
-
-# When to move the unconsumed tail of the buffer to its front: only once the
-# consumed part dominates, so each byte is moved O(1) times on average.
-_COMPACT_MIN_BYTES: Final = 1 << 16
-
-
-class _Buffer:
-    """A bytearray with a read offset: cheap consumption, amortised compaction."""
-
-    __slots__ = ("data", "eof", "pos")
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self.pos = 0
-        self.eof = False
-
-    def feed(self, chunk: bytes | bytearray | memoryview) -> None:
-        if self.pos >= len(self.data):
-            self.data.clear()
-            self.pos = 0
-        elif self.pos >= _COMPACT_MIN_BYTES and self.pos * 2 >= len(self.data):
-            del self.data[: self.pos]
-            self.pos = 0
-        self.data += chunk
-
-    def receive(self, chunk: bytes | bytearray | memoryview) -> None:
-        """The decoders' ``receive_data``: bytes, or ``b""`` for EOF (data after EOF is misuse)."""
-        if self.eof:
-            if chunk:
-                raise ValueError("receive_data() called with data after EOF")
-            return
-        if chunk:
-            self.feed(chunk)
-        else:
-            self.eof = True
-
-    def available(self) -> int:
-        return len(self.data) - self.pos
-
-    def take(self, n: int) -> bytes:
-        with memoryview(self.data) as view:
-            out = bytes(view[self.pos : self.pos + n])
-        self.pos += n
-        return out
 
 
 class MainStreamDecoder:
@@ -856,92 +511,3 @@ def _parse_configuration(
         else:
             raise FramingError(f"unknown configuration subsection {sub!r}")
     return Configuration(name, target_page_bits=page_bits, capabilities=caps, uuid=uuid), p
-
-
-# --- return path --------------------------------------------------------------
-
-
-@attrs.frozen
-class RpEvent:
-    """One return-path message; ``msg_type`` may be a type we do not know."""
-
-    msg_type: int
-    payload: bytes
-
-
-class ReturnPathDecoder:
-    """Sans-IO decoder of return-path messages (destination to source).
-
-    Known fixed-size types with a wrong length raise FramingError, as QEMU's
-    source does; unknown types are returned as events for the caller to judge.
-    ``closed`` is True once the peer closed the channel at a message boundary.
-    """
-
-    def __init__(self, *, max_payload: int = 0xFFFF) -> None:
-        self._max_payload = max_payload
-        self._buf = _Buffer()
-        self._error: FramingError | None = None
-
-    @property
-    def closed(self) -> bool:
-        return self._buf.eof and not self._buf.available()
-
-    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Feed bytes; ``b""`` means EOF."""
-        if self._error is not None:
-            raise FramingError(self._error.message) from self._error
-        self._buf.receive(data)
-
-    def next_event(self) -> RpEvent | NeedData:
-        """The next message, or NEED_DATA (also after a clean close; see ``closed``)."""
-        if self._error is not None:
-            raise FramingError(self._error.message) from self._error
-        try:
-            return self._step()
-        except FramingError as exc:
-            self._error = exc
-            raise
-
-    def _step(self) -> RpEvent | NeedData:
-        buf = self._buf
-        avail = buf.available()
-        if avail < 4:
-            if buf.eof and avail:
-                raise FramingError(f"truncated return path: EOF in message header ({avail} of 4)")
-            return NEED_DATA
-        msg_type, length = _RP_HEADER.unpack_from(buf.data, buf.pos)
-        if length > self._max_payload:
-            raise FramingError(
-                f"return-path message 0x{msg_type:04x} of {length} bytes exceeds the maximum "
-                f"of {self._max_payload}"
-            )
-        expected = _RP_LENGTHS.get(msg_type)
-        if expected is not None and length != expected:
-            raise FramingError(
-                f"return-path message {RpMsg(msg_type).name} has length {length}, "
-                f"expected {expected}"
-            )
-        if avail < 4 + length:
-            if buf.eof:
-                raise FramingError(
-                    f"truncated return path: EOF in message 0x{msg_type:04x} "
-                    f"({avail - 4} of {length} payload bytes)"
-                )
-            return NEED_DATA
-        buf.pos += 4
-        return RpEvent(msg_type, buf.take(length))
-
-
-def rp_shut_status(event: RpEvent) -> int:
-    """The be32 status of a SHUT message (0 means the destination succeeded)."""
-    if event.msg_type != RpMsg.SHUT or len(event.payload) != 4:
-        raise FramingError(
-            f"not a SHUT message: type 0x{event.msg_type:04x}, {len(event.payload)} bytes"
-        )
-    status: int = _BE32.unpack(event.payload)[0]
-    return status
-
-
-def rp_is_switchover_ack(event: RpEvent) -> bool:
-    """True for a well-formed SWITCHOVER_ACK (type 7, no payload)."""
-    return event.msg_type == RpMsg.SWITCHOVER_ACK and not event.payload
