@@ -11,9 +11,10 @@ import time
 import traceback
 from pathlib import Path
 
-from benchmarks.harness import FAILURES, BenchError, log, machine_details, missing_tools
+from benchmarks.harness import FAILURES, log, machine_details, missing_tools
 from benchmarks.report import Figure, render
 from benchmarks.scenarios import SCALES, SCENARIOS
+from fakevfio.testing import HarnessError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"=== {name} ({scale.name}) ===")
             try:
                 figures += SCENARIOS[name](base, scale)
-            except (BenchError, OSError) as exc:
+            except (HarnessError, OSError) as exc:  # BenchError, MountError, MigrationFailed
                 log(f"{name} FAILED: {exc}")
                 traceback.print_exc(file=sys.stderr)
                 failed.append(name)

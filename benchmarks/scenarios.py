@@ -15,7 +15,6 @@ from benchmarks.harness import (
     BenchError,
     GiB,
     MiB,
-    MigrationRun,
     dd_direct,
     dd_socat,
     log,
@@ -25,6 +24,7 @@ from benchmarks.harness import (
     size_text,
 )
 from benchmarks.report import Figure
+from fakevfio.testing import MigrationResult
 
 
 @attrs.frozen
@@ -53,7 +53,7 @@ def _ram(name: str, size: int, **opts: object) -> str:
     return f"{name}=ram:{','.join(parts)}"
 
 
-def _stream_bytes(run: MigrationRun) -> int:
+def _stream_bytes(run: MigrationResult) -> int:
     return sum(int(d.get("stopcopy_bytes", 0)) + int(d.get("precopy_bytes", 0))
                for d in run.source["devices"].values())
 
@@ -97,7 +97,8 @@ def stopcopy(base: Path, scale: Scale) -> list[Figure]:
             src.set_state("a", "STOP_COPY")
             dst.set_state("a", "STOP")
             dst.set_state("a", "RESUMING")
-            n, secs = copy(src.dev("a") / "migration" / "data", dst.dev("a") / "migration" / "data")
+            data = "migration/data"
+            n, secs = copy(src.device("a") / data, dst.device("a") / data)
             dst.set_state("a", "STOP")  # validates the stream
             dst.set_state("a", "RUNNING")
             src.set_state("a", "STOP")
@@ -106,7 +107,7 @@ def stopcopy(base: Path, scale: Scale) -> list[Figure]:
             nbytes[label] = n
 
         def mig(label: str, args: list[str]) -> None:
-            run = migrate([src.dev("a")], [dst.dev("a")], args)
+            run = migrate(src, dst, ["a"], args)
             src.set_state("a", "RUNNING")
             times.setdefault(label, []).append(run.source["total_time_ms"] / 1000)
             nbytes[label] = _stream_bytes(run)
@@ -174,7 +175,7 @@ def downtime(base: Path, scale: Scale) -> list[Figure]:
             for rep in range(scale.repeats):
                 for mode, args in modes.items():
                     log(f"downtime: K={k} {mode} (run {rep + 1}/{scale.repeats})")
-                    run = migrate([src.dev(n) for n in names], [dst.dev(n) for n in names], args)
+                    run = migrate(src, dst, names, args)
                     res[mode].append(run.source["downtime_ms"])
                     for n in names:
                         src.set_state(n, "RUNNING")
@@ -216,7 +217,7 @@ def memory(base: Path, scale: Scale) -> list[Figure]:
             for label, devs in (("1 MiB", ["small"]), (size_text(size), names[:1]),
                                 (size_text(size * ndev), names)):
                 log(f"memory: {mode}, {label} of state")
-                run = migrate([src.dev(n) for n in devs], [dst.dev(n) for n in devs], args)
+                run = migrate(src, dst, devs, args)
                 for n in devs:
                     src.set_state(n, "RUNNING")
                 peaks[label] = run.dest_maxrss_kib / 1024
@@ -249,13 +250,13 @@ def scale_devices(base: Path, scale: Scale) -> list[Figure]:
     dst_spec = [_ram(n, size, flags="STOP_COPY") for n in names]
     args = ["--multifd-channels", str(channels), "--multifd-transfer", "on"]
     log(f"scale: mounting 2 x {total} x {size_text(size)}")
-    res: dict[int, list[MigrationRun]] = {few: [], total: []}
+    res: dict[int, list[MigrationResult]] = {few: [], total: []}
     with mounted(base, src_spec) as src, mounted(base, dst_spec) as dst:
         for rep in range(scale.repeats):
             for k in (few, total):
                 log(f"scale: {k} devices, {channels} channels (run {rep + 1}/{scale.repeats})")
                 devs = names[:k]
-                run = migrate([src.dev(n) for n in devs], [dst.dev(n) for n in devs], args)
+                run = migrate(src, dst, devs, args)
                 res[k].append(run)
                 for n in names[:k]:
                     src.set_state(n, "RUNNING")
@@ -306,8 +307,8 @@ def fsm(base: Path, scale: Scale) -> list[Figure]:
     rounds = 1 if scale.tiny else 5
     log("fsm: mounting (one device, nothing else running)")
     with mounted(base, [_ram("f", 4096, flags="STOP_COPY")]) as one:
-        state = one.dev("f") / "migration" / "state"
-        flags = one.dev("f") / "migration" / "flags"
+        state = one.device("f") / "migration" / "state"
+        flags = one.device("f") / "migration" / "flags"
         rates: dict[str, list[float]] = {"fsm": [], "fuse": [], "tmpfs": []}
         shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
         with tempfile.NamedTemporaryFile(dir=shm) as tmp:
@@ -351,12 +352,12 @@ def fsm(base: Path, scale: Scale) -> list[Figure]:
                 _ram("q", pre_size, flags="STOP_COPY+PRE_COPY")]
     log("fsm: mounting pre-copy devices")
     with mounted(base, src_spec) as src, mounted(base, dst_spec) as dst:
-        results: dict[str, list[MigrationRun]] = {"p": [], "q": []}
+        results: dict[str, list[MigrationResult]] = {"p": [], "q": []}
         args = ["--max-bandwidth", size_text(bw)]
         for rep in range(scale.repeats):
             for dev in ("q", "p"):
                 log(f"fsm: pre-copy convergence, device {dev} (run {rep + 1}/{scale.repeats})")
-                results[dev].append(migrate([src.dev(dev)], [dst.dev(dev)], args))
+                results[dev].append(migrate(src, dst, [dev], args))
                 src.set_state(dev, "RUNNING")
 
     def med(dev: str, key: str) -> float:

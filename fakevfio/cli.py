@@ -287,7 +287,7 @@ def _cmd_mount(args: argparse.Namespace, debug: bool) -> int:
 
 def _explain_mount_failure(config: MountConfig) -> None:
     """After a failed mount: name what is missing and how to fix it (docs/ci.md)."""
-    from fakevfio.testing import fuse_problems
+    from fakevfio._environment import fuse_problems
 
     problems = fuse_problems(config.mountpoint, allow_other=config.allow_other)
     for problem in problems:

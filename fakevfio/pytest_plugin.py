@@ -52,7 +52,7 @@ from fakevfio.testing import (
     fuse_required,
     migrate,
     migrate_devices,
-    start_mount,
+    mount,
 )
 
 MountFactory = Callable[..., Mount]
@@ -94,7 +94,6 @@ def vfio_mount(
     teardown, in reverse order; a failing unmount does not stop the others.
     """
     base = tmp_path_factory.mktemp("vfio")
-    count = 0
     with contextlib.ExitStack() as stack:
 
         def factory(
@@ -103,15 +102,9 @@ def vfio_mount(
             extra_args: Sequence[str] = (),
             ready_timeout: float = DEFAULT_READY_TIMEOUT_S,
         ) -> Mount:
-            nonlocal count
-            mountpoint = base / f"mnt{count}"
-            count += 1
-            mountpoint.mkdir()
-            handle = start_mount(
-                mountpoint, devices, extra_args=extra_args, ready_timeout=ready_timeout
+            return stack.enter_context(
+                mount(devices, base_dir=base, extra_args=extra_args, ready_timeout=ready_timeout)
             )
-            stack.callback(handle.unmount)
-            return handle
 
         yield factory
 

@@ -32,11 +32,10 @@ from typing import Any
 
 import pytest
 
-from fakevfio._device import Device
 from fakevfio._loader import GROUP, load_drivers
 from fakevfio._options import DeviceSpec
 from fakevfio._registry import Registry
-from vfio_uapi.fsm import State
+from fakevfio.testing import LocalDevice, round_trip
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -109,30 +108,11 @@ def test_examples_load_through_injected_entry_points() -> None:
 )
 def test_examples_migrate_between_registry_devices(spec: str, other: str) -> None:
     registry = Registry(load_drivers(_example_entry_points()).drivers)
-    src = registry.create(DeviceSpec.from_cli(spec))
-    dst = registry.create(DeviceSpec.from_cli(other))
+    src = LocalDevice.around(registry.create(DeviceSpec.from_cli(spec)))
+    dst = LocalDevice.around(registry.create(DeviceSpec.from_cli(other)))
     src.advance(0.5)
-    stream = _save(src)
-    _load(dst, stream)
+    round_trip(src, dst, save_chunk=4099)
     assert dst.info()["state_digest"] == src.info()["state_digest"]
-
-
-def _save(dev: Device) -> bytes:
-    session = dev.set_state(State.STOP_COPY).session
-    assert session is not None
-    out = bytearray()
-    while data := dev.read(session, 4099)[0]:
-        out += data
-    dev.set_state(State.STOP)
-    return bytes(out)
-
-
-def _load(dev: Device, stream: bytes) -> None:
-    session = dev.set_state(State.RESUMING).session
-    assert session is not None
-    for off in range(0, len(stream), 4099):
-        dev.write(session, memoryview(stream)[off : off + 4099])
-    dev.set_state(State.STOP)
 
 
 # -- (c) a broken plugin is reported, the others keep working --------------------

@@ -62,6 +62,31 @@ def _record(pytester: pytest.Pytester) -> tuple[Path, str]:
     return out, snippet
 
 
+def _start_inner(pytester: pytest.Pytester, testfile: Path, record: Path) -> subprocess.Popen[str]:
+    """Run pytest on ``testfile`` in its own session; return once it recorded its mounts.
+
+    Its own session: a signal we send goes to pytest only, so stopping the
+    servers is the plugin's job.
+    """
+    cmd = [
+        sys.executable, "-m", "pytest", *_plugin_args(), "-p", "no:cacheprovider",
+        f"--basetemp={pytester.path / 'basetemp'}", str(testfile),
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=pytester.path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while not record.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            out = proc.communicate()[0]
+            raise AssertionError(f"the inner test did not mount in time:\n{out}")
+        time.sleep(0.1)
+    time.sleep(0.2)
+    return proc
+
+
 def _assert_all_gone(record: Path) -> None:
     mounts = json.loads(record.read_text())
     assert mounts, "the inner test recorded no mount"
@@ -464,31 +489,8 @@ def test_plugin_unmounts_when_pytest_gets_sigint(pytester: pytest.Pytester) -> N
             """
         )
     )
-    cmd = [
-        sys.executable,
-        "-m",
-        "pytest",
-        *_plugin_args(),
-        "-p",
-        "no:cacheprovider",
-        f"--basetemp={pytester.path / 'basetemp'}",
-        str(testfile),
-    ]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=pytester.path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # SIGINT goes to pytest only: stopping the servers is our job
-    )
+    proc = _start_inner(pytester, testfile, record)
     try:
-        deadline = time.monotonic() + 60
-        while not record.exists():
-            assert proc.poll() is None, proc.communicate()[0]
-            assert time.monotonic() < deadline, "the inner test did not mount in time"
-            time.sleep(0.1)
-        time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
     finally:
@@ -518,32 +520,10 @@ def test_killed_pytest_leaves_no_server(pytester: pytest.Pytester) -> None:
             """
         )
     )
-    cmd = [
-        sys.executable,
-        "-m",
-        "pytest",
-        *_plugin_args(),
-        "-p",
-        "no:cacheprovider",
-        f"--basetemp={pytester.path / 'basetemp'}",
-        str(testfile),
-    ]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=pytester.path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc = _start_inner(pytester, testfile, record)
     try:
-        deadline = time.monotonic() + 60
-        while not record.exists():
-            assert proc.poll() is None
-            assert time.monotonic() < deadline, "the inner test did not mount in time"
-            time.sleep(0.1)
-        time.sleep(0.2)
         proc.kill()
-        proc.wait()
+        proc.communicate()
         deadline = time.monotonic() + 20
         for path, pid in json.loads(record.read_text()):
             while (_mounted(path) or _alive(pid)) and time.monotonic() < deadline:
@@ -553,6 +533,6 @@ def test_killed_pytest_leaves_no_server(pytester: pytest.Pytester) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
+            proc.communicate()
         for path, _pid in json.loads(record.read_text()) if record.exists() else []:
             testing.force_unmount(path)

@@ -13,8 +13,6 @@ import functools
 import itertools
 import random
 import struct
-import threading
-import time
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +20,7 @@ from pathlib import Path
 import attrs
 import pytest
 
+from fakevfio.testing import PeakRss
 from tests.conftest import MountFactory, MountHandle
 from tests.migrator import qemu_reference as ref
 from tests.migrator import wire_sender as ws
@@ -303,32 +302,6 @@ def test_queue_bound_exceeded_while_the_writer_starves(mounts: Mounts, tmp_path:
     line = ws.error_line(result.stderr)
     assert f"would exceed the size max of {2 << 20}" in line, line
     assert "buffer 0 never arrived" in line
-
-
-class PeakRss:
-    """Samples a process's VmHWM (peak RSS since exec) until it exits."""
-
-    def __init__(self, pid: int) -> None:
-        self.path = Path(f"/proc/{pid}/status")
-        self.peak_kib = 0
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            try:
-                status = self.path.read_text()
-            except OSError:
-                return
-            hwm = next((ln for ln in status.splitlines() if ln.startswith("VmHWM:")), None)
-            if hwm is None:  # a zombie: the process has exited
-                return
-            self.peak_kib = max(self.peak_kib, int(hwm.split()[1]))
-            time.sleep(0.002)
-
-    def join(self) -> int:
-        self._thread.join(10)
-        return self.peak_kib
 
 
 def test_oversized_payload_fails_before_allocating(mounts: Mounts, tmp_path: Path) -> None:

@@ -20,7 +20,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid as uuidlib
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from fakevfio.testing import PeakRss
 from tests.conftest import MountFactory, MountHandle, mount_fakevfio
 from tests.migrator import qemu_reference as ref
 from tests.migrator import wire_sender as ws
@@ -292,32 +292,6 @@ def test_uuid_mismatch_is_refused_before_touching_devices(
 
 
 # --- sizes from the wire are checked before allocating --------------------------------------
-
-
-class PeakRss:
-    """Samples a process's VmHWM (peak resident set) until it exits."""
-
-    def __init__(self, pid: int) -> None:
-        self.path = Path(f"/proc/{pid}/status")
-        self.peak_kib = 0
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            try:
-                status = self.path.read_text()
-            except OSError:
-                return
-            hwm = [ln for ln in status.splitlines() if ln.startswith("VmHWM:")]
-            if not hwm:
-                return  # a zombie
-            self.peak_kib = max(self.peak_kib, int(hwm[0].split()[1]))
-            time.sleep(0.002)
-
-    def join(self) -> int:
-        self._thread.join(10)
-        return self.peak_kib
 
 
 def _be(n: int, width: int) -> bytes:
