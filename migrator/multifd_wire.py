@@ -22,8 +22,8 @@ from typing import Final
 
 import attrs
 
-from migrator.errors import FramingError
 from migrator._wire import QEMU_VM_FILE_MAGIC, Marker
+from migrator.errors import FramingError
 
 MULTIFD_MAGIC: Final = 0x11223344
 MULTIFD_VERSION: Final = 1
