@@ -22,17 +22,28 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m benchmarks",
         description="fakevfio / migrator benchmarks, each figure against a same-run baseline.",
     )
-    parser.add_argument("--size-scale", choices=sorted(SCALES), default="full",
-                        help="full: the real sizes (GiB of device state); tiny: 1/64, for CI")
-    parser.add_argument("--only", action="append", choices=list(SCENARIOS), metavar="NAME",
-                        help=f"run only this scenario (repeatable): {', '.join(SCENARIOS)}")
+    parser.add_argument(
+        "--size-scale",
+        choices=sorted(SCALES),
+        default="full",
+        help="full: the real sizes (GiB of device state); tiny: 1/64, for CI",
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=list(SCENARIOS),
+        metavar="NAME",
+        help=f"run only this scenario (repeatable): {', '.join(SCENARIOS)}",
+    )
     args = parser.parse_args(argv)
     scale = SCALES[args.size_scale]
     names = args.only or list(SCENARIOS)
     missing = missing_tools()
     if missing:
-        log(f"missing tools: {', '.join(missing)}; scenarios that need them report 'skipped' "
-            "(Debian/Ubuntu: apt-get install -y socat coreutils)")
+        log(
+            f"missing tools: {', '.join(missing)}; scenarios that need them report 'skipped' "
+            "(Debian/Ubuntu: apt-get install -y socat coreutils)"
+        )
     base = Path(tempfile.mkdtemp(prefix="fakevfio-bench-"))
     figures: list[Figure] = []
     failed: list[str] = []
@@ -55,8 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(base, ignore_errors=True)
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     machine.append(("load avg at end", f"{load} (1/5/15 min; > cores means other work competed)"))
-    header = (f"fakevfio benchmarks, --size-scale {scale.name}, "
-              f"{time.strftime('%Y-%m-%d %H:%M')}, {time.monotonic() - started:.0f} s")
+    header = (
+        f"fakevfio benchmarks, --size-scale {scale.name}, "
+        f"{time.strftime('%Y-%m-%d %H:%M')}, {time.monotonic() - started:.0f} s"
+    )
     text = render(figures, machine, header)
     if FAILURES:
         text += f"\n\nmigrations that failed and were retried ({len(FAILURES)}):"

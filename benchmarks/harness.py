@@ -87,7 +87,10 @@ def dd_direct(src_data: Path, dst_data: Path, *, timeout: float = 600.0) -> tupl
     t0 = time.perf_counter()
     proc = subprocess.run(
         ["dd", f"if={src_data}", f"of={dst_data}", "bs=1M"],
-        capture_output=True, text=True, timeout=timeout, check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
     elapsed = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -115,10 +118,15 @@ def dd_socat(src_data: Path, dst_data: Path, *, timeout: float = 600.0) -> tuple
     """``dd | socat`` -> tcp loopback -> ``socat | dd``; (bytes, seconds)."""
     port = _free_port()
     recv = subprocess.Popen(
-        ["sh", "-c",
-         f"socat -u TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr STDOUT"
-         f" | dd of={dst_data} bs=1M iflag=fullblock"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        [
+            "sh",
+            "-c",
+            f"socat -u TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr STDOUT"
+            f" | dd of={dst_data} bs=1M iflag=fullblock",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 10
@@ -129,7 +137,10 @@ def dd_socat(src_data: Path, dst_data: Path, *, timeout: float = 600.0) -> tuple
         t0 = time.perf_counter()
         send = subprocess.run(
             ["sh", "-c", f"dd if={src_data} bs=1M | socat -u STDIN TCP:127.0.0.1:{port}"],
-            capture_output=True, text=True, timeout=timeout, check=False,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
         )
         _, err = recv.communicate(timeout=timeout)
         elapsed = time.perf_counter() - t0

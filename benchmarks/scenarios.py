@@ -54,16 +54,26 @@ def _ram(name: str, size: int, **opts: object) -> str:
 
 
 def _stream_bytes(run: MigrationResult) -> int:
-    return sum(int(d.get("stopcopy_bytes", 0)) + int(d.get("precopy_bytes", 0))
-               for d in run.source["devices"].values())
+    return sum(
+        int(d.get("stopcopy_bytes", 0)) + int(d.get("precopy_bytes", 0))
+        for d in run.source["devices"].values()
+    )
 
 
 def _multifd(channels: int) -> list[str]:
     return ["--multifd-channels", str(channels), "--multifd-transfer", "on"]
 
 
-def _ratio_fig(scenario: str, name: str, num: float, den: float, den_name: str,
-               floor: float | None = None, ceil: float | None = None, unit: str = "MB/s") -> Figure:
+def _ratio_fig(
+    scenario: str,
+    name: str,
+    num: float,
+    den: float,
+    den_name: str,
+    floor: float | None = None,
+    ceil: float | None = None,
+    unit: str = "MB/s",
+) -> Figure:
     ratio = num / den if den else None
     target, ok = "", None
     if floor is not None and ratio is not None:
@@ -79,8 +89,10 @@ def stopcopy(base: Path, scale: Scale) -> list[Figure]:
     size = scale.size(1 * GiB)
     missing = missing_tools()
     if missing:
-        log(f"stopcopy: {', '.join(missing)} not installed; the raw-copy baselines are skipped "
-            f"(apt-get install -y {' '.join('coreutils' if t == 'dd' else t for t in missing)})")
+        log(
+            f"stopcopy: {', '.join(missing)} not installed; the raw-copy baselines are skipped "
+            f"(apt-get install -y {' '.join('coreutils' if t == 'dd' else t for t in missing)})"
+        )
     src_spec = [_ram("a", size, seed=1, flags="STOP_COPY")]
     dst_spec = [_ram("a", size, flags="STOP_COPY")]
     log(f"stopcopy: mounting 2 x {size_text(size)}")
@@ -136,19 +148,44 @@ def stopcopy(base: Path, scale: Scale) -> list[Figure]:
     note_size = f"{size_text(size)} device, flags=STOP_COPY, median of {scale.repeats}"
     for label in ("direct dd", "dd+socat"):
         if label in mbps:
-            figs.append(Figure(sc, f"{label} (baseline)", mbps[label], "MB/s", note=note_size
-                               if label == "direct dd" else ""))
+            figs.append(
+                Figure(
+                    sc,
+                    f"{label} (baseline)",
+                    mbps[label],
+                    "MB/s",
+                    note=note_size if label == "direct dd" else "",
+                )
+            )
         else:
-            figs.append(Figure(sc, f"{label} (baseline)", None, "MB/s",
-                               note=f"skipped: {', '.join(missing)} not installed"))
+            figs.append(
+                Figure(
+                    sc,
+                    f"{label} (baseline)",
+                    None,
+                    "MB/s",
+                    note=f"skipped: {', '.join(missing)} not installed",
+                )
+            )
     for label in ("migrator 1ch", "migrator multifd 2", "migrator multifd 4"):
         figs.append(Figure(sc, label, mbps[label], "MB/s"))
         if "dd+socat" in mbps:
-            figs.append(_ratio_fig(sc, f"{label} / dd+socat", mbps[label], mbps["dd+socat"],
-                                   "dd+socat", floor=0.8))
+            figs.append(
+                _ratio_fig(
+                    sc, f"{label} / dd+socat", mbps[label], mbps["dd+socat"], "dd+socat", floor=0.8
+                )
+            )
         if "direct dd" in mbps:
-            figs.append(_ratio_fig(sc, f"{label} / direct dd", mbps[label], mbps["direct dd"],
-                                   "direct dd", floor=0.6))
+            figs.append(
+                _ratio_fig(
+                    sc,
+                    f"{label} / direct dd",
+                    mbps[label],
+                    mbps["direct dd"],
+                    "direct dd",
+                    floor=0.6,
+                )
+            )
     return figs
 
 
@@ -162,8 +199,10 @@ def downtime(base: Path, scale: Scale) -> list[Figure]:
     figs: list[Figure] = []
     for k in ks:
         names = [f"d{i}" for i in range(k)]
-        src_spec = [_ram(n, size, seed=i + 1, flags="STOP_COPY", read_bandwidth=size_text(bw))
-                    for i, n in enumerate(names)]
+        src_spec = [
+            _ram(n, size, seed=i + 1, flags="STOP_COPY", read_bandwidth=size_text(bw))
+            for i, n in enumerate(names)
+        ]
         dst_spec = [_ram(n, size, flags="STOP_COPY") for n in names]
         log(f"downtime: K={k}: mounting 2 x {k} x {size_text(size)} (read {size_text(bw)}/s)")
         with mounted(base, src_spec) as src, mounted(base, dst_spec) as dst:
@@ -182,12 +221,26 @@ def downtime(base: Path, scale: Scale) -> list[Figure]:
         single = statistics.median(res["single"])
         multi = statistics.median(res["multifd"])
         ideal = size / bw * 1000
-        figs.append(Figure(sc, f"K={k} single channel downtime", single, "ms",
-                           note=f"K={k}: device-bound ideal {k * ideal:.0f} ms single, "
-                                f"{ideal:.0f} ms multifd ({k} x {size_text(size)}, "
-                                f"read_bandwidth {size_text(bw)}/s each)"))
-        fig = _ratio_fig(sc, f"K={k} multifd ({k} ch) downtime", multi, single, "single",
-                         ceil=0.35 if k == 4 else None, unit="ms")
+        figs.append(
+            Figure(
+                sc,
+                f"K={k} single channel downtime",
+                single,
+                "ms",
+                note=f"K={k}: device-bound ideal {k * ideal:.0f} ms single, "
+                f"{ideal:.0f} ms multifd ({k} x {size_text(size)}, "
+                f"read_bandwidth {size_text(bw)}/s each)",
+            )
+        )
+        fig = _ratio_fig(
+            sc,
+            f"K={k} multifd ({k} ch) downtime",
+            multi,
+            single,
+            "single",
+            ceil=0.35 if k == 4 else None,
+            unit="ms",
+        )
         if k == 4:
             fig.note = "QEMU on hardware, 4 VFs: 1900 -> 1095 ms = 0.58x"
         figs.append(fig)
@@ -214,8 +267,11 @@ def memory(base: Path, scale: Scale) -> list[Figure]:
         }
         for mode, args in modes.items():
             peaks: dict[str, float] = {}
-            for label, devs in (("1 MiB", ["small"]), (size_text(size), names[:1]),
-                                (size_text(size * ndev), names)):
+            for label, devs in (
+                ("1 MiB", ["small"]),
+                (size_text(size), names[:1]),
+                (size_text(size * ndev), names),
+            ):
                 log(f"memory: {mode}, {label} of state")
                 run = migrate(src, dst, devs, args)
                 for n in devs:
@@ -225,15 +281,30 @@ def memory(base: Path, scale: Scale) -> list[Figure]:
             one_label, four_label = size_text(size), size_text(size * ndev)
             figs.append(Figure(sc, f"{mode}: dest peak RSS, 1 MiB state (baseline)", small, "MiB"))
             for label, value in ((one_label, one), (four_label, four)):
-                figs.append(Figure(
-                    sc, f"{mode}: dest peak RSS, {label} state", value, "MiB",
-                    f"1 MiB state {small:,.0f} MiB", value / small, f"< {limit_mib} MiB",
-                    value < limit_mib,
-                ))
-            figs.append(Figure(
-                sc, f"{mode}: growth {four_label} vs {one_label}", four, "MiB",
-                f"{one_label} state {one:,.0f} MiB", four / one, "<= 1.25x", four / one <= 1.25,
-            ))
+                figs.append(
+                    Figure(
+                        sc,
+                        f"{mode}: dest peak RSS, {label} state",
+                        value,
+                        "MiB",
+                        f"1 MiB state {small:,.0f} MiB",
+                        value / small,
+                        f"< {limit_mib} MiB",
+                        value < limit_mib,
+                    )
+                )
+            figs.append(
+                Figure(
+                    sc,
+                    f"{mode}: growth {four_label} vs {one_label}",
+                    four,
+                    "MiB",
+                    f"{one_label} state {one:,.0f} MiB",
+                    four / one,
+                    "<= 1.25x",
+                    four / one <= 1.25,
+                )
+            )
     figs[0].note = "peak RSS = ru_maxrss of the migrator incoming process (wait4)"
     return figs
 
@@ -265,18 +336,33 @@ def scale_devices(base: Path, scale: Scale) -> list[Figure]:
         return statistics.median(float(r.source[key]) for r in res[k])
 
     figs = []
-    for key, label in (("total_time_ms", "total time"), ("downtime_ms", "downtime"),
-                       ("setup_time_ms", "setup time")):
+    for key, label in (
+        ("total_time_ms", "total time"),
+        ("downtime_ms", "downtime"),
+        ("setup_time_ms", "setup time"),
+    ):
         a, b = med(few, key), med(total, key)
         figs.append(Figure(sc, f"{few} devices {label}", a, "ms"))
         growth = b / a if a else None
         target, ok = "", None
         if key == "total_time_ms" and growth is not None:
             target, ok = f"<= {total / few:.1f}x (linear)", growth <= total / few
-        figs.append(Figure(sc, f"{total} devices {label}", b, "ms", f"{few} devices {a:,.1f} ms",
-                           growth, target, ok))
-    figs[0].note = (f"{size_text(size)} per device, {channels} multifd channels, "
-                    f"{total // few}x the devices and data")
+        figs.append(
+            Figure(
+                sc,
+                f"{total} devices {label}",
+                b,
+                "ms",
+                f"{few} devices {a:,.1f} ms",
+                growth,
+                target,
+                ok,
+            )
+        )
+    figs[0].note = (
+        f"{size_text(size)} per device, {channels} multifd channels, "
+        f"{total // few}x the devices and data"
+    )
     return figs
 
 
@@ -336,20 +422,45 @@ def fsm(base: Path, scale: Scale) -> list[Figure]:
     fsm_rate, fuse_rate, tmpfs_rate = (
         statistics.median(rates[k]) for k in ("fsm", "fuse", "tmpfs")
     )
-    figs.append(Figure(sc, "state write+read (transition) rate", fsm_rate, "ops/s",
-                       note="one op = open/write/close of migration/state (one arc) + "
-                            f"open/read/close of it; median of {rounds} rounds of {2 * cycles}"))
-    figs.append(Figure(sc, "  vs 2 x read of migration/flags", fsm_rate, "ops/s",
-                       f"flags read pair {fuse_rate:,.0f} ops/s", fsm_rate / fuse_rate))
-    figs.append(Figure(sc, "  vs write+read of a tmpfs file", fsm_rate, "ops/s",
-                       f"tmpfs {tmpfs_rate:,.0f} ops/s", fsm_rate / tmpfs_rate))
+    figs.append(
+        Figure(
+            sc,
+            "state write+read (transition) rate",
+            fsm_rate,
+            "ops/s",
+            note="one op = open/write/close of migration/state (one arc) + "
+            f"open/read/close of it; median of {rounds} rounds of {2 * cycles}",
+        )
+    )
+    figs.append(
+        Figure(
+            sc,
+            "  vs 2 x read of migration/flags",
+            fsm_rate,
+            "ops/s",
+            f"flags read pair {fuse_rate:,.0f} ops/s",
+            fsm_rate / fuse_rate,
+        )
+    )
+    figs.append(
+        Figure(
+            sc,
+            "  vs write+read of a tmpfs file",
+            fsm_rate,
+            "ops/s",
+            f"tmpfs {tmpfs_rate:,.0f} ops/s",
+            fsm_rate / tmpfs_rate,
+        )
+    )
 
     src_spec = [
         _ram("p", pre_size, seed=3, flags="STOP_COPY+PRE_COPY", dirty_rate=size_text(rate)),
         _ram("q", pre_size, seed=4, flags="STOP_COPY+PRE_COPY"),
     ]
-    dst_spec = [_ram("p", pre_size, flags="STOP_COPY+PRE_COPY"),
-                _ram("q", pre_size, flags="STOP_COPY+PRE_COPY")]
+    dst_spec = [
+        _ram("p", pre_size, flags="STOP_COPY+PRE_COPY"),
+        _ram("q", pre_size, flags="STOP_COPY+PRE_COPY"),
+    ]
     log("fsm: mounting pre-copy devices")
     with mounted(base, src_spec) as src, mounted(base, dst_spec) as dst:
         results: dict[str, list[MigrationResult]] = {"p": [], "q": []}
@@ -365,17 +476,42 @@ def fsm(base: Path, scale: Scale) -> list[Figure]:
 
     ideal = pre_size / bw * 1000
     clean, dirty = med("q", "total_time_ms"), med("p", "total_time_ms")
-    figs.append(Figure(sc, "pre-copy total time, dirty_rate 0 (baseline)", clean, "ms",
-                       f"size/bandwidth {ideal:,.0f} ms", clean / ideal,
-                       note=f"{size_text(pre_size)} device, --max-bandwidth {size_text(bw)}/s, "
-                            "downtime-limit 300 ms"))
-    figs.append(Figure(sc, f"pre-copy total time, dirty_rate {size_text(rate)}/s", dirty, "ms",
-                       f"dirty_rate 0 {clean:,.0f} ms", dirty / clean if clean else None,
-                       note=f"{med('p', 'precopy_iterations'):.0f} iterations, "
-                            f"downtime {med('p', 'downtime_ms'):.0f} ms"))
-    figs.append(Figure(sc, f"pre-copy downtime, dirty_rate {size_text(rate)}/s",
-                       med("p", "downtime_ms"), "ms", "downtime-limit 300 ms",
-                       med("p", "downtime_ms") / 300, "<= 1.00x", med("p", "downtime_ms") <= 300))
+    figs.append(
+        Figure(
+            sc,
+            "pre-copy total time, dirty_rate 0 (baseline)",
+            clean,
+            "ms",
+            f"size/bandwidth {ideal:,.0f} ms",
+            clean / ideal,
+            note=f"{size_text(pre_size)} device, --max-bandwidth {size_text(bw)}/s, "
+            "downtime-limit 300 ms",
+        )
+    )
+    figs.append(
+        Figure(
+            sc,
+            f"pre-copy total time, dirty_rate {size_text(rate)}/s",
+            dirty,
+            "ms",
+            f"dirty_rate 0 {clean:,.0f} ms",
+            dirty / clean if clean else None,
+            note=f"{med('p', 'precopy_iterations'):.0f} iterations, "
+            f"downtime {med('p', 'downtime_ms'):.0f} ms",
+        )
+    )
+    figs.append(
+        Figure(
+            sc,
+            f"pre-copy downtime, dirty_rate {size_text(rate)}/s",
+            med("p", "downtime_ms"),
+            "ms",
+            "downtime-limit 300 ms",
+            med("p", "downtime_ms") / 300,
+            "<= 1.00x",
+            med("p", "downtime_ms") <= 300,
+        )
+    )
     return figs
 
 

@@ -52,15 +52,19 @@ def _compare(src: Mount, dst: Mount) -> bool:
 def main() -> int:
     with tempfile.TemporaryDirectory(prefix="fakevfio-demo-") as tmp:
         try:
-            with mount(_specs(dest=False), base_dir=tmp) as src, mount(
-                _specs(dest=True), base_dir=tmp
-            ) as dst:
+            with (
+                mount(_specs(dest=False), base_dir=tmp) as src,
+                mount(_specs(dest=True), base_dir=tmp) as dst,
+            ):
                 print(src.ready_line)
                 print(dst.ready_line)
                 time.sleep(0.2)  # the workload dirties some pages before we start
                 result = migrate(
-                    src, dst, listen=f"unix:{tmp}/migration.sock",
-                    options=["--multifd-channels", "4"], timeout=60,
+                    src,
+                    dst,
+                    listen=f"unix:{tmp}/migration.sock",
+                    options=["--multifd-channels", "4"],
+                    timeout=60,
                 )
                 print(f"migrator: listened on {result.address}")
                 print("\nmigration statistics (migrator migrate --json):")

@@ -84,9 +84,7 @@ def vfio_fuse() -> None:
 
 
 @pytest.fixture
-def vfio_mount(
-    vfio_fuse: None, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[MountFactory]:
+def vfio_mount(vfio_fuse: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MountFactory]:
     """Factory: ``vfio_mount(devices, extra_args=(), ready_timeout=60) -> Mount``.
 
     ``devices`` is ``{"NAME": "DRIVER[:key=value,...]"}`` or a list of
@@ -132,9 +130,7 @@ def vfio_migrate(vfio_fuse: None) -> MigrateFunction:
             raise TypeError("pass two Mount handles or two sequences of DEVICE arguments")
         if names is not None:
             raise TypeError("names only applies to Mount handles")
-        return migrate_devices(
-            [Path(d) for d in source], [Path(d) for d in dest], **kwargs
-        )
+        return migrate_devices([Path(d) for d in source], [Path(d) for d in dest], **kwargs)
 
     return run
 

@@ -185,8 +185,9 @@ def _copy_project(src: Path, dst: Path, parts: list[str]) -> Path:
 @pytest.mark.slow
 def test_examples_pip_install_into_fresh_venv_registers_the_driver(tmp_path: Path) -> None:
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
-                   timeout=60)
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60
+    )
     python = venv / "bin" / "python"
     # The project's third-party dependencies (attrs, trio, ...) come from this
     # interpreter's site-packages, appended after the new venv's own: a plain
@@ -194,14 +195,23 @@ def test_examples_pip_install_into_fresh_venv_registers_the_driver(tmp_path: Pat
     # there) stays invisible, and fakevfio comes from the wheel installed below.
     purelib = subprocess.run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True, capture_output=True, text=True, timeout=60,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
     ).stdout.strip()
     Path(purelib, "_project_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
 
-    main_src = _copy_project(ROOT, tmp_path / "src" / "fakevfio",
-                             ["pyproject.toml", "README.md", "fakevfio", "migrator", "vfio_uapi"])
-    mtty_src = _copy_project(EXAMPLES / "mtty", tmp_path / "src" / "mtty",
-                             ["pyproject.toml", "README.md", "fakevfio_mtty"])
+    main_src = _copy_project(
+        ROOT,
+        tmp_path / "src" / "fakevfio",
+        ["pyproject.toml", "README.md", "fakevfio", "migrator", "vfio_uapi"],
+    )
+    mtty_src = _copy_project(
+        EXAMPLES / "mtty",
+        tmp_path / "src" / "mtty",
+        ["pyproject.toml", "README.md", "fakevfio_mtty"],
+    )
     wheels = tmp_path / "wheels"
     build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(wheels)]
     if _can_build_without_isolation():
@@ -209,23 +219,44 @@ def test_examples_pip_install_into_fresh_venv_registers_the_driver(tmp_path: Pat
     # else: pip fetches setuptools/wheel into an isolated build env from the configured index.
     subprocess.run([*build, str(main_src), str(mtty_src)], check=True, timeout=300)
     subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
-         "--no-index", "--quiet", *map(str, sorted(wheels.glob("*.whl")))],
-        check=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--quiet",
+            *map(str, sorted(wheels.glob("*.whl"))),
+        ],
+        check=True,
+        timeout=300,
     )
 
     where = subprocess.run(
-        [str(python), "-c",
-         "import importlib.metadata as m, fakevfio;"
-         "print(m.distribution('fakevfio-mtty').locate_file(''));"
-         "print(fakevfio.__file__)"],
-        check=True, capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        [
+            str(python),
+            "-c",
+            "import importlib.metadata as m, fakevfio;"
+            "print(m.distribution('fakevfio-mtty').locate_file(''));"
+            "print(fakevfio.__file__)",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
     ).stdout.splitlines()
     assert all(line.startswith(str(venv)) for line in where), where
 
     listing = subprocess.run(
         [str(python), "-m", "fakevfio", "drivers"],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
     )
     assert listing.returncode == 0, listing.stderr
     assert "mtty" in listing.stdout

@@ -69,11 +69,21 @@ def _start_inner(pytester: pytest.Pytester, testfile: Path, record: Path) -> sub
     servers is the plugin's job.
     """
     cmd = [
-        sys.executable, "-m", "pytest", *_plugin_args(), "-p", "no:cacheprovider",
-        f"--basetemp={pytester.path / 'basetemp'}", str(testfile),
+        sys.executable,
+        "-m",
+        "pytest",
+        *_plugin_args(),
+        "-p",
+        "no:cacheprovider",
+        f"--basetemp={pytester.path / 'basetemp'}",
+        str(testfile),
     ]
     proc = subprocess.Popen(
-        cmd, cwd=pytester.path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cmd,
+        cwd=pytester.path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         start_new_session=True,
     )
     deadline = time.monotonic() + 60

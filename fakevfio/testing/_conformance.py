@@ -69,9 +69,12 @@ def _expect_errno(rule: str, err: int | None, what: str, fn: Callable[[], object
     try:
         fn()
     except DeviceError as exc:
-        _expect(err is None or exc.errno == err, rule,
-                f"{what}: errno {errno.errorcode.get(exc.errno, exc.errno)}, expected "
-                f"{errno.errorcode.get(err or 0)}")
+        _expect(
+            err is None or exc.errno == err,
+            rule,
+            f"{what}: errno {errno.errorcode.get(exc.errno, exc.errno)}, expected "
+            f"{errno.errorcode.get(err or 0)}",
+        )
         return exc
     raise DriverRuleError(rule, f"{what} succeeded")
 
@@ -87,7 +90,10 @@ def _work(dev: Dev) -> None:
 
 # -- save/load helpers ----------------------------------------------------------------------
 def round_trip(
-    src: Dev, dst: Dev, *, save_chunk: int = SAVE_CHUNK,
+    src: Dev,
+    dst: Dev,
+    *,
+    save_chunk: int = SAVE_CHUNK,
     load_chunk: int = LOAD_CHUNK,
 ) -> bytes:
     """Save ``src`` (STOP_COPY, drain, STOP), load it into ``dst``, compare digests.
@@ -104,14 +110,19 @@ def round_trip(
     _expect(src.digest() == before, rule, "saving changed the source's state_digest")
     dst.load(stream, load_chunk)
     _expect(dst.state() is State.STOP, rule, f"destination in {dst.state().name} after load")
-    _expect(dst.digest() == before, rule,
-            f"destination digest {dst.digest()[:16]}... != source {before[:16]}... after "
-            f"{len(stream)} bytes in reads of {save_chunk} and writes of {load_chunk}")
+    _expect(
+        dst.digest() == before,
+        rule,
+        f"destination digest {dst.digest()[:16]}... != source {before[:16]}... after "
+        f"{len(stream)} bytes in reads of {save_chunk} and writes of {load_chunk}",
+    )
     return stream
 
 
 def migrate_local(
-    factory: DriverFactory, dest_factory: DriverFactory | None = None, chunk: int = LOAD_CHUNK,
+    factory: DriverFactory,
+    dest_factory: DriverFactory | None = None,
+    chunk: int = LOAD_CHUNK,
 ) -> tuple[Dev, Dev, bytes]:
     """New source and destination from the factories, the source's workload run, one round trip.
 
@@ -148,8 +159,11 @@ def check_description(factory: DriverFactory, dest_factory: DriverFactory) -> No
     _expect(len(config) in PCI_CONFIG_SIZES, rule, f"initial_config() is {len(config)} bytes")
     dev = LocalDevice(driver)
     digest = dev.digest()
-    _expect(len(digest) == 64 and set(digest) <= set(string.hexdigits.lower()), rule,
-            f"digest() {digest!r} is not a hex SHA-256")
+    _expect(
+        len(digest) == 64 and set(digest) <= set(string.hexdigits.lower()),
+        rule,
+        f"digest() {digest!r} is not a hex SHA-256",
+    )
     for name, size in dev.regions().items():
         _expect(size >= 0, rule, f"region {name!r} has size {size}")
     try:
@@ -209,8 +223,12 @@ def check_incomplete_stream(factory: DriverFactory, dest_factory: DriverFactory)
         if cut >= len(stream):
             continue
         dst.start_load(stream[:cut])
-        _expect_errno(rule, None, f"RESUMING -> STOP after {cut} of {len(stream)} bytes",
-                      lambda: dst.set_state(State.STOP))
+        _expect_errno(
+            rule,
+            None,
+            f"RESUMING -> STOP after {cut} of {len(stream)} bytes",
+            lambda: dst.set_state(State.STOP),
+        )
         _expect(dst.state() is State.RESUMING, rule, f"in {dst.state().name} after a failed STOP")
         dst.reset()
         _expect(dst.state() is State.RUNNING, rule, "reset did not return to RUNNING")
@@ -245,8 +263,11 @@ def check_precopy(factory: DriverFactory, dest_factory: DriverFactory) -> None:
     _work(src)
     _expect(src.set_state(State.PRE_COPY), rule, "RUNNING -> PRE_COPY opened no session")
     stream = bytearray(_precopy_drain(src, rule))
-    _expect(src.precopy_info().initial_bytes == 0, rule,
-            f"initial_bytes {src.precopy_info().initial_bytes} at the temporary end")
+    _expect(
+        src.precopy_info().initial_bytes == 0,
+        rule,
+        f"initial_bytes {src.precopy_info().initial_bytes} at the temporary end",
+    )
     for _ in range(PRECOPY_ROUNDS if src.driver.has_workload() else 0):
         src.advance(WORKLOAD_S)
         stream += _precopy_drain(src, rule)
@@ -272,8 +293,11 @@ def _precopy_drain(dev: Dev, rule: str) -> bytes:
         _expect(bool(data), rule, "a pre-copy read returned b'' instead of failing with ENOMSG")
         out += data
         info = dev.precopy_info()
-        _expect(info.initial_bytes <= last.initial_bytes, rule,
-                f"initial_bytes grew while reading: {last.initial_bytes} -> {info.initial_bytes}")
+        _expect(
+            info.initial_bytes <= last.initial_bytes,
+            rule,
+            f"initial_bytes grew while reading: {last.initial_bytes} -> {info.initial_bytes}",
+        )
         last = info
     return bytes(out)
 
@@ -288,8 +312,9 @@ def check_state_description(factory: DriverFactory, dest_factory: DriverFactory)
     size = driver.state_size()
     _expect(size >= 0 and driver.state_size() == size, rule, "state_size() is not constant")
     header = driver.header()
-    _expect(len(header) <= _stream.MAX_DRIVER_HEADER_BYTES, rule,
-            f"header() is {len(header)} bytes")
+    _expect(
+        len(header) <= _stream.MAX_DRIVER_HEADER_BYTES, rule, f"header() is {len(header)} bytes"
+    )
 
 
 def check_header_checked_first(factory: DriverFactory, dest_factory: DriverFactory) -> None:
@@ -326,8 +351,11 @@ def check_dirty_tracking(factory: DriverFactory, dest_factory: DriverFactory) ->
         before = src.digest()
         src.advance(WORKLOAD_S)
         if src.digest() != before:
-            _expect(src.precopy_info().dirty_bytes > 0, rule,
-                    "the workload changed the state but dirty_bytes is 0 (mark_dirty missing?)")
+            _expect(
+                src.precopy_info().dirty_bytes > 0,
+                rule,
+                "the workload changed the state but dirty_bytes is 0 (mark_dirty missing?)",
+            )
         src.drain()
         _expect(src.precopy_info().dirty_bytes == 0, rule, "dirty_bytes > 0 after draining")
     src.reset()
@@ -350,8 +378,9 @@ STATE_DRIVER_RULES: Mapping[str, Rule] = {
 }
 
 
-def _check(rules: Mapping[str, Rule], factory: DriverFactory,
-           dest_factory: DriverFactory | None) -> None:
+def _check(
+    rules: Mapping[str, Rule], factory: DriverFactory, dest_factory: DriverFactory | None
+) -> None:
     for rule in rules.values():
         rule(factory, dest_factory or factory)
 

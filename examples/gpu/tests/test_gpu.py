@@ -26,8 +26,10 @@ def make(options: Mapping[str, str] = SMALL, name: str = "src") -> Gpu:
 
 
 def test_gpu_follows_the_driver_rules() -> None:
-    check_arc_driver(lambda name: GpuDriver(name, {**SMALL, "dirty_rate": "64K"}),
-                     dest_factory=lambda name: GpuDriver(name, {"mem": "32K"}))
+    check_arc_driver(
+        lambda name: GpuDriver(name, {**SMALL, "dirty_rate": "64K"}),
+        dest_factory=lambda name: GpuDriver(name, {"mem": "32K"}),
+    )
 
 
 def with_extra_record(stream: bytes, record: bytes) -> bytes:
@@ -125,16 +127,20 @@ def test_gpu_resume_rejects_unknown_mandatory_record() -> None:
 
 def test_gpu_resume_rejects_other_stream_version() -> None:
     stream = make().save()
-    _expect_rejected(records.encode_preamble(version=2) + stream[records.PREAMBLE.size :],
-                     errno.EOPNOTSUPP)
+    _expect_rejected(
+        records.encode_preamble(version=2) + stream[records.PREAMBLE.size :], errno.EOPNOTSUPP
+    )
 
 
 def test_gpu_resume_rejects_other_memory_size() -> None:
     _expect_rejected(make({"mem": "64K"}).save(), errno.EOPNOTSUPP)
 
 
-@pytest.mark.parametrize("offset", [0, 13, 16 + 5, 20000, -20],
-                         ids=["magic", "preamble-flags", "record-flags", "memory-data", "end"])
+@pytest.mark.parametrize(
+    "offset",
+    [0, 13, 16 + 5, 20000, -20],
+    ids=["magic", "preamble-flags", "record-flags", "memory-data", "end"],
+)
 def test_gpu_resume_rejects_corrupted_stream(offset: int) -> None:
     stream = bytearray(make().save())
     stream[offset] ^= 0x04

@@ -24,14 +24,17 @@ CHUNKS = [1, 7, 4099]
 Nic = LocalDevice[NicDriver]
 
 
-def make(options: Mapping[str, str] = SMALL, name: str = "src",
-         cls: type[NicDriver] = NicDriver) -> Nic:
+def make(
+    options: Mapping[str, str] = SMALL, name: str = "src", cls: type[NicDriver] = NicDriver
+) -> Nic:
     return LocalDevice(cls(name, dict(options)))
 
 
 def test_nic_follows_the_driver_rules() -> None:
-    check_state_driver(lambda name: NicDriver(name, {**SMALL, "pps": "1000", "seed": "3"}),
-                       dest_factory=lambda name: NicDriver(name, SMALL))
+    check_state_driver(
+        lambda name: NicDriver(name, {**SMALL, "pps": "1000", "seed": "3"}),
+        dest_factory=lambda name: NicDriver(name, SMALL),
+    )
 
 
 @pytest.mark.parametrize("chunk", CHUNKS)
@@ -82,8 +85,9 @@ class _NicV2(NicDriver):
     ("source", "err"),
     [
         pytest.param(lambda: make(cls=_NicV2), errno.EOPNOTSUPP, id="stream-version"),
-        pytest.param(lambda: make({"ring_size": "32", "filters": "16"}), errno.EOPNOTSUPP,
-                     id="ring-size"),
+        pytest.param(
+            lambda: make({"ring_size": "32", "filters": "16"}), errno.EOPNOTSUPP, id="ring-size"
+        ),
     ],
 )
 def test_nic_resume_rejects_incompatible_stream(source: Callable[[], Nic], err: int) -> None:
@@ -111,8 +115,11 @@ def test_nic_resume_rejects_corrupted_header_at_once() -> None:
     assert exc.value.errno == errno.EINVAL
 
 
-@pytest.mark.parametrize("state_offset", [REG_ID, REG_RINGS + 1, 0x1000 + 16 + 12],
-                         ids=["id-register", "ring-index", "filter-reserved"])
+@pytest.mark.parametrize(
+    "state_offset",
+    [REG_ID, REG_RINGS + 1, 0x1000 + 16 + 12],
+    ids=["id-register", "ring-index", "filter-reserved"],
+)
 def test_nic_resume_rejects_inconsistent_state_at_stop(state_offset: int) -> None:
     src = make()
     stream = src.save()
