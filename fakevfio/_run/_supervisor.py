@@ -35,7 +35,7 @@ from fakevfio._run._vfio import Call, Vfio
 from fakevfio.errors import IoctlError
 from vfio_uapi import abi as uapi
 
-logger = logging.getLogger("fakevfio.run")
+logger = logging.getLogger("fakevfio.run")  # the name the log had before the package
 
 
 @attrs.define(eq=False)
