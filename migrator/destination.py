@@ -3,7 +3,10 @@
 Theory of operation
 -------------------
 ``load setup``  every device goes to RESUMING (a write-only data_fd).
-``load``        the main stream is decoded (:class:`framing.MainStreamDecoder`);
+``load``        the main stream is decoded and checked by the sans-IO
+                :class:`migrator._protocol.main.DestinationProtocol` (sections,
+                markers, switchover-ack accounting, the UUID; this module acts on
+                its events);
                 DATA blocks are written to the device in stream order;
                 INIT_DATA_SENT counts down the pre-copy devices and, at zero,
                 SWITCHOVER_ACK goes back on the return path; the config blob is
@@ -39,6 +42,9 @@ import trio
 
 from migrator import _wire as framing
 from migrator import multifd_wire
+from migrator._protocol import events as ev
+from migrator._protocol.events import NEED_DATA
+from migrator._protocol.main import DestinationProtocol, DestinationSettings, Phase
 from migrator._protocol.multifd import MultifdIntake, Packet
 from migrator.backend import DeviceBackend
 from migrator.config import DATA_BUFFER_BYTES, MigrationConfig
@@ -47,7 +53,6 @@ from migrator.errors import (
     ConfigurationError,
     FramingError,
     MigrationError,
-    RemoteProtocolError,
 )
 from migrator.reassembly import Buffer
 from migrator.stats import Progress, Stats
@@ -115,7 +120,6 @@ class Destination:
         self._main: trio.abc.Stream | None = None
         self._rp = False
         self._rp_lock = trio.Lock()
-        self._ack_pending = 0
         self._load_nursery: trio.Nursery | None = None
         self._touched = False
         self._have_main = False
@@ -212,48 +216,45 @@ class Destination:
                 )
 
     # -- main stream -------------------------------------------------------------
-    async def _preamble(self, decoder: framing.MainStreamDecoder, main: trio.abc.Stream) -> None:
+    async def _receive(
+        self, proto: DestinationProtocol, main: trio.abc.Stream, n: int, *, count: bool = True
+    ) -> None:
+        try:
+            data = await main.receive_some(n)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise ChannelBrokenError(f"main channel broke: {exc}") from exc
+        self._touch()
+        if count:  # the preamble's bytes were never counted as transferred
+            self.stats.transferred_bytes += len(data)
+        proto.receive_data(data)
+
+    async def _preamble(self, proto: DestinationProtocol, main: trio.abc.Stream) -> None:
         """Read the file header (and the configuration, required with --uuid) first."""
         need_uuid = self.config.uuid != bytes(16)
-        seen_header = False
         while True:
-            event = decoder.next_event()
-            if event is framing.NEED_DATA:
-                try:
-                    data = await main.receive_some(1 << 16)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    raise ChannelBrokenError(f"main channel broke: {exc}") from exc
-                self._touch()
-                decoder.receive_data(data)
-                continue
-            if isinstance(event, framing.FileHeader):
-                seen_header = True
-                if not need_uuid:
-                    return
-                continue
-            if seen_header and isinstance(event, framing.Configuration):
-                if event.uuid != self.config.uuid:
-                    raise RemoteProtocolError(
-                        "the source's migration UUID does not match --uuid; refusing the stream"
-                    )
+            event = proto.next_event()
+            if event is NEED_DATA:
+                await self._receive(proto, main, 1 << 16, count=False)
+            elif isinstance(event, ev.Configuration) or not need_uuid:
                 return
-            raise RemoteProtocolError(
-                "the stream carries no migration UUID but --uuid was given; refusing it"
-            )
 
     async def _load(self, main: trio.abc.Stream, first: bytes) -> None:
-        decoder = framing.MainStreamDecoder(max_data_chunk=_WRITE_BATCH_BYTES)
+        settings = DestinationSettings(
+            idstrs=list(self.by_idstr),
+            uuid=self.config.uuid,
+            switchover_ack=self.config.switchover_ack,
+            multifd=self.multifd,
+        )
+        proto = DestinationProtocol(settings, max_data_chunk=_WRITE_BATCH_BYTES)
         if first:
-            decoder.receive_data(first)
-        await self._preamble(decoder, main)
+            proto.receive_data(first)
+        await self._preamble(proto, main)
         self._touched = True
         for dev in self.devs:
             dev.flags = await _call(self.phase, dev, dev.backend.migration_flags)
             await _call(self.phase, dev, dev.backend.set_state, State.RESUMING)
-        if self.config.switchover_ack:
-            self._ack_pending = sum(1 for d in self.devs if d.flags & MigFlags.PRE_COPY)
+        proto.devices_ready([d.idstr for d in self.devs if d.flags & MigFlags.PRE_COPY])
         self.phase = "load"
-        sections: dict[int, _Dev] = {}
         current: _Dev | None = None
         batch: list[bytes] = []
         batch_dev: _Dev | None = None
@@ -272,20 +273,13 @@ class Destination:
                 await _call("load", dev, write_all)
                 self._touch()
 
-        eof = False
-        while not eof:
-            event = decoder.next_event()
-            if event is framing.NEED_DATA:
+        while proto.phase is not Phase.DONE:
+            event = proto.next_event()
+            if event is NEED_DATA:
                 await flush()
-                try:
-                    data = await main.receive_some(1 << 20)
-                    self._touch()
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    raise ChannelBrokenError(f"main channel broke: {exc}") from exc
-                self.stats.transferred_bytes += len(data)
-                decoder.receive_data(data)
+                await self._receive(proto, main, 1 << 20)
                 continue
-            if isinstance(event, framing.DataChunk):
+            if isinstance(event, ev.DataChunk):
                 if batch_dev is not current:
                     await flush()
                 batch_dev = current
@@ -296,37 +290,25 @@ class Destination:
                 continue
             await flush()
             match event:
-                case framing.FileHeader() | framing.Configuration() | framing.DataHeader():
-                    pass
-                case framing.Command():
-                    await self._command(event)
-                case framing.SectionStart() | framing.SectionFull():
-                    current = self._section(event, sections)
-                case framing.SectionPart() | framing.SectionEnd():
-                    current = sections.get(event.section_id)
-                    if current is None:
-                        raise FramingError(f"section {event.section_id} was never started")
-                case framing.MarkerEvent():
-                    assert current is not None
-                    await self._marker(current, event.marker)
-                case framing.ConfigBlob():
+                case ev.OpenReturnPath():
+                    self._rp = not self.is_file
+                case ev.Ping():
+                    if self._rp:
+                        await self._send_rp(proto.send(ev.Pong(event.value)))
+                case ev.SwitchoverStart():
+                    await self._start_loads()
+                case ev.SectionStart() | ev.SectionFull() | ev.SectionPart() | ev.SectionEnd():
+                    current = self.by_idstr[proto.idstr_of(event.section_id)]
+                case ev.ConfigBlob():
                     assert current is not None
                     await _call("config", current, current.backend.write_config, event.data)
-                case framing.SectionFooter():
+                case ev.SectionFooter():
                     current = None
-                case framing.EndOfFile():
-                    eof = True
                 case _:
-                    logger.debug("ignoring %r", event)
-        missing = [d.idstr for d in self.devs if not d.seen]
-        if missing:
-            raise ConfigurationError(
-                f"the stream carried no state for destination device(s) {', '.join(missing)} "
-                f"(the source sent {len(sections)} device(s), this side has {len(self.devs)})"
-            )
+                    pass
+            if proto.ack_due and self._rp:
+                await self._send_rp(proto.send(ev.SwitchoverAck()))
         if self.multifd:
-            if not self._loads_started:
-                raise RemoteProtocolError("stream ended without MIG_CMD_SWITCHOVER_START")
             await self._wait_loads()
         self.phase = "start"
         for dev in self.devs:
@@ -335,61 +317,6 @@ class Destination:
         for dev in self.devs:
             await _call("start", dev, dev.backend.set_state, State.RUNNING)
         await self._send_shut(0)
-
-    def _section(
-        self, event: framing.SectionStart | framing.SectionFull, sections: dict[int, _Dev]
-    ) -> _Dev:
-        dev = self.by_idstr.get(event.idstr)
-        if dev is None or event.instance_id != 0:
-            raise RemoteProtocolError(
-                f"Unknown savevm section or instance '{event.idstr}' {event.instance_id} "
-                f"(this side has: {', '.join(self.by_idstr) or 'no devices'})"
-            )
-        if event.version_id > 1:
-            raise RemoteProtocolError(
-                f"savevm: unsupported version {event.version_id} for '{event.idstr}' v1"
-            )
-        known = sections.get(event.section_id)
-        if known is not None and known is not dev:
-            raise RemoteProtocolError(f"section id {event.section_id} reused for {event.idstr}")
-        sections[event.section_id] = dev
-        dev.seen = True
-        return dev
-
-    async def _command(self, event: framing.Command) -> None:
-        if event.cmd == framing.MIG_CMD_OPEN_RETURN_PATH:
-            self._rp = not self.is_file
-            if self.config.switchover_ack and self._ack_pending == 0:
-                await self._send_rp(framing.encode_rp_switchover_ack())
-        elif event.cmd == framing.MIG_CMD_SWITCHOVER_START:
-            await self._start_loads()
-        elif event.cmd == framing.MIG_CMD_PING:
-            await self._send_rp(framing.encode_rp_message(framing.RpMsg.PONG, event.payload[:4]))
-        else:
-            raise RemoteProtocolError(f"unsupported migration command {event.cmd}")
-
-    async def _marker(self, dev: _Dev, marker: framing.Marker) -> None:
-        M = framing.Marker
-        if marker == M.DEV_CONFIG_STATE and dev.multifd:
-            raise RemoteProtocolError(
-                "got DEV_CONFIG_STATE in main migration channel but doing multifd transfer",
-                device=dev.idstr,
-            )
-        if marker == M.DEV_INIT_DATA_SENT:
-            if not (dev.flags & MigFlags.PRE_COPY) or not self.config.switchover_ack:
-                raise RemoteProtocolError(
-                    "Received INIT_DATA_SENT but switchover ack is not used", device=dev.idstr
-                )
-            if self._ack_pending <= 0:
-                raise RemoteProtocolError(
-                    "switchover approved more times than needed", device=dev.idstr
-                )
-            self._ack_pending -= 1
-            if self._ack_pending == 0:
-                await self._send_rp(framing.encode_rp_switchover_ack())
-        if marker == M.DEV_CONFIG_LOAD_READY:
-            why = "but was disabled" if dev.multifd else "outside multifd transfer"
-            raise RemoteProtocolError(f"got DEV_CONFIG_LOAD_READY {why}", device=dev.idstr)
 
     async def _send_rp(self, message: bytes) -> None:
         if not self._rp or self._main is None:
@@ -401,6 +328,8 @@ class Destination:
                 raise ChannelBrokenError(f"return path broke: {exc}") from exc
 
     async def _send_shut(self, status: int) -> None:
+        # Encoded directly, not through the protocol: the failure verdict goes
+        # out even after a protocol error left the protocol in ERROR.
         try:
             await self._send_rp(framing.encode_rp_shut(status))
         except ChannelBrokenError as exc:

@@ -44,13 +44,16 @@ import trio.lowlevel
 
 from migrator import _wire as framing
 from migrator import multifd_wire
+from migrator._protocol import events as ev
 from migrator._protocol.convergence import Convergence, Decision
+from migrator._protocol.main import SourceProtocol
 from migrator._protocol.multifd import PacketLayout, PacketPlanner
 from migrator.backend import DeviceBackend
 from migrator.config import DATA_BUFFER_BYTES, MigrationConfig
 from migrator.errors import (
     ChannelBrokenError,
     DeviceOpError,
+    FramingError,
     MigrationError,
     NoDataNow,
     RemoteProtocolError,
@@ -166,6 +169,9 @@ class Source:
         self._shut: int | None = None
         self._shut_event = trio.Event()
         self._rp_error: MigrationError | None = None
+        #: The main-channel protocol: the preamble is sent through it and the
+        #: return path is read by it (the sections are still encoded directly).
+        self._proto = SourceProtocol()
         #: Packet buffers the channel senders are done with (page faults on a
         #: fresh 1 MiB buffer per packet cost more than the copy we avoid).
         self._buffers: list[memoryview] = []
@@ -240,13 +246,15 @@ class Source:
             await self._set_or_reset("cleanup", dev, State.STOP)
 
     async def _setup(self, sender: _Sender, multifd: bool) -> None:
-        await sender.send(framing.encode_file_header())
+        proto = self._proto
+        await sender.send(proto.send(ev.FileHeader(framing.QEMU_VM_FILE_VERSION)))
         if self.config.uuid != bytes(16):
             # QEMU's configuration section can carry the migration UUID; a
             # destination started with --uuid refuses a stream without it.
-            await sender.send(framing.encode_configuration("fakevfio", uuid=self.config.uuid))
+            await sender.send(proto.send(ev.Configuration("fakevfio", uuid=self.config.uuid)))
         if self.return_path:
-            await sender.send(framing.encode_command(framing.MIG_CMD_OPEN_RETURN_PATH))
+            # The protocol knows the return path is open before the bytes go out.
+            await sender.send(proto.send(ev.OpenReturnPath()))
         for dev in self.devs:
             dev.flags = await _call("setup", dev, dev.backend.migration_flags)
             dev.state = await _call("setup", dev, dev.backend.get_state)
@@ -513,23 +521,28 @@ class Source:
 
     # -- return path ------------------------------------------------------------
     async def _read_return_path(self) -> None:
-        decoder = framing.ReturnPathDecoder()
+        proto = self._proto
         try:
             while True:
                 try:
                     data = await self.main.receive_some(65536)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                     raise ChannelBrokenError(f"return path broke: {exc}") from exc
-                decoder.receive_data(data)
+                proto.receive_data(data)
                 while True:
-                    event = decoder.next_event()
-                    if event is framing.NEED_DATA:
+                    try:
+                        event = proto.next_event()
+                    except RemoteProtocolError as exc:
+                        if data or isinstance(exc, FramingError):
+                            raise
+                        # A clean close before SHUT: the peer went away.
+                        raise ChannelBrokenError(exc.message) from None
+                    if event is ev.NEED_DATA:
                         break
-                    assert isinstance(event, framing.RpEvent)
-                    if event.msg_type == framing.RpMsg.SWITCHOVER_ACK:
+                    if isinstance(event, ev.SwitchoverAck):
                         self._acked.set()
-                    elif event.msg_type == framing.RpMsg.SHUT:
-                        self._shut = framing.rp_shut_status(event)
+                    elif isinstance(event, ev.Shut):
+                        self._shut = event.status
                         self._shut_event.set()
                         if self._shut != 0:
                             # The destination failed: stop at once with its verdict

@@ -390,6 +390,10 @@ class DestinationProtocol:
     def switchover_started(self) -> bool:
         return self._switchover_started
 
+    def idstr_of(self, section_id: int) -> str:
+        """The idstr section ``section_id`` was started with (Rule 3)."""
+        return self._t.sections[section_id]
+
     def devices_ready(self, precopy_idstrs: Collection[str]) -> None:
         """Our devices are RESUMING; ``precopy_idstrs`` support PRE_COPY (Rule 5)."""
         self._precopy = frozenset(precopy_idstrs)
