@@ -26,7 +26,12 @@ def test_tiny_suite_completes_and_prints_every_scenario() -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--size-scale", "tiny"],
-        cwd=ROOT, capture_output=True, text=True, timeout=540, check=False, env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=540,
+        check=False,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     table = proc.stdout

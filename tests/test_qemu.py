@@ -101,27 +101,51 @@ class Qmp:
 def qemu_command(qmp: Path, multifd: str, *extra: str) -> list[str]:
     """QEMU's command line inside ``fakevfio run`` (fd 3: the cdev, fd 4: /dev/iommu)."""
     return [
-        QEMU, "-accel", "tcg", "-machine", "q35", "-nodefaults", "-display", "none",
-        "-S", "-m", "64M",
-        "-object", "iommufd,id=iommufd0,fd=4",
-        "-device", "vfio-pci,id=gpu0,iommufd=iommufd0,fd=3,rombar=0,enable-migration=on,"
+        QEMU,
+        "-accel",
+        "tcg",
+        "-machine",
+        "q35",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-S",
+        "-m",
+        "64M",
+        "-object",
+        "iommufd,id=iommufd0,fd=4",
+        "-device",
+        "vfio-pci,id=gpu0,iommufd=iommufd0,fd=3,rombar=0,enable-migration=on,"
         f"x-migration-multifd-transfer={multifd}",
-        "-qmp", f"unix:{qmp},server=on,wait=off",
+        "-qmp",
+        f"unix:{qmp},server=on,wait=off",
         *extra,
     ]
 
 
 @contextlib.contextmanager
-def qemu_under_run(mount: MountHandle, tmp: Path, tag: str, multifd: str,
-                   *extra: str) -> Iterator[Qmp]:
+def qemu_under_run(
+    mount: MountHandle, tmp: Path, tag: str, multifd: str, *extra: str
+) -> Iterator[Qmp]:
     qmp_path = tmp / f"{tag}.qmp"
     log = tmp / f"{tag}.log"
     script = 'exec 3<>/dev/vfio/devices/vfio0 4<>/dev/iommu && exec "$@"'
-    argv = [sys.executable, "-m", "fakevfio", "run", "--mount", str(mount.path), "--",
-            "sh", "-c", script, "sh", *qemu_command(qmp_path, multifd, *extra)]
+    argv = [
+        sys.executable,
+        "-m",
+        "fakevfio",
+        "run",
+        "--mount",
+        str(mount.path),
+        "--",
+        "sh",
+        "-c",
+        script,
+        "sh",
+        *qemu_command(qmp_path, multifd, *extra),
+    ]
     with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     qmp: Qmp | None = None
     try:
         qmp = Qmp(qmp_path, proc, log)
@@ -166,8 +190,9 @@ def wait_migration(qmp: Qmp, timeout: float = 120) -> dict[str, Any]:
         time.sleep(0.1)
 
 
-def qemu_migrate(src: MountHandle, dst: MountHandle, tmp: Path,
-                 multifd: str) -> tuple[list[str], list[str], dict[str, Any]]:
+def qemu_migrate(
+    src: MountHandle, dst: MountHandle, tmp: Path, multifd: str
+) -> tuple[list[str], list[str], dict[str, Any]]:
     """Migrate gpu0 from ``src`` to ``dst`` with two QEMUs; returns both migration arc lists."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -228,8 +253,13 @@ def test_migrator_requests_the_same_arcs_as_qemu(
         qemu_reads = src.info("gpu0")["read_sizes"]
     with fakevfio_mount([spec]) as src, fakevfio_mount(["gpu0=ram:size=16M"]) as dst:
         source, dest = migrate(
-            "tcp:127.0.0.1:0", [str(src.device("gpu0"))], [str(dst.device("gpu0"))],
-            "--multifd-transfer", multifd, "--multifd-channels", "2",
+            "tcp:127.0.0.1:0",
+            [str(src.device("gpu0"))],
+            [str(dst.device("gpu0"))],
+            "--multifd-transfer",
+            multifd,
+            "--multifd-channels",
+            "2",
         )
         assert source.returncode == 0, source.stderr
         assert dest.returncode == 0, dest.stderr

@@ -187,10 +187,17 @@ def walk(streams: Sequence[bytes]) -> Capture:
                 assert len(payload) == header.size, f"channel {channel}: truncated packet"
                 pkt = wire.decode_vfio_packet(payload)
                 head = bytes(view[pos : start + wire.VFIO_PACKET_HEADER_SIZE])
-                packets.append(DevicePacket(
-                    channel, header.idstr, header.instance_id, pkt.idx, pkt.flags,
-                    bytes(pkt.data), head,
-                ))
+                packets.append(
+                    DevicePacket(
+                        channel,
+                        header.idstr,
+                        header.instance_id,
+                        pkt.idx,
+                        pkt.flags,
+                        bytes(pkt.data),
+                        head,
+                    )
+                )
                 pos = start + header.size
                 continue
             # A RAM or SYNC packet: NOCOMP, the sender's whole packet_len (the
@@ -305,7 +312,11 @@ def test_qemu_multifd_device_state_packets_match_ours(
         proxy = Proxy(int(addr.rsplit(":", 1)[1]))
         try:
             source = run_migrator(
-                "migrate", "--to", f"tcp:127.0.0.1:{proxy.port}", "--json", *mflags,
+                "migrate",
+                "--to",
+                f"tcp:127.0.0.1:{proxy.port}",
+                "--json",
+                *mflags,
                 str(src.device("gpu0")),
             )
         finally:

@@ -72,8 +72,10 @@ def parse(out: str) -> dict[str, str]:
 @pytest.fixture
 def mount(fakevfio_mount: MountFactory) -> Iterator[Path]:
     with fakevfio_mount(
-        ["gpu0=ram:size=64K,flags=STOP_COPY+P2P+PRE_COPY,seed=7", "dst=ram:size=64K,flags="
-         "STOP_COPY+P2P+PRE_COPY"]
+        [
+            "gpu0=ram:size=64K,flags=STOP_COPY+P2P+PRE_COPY,seed=7",
+            "dst=ram:size=64K,flags=STOP_COPY+P2P+PRE_COPY",
+        ]
     ) as m:
         yield m.path
 
@@ -116,8 +118,11 @@ def test_run_c_save_via_ioctls(drive: Path, mount: Path, tmp_path: Path) -> None
     assert r["state_end"] == "1"
     log = (dev / "migration" / "log").read_text().splitlines()
     assert log == [
-        "RUNNING PRE_COPY", "PRE_COPY PRE_COPY_P2P", "PRE_COPY_P2P STOP_COPY",
-        "REFUSED STOP_COPY PRE_COPY", "STOP_COPY STOP",
+        "RUNNING PRE_COPY",
+        "PRE_COPY PRE_COPY_P2P",
+        "PRE_COPY_P2P STOP_COPY",
+        "REFUSED STOP_COPY PRE_COPY",
+        "STOP_COPY STOP",
     ]
     # Load the stream into the second device through its files: same digest.
     dst = mount / "devices" / "dst"
@@ -127,7 +132,7 @@ def test_run_c_save_via_ioctls(drive: Path, mount: Path, tmp_path: Path) -> None
     try:
         data = memoryview(out_file.read_bytes())
         while data:
-            data = data[os.write(fd, data):]
+            data = data[os.write(fd, data) :]
     finally:
         os.close(fd)
     (dst / "migration" / "state").write_text("STOP")
@@ -220,8 +225,12 @@ def _tables_b() -> dict[str, dict[tuple[int, int], tuple[str, str]]]:
     for line in TABLES_B.read_text().splitlines():
         m = re.match(r"#### (.*) \(flags=0x(\d)\)", line)
         if m:
-            current = {"1": "STOP_COPY", "3": "STOP_COPY+P2P", "5": "STOP_COPY+PRE_COPY",
-                       "7": "STOP_COPY+P2P+PRE_COPY"}[m.group(2)]
+            current = {
+                "1": "STOP_COPY",
+                "3": "STOP_COPY+P2P",
+                "5": "STOP_COPY+PRE_COPY",
+                "7": "STOP_COPY+P2P+PRE_COPY",
+            }[m.group(2)]
             tables[current] = {}
             continue
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
