@@ -29,7 +29,7 @@ import collections
 import errno
 import itertools
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import attrs
 
@@ -137,23 +137,7 @@ class Device:
 
     def info(self, *, with_digest: bool = True) -> dict[str, object]:
         """The ``info`` file's content (digest hashing can take a while)."""
-        with self.lock:
-            out: dict[str, object] = {
-                "name": self.name,
-                "driver": self.driver_name,
-                "migration_flags": flags_text(self.flags).split(),
-                "state": self._state.name,
-                "config_size": len(self._config),
-                "regions": dict(self.driver.regions()),
-                "cdev": self.cdev,
-                "iommu_group": self.iommu_group,
-                "session": self._session.id if self._session else None,
-                "read_sizes": {str(k): v for k, v in sorted(self._read_sizes.items())},
-            }
-            out.update(self.driver.info())
-            if with_digest:
-                out["state_digest"] = self.driver.digest()
-            return out
+        return _info(self, with_digest=with_digest)
 
     # -- the FSM ----------------------------------------------------------
     def set_state(self, target: State) -> SetStateResult:
@@ -178,20 +162,7 @@ class Device:
                 self._log.append(f"{current.name} {arcs[0][1].name} EINVAL")
                 raise self._err(errno.EINVAL, "the resuming stream was rejected; reset the device")
             for cur, nxt in arcs:
-                injected = self.faults.arc_errno(cur, nxt)
-                if injected is not None:
-                    self._log.append(f"{cur.name} {nxt.name} {errno_name(injected)}")
-                    raise self._err(
-                        injected, f"arc {cur.name} -> {nxt.name} failed (injected fault)"
-                    )
-                stream_now = self._session.stream if self._session else None
-                try:
-                    stream = self.driver.step(cur, nxt, stream_now)
-                except DeviceError as exc:
-                    self._log.append(f"{cur.name} {nxt.name} {errno_name(exc.errno)}")
-                    if exc.enter_error:
-                        self._enter_error()
-                    raise
+                stream = _step(self, cur, nxt)
                 self._log.append(f"{cur.name} {nxt.name}")
                 self._state = nxt
                 done.append((cur, nxt))
@@ -285,11 +256,7 @@ class Device:
                 data = bytes(data)
             start = session.position
             session.position += len(data)
-            for offset in self.faults.corrupt_offsets():
-                if start <= offset < session.position:
-                    if not isinstance(data, bytearray):
-                        data = bytearray(data)
-                    data[offset - start] ^= 0x01
+            data = _corrupt(data, start, session.position, self.faults.corrupt_offsets())
             delay = self.read_bw.delay(len(data), now) + self.faults.delay_ms("read") / 1000.0
             return data, delay
 
@@ -402,3 +369,53 @@ class Device:
         with self.lock:
             self._end_session()
             self.driver.close()
+
+
+def _info(device: Device, *, with_digest: bool) -> dict[str, object]:
+    """The body of :meth:`Device.info`."""
+    with device.lock:
+        out: dict[str, object] = {
+            "name": device.name,
+            "driver": device.driver_name,
+            "migration_flags": flags_text(device.flags).split(),
+            "state": device._state.name,
+            "config_size": len(device._config),
+            "regions": dict(device.driver.regions()),
+            "cdev": device.cdev,
+            "iommu_group": device.iommu_group,
+            "session": device._session.id if device._session else None,
+            "read_sizes": {str(k): v for k, v in sorted(device._read_sizes.items())},
+        }
+        out.update(device.driver.info())
+        if with_digest:
+            out["state_digest"] = device.driver.digest()
+        return out
+
+
+def _step(device: Device, cur: State, nxt: State) -> SaveStream | LoadStream | None:
+    """Run one arc: injected faults first (Rule 4), then the driver; failures are logged."""
+    injected = device.faults.arc_errno(cur, nxt)
+    if injected is not None:
+        device._log.append(f"{cur.name} {nxt.name} {errno_name(injected)}")
+        raise device._err(injected, f"arc {cur.name} -> {nxt.name} failed (injected fault)")
+    stream_now = device._session.stream if device._session else None
+    try:
+        stream = device.driver.step(cur, nxt, stream_now)
+    except DeviceError as exc:
+        device._log.append(f"{cur.name} {nxt.name} {errno_name(exc.errno)}")
+        if exc.enter_error:
+            device._enter_error()
+        raise
+    return stream
+
+
+def _corrupt(
+    data: bytes | bytearray, start: int, end: int, offsets: Iterable[int]
+) -> bytes | bytearray:
+    """Flip the low bit of each injected-corruption offset in ``[start, end)``."""
+    for offset in offsets:
+        if start <= offset < end:
+            if not isinstance(data, bytearray):
+                data = bytearray(data)
+            data[offset - start] ^= 0x01
+    return data

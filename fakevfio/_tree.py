@@ -337,12 +337,6 @@ class Tree:
             return {d.cdev: Node(Kind.CDEV_NODE, d.number) for d in self.registry.live_devices()}
         raise _fail(errno.ENOTDIR, f"{kind.value} is not a directory")
 
-    def _fix_driver_node(self, parent: Node, name: str, child: Node) -> Node:
-        # The driver's name travels down to its create file.
-        if parent.kind is Kind.DRIVER_DIR:
-            return attrs.evolve(child, name=parent.name)
-        return child
-
     def lookup(self, parent_ino: int, name: str) -> Attr:
         """Resolve ``name`` in a directory.
 
@@ -355,14 +349,14 @@ class Tree:
         child = self._children(parent).get(name)
         if child is None:
             raise _fail(errno.ENOENT, f"no entry {name!r} in {parent.kind.value}")
-        child = self._fix_driver_node(parent, name, child)
+        child = _fix_driver_node(parent, name, child)
         return self._attr(child)
 
     def listdir(self, ino: int) -> list[tuple[str, Attr]]:
         """A directory's entries (sorted by name), without ``.`` and ``..``."""
         parent = self.node(ino)
         entries = sorted(self._children(parent).items())
-        return [(name, self._attr(self._fix_driver_node(parent, name, n))) for name, n in entries]
+        return [(name, self._attr(_fix_driver_node(parent, name, n))) for name, n in entries]
 
     def getattr(self, ino: int) -> Attr:
         return self._attr(self.node(ino))
@@ -427,7 +421,7 @@ class Tree:
         if kind in _TEXT_KINDS:
             assert device is not None
             if off == 0 or not handle.snapshot:
-                handle.snapshot = self._text(kind, device)
+                handle.snapshot = _text(kind, device)
             return handle.snapshot[off : off + size], 0.0
         if kind is Kind.DATA:
             assert device is not None
@@ -442,7 +436,7 @@ class Tree:
             return device.region_read(node.name, off, size), 0.0
         if kind in (Kind.GROUP_NODE, Kind.CDEV_NODE):
             assert device is not None
-            return self._node_io(device, off, size, None), 0.0
+            return _node_io(device, off, size, None), 0.0
         raise _fail(errno.EINVAL, f"{kind.value} cannot be read")
 
     def write(
@@ -467,7 +461,7 @@ class Tree:
             return device.region_write(node.name, off, view), 0.0
         if kind in (Kind.GROUP_NODE, Kind.CDEV_NODE):
             assert device is not None
-            self._node_io(device, off, len(view), view)
+            _node_io(device, off, len(view), view)
             return len(view), 0.0
         if kind in _CONTROL_KINDS:
             if len(view) > MAX_CONTROL_WRITE_BYTES:
@@ -491,18 +485,6 @@ class Tree:
                 handle.device.faults = FaultRules()
 
     # -- file semantics ------------------------------------------------------------------
-    def _text(self, kind: Kind, device: Device) -> bytes:
-        makers: Mapping[Kind, Callable[[], str]] = {
-            Kind.INFO: lambda: json.dumps(device.info(), sort_keys=True) + "\n",
-            Kind.FAULTS: device.faults.text,
-            Kind.FLAGS: lambda: flags_text(device.flags) + "\n",
-            Kind.STATE: lambda: device.state.name + "\n",
-            Kind.PRECOPY_INFO: lambda: _precopy_text(device),
-            Kind.DATA_SIZE: lambda: f"{device.data_size()}\n",
-            Kind.LOG: device.log_text,
-        }
-        return makers[kind]().encode()
-
     def _control(self, node: Node, device: Device | None, data: bytes) -> float:
         kind = node.kind
         if kind is Kind.RESET:
@@ -532,39 +514,29 @@ class Tree:
                 device.faults = rules
             return 0.0
         if kind is Kind.DRIVER_CREATE:
-            self._create(node.name, text)
+            _create(self, node.name, text)
             return 0.0
         raise AssertionError(kind)
 
-    def _create(self, driver: str, text: str) -> None:
-        spec = DeviceSpec.from_create_line(driver, text)
-        if spec.name in self.registry.devices:
-            raise _fail(errno.EEXIST, f"a device named {spec.name} already exists")
-        try:
-            device = self.registry.create(spec)
-        except ConfigError:
-            if spec.name in self.registry.devices:  # lost a race with another create
-                raise _fail(errno.EEXIST, f"a device named {spec.name} already exists") from None
-            raise
-        self._entries_changed(device)
 
-    def _node_io(self, device: Device, off: int, size: int, data: memoryview | None) -> bytes:
-        """Positional I/O on a device node (Rule 6); ``data`` None means read."""
-        index = off >> VFIO_PCI_OFFSET_SHIFT
-        inner = off & _OFFSET_MASK
-        if index == VFIO_PCI_CONFIG_REGION_INDEX:
-            if data is None:
-                return device.config_read(inner, size)
-            device.config_write(inner, data)
-            return b""
-        if index in _BAR_INDEXES:
-            region = f"bar{index}"
-            if region in device.regions():
-                if data is None:
-                    return device.region_read(region, inner, size)
-                device.region_write(region, inner, data)
-                return b""
-        raise _fail(errno.EINVAL, f"device {device.name} has no region with index {index}")
+def _fix_driver_node(parent: Node, name: str, child: Node) -> Node:
+    # The driver's name travels down to its create file.
+    if parent.kind is Kind.DRIVER_DIR:
+        return attrs.evolve(child, name=parent.name)
+    return child
+
+
+def _create(tree: Tree, driver: str, text: str) -> None:
+    spec = DeviceSpec.from_create_line(driver, text)
+    if spec.name in tree.registry.devices:
+        raise _fail(errno.EEXIST, f"a device named {spec.name} already exists")
+    try:
+        device = tree.registry.create(spec)
+    except ConfigError:
+        if spec.name in tree.registry.devices:  # lost a race with another create
+            raise _fail(errno.EEXIST, f"a device named {spec.name} already exists") from None
+        raise
+    tree._entries_changed(device)
 
 
 def _decode(data: bytes, kind: Kind) -> str:
@@ -572,6 +544,38 @@ def _decode(data: bytes, kind: Kind) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         raise _fail(errno.EINVAL, f"{kind.value}: write is not UTF-8 text") from None
+
+
+def _text(kind: Kind, device: Device) -> bytes:
+    makers: Mapping[Kind, Callable[[], str]] = {
+        Kind.INFO: lambda: json.dumps(device.info(), sort_keys=True) + "\n",
+        Kind.FAULTS: device.faults.text,
+        Kind.FLAGS: lambda: flags_text(device.flags) + "\n",
+        Kind.STATE: lambda: device.state.name + "\n",
+        Kind.PRECOPY_INFO: lambda: _precopy_text(device),
+        Kind.DATA_SIZE: lambda: f"{device.data_size()}\n",
+        Kind.LOG: device.log_text,
+    }
+    return makers[kind]().encode()
+
+
+def _node_io(device: Device, off: int, size: int, data: memoryview | None) -> bytes:
+    """Positional I/O on a device node (Rule 6); ``data`` None means read."""
+    index = off >> VFIO_PCI_OFFSET_SHIFT
+    inner = off & _OFFSET_MASK
+    if index == VFIO_PCI_CONFIG_REGION_INDEX:
+        if data is None:
+            return device.config_read(inner, size)
+        device.config_write(inner, data)
+        return b""
+    if index in _BAR_INDEXES:
+        region = f"bar{index}"
+        if region in device.regions():
+            if data is None:
+                return device.region_read(region, inner, size)
+            device.region_write(region, inner, data)
+            return b""
+    raise _fail(errno.EINVAL, f"device {device.name} has no region with index {index}")
 
 
 def _precopy_text(device: Device) -> str:

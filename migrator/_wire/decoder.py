@@ -168,12 +168,7 @@ class MainStreamDecoder:
     # -- parsing ---------------------------------------------------------------
 
     def _have(self, n: int, what: str) -> bool:
-        avail = self._buf.available()
-        if avail >= n:
-            return True
-        if self._buf.eof:
-            raise FramingError(f"truncated stream: EOF in {what} ({avail} of {n} bytes)")
-        return False
+        return _have(self._buf, n, what)
 
     def _step(self) -> Event | NeedData:
         state = self._state
@@ -253,41 +248,16 @@ class MainStreamDecoder:
         self._state = _S.MARKER
 
     def _long_section(self, kind: int) -> Event | NeedData:
-        if not self._have(6, "section header"):
-            return NEED_DATA
-        buf = self._buf
-        _, section_id, id_len = _SECTION_LONG_PREFIX.unpack_from(buf.data, buf.pos)
-        total = 6 + id_len + 8
-        if not self._have(total, "section header"):
-            return NEED_DATA
-        raw = bytes(buf.data[buf.pos + 6 : buf.pos + 6 + id_len])
-        idstr = _decode_text(raw, "section idstr")
-        instance_id, version_id = _INSTANCE_VERSION.unpack_from(buf.data, buf.pos + 6 + id_len)
-        buf.pos += total
-        self._enter_section(section_id)
-        if kind == QEMU_VM_SECTION_START:
-            return SectionStart(
-                section_id=section_id, idstr=idstr, instance_id=instance_id, version_id=version_id
-            )
-        return SectionFull(
-            section_id=section_id, idstr=idstr, instance_id=instance_id, version_id=version_id
-        )
+        event = _parse_long_section(self._buf, kind)
+        if not isinstance(event, NeedData):
+            self._enter_section(event.section_id)
+        return event
 
     def _command(self) -> Event | NeedData:
-        if not self._have(5, "command header"):
-            return NEED_DATA
-        buf = self._buf
-        _, cmd, length = _COMMAND.unpack_from(buf.data, buf.pos)
-        # length is a be16, so the payload is bounded by 64 KiB by construction.
-        expected = _COMMAND_LENGTHS.get(cmd)
-        if expected is not None and length != expected[1]:
-            raise FramingError(f"command {expected[0]} has length {length}, expected {expected[1]}")
-        if not self._have(5 + length, "command payload"):
-            return NEED_DATA
-        payload = bytes(buf.data[buf.pos + 5 : buf.pos + 5 + length])
-        buf.pos += 5 + length
-        self._after_header = False
-        return Command(cmd, payload)
+        event = _parse_command(self._buf)
+        if not isinstance(event, NeedData):
+            self._after_header = False
+        return event
 
     def _configuration(self) -> Event | NeedData:
         # The record is small and bounded; parse it without consuming until all
@@ -418,6 +388,53 @@ class MainStreamDecoder:
         if buf.eof:
             raise FramingError("truncated stream: EOF in VM description")
         return NEED_DATA
+
+
+def _have(buf: _Buffer, n: int, what: str) -> bool:
+    """Whether ``n`` bytes are buffered; raises FramingError at EOF (Rule 6)."""
+    avail = buf.available()
+    if avail >= n:
+        return True
+    if buf.eof:
+        raise FramingError(f"truncated stream: EOF in {what} ({avail} of {n} bytes)")
+    return False
+
+
+def _parse_long_section(buf: _Buffer, kind: int) -> SectionStart | SectionFull | NeedData:
+    """A START or FULL section header at ``buf.pos``, consumed once complete."""
+    if not _have(buf, 6, "section header"):
+        return NEED_DATA
+    _, section_id, id_len = _SECTION_LONG_PREFIX.unpack_from(buf.data, buf.pos)
+    total = 6 + id_len + 8
+    if not _have(buf, total, "section header"):
+        return NEED_DATA
+    raw = bytes(buf.data[buf.pos + 6 : buf.pos + 6 + id_len])
+    idstr = _decode_text(raw, "section idstr")
+    instance_id, version_id = _INSTANCE_VERSION.unpack_from(buf.data, buf.pos + 6 + id_len)
+    buf.pos += total
+    if kind == QEMU_VM_SECTION_START:
+        return SectionStart(
+            section_id=section_id, idstr=idstr, instance_id=instance_id, version_id=version_id
+        )
+    return SectionFull(
+        section_id=section_id, idstr=idstr, instance_id=instance_id, version_id=version_id
+    )
+
+
+def _parse_command(buf: _Buffer) -> Command | NeedData:
+    """A COMMAND record at ``buf.pos``, consumed once complete."""
+    if not _have(buf, 5, "command header"):
+        return NEED_DATA
+    _, cmd, length = _COMMAND.unpack_from(buf.data, buf.pos)
+    # length is a be16, so the payload is bounded by 64 KiB by construction.
+    expected = _COMMAND_LENGTHS.get(cmd)
+    if expected is not None and length != expected[1]:
+        raise FramingError(f"command {expected[0]} has length {length}, expected {expected[1]}")
+    if not _have(buf, 5 + length, "command payload"):
+        return NEED_DATA
+    payload = bytes(buf.data[buf.pos + 5 : buf.pos + 5 + length])
+    buf.pos += 5 + length
+    return Command(cmd, payload)
 
 
 def _decode_text(raw: bytes, what: str) -> str:
