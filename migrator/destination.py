@@ -33,58 +33,35 @@ Rule 2: any failure resets every destination device and reports SHUT(1).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from functools import partial
-from typing import TypeVar
+from collections.abc import Sequence
 
-import attrs
 import trio
 
 from migrator import _wire as framing
-from migrator import multifd_wire
+from migrator._multifd_load import (
+    POOL_BUFFER_BYTES as POOL_BUFFER_BYTES,
+)
+from migrator._multifd_load import (
+    WRITE_BATCH_BYTES,
+    Dev,
+    MultifdLoad,
+    call,
+)
 from migrator._protocol import events as ev
 from migrator._protocol.events import NEED_DATA
 from migrator._protocol.main import DestinationProtocol, DestinationSettings, Phase
-from migrator._protocol.multifd import MultifdIntake, Packet
+from migrator._protocol.multifd import MultifdIntake
 from migrator.backend import DeviceBackend
 from migrator.config import DATA_BUFFER_BYTES, MigrationConfig
 from migrator.errors import (
     ChannelBrokenError,
     ConfigurationError,
-    FramingError,
     MigrationError,
 )
-from migrator.reassembly import Buffer
 from migrator.stats import Progress, Stats
-from migrator.transport import BufferPool, Notifier, StreamReader, serve_connections
 from vfio_uapi.fsm import MigFlags, State
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
-
-_WRITE_BATCH_BYTES = 1 << 20
-#: Receive buffers hold one full data packet payload (12-byte header + 1 MiB).
-POOL_BUFFER_BYTES = 12 + DATA_BUFFER_BYTES
-
-
-@attrs.define(eq=False)
-class _Dev:
-    backend: DeviceBackend
-    flags: MigFlags = MigFlags.STOP_COPY
-    multifd: bool = False
-    seen: bool = False
-    changed: Notifier = attrs.field(factory=Notifier)
-
-    @property
-    def idstr(self) -> str:
-        return self.backend.idstr
-
-
-async def _call(phase: str, dev: _Dev, fn: Callable[..., T], *args: object) -> T:
-    try:
-        return await trio.to_thread.run_sync(fn, *args)
-    except MigrationError as exc:
-        raise exc.with_context(phase=phase, device=dev.idstr) from None
 
 
 class Destination:
@@ -100,7 +77,7 @@ class Destination:
     ) -> None:
         self.config = config
         self.is_file = is_file
-        self.devs = [_Dev(backend=b) for b in devices]
+        self.devs = [Dev(backend=b) for b in devices]
         self.by_idstr = {d.idstr: d for d in self.devs}
         if len(self.by_idstr) != len(self.devs):
             raise ConfigurationError("two destination devices have the same id", phase="setup")
@@ -122,15 +99,17 @@ class Destination:
         self._rp_lock = trio.Lock()
         self._load_nursery: trio.Nursery | None = None
         self._touched = False
-        self._have_main = False
-        self._accepting: trio.CancelScope | None = None
-        self._rx_pool = BufferPool(POOL_BUFFER_BYTES)
-        self._space = Notifier()
         self._last_activity = 0.0
-        self._loads_started = False
-        self._loads_scope: trio.CancelScope | None = None
-        self._loads_done = trio.Event()
         self._first_error: MigrationError | None = None
+        self._multifd = MultifdLoad(
+            config,
+            self.devs,
+            self.by_idstr,
+            self.intake,
+            self.stats,
+            touch=self._touch,
+            note_failure=self._note_failure,
+        )
 
     # -- entry points ---------------------------------------------------------
     async def serve(
@@ -149,7 +128,9 @@ class Destination:
         try:
             async with trio.open_nursery() as nursery:
                 self._load_nursery = nursery
-                nursery.start_soon(self._accept_loop, listeners, main_ch_send)
+                nursery.start_soon(
+                    self._multifd.accept, listeners, main_ch_send, lambda: self.phase
+                )
                 task_status.started()
                 stream, first = await main_ch_recv.receive()
                 stats = await self.run(stream, first)
@@ -185,12 +166,12 @@ class Destination:
                 # The load tasks live in serve()'s nursery: stop them before the
                 # reset, or they write into the reset device and their EBADF
                 # hides the real error.
-                if self._loads_scope is not None:
-                    self._loads_scope.cancel()
-                    await self._loads_done.wait()
+                if self._multifd.loads_scope is not None:
+                    self._multifd.loads_scope.cancel()
+                    await self._multifd.loads_done.wait()
                 for dev in self.devs if self._touched else ():
                     try:
-                        await _call("recovery", dev, dev.backend.reset)
+                        await call("recovery", dev, dev.backend.reset)
                     except MigrationError as err:
                         logger.error("reset failed: %s", err)
                 await self._send_shut(1)
@@ -245,19 +226,19 @@ class Destination:
             switchover_ack=self.config.switchover_ack,
             multifd=self.multifd,
         )
-        proto = DestinationProtocol(settings, max_data_chunk=_WRITE_BATCH_BYTES)
+        proto = DestinationProtocol(settings, max_data_chunk=WRITE_BATCH_BYTES)
         if first:
             proto.receive_data(first)
         await self._preamble(proto, main)
         self._touched = True
         for dev in self.devs:
-            dev.flags = await _call(self.phase, dev, dev.backend.migration_flags)
-            await _call(self.phase, dev, dev.backend.set_state, State.RESUMING)
+            dev.flags = await call(self.phase, dev, dev.backend.migration_flags)
+            await call(self.phase, dev, dev.backend.set_state, State.RESUMING)
         proto.devices_ready([d.idstr for d in self.devs if d.flags & MigFlags.PRE_COPY])
         self.phase = "load"
-        current: _Dev | None = None
+        current: Dev | None = None
         batch: list[bytes] = []
-        batch_dev: _Dev | None = None
+        batch_dev: Dev | None = None
         batch_bytes = 0
 
         async def flush() -> None:
@@ -270,7 +251,7 @@ class Destination:
                     for piece in pieces:
                         dev.backend.write_data(memoryview(piece))
 
-                await _call("load", dev, write_all)
+                await call("load", dev, write_all)
                 self._touch()
 
         while proto.phase is not Phase.DONE:
@@ -285,7 +266,7 @@ class Destination:
                 batch_dev = current
                 batch.append(event.data)
                 batch_bytes += len(event.data)
-                if batch_bytes >= _WRITE_BATCH_BYTES:
+                if batch_bytes >= WRITE_BATCH_BYTES:
                     await flush()
                 continue
             await flush()
@@ -296,12 +277,13 @@ class Destination:
                     if self._rp:
                         await self._send_rp(proto.send(ev.Pong(event.value)))
                 case ev.SwitchoverStart():
-                    await self._start_loads()
+                    if self.multifd:
+                        await self._multifd.start_loads(self._load_nursery)
                 case ev.SectionStart() | ev.SectionFull() | ev.SectionPart() | ev.SectionEnd():
                     current = self.by_idstr[proto.idstr_of(event.section_id)]
                 case ev.ConfigBlob():
                     assert current is not None
-                    await _call("config", current, current.backend.write_config, event.data)
+                    await call("config", current, current.backend.write_config, event.data)
                 case ev.SectionFooter():
                     current = None
                 case _:
@@ -309,13 +291,13 @@ class Destination:
             if proto.ack_due and self._rp:
                 await self._send_rp(proto.send(ev.SwitchoverAck()))
         if self.multifd:
-            await self._wait_loads()
+            await self._multifd.wait_loads()
         self.phase = "start"
         for dev in self.devs:
             if dev.flags & MigFlags.P2P:
-                await _call("start", dev, dev.backend.set_state, State.RUNNING_P2P)
+                await call("start", dev, dev.backend.set_state, State.RUNNING_P2P)
         for dev in self.devs:
-            await _call("start", dev, dev.backend.set_state, State.RUNNING)
+            await call("start", dev, dev.backend.set_state, State.RUNNING)
         await self._send_shut(0)
 
     async def _send_rp(self, message: bytes) -> None:
@@ -347,160 +329,6 @@ class Destination:
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     pass
 
-    # -- multifd -------------------------------------------------------------
-    async def _accept_loop(
-        self,
-        listeners: Sequence[trio.abc.Listener[trio.abc.Stream]],
-        main_out: trio.MemorySendChannel[tuple[trio.abc.Stream, bytes]],
-    ) -> None:
-        """Accept the main connection and the multifd channels, each sniffed in its own task.
-
-        A connection that sends nothing only holds up itself (until
-        ``--peer-timeout``), never the real source's connections. Once the main
-        channel and every multifd channel arrived, the listeners close: one
-        migration, then no more connections.
-        """
-        self._accepting = trio.CancelScope()
-        try:
-            await serve_connections(listeners, partial(self._route, main_out), self._accepting)
-        except BaseException as exc:
-            # (A handshake error arrives wrapped in the inner nursery's group.)
-            cause = self._note_failure(exc)
-            if cause is not None:
-                cause.with_context(phase=self.phase)
-            raise
-
-    async def _route(
-        self,
-        main_out: trio.MemorySendChannel[tuple[trio.abc.Stream, bytes]],
-        stream: trio.abc.Stream,
-    ) -> None:
-        sniffer = StreamReader(stream)
-        with trio.move_on_after(self.config.peer_timeout_s) as scope:
-            first = await sniffer.receive_exactly(4, "the first bytes of a connection")
-        if scope.cancelled_caught or first is None:
-            await stream.aclose()
-            return
-        kind = multifd_wire.sniff_channel(first)
-        if kind == "main":
-            if self._have_main:
-                await stream.aclose()
-                return
-            self._have_main = True
-            self._check_all_connected()
-            await main_out.send((stream, first + sniffer.take_buffered()))
-            return
-        self.intake.begin_channel()
-        reader = StreamReader(stream, first + sniffer.take_buffered())
-        init = await reader.receive_exactly(multifd_wire.INIT_SIZE, "the multifd handshake")
-        if init is None:
-            raise FramingError("multifd channel closed during its handshake")
-        channel_id = self.intake.accept_handshake(init)
-        self._check_all_connected()
-        await self._receive_channel(reader, channel_id)
-
-    def _check_all_connected(self) -> None:
-        complete = self._have_main and self.intake.all_channels_connected
-        if complete and self._accepting is not None:
-            self._accepting.cancel()
-
-    async def _receive_channel(self, reader: StreamReader, channel_id: int) -> None:
-        closed_by_peer = False
-        try:
-            while True:
-                header = await reader.receive_exactly(
-                    multifd_wire.DEVICE_STATE_HEADER_SIZE, "a multifd packet header"
-                )
-                if header is None:
-                    closed_by_peer = True
-                    return
-                hdr = self.intake.decode_header(header)
-                payload = await reader.receive_payload(
-                    hdr.size, "a multifd packet payload", self._rx_pool
-                )
-                self._touch()
-                self.stats.transferred_bytes += len(header) + len(payload)
-                await self._queue(self.intake.decode_packet(hdr, payload))
-        except MigrationError as exc:
-            self._note_failure(exc)
-            raise exc.with_context(phase="load") from None
-        finally:
-            # Only a clean close by the peer counts: a channel that failed (or was
-            # cancelled because another one failed) must not make the loaders
-            # report "channels closed" instead of the real error.
-            if closed_by_peer:
-                self.intake.channel_closed()
-                for dev in self.devs:
-                    dev.changed.notify()
-                self._space.notify()
-
-    async def _queue(self, packet: Packet) -> None:
-        """Queue a packet within the shared budget, waiting for room, then wake its loader."""
-        while not self.intake.fits(packet):
-            self.intake.block(packet)
-            try:
-                await self._space.wait()
-            finally:
-                self.intake.unblock(packet)
-        self.intake.push(packet)
-        self.by_idstr[packet.idstr].changed.notify()
-
-    async def _start_loads(self) -> None:
-        if not self.multifd or self._loads_started:
-            return
-        self._loads_started = True
-        self.intake.start_loads()
-        assert self._load_nursery is not None
-        await self._load_nursery.start(self._run_loads)
-
-    async def _run_loads(self, *, task_status: trio.TaskStatus[None]) -> None:
-        """One load task per device, under a cancel scope the failure path can cancel."""
-        try:
-            with trio.CancelScope() as scope:
-                self._loads_scope = scope
-                async with trio.open_nursery() as nursery:
-                    for dev in self.devs:
-                        nursery.start_soon(self._load_device, dev)
-                    task_status.started()
-        finally:
-            self._loads_done.set()
-
-    async def _load_device(self, dev: _Dev) -> None:
-        """QEMU's vfio_load_bufs_thread: write buffers in idx order, config last."""
-        intake = self.intake
-        try:
-            while True:
-                ready = intake.pop_ready(dev.idstr, _WRITE_BATCH_BYTES)
-                if ready:
-                    size = sum(len(b) for b in ready)
-
-                    def write_all(buffers: list[Buffer] = ready) -> None:
-                        for buf in buffers:
-                            dev.backend.write_data(memoryview(buf))
-
-                    try:
-                        await _call("load", dev, write_all)
-                    except BaseException:
-                        intake.write_failed(dev.idstr)
-                        raise
-                    self._rx_pool.give_back(ready)
-                    intake.written(dev.idstr, size)
-                    self._space.notify()
-                    self._touch()
-                    continue
-                config = intake.take_config(dev.idstr)
-                if config is not None:
-                    await _call("config", dev, dev.backend.write_config, config)
-                    intake.config_loaded(dev.idstr)
-                    self._space.notify()
-                    dev.changed.notify()
-                    return
-                intake.check_progress(dev.idstr)
-                await dev.changed.wait()
-        except MigrationError as exc:
-            self._note_failure(exc)
-            raise exc.with_context(phase="load", device=dev.idstr) from None
-
     def _note_failure(self, exc: BaseException) -> MigrationError | None:
         """Remember the first failure; returns the MigrationError inside ``exc``, if any."""
         while isinstance(exc, BaseExceptionGroup):
@@ -513,17 +341,6 @@ class Destination:
         if self._first_error is None:
             self._first_error = exc
         return exc
-
-    async def _wait_loads(self) -> None:
-        deadline = trio.current_time() + self.config.peer_timeout_s
-        while not all(self.intake.done(d.idstr) for d in self.devs):
-            if not self.intake.any_channel_connected and trio.current_time() > deadline:
-                raise ChannelBrokenError(
-                    f"no multifd channel connected within {self.config.peer_timeout_s:g} s"
-                )
-            waiting = next(d for d in self.devs if not self.intake.done(d.idstr))
-            with trio.move_on_after(1.0):
-                await waiting.changed.wait()
 
 
 __all__ = ["DATA_BUFFER_BYTES", "Destination"]

@@ -34,79 +34,38 @@ fails), and the error names the phase and device.
 from __future__ import annotations
 
 import logging
-import mmap
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
 
-import attrs
 import trio
 import trio.lowlevel
 
 from migrator import _wire as framing
 from migrator import multifd_wire
+from migrator._multifd_send import MultifdSend
 from migrator._protocol import events as ev
 from migrator._protocol.convergence import Convergence, Decision
 from migrator._protocol.main import SourceProtocol
-from migrator._protocol.multifd import PacketLayout, PacketPlanner
+from migrator._return_path import ReturnPath
+from migrator._source_device import (
+    Dev,
+    aligned,
+    call,
+    restore_running,
+    set_or_reset,
+    set_state,
+)
 from migrator.backend import DeviceBackend
 from migrator.config import DATA_BUFFER_BYTES, MigrationConfig
 from migrator.errors import (
     ChannelBrokenError,
     DeviceOpError,
-    FramingError,
     MigrationError,
     NoDataNow,
-    RemoteProtocolError,
 )
 from migrator.stats import Progress, Stats
 from vfio_uapi.fsm import PRECOPY_STATES, MigFlags, State
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
-
-_PAGE = mmap.PAGESIZE
-#: A multifd packet queued for a channel, and the reusable buffer it lives in.
-_Packet = tuple[memoryview, memoryview | None]
-
-
-@attrs.define(eq=False)
-class _Dev:
-    backend: DeviceBackend
-    section_id: int
-    flags: MigFlags = MigFlags.STOP_COPY
-    state: State = State.RUNNING
-    multifd: bool = False
-    buf_size: int = DATA_BUFFER_BYTES
-    init_size: int = 0
-    dirty_size: int = 0
-    init_sent: bool = False
-
-    @property
-    def idstr(self) -> str:
-        return self.backend.idstr
-
-    @property
-    def precopy(self) -> bool:
-        return bool(self.flags & MigFlags.PRE_COPY)
-
-
-async def _call(phase: str, dev: _Dev, fn: Callable[..., T], *args: object) -> T:
-    """Run a blocking backend call in a worker thread, tagging errors."""
-    try:
-        return await trio.to_thread.run_sync(fn, *args)
-    except MigrationError as exc:
-        raise exc.with_context(phase=phase, device=dev.idstr) from None
-
-
-def _aligned(size: int) -> memoryview:
-    """A zeroed, page-aligned buffer.
-
-    The kernel pins a direct-I/O read buffer page by page and caps one FUSE
-    request at 256 pages: a 1 MiB buffer that does not start on a page boundary
-    spans 257 pages and every read becomes two requests (1048560 + 16 bytes).
-    QEMU's buffers are page-aligned, and so are ours.
-    """
-    return memoryview(mmap.mmap(-1, max(size, 1)))
 
 
 def _migration_errors(exc: BaseException) -> list[MigrationError]:
@@ -157,7 +116,7 @@ class Source:
         progress: Progress | None = None,
     ) -> None:
         self.config = config
-        self.devs = [_Dev(backend=b, section_id=i + 1) for i, b in enumerate(devices)]
+        self.devs = [Dev(backend=b, section_id=i + 1) for i, b in enumerate(devices)]
         self.main = main
         self.channels = list(channels)
         self.return_path = return_path
@@ -165,16 +124,10 @@ class Source:
         self.stats = Stats()
         self.progress = progress or Progress(enabled=False)
         self.phase = "setup"
-        self._acked = trio.Event()
-        self._shut: int | None = None
-        self._shut_event = trio.Event()
-        self._rp_error: MigrationError | None = None
         #: The main-channel protocol: the preamble is sent through it and the
         #: return path is read by it (the sections are still encoded directly).
         self._proto = SourceProtocol()
-        #: Packet buffers the channel senders are done with (page faults on a
-        #: fresh 1 MiB buffer per packet cost more than the copy we avoid).
-        self._buffers: list[memoryview] = []
+        self._rp = ReturnPath(main, self._proto)
 
     # -- public -------------------------------------------------------------
     async def run(self) -> Stats:
@@ -185,12 +138,12 @@ class Source:
         try:
             async with trio.open_nursery() as nursery:
                 if self.return_path:
-                    nursery.start_soon(self._read_return_path)
+                    nursery.start_soon(self._rp.read)
                 await self._migrate(sender)
                 nursery.cancel_scope.cancel()
         except BaseException as exc:
             with trio.CancelScope(shield=True):
-                await self._restore_running()
+                await restore_running(self.devs)
             # The failure may come wrapped in the nursery's exception group.
             for failure in _migration_errors(exc):
                 if not failure.phase:
@@ -219,7 +172,7 @@ class Source:
             if dev.multifd:
                 parts.append(framing.encode_marker(framing.Marker.END_OF_STATE))
             else:
-                config = bytes(await _call("config", dev, dev.backend.read_config))
+                config = bytes(await call("config", dev, dev.backend.read_config))
                 parts += [
                     framing.encode_marker(framing.Marker.DEV_CONFIG_STATE),
                     framing.encode_config_blob(config),
@@ -238,12 +191,12 @@ class Source:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise ChannelBrokenError(f"finishing the stream failed: {exc}") from exc
         if self.return_path:
-            await self._wait_shut()
+            await self._rp.wait_shut(self.phase)
         self.stats.mark_resumed(trio.current_time())
         self.phase = "cleanup"
         for dev in self.devs:
             # QEMU does STOP_COPY -> STOP in save_cleanup, outside the downtime.
-            await self._set_or_reset("cleanup", dev, State.STOP)
+            await set_or_reset("cleanup", dev, State.STOP)
 
     async def _setup(self, sender: _Sender, multifd: bool) -> None:
         proto = self._proto
@@ -256,8 +209,8 @@ class Source:
             # The protocol knows the return path is open before the bytes go out.
             await sender.send(proto.send(ev.OpenReturnPath()))
         for dev in self.devs:
-            dev.flags = await _call("setup", dev, dev.backend.migration_flags)
-            dev.state = await _call("setup", dev, dev.backend.get_state)
+            dev.flags = await call("setup", dev, dev.backend.migration_flags)
+            dev.state = await call("setup", dev, dev.backend.get_state)
             if dev.state not in (State.RUNNING, State.STOP):
                 raise MigrationError(
                     f"device is in {dev.state.name}; a source device must be RUNNING",
@@ -266,7 +219,7 @@ class Source:
                 )
             dev.multifd = multifd
             try:
-                size = int(await _call("setup", dev, dev.backend.data_size))
+                size = int(await call("setup", dev, dev.backend.data_size))
             except DeviceOpError:
                 size = DATA_BUFFER_BYTES
             dev.buf_size = min(DATA_BUFFER_BYTES, size)
@@ -277,7 +230,7 @@ class Source:
                     device=dev.idstr,
                 )
             if dev.precopy and dev.state is State.RUNNING:
-                await self._set_state("setup", dev, State.PRE_COPY, recover=State.RUNNING)
+                await set_state("setup", dev, State.PRE_COPY, recover=State.RUNNING)
                 await self._refresh_precopy(dev)
             self.stats.device(dev.idstr)
             await sender.send(
@@ -287,12 +240,12 @@ class Source:
                 framing.encode_footer(dev.section_id),
             )
         if not self.return_path or not self.config.switchover_ack:
-            self._acked.set()
+            self._rp.acked.set()
 
-    async def _refresh_precopy(self, dev: _Dev) -> None:
+    async def _refresh_precopy(self, dev: Dev) -> None:
         dev.init_size = dev.dirty_size = 0
         try:
-            init, dirty = await _call("pre-copy", dev, dev.backend.precopy_info)
+            init, dirty = await call("pre-copy", dev, dev.backend.precopy_info)
         except DeviceOpError:
             return
         dev.init_size, dev.dirty_size = init, dirty
@@ -306,13 +259,13 @@ class Source:
             start=trio.current_time(),
             window_bytes=self.stats.transferred_bytes,
         )
-        buffers = {id(dev): _aligned(dev.buf_size) for dev in self.devs if dev.precopy}
+        buffers = {id(dev): aligned(dev.buf_size) for dev in self.devs if dev.precopy}
         while True:
             active = [d for d in self.devs if d.state in PRECOPY_STATES]
             if not active:
                 return
             if self.phase == "pre-copy":
-                self._check_peer()
+                self._rp.check(self.phase)
             for dev in active:
                 await self._iterate_device(sender, dev, buffers[id(dev)])
             self.stats.precopy_iterations += 1
@@ -321,13 +274,13 @@ class Source:
             pending = sum(d.init_size + d.dirty_size for d in active)
             self.stats.pending_bytes = pending
             self.progress.update(self.phase, self.stats, bandwidth)
-            acked = self._acked.is_set()
+            acked = self._rp.acked.is_set()
             exact = policy.wants_exact_size(pending)
             if exact:
                 pending = 0
                 for dev in self.devs:
                     try:
-                        pending += int(await _call("pre-copy", dev, dev.backend.data_size))
+                        pending += int(await call("pre-copy", dev, dev.backend.data_size))
                     except DeviceOpError:
                         pending += 100 << 30  # QEMU's VFIO_MIG_STOP_COPY_SIZE
                     if dev.state in PRECOPY_STATES:
@@ -348,9 +301,9 @@ class Source:
                 return
             await trio.lowlevel.checkpoint()
 
-    async def _iterate_device(self, sender: _Sender, dev: _Dev, view: memoryview) -> None:
+    async def _iterate_device(self, sender: _Sender, dev: Dev, view: memoryview) -> None:
         try:
-            n = int(await _call("pre-copy", dev, dev.backend.read_data, view))
+            n = int(await call("pre-copy", dev, dev.backend.read_data, view))
         except NoDataNow:
             n = 0
         parts: list[bytes | memoryview] = [framing.encode_section_part(dev.section_id)]
@@ -379,10 +332,10 @@ class Source:
         for dev in self.devs:
             if dev.flags & MigFlags.P2P:
                 target = State.PRE_COPY_P2P if dev.state in PRECOPY_STATES else State.RUNNING_P2P
-                await self._set_state("stop", dev, target, recover=None)
+                await set_state("stop", dev, target, recover=None)
         for dev in self.devs:
             target = State.STOP_COPY if dev.state in PRECOPY_STATES else State.STOP
-            await self._set_state("stop", dev, target, recover=None)
+            await set_state("stop", dev, target, recover=None)
 
     async def _complete(self, sender: _Sender) -> None:
         multifd = [d for d in self.devs if d.multifd]
@@ -390,68 +343,27 @@ class Source:
             for dev in self.devs:
                 await self._complete_main(sender, dev)
             return
-        send_ch, recv_ch = trio.open_memory_channel[_Packet](max(2, len(self.channels) * 2))
-        async with trio.open_nursery() as nursery:
-            for stream in self.channels:
-                nursery.start_soon(self._channel_sender, stream, recv_ch.clone())
-            recv_ch.close()
-            async with send_ch, trio.open_nursery() as savers:
-                for dev in multifd:
-                    savers.start_soon(self._save_thread, dev, send_ch.clone())
-                for dev in self.devs:
-                    if dev.multifd:
-                        await sender.send(
-                            framing.encode_section_end(dev.section_id),
-                            framing.encode_marker(framing.Marker.END_OF_STATE),
-                            framing.encode_footer(dev.section_id),
-                        )
-                    else:
-                        await self._complete_main(sender, dev)
 
-    async def _channel_sender(
-        self, stream: trio.abc.Stream, packets: trio.MemoryReceiveChannel[_Packet]
-    ) -> None:
-        async with packets:
-            async for packet, buffer in packets:
-                try:
-                    await stream.send_all(packet)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    raise ChannelBrokenError(
-                        f"multifd channel broke while sending: {exc}", phase="stop-copy"
-                    ) from exc
-                self.stats.transferred_bytes += len(packet)
-                if buffer is not None:
-                    self._buffers.append(buffer)  # sent: reuse it for a later packet
+        async def main_channel() -> None:
+            for dev in self.devs:
+                if dev.multifd:
+                    await sender.send(
+                        framing.encode_section_end(dev.section_id),
+                        framing.encode_marker(framing.Marker.END_OF_STATE),
+                        framing.encode_footer(dev.section_id),
+                    )
+                else:
+                    await self._complete_main(sender, dev)
 
-    async def _save_thread(self, dev: _Dev, out: trio.MemorySendChannel[_Packet]) -> None:
-        """QEMU's save_complete_precopy_thread for one device."""
-        async with out:
-            await self._set_state("stop-copy", dev, State.STOP_COPY, recover=State.STOP)
-            # The headers go just before a page boundary, so the data read lands
-            # page-aligned (see _aligned).
-            plan = PacketPlanner(dev.idstr, PacketLayout(data_offset=_PAGE, buf_size=dev.buf_size))
-            layout = plan.layout
-            counters = self.stats.device(dev.idstr)
-            while True:
-                view = self._packet_buffer(layout.buffer_bytes)
-                data = view[layout.data_offset :]
-                n = int(await _call("stop-copy", dev, dev.backend.read_data, data))
-                if n == 0:
-                    break
-                view[layout.head : layout.data_offset] = plan.data_headers(n)
-                await out.send((view[layout.frame(n)], view))
-                counters.stopcopy_bytes += n
-            config = bytes(await _call("config", dev, dev.backend.read_config))
-            counters.config_bytes += len(config)
-            await out.send((memoryview(plan.config_packet(config)), None))
+        await MultifdSend(self.channels, self.stats).run(multifd, main_channel)
 
-    async def _complete_main(self, sender: _Sender, dev: _Dev) -> None:
-        await self._set_state("stop-copy", dev, State.STOP_COPY, recover=State.STOP)
+    async def _complete_main(self, sender: _Sender, dev: Dev) -> None:
+        await set_state("stop-copy", dev, State.STOP_COPY, recover=State.STOP)
         await sender.send(framing.encode_section_end(dev.section_id))
-        view = _aligned(dev.buf_size)
+        view = aligned(dev.buf_size)
         counters = self.stats.device(dev.idstr)
         while True:
-            n = int(await _call("stop-copy", dev, dev.backend.read_data, view))
+            n = int(await call("stop-copy", dev, dev.backend.read_data, view))
             if n == 0:
                 break
             await sender.send(framing.encode_data_header(n), view[:n])
@@ -461,121 +373,6 @@ class Source:
             framing.encode_marker(framing.Marker.END_OF_STATE),
             framing.encode_footer(dev.section_id),
         )
-
-    def _packet_buffer(self, size: int) -> memoryview:
-        while self._buffers:
-            buf = self._buffers.pop()
-            if len(buf) >= size:
-                return buf[:size]
-        return _aligned(size)
-
-    # -- device state helpers ---------------------------------------------------
-    async def _set_state(
-        self, phase: str, dev: _Dev, state: State, *, recover: State | None
-    ) -> None:
-        """QEMU's vfio_migration_set_state: on failure try ``recover``, else reset."""
-        if dev.state == state:
-            return
-        try:
-            await _call(phase, dev, dev.backend.set_state, state)
-        except MigrationError as exc:
-            recovered = False
-            if recover is not None:
-                try:
-                    await _call(phase, dev, dev.backend.set_state, recover)
-                    dev.state = recover
-                    recovered = True
-                except MigrationError as err:
-                    logger.warning("recovery to %s failed: %s", recover.name, err)
-            if not recovered:
-                await self._reset(dev)
-            raise exc.with_context(phase=phase, device=dev.idstr) from None
-        dev.state = state
-
-    async def _set_or_reset(self, phase: str, dev: _Dev, state: State) -> None:
-        try:
-            await self._set_state(phase, dev, state, recover=None)
-        except MigrationError as exc:
-            logger.warning("%s", exc)
-
-    async def _reset(self, dev: _Dev) -> None:
-        try:
-            await _call("recovery", dev, dev.backend.reset)
-        except MigrationError as exc:
-            logger.error("reset failed: %s", exc)
-        dev.state = State.RUNNING
-
-    async def _restore_running(self) -> None:
-        """Failure path: every device back to RUNNING (reset if that fails)."""
-        for dev in self.devs:
-            try:
-                current = await _call("recovery", dev, dev.backend.get_state)
-                dev.state = current
-                if current is State.RUNNING:
-                    continue
-                await _call("recovery", dev, dev.backend.set_state, State.RUNNING)
-                dev.state = State.RUNNING
-            except MigrationError as exc:
-                logger.warning("%s; resetting", exc)
-                await self._reset(dev)
-
-    # -- return path ------------------------------------------------------------
-    async def _read_return_path(self) -> None:
-        proto = self._proto
-        try:
-            while True:
-                try:
-                    data = await self.main.receive_some(65536)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    raise ChannelBrokenError(f"return path broke: {exc}") from exc
-                proto.receive_data(data)
-                while True:
-                    try:
-                        event = proto.next_event()
-                    except RemoteProtocolError as exc:
-                        if data or isinstance(exc, FramingError):
-                            raise
-                        # A clean close before SHUT: the peer went away.
-                        raise ChannelBrokenError(exc.message) from None
-                    if event is ev.NEED_DATA:
-                        break
-                    if isinstance(event, ev.SwitchoverAck):
-                        self._acked.set()
-                    elif isinstance(event, ev.Shut):
-                        self._shut = event.status
-                        self._shut_event.set()
-                        if self._shut != 0:
-                            # The destination failed: stop at once with its verdict
-                            # rather than with whatever our next send runs into.
-                            raise RemoteProtocolError(
-                                f"the destination failed to load the state (status {self._shut})",
-                                phase="load",
-                            )
-                        return
-                if not data:
-                    raise ChannelBrokenError(
-                        "the destination closed the connection before reporting a result"
-                    )
-        except ChannelBrokenError as exc:
-            self._rp_error = exc
-            self._shut_event.set()
-
-    async def _wait_shut(self) -> None:
-        # No deadline here: the destination may still be loading a large state;
-        # its death closes the connection, which ends the wait.
-        await self._shut_event.wait()
-        self._check_peer()
-
-    def _check_peer(self) -> None:
-        """Raise if the return path failed or the destination reported a result early."""
-        if not self._shut_event.is_set():
-            return
-        if self._rp_error is not None:
-            raise self._rp_error.with_context(phase="complete")
-        if self._shut != 0 or self.phase != "complete":
-            raise RemoteProtocolError(
-                f"the destination failed to load the state (status {self._shut})", phase="load"
-            )
 
 
 async def migrate(
