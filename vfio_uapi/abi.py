@@ -4,7 +4,7 @@ Pure data: ioctl request numbers, structure layouts (little-endian
 ``struct.Struct``), flag bits and indices from ``include/uapi/linux/vfio.h`` and
 ``include/uapi/linux/iommufd.h``. It is shared by the real-device backend
 (:mod:`migrator.kernel`, client side) and the ``fakevfio run`` supervisor
-(:mod:`fakevfio.run`, server side), and checked against the system header by
+(:mod:`fakevfio._run`, server side), and checked against the system header by
 ``tests/test_uapi_abi.py``.
 
 Every VFIO ioctl is ``_IO(';', 100 + n)``: no direction or size bits, so the
