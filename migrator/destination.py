@@ -264,7 +264,7 @@ class Destination:
                 if batch_dev is not current:
                     await flush()
                 batch_dev = current
-                batch.append(event.data)
+                batch.append(bytes(event.data))  # decoded chunks are bytes: no copy
                 batch_bytes += len(event.data)
                 if batch_bytes >= WRITE_BATCH_BYTES:
                     await flush()

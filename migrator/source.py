@@ -54,6 +54,7 @@ from migrator._source_device import (
     set_or_reset,
     set_state,
 )
+from migrator._wire import Marker
 from migrator.backend import DeviceBackend
 from migrator.config import DATA_BUFFER_BYTES, MigrationConfig
 from migrator.errors import (
@@ -78,8 +79,11 @@ def _migration_errors(exc: BaseException) -> list[MigrationError]:
 class _Sender:
     """Serialised writes on the main channel, with byte counting and rate limit."""
 
-    def __init__(self, stream: trio.abc.Stream, stats: Stats, max_bandwidth: int) -> None:
+    def __init__(
+        self, stream: trio.abc.Stream, stats: Stats, max_bandwidth: int, proto: SourceProtocol
+    ) -> None:
         self.stream = stream
+        self.proto = proto
         self.stats = stats
         self.max_bandwidth = max_bandwidth
         self._start = trio.current_time()
@@ -92,6 +96,7 @@ class _Sender:
             try:
                 await self.stream.send_all(part)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                self.proto.send_failed()
                 raise ChannelBrokenError(f"main channel broke while sending: {exc}") from exc
             self._sent += len(part)
             self.stats.transferred_bytes += len(part)
@@ -99,6 +104,10 @@ class _Sender:
             ahead = self._sent / self.max_bandwidth - (trio.current_time() - self._start)
             if ahead > 0:
                 await trio.sleep(ahead)
+
+    async def emit(self, *events: ev.MainEvent) -> None:
+        """Send ``events`` through the protocol, which checks their order (Rule 1)."""
+        await self.send(*[self.proto.send(event) for event in events])
 
 
 class Source:
@@ -124,8 +133,8 @@ class Source:
         self.stats = Stats()
         self.progress = progress or Progress(enabled=False)
         self.phase = "setup"
-        #: The main-channel protocol: the preamble is sent through it and the
-        #: return path is read by it (the sections are still encoded directly).
+        #: The main-channel protocol: every main-channel event is sent through it
+        #: (so it checks the order) and the return path is read by it.
         self._proto = SourceProtocol()
         self._rp = ReturnPath(main, self._proto)
 
@@ -134,7 +143,7 @@ class Source:
         """Migrate; on any failure restore the devices to RUNNING and re-raise."""
         t0 = trio.current_time()
         self.stats.start(t0)
-        sender = _Sender(self.main, self.stats, self.config.max_bandwidth)
+        sender = _Sender(self.main, self.stats, self.config.max_bandwidth, self._proto)
         try:
             async with trio.open_nursery() as nursery:
                 if self.return_path:
@@ -163,25 +172,26 @@ class Source:
         self.phase = "stop"
         self.stats.mark_stop(trio.current_time())
         await self._stop_devices()
-        await sender.send(framing.encode_command(framing.MIG_CMD_SWITCHOVER_START))
+        await sender.emit(ev.SwitchoverStart())
         self.phase = "stop-copy"
         await self._complete(sender)
         self.phase = "config"
         for dev in self.devs:
-            parts: list[bytes] = [framing.encode_section_full(dev.section_id, dev.idstr, 0, 1)]
+            sid = dev.section_id
+            events: list[ev.MainEvent] = [ev.SectionFull(sid, dev.idstr, 0, 1)]
             if dev.multifd:
-                parts.append(framing.encode_marker(framing.Marker.END_OF_STATE))
+                events.append(ev.MarkerEvent(sid, Marker.END_OF_STATE))
             else:
                 config = bytes(await call("config", dev, dev.backend.read_config))
-                parts += [
-                    framing.encode_marker(framing.Marker.DEV_CONFIG_STATE),
-                    framing.encode_config_blob(config),
-                    framing.encode_marker(framing.Marker.END_OF_STATE),
+                events += [
+                    ev.MarkerEvent(sid, Marker.DEV_CONFIG_STATE),
+                    ev.ConfigBlob(sid, config),
+                    ev.MarkerEvent(sid, Marker.END_OF_STATE),
                 ]
                 self.stats.device(dev.idstr).config_bytes += len(config)
-            parts.append(framing.encode_footer(dev.section_id))
-            await sender.send(*parts)
-        await sender.send(framing.encode_eof())
+            events.append(ev.SectionFooter(sid))
+            await sender.emit(*events)
+        await sender.emit(ev.EndOfFile())
         self.phase = "complete"
         try:
             if isinstance(self.main, trio.abc.HalfCloseableStream) and not self.return_path:
@@ -233,11 +243,12 @@ class Source:
                 await set_state("setup", dev, State.PRE_COPY, recover=State.RUNNING)
                 await self._refresh_precopy(dev)
             self.stats.device(dev.idstr)
-            await sender.send(
-                framing.encode_section_start(dev.section_id, dev.idstr, 0, 1),
-                framing.encode_marker(framing.Marker.DEV_SETUP_STATE),
-                framing.encode_marker(framing.Marker.END_OF_STATE),
-                framing.encode_footer(dev.section_id),
+            sid = dev.section_id
+            await sender.emit(
+                ev.SectionStart(sid, dev.idstr, 0, 1),
+                ev.MarkerEvent(sid, Marker.DEV_SETUP_STATE),
+                ev.MarkerEvent(sid, Marker.END_OF_STATE),
+                ev.SectionFooter(sid),
             )
         if not self.return_path or not self.config.switchover_ack:
             self._rp.acked.set()
@@ -306,9 +317,10 @@ class Source:
             n = int(await call("pre-copy", dev, dev.backend.read_data, view))
         except NoDataNow:
             n = 0
-        parts: list[bytes | memoryview] = [framing.encode_section_part(dev.section_id)]
+        sid = dev.section_id
+        events: list[ev.MainEvent] = [ev.SectionPart(sid)]
         if n:
-            parts += [framing.encode_data_header(n), view[:n]]
+            events += [ev.DataHeader(sid, n), ev.DataChunk(sid, view[:n])]
             self.stats.device(dev.idstr).precopy_bytes += n
             taken = min(dev.init_size, n)
             dev.init_size -= taken
@@ -322,11 +334,11 @@ class Source:
             and not dev.init_sent
         ):
             dev.init_sent = True
-            parts.append(framing.encode_marker(framing.Marker.DEV_INIT_DATA_SENT))
+            events.append(ev.MarkerEvent(sid, Marker.DEV_INIT_DATA_SENT))
         else:
-            parts.append(framing.encode_marker(framing.Marker.END_OF_STATE))
-        parts.append(framing.encode_footer(dev.section_id))
-        await sender.send(*parts)
+            events.append(ev.MarkerEvent(sid, Marker.END_OF_STATE))
+        events.append(ev.SectionFooter(sid))
+        await sender.emit(*events)
 
     async def _stop_devices(self) -> None:
         for dev in self.devs:
@@ -347,10 +359,11 @@ class Source:
         async def main_channel() -> None:
             for dev in self.devs:
                 if dev.multifd:
-                    await sender.send(
-                        framing.encode_section_end(dev.section_id),
-                        framing.encode_marker(framing.Marker.END_OF_STATE),
-                        framing.encode_footer(dev.section_id),
+                    sid = dev.section_id
+                    await sender.emit(
+                        ev.SectionEnd(sid),
+                        ev.MarkerEvent(sid, Marker.END_OF_STATE),
+                        ev.SectionFooter(sid),
                     )
                 else:
                     await self._complete_main(sender, dev)
@@ -359,20 +372,18 @@ class Source:
 
     async def _complete_main(self, sender: _Sender, dev: Dev) -> None:
         await set_state("stop-copy", dev, State.STOP_COPY, recover=State.STOP)
-        await sender.send(framing.encode_section_end(dev.section_id))
+        sid = dev.section_id
+        await sender.emit(ev.SectionEnd(sid))
         view = aligned(dev.buf_size)
         counters = self.stats.device(dev.idstr)
         while True:
             n = int(await call("stop-copy", dev, dev.backend.read_data, view))
             if n == 0:
                 break
-            await sender.send(framing.encode_data_header(n), view[:n])
+            await sender.emit(ev.DataHeader(sid, n), ev.DataChunk(sid, view[:n]))
             counters.stopcopy_bytes += n
             self.progress.update(self.phase, self.stats, 0.0)
-        await sender.send(
-            framing.encode_marker(framing.Marker.END_OF_STATE),
-            framing.encode_footer(dev.section_id),
-        )
+        await sender.emit(ev.MarkerEvent(sid, Marker.END_OF_STATE), ev.SectionFooter(sid))
 
 
 async def migrate(

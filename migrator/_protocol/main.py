@@ -218,7 +218,7 @@ class _Tracker:
         self.rp_phase = transition(RP_TRANSITIONS, self.rp_phase, event, remote=remote)
 
 
-def _encode(event: ev.MainEvent) -> bytes:
+def _encode(event: ev.MainEvent) -> bytes | memoryview:
     match event:
         case ev.FileHeader():
             return wire.encode_file_header()
@@ -285,8 +285,11 @@ class SourceProtocol:
     def rp_phase(self) -> RpPhase:
         return self._t.rp_phase
 
-    def send(self, event: ev.MainEvent) -> bytes:
-        """The bytes of ``event`` on the main channel (LocalProtocolError if illegal now)."""
+    def send(self, event: ev.MainEvent) -> bytes | memoryview:
+        """The bytes of ``event`` on the main channel (LocalProtocolError if illegal now).
+
+        A :class:`~migrator._wire.DataChunk` comes back as its own buffer, uncopied.
+        """
         self._t.check_error()
         try:
             self._t.main(event, remote=False)

@@ -223,7 +223,8 @@ class DataHeader:
 @attrs.frozen
 class DataChunk:
     section_id: int
-    data: bytes
+    #: Decoded chunks are bytes; a sender may pass a memoryview (sent without a copy).
+    data: bytes | memoryview
 
 
 @attrs.frozen

@@ -186,7 +186,7 @@ def test_pair_any_chunking_gives_the_same_events(cuts: list[int]) -> None:
     merged: list[object] = []
     for e in got:
         if isinstance(e, ev.DataChunk) and merged and isinstance(merged[-1], ev.DataChunk):
-            merged[-1] = ev.DataChunk(e.section_id, merged[-1].data + e.data)
+            merged[-1] = ev.DataChunk(e.section_id, bytes(merged[-1].data) + bytes(e.data))
         else:
             merged.append(e)
     assert merged == precopy_stream()
@@ -269,7 +269,7 @@ def test_source_refuses_illegal_event_and_error_sticks(phase: Phase, event: ev.M
 
 
 def _raw(event: ev.MainEvent) -> bytes:
-    return _encode(event)
+    return bytes(_encode(event))
 
 
 # In DATA every byte is payload, so no event is illegal there on the wire.
