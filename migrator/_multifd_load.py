@@ -27,7 +27,7 @@ from migrator.config import DATA_BUFFER_BYTES, MigrationConfig
 from migrator.errors import ChannelBrokenError, FramingError, MigrationError
 from migrator.reassembly import Buffer
 from migrator.stats import Stats
-from migrator.transport import BufferPool, Notifier, StreamReader, serve_connections
+from migrator.transport import BufferPool, Notifier, StreamReader, call, serve_connections
 from vfio_uapi.fsm import MigFlags
 
 T = TypeVar("T")
@@ -48,13 +48,6 @@ class Dev:
     @property
     def idstr(self) -> str:
         return self.backend.idstr
-
-
-async def call(phase: str, dev: Dev, fn: Callable[..., T], *args: object) -> T:
-    try:
-        return await trio.to_thread.run_sync(fn, *args)
-    except MigrationError as exc:
-        raise exc.with_context(phase=phase, device=dev.idstr) from None
 
 
 @attrs.define(eq=False)

@@ -18,9 +18,10 @@ import attrs
 import trio
 
 from migrator._protocol.multifd import PacketLayout, PacketPlanner
-from migrator._source_device import Dev, aligned, call, set_state
+from migrator._source_device import Dev, aligned, set_state
 from migrator.errors import ChannelBrokenError
 from migrator.stats import Stats
+from migrator.transport import call
 from vfio_uapi.fsm import State
 
 _PAGE = mmap.PAGESIZE

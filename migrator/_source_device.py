@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import logging
 import mmap
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TypeVar
 
 import attrs
-import trio
 
 from migrator.backend import DeviceBackend
 from migrator.config import DATA_BUFFER_BYTES
 from migrator.errors import MigrationError
+from migrator.transport import call
 from vfio_uapi.fsm import MigFlags, State
 
 logger = logging.getLogger("migrator.source")
@@ -46,14 +46,6 @@ class Dev:
     @property
     def precopy(self) -> bool:
         return bool(self.flags & MigFlags.PRE_COPY)
-
-
-async def call(phase: str, dev: Dev, fn: Callable[..., T], *args: object) -> T:
-    """Run a blocking backend call in a worker thread, tagging errors."""
-    try:
-        return await trio.to_thread.run_sync(fn, *args)
-    except MigrationError as exc:
-        raise exc.with_context(phase=phase, device=dev.idstr) from None
 
 
 def aligned(size: int) -> memoryview:

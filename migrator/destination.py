@@ -45,7 +45,6 @@ from migrator._multifd_load import (
     WRITE_BATCH_BYTES,
     Dev,
     MultifdLoad,
-    call,
 )
 from migrator._protocol import events as ev
 from migrator._protocol.events import NEED_DATA
@@ -59,6 +58,7 @@ from migrator.errors import (
     MigrationError,
 )
 from migrator.stats import Progress, Stats
+from migrator.transport import call
 from vfio_uapi.fsm import MigFlags, State
 
 logger = logging.getLogger(__name__)

@@ -49,7 +49,6 @@ from migrator._return_path import ReturnPath
 from migrator._source_device import (
     Dev,
     aligned,
-    call,
     restore_running,
     set_or_reset,
     set_state,
@@ -64,6 +63,7 @@ from migrator.errors import (
     NoDataNow,
 )
 from migrator.stats import Progress, Stats
+from migrator.transport import call
 from vfio_uapi.fsm import PRECOPY_STATES, MigFlags, State
 
 logger = logging.getLogger(__name__)

@@ -12,11 +12,12 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Protocol, TypeVar
 
 import attrs
 import trio
 
-from migrator.errors import ChannelBrokenError, ConfigurationError, FramingError
+from migrator.errors import ChannelBrokenError, ConfigurationError, FramingError, MigrationError
 from migrator.reassembly import Buffer
 
 MAX_UNIX_PATH = 107
@@ -254,3 +255,19 @@ class FileStream(trio.abc.Stream):
     async def flush_to_disk(self) -> None:
         fileno = self._file.fileno()  # type: ignore[attr-defined]
         await trio.to_thread.run_sync(os.fsync, fileno)
+
+
+T = TypeVar("T")
+
+
+class _Named(Protocol):
+    @property
+    def idstr(self) -> str: ...
+
+
+async def call(phase: str, dev: _Named, fn: Callable[..., T], *args: object) -> T:
+    """Run a blocking backend call in a worker thread, tagging its errors with phase and device."""
+    try:
+        return await trio.to_thread.run_sync(fn, *args)
+    except MigrationError as exc:
+        raise exc.with_context(phase=phase, device=dev.idstr) from None
