@@ -30,10 +30,14 @@ import errno
 import itertools
 import threading
 from collections.abc import Iterable, Mapping
+from typing import Protocol
 
 import attrs
 
+from fakevfio._dma import Dma
 from fakevfio._faults import FaultRules
+from fakevfio._host import HostServices
+from fakevfio._irq import Irqs
 from fakevfio.driver import ArcDriver, LoadStream, PrecopyInfo, SaveStream
 from fakevfio.errors import DeviceError, IllegalTransition, errno_name
 from vfio_uapi import errors as uapi_errors
@@ -86,10 +90,36 @@ class Bandwidth:
         return self._next - now
 
 
+class DriverHost(Protocol):
+    """What a driver's ``raise_irq``/``set_intx``/``dma_read``/``dma_write`` reach."""
+
+    def raise_irq(self, index: int, vector: int) -> None: ...
+
+    def set_intx(self, asserted: bool) -> None: ...
+
+    def dma_read(self, iova: int, length: int) -> bytes: ...
+
+    def dma_write(self, iova: int, data: bytes | bytearray | memoryview) -> None: ...
+
+
+def default_pci_address(number: int) -> str:
+    """The PCI address of device ``number`` unless its spec names one (bus 0xf0 upwards)."""
+    return f"0000:{0xF0 + number // 32:02x}:{number % 32:02x}.0"
+
+
 class Device:
     """An emulated VFIO device with migration support."""
 
-    def __init__(self, name: str, driver_name: str, driver: ArcDriver, number: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        driver_name: str,
+        driver: ArcDriver,
+        number: int,
+        *,
+        host: HostServices | None = None,
+        pci_address: str | None = None,
+    ) -> None:
         flags = driver.migration_flags
         if not flags & MigFlags.STOP_COPY:
             raise ValueError(f"driver of {name} lacks STOP_COPY in its migration flags")
@@ -110,6 +140,29 @@ class Device:
         self.faults = FaultRules()
         self.read_bw = Bandwidth(driver.read_bandwidth)
         self.write_bw = Bandwidth(driver.write_bandwidth)
+        #: The OS services behind DMA and eventfds (None: neither works).
+        self.host = host
+        self.pci_address = pci_address or default_pci_address(number)
+        self.irqs = Irqs(self)
+        self.dma = Dma(self)
+        driver._host = self
+
+    # -- what the driver does to the VM (DriverHost) -------------------------
+    def raise_irq(self, index: int, vector: int) -> None:
+        with self.lock:
+            self.irqs.raise_irq(index, vector)
+
+    def set_intx(self, asserted: bool) -> None:
+        with self.lock:
+            self.irqs.set_intx(asserted)
+
+    def dma_read(self, iova: int, length: int) -> bytes:
+        with self.lock:
+            return self.dma.read(iova, length)
+
+    def dma_write(self, iova: int, data: bytes | bytearray | memoryview) -> None:
+        with self.lock:
+            self.dma.write(iova, data)
 
     # -- queries ----------------------------------------------------------
     @property
@@ -210,6 +263,8 @@ class Device:
         with self.lock:
             self._end_session()
             self._state = State.RUNNING
+            self.irqs.reset()
+            self.dma.reset()
             self.driver.reset()
             self._log.append("RESET")
 
@@ -368,6 +423,8 @@ class Device:
     def close(self) -> None:
         with self.lock:
             self._end_session()
+            self.irqs.close()
+            self.dma.close()
             self.driver.close()
 
 
@@ -383,6 +440,9 @@ def _info(device: Device, *, with_digest: bool) -> dict[str, object]:
             "regions": dict(device.driver.regions()),
             "cdev": device.cdev,
             "iommu_group": device.iommu_group,
+            "pci_address": device.pci_address,
+            "irqs": device.irqs.info(),
+            "dma": device.dma.info(),
             "session": device._session.id if device._session else None,
             "read_sizes": {str(k): v for k, v in sorted(device._read_sizes.items())},
         }

@@ -59,6 +59,10 @@ class RamDriver(StateDriver):
         ),
     }
     stream_version = 1
+    # PCI surface: an INTA pin, one MSI vector and four MSI-X vectors.
+    interrupt_pin = 1
+    msi_vectors = 1
+    msix_vectors = 4
 
     def __init__(self, name: str, options: Mapping[str, str]) -> None:
         super().__init__(name, options)

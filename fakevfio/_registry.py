@@ -6,6 +6,7 @@ import threading
 from collections.abc import Mapping
 
 from fakevfio._device import Device
+from fakevfio._host import HostServices
 from fakevfio._options import DeviceSpec
 from fakevfio.driver import ArcDriver
 from fakevfio.errors import ConfigError, DeviceError, FakeVfioError, UnknownDevice
@@ -16,8 +17,12 @@ MAX_DEVICES = 1024
 class Registry:
     """Devices by name, created through the loaded drivers."""
 
-    def __init__(self, drivers: Mapping[str, type[ArcDriver]]) -> None:
+    def __init__(
+        self, drivers: Mapping[str, type[ArcDriver]], *, host: HostServices | None = None
+    ) -> None:
         self.drivers = dict(drivers)
+        #: The OS services each device gets for DMA and eventfds (None: neither works).
+        self.host = host
         self._devices: dict[str, Device] = {}
         self._next_number = 0
         self._lock = threading.Lock()
@@ -54,7 +59,7 @@ class Registry:
             self._devices[spec.name] = _placeholder
         try:
             driver = cls(spec.name, spec.options)
-            device = Device(spec.name, spec.driver, driver, number)
+            device = Device(spec.name, spec.driver, driver, number, host=self.host)
         except FakeVfioError:
             self._drop(spec.name)
             raise

@@ -84,6 +84,8 @@ class Kind(enum.Enum):
     CONFIG = "config"
     RESET = "reset"
     FAULTS = "faults"
+    IRQS = "irqs"
+    DMA = "dma"
     REMOVE = "remove"
     REGIONS_DIR = "regions"
     REGION = "regions/<region>"
@@ -119,6 +121,8 @@ _ACCESS: Mapping[Kind, str] = {
     Kind.CONFIG: "rw",
     Kind.RESET: "w",
     Kind.FAULTS: "rw",
+    Kind.IRQS: "rw",
+    Kind.DMA: "rw",
     Kind.REMOVE: "w",
     Kind.REGION: "rw",
     Kind.FLAGS: "r",
@@ -149,7 +153,9 @@ _STATIC_CHILDREN: Mapping[Kind, Mapping[str, Kind]] = {
     Kind.DRIVER_DIR: {"create": Kind.DRIVER_CREATE},
     Kind.DEVICE_DIR: {
         "config": Kind.CONFIG,
+        "dma": Kind.DMA,
         "faults": Kind.FAULTS,
+        "irqs": Kind.IRQS,
         "info": Kind.INFO,
         "migration": Kind.MIGRATION_DIR,
         "regions": Kind.REGIONS_DIR,
@@ -170,6 +176,8 @@ _TEXT_KINDS = frozenset(
     {
         Kind.INFO,
         Kind.FAULTS,
+        Kind.IRQS,
+        Kind.DMA,
         Kind.FLAGS,
         Kind.STATE,
         Kind.PRECOPY_INFO,
@@ -182,6 +190,8 @@ _CONTROL_KINDS = frozenset(
     {
         Kind.RESET,
         Kind.FAULTS,
+        Kind.IRQS,
+        Kind.DMA,
         Kind.REMOVE,
         Kind.STATE,
         Kind.DRIVER_CREATE,
@@ -224,6 +234,9 @@ class Handle:
     snapshot: bytes = b""
     #: Opened with O_TRUNC and not written yet (``faults``: cleared on release).
     truncated: bool = False
+    #: The reply of the last command written on this handle (``irqs``, ``dma``):
+    #: reads return it instead of the file's text until the next write.
+    reply: bytes | None = None
 
 
 def errno_of(exc: BaseException) -> int | None:
@@ -418,6 +431,8 @@ class Tree:
         kind = node.kind
         if not handle.readable:
             raise _fail(errno.EBADF, "handle not open for reading")
+        if handle.reply is not None:
+            return handle.reply[off : off + size], 0.0
         if kind in _TEXT_KINDS:
             assert device is not None
             if off == 0 or not handle.snapshot:
@@ -470,6 +485,14 @@ class Tree:
                     f"{kind.value}: write of {len(view)} bytes "
                     f"(at most {MAX_CONTROL_WRITE_BYTES} per write)",
                 )
+            if kind in (Kind.IRQS, Kind.DMA):
+                assert device is not None
+                text = _decode(bytes(view), kind)
+                with device.lock:
+                    target = device.irqs if kind is Kind.IRQS else device.dma
+                    handle.reply = None
+                    handle.reply = target.control(text)
+                return len(view), 0.0
             return len(view), self._control(node, device, bytes(view))
         raise _fail(errno.EINVAL, f"{kind.value} cannot be written")
 
@@ -550,6 +573,8 @@ def _text(kind: Kind, device: Device) -> bytes:
     makers: Mapping[Kind, Callable[[], str]] = {
         Kind.INFO: lambda: json.dumps(device.info(), sort_keys=True) + "\n",
         Kind.FAULTS: device.faults.text,
+        Kind.IRQS: lambda: _locked(device, device.irqs.text),
+        Kind.DMA: lambda: _locked(device, device.dma.text),
         Kind.FLAGS: lambda: flags_text(device.flags) + "\n",
         Kind.STATE: lambda: device.state.name + "\n",
         Kind.PRECOPY_INFO: lambda: _precopy_text(device),
@@ -557,6 +582,11 @@ def _text(kind: Kind, device: Device) -> bytes:
         Kind.LOG: device.log_text,
     }
     return makers[kind]().encode()
+
+
+def _locked(device: Device, text: Callable[[], str]) -> str:
+    with device.lock:
+        return text()
 
 
 def _node_io(device: Device, off: int, size: int, data: memoryview | None) -> bytes:

@@ -25,6 +25,7 @@ import attrs
 
 from fakevfio._loader import load_drivers
 from fakevfio._options import DeviceSpec, check_device_name
+from fakevfio._process import OsServices
 from fakevfio._registry import Registry
 from fakevfio.errors import ConfigError, FakeVfioError
 
@@ -249,7 +250,7 @@ def _load_registry(driver_specs: Sequence[str]) -> Registry:
     loaded = load_drivers(extra_modules=driver_specs)
     for err in loaded.errors:
         print(f"fakevfio: {err}", file=sys.stderr)
-    return Registry(loaded.drivers)
+    return Registry(loaded.drivers, host=OsServices())
 
 
 def _cmd_mount(args: argparse.Namespace, debug: bool) -> int:

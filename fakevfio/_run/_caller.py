@@ -12,7 +12,6 @@ written with ``process_vm_readv/writev``, every failure answered EFAULT.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
 from collections.abc import Callable
@@ -20,15 +19,15 @@ from pathlib import Path
 
 import attrs
 
+from fakevfio._libc import SYS_KCMP, syscall
+from fakevfio._process import pidfd_getfd, pidfd_open, read_mem, write_mem
 from fakevfio._run._iommufd import Context
-from fakevfio._run._libc import SYS_KCMP, SYS_PIDFD_GETFD, SYS_PIDFD_OPEN, check, libc, syscall
 from fakevfio._run._nodes import NodeKind
 from fakevfio.errors import IoctlError
 
 #: Held copies of caller files before a garbage-collection scan of /proc.
 MAX_HELD_FILES = 256
 KCMP_FILE = 0
-PIDFD_THREAD = os.O_EXCL
 
 
 class PassThrough(Exception):  # a control-flow signal, not an error
@@ -36,61 +35,9 @@ class PassThrough(Exception):  # a control-flow signal, not an error
 
 
 # -- syscalls ------------------------------------------------------------------------------------
-def pidfd_open(pid: int) -> int:
-    """A pidfd for a process or (kernel >= 6.9) a thread."""
-    fd = syscall(SYS_PIDFD_OPEN, pid, 0)
-    if fd < 0 and ctypes.get_errno() == errno.EINVAL:  # a non-leader thread
-        fd = syscall(SYS_PIDFD_OPEN, pid, PIDFD_THREAD)
-    return check(fd, f"pidfd_open({pid})")
-
-
-def pidfd_getfd(pidfd: int, targetfd: int) -> int:
-    """A copy (same open file description) of another process's fd, O_CLOEXEC."""
-    return check(syscall(SYS_PIDFD_GETFD, pidfd, targetfd, 0), "pidfd_getfd")
-
-
 def same_file(pid: int, fd: int, my_fd: int) -> bool:
     """kcmp(KCMP_FILE): whether ``pid``'s ``fd`` is the open file description ``my_fd``."""
     return syscall(SYS_KCMP, os.getpid(), pid, KCMP_FILE, my_fd, fd) == 0
-
-
-class _IoVec(ctypes.Structure):
-    _fields_ = (("base", ctypes.c_void_p), ("len", ctypes.c_size_t))
-
-
-libc.process_vm_readv.restype = ctypes.c_ssize_t
-libc.process_vm_writev.restype = ctypes.c_ssize_t
-
-
-def read_mem(pid: int, addr: int, size: int) -> bytes:
-    """``size`` bytes of ``pid``'s memory at ``addr``; OSError(EFAULT) if not all mapped."""
-    if size == 0:
-        return b""
-    if addr <= 0 or addr + size > 1 << 64:
-        raise OSError(errno.EFAULT, "bad address")
-    buf = ctypes.create_string_buffer(size)
-    local = _IoVec(ctypes.addressof(buf), size)
-    remote = _IoVec(addr, size)
-    n = libc.process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
-    if n != size:
-        err = ctypes.get_errno() if n < 0 else errno.EFAULT
-        raise OSError(errno.EFAULT if err in (errno.EFAULT, 0) else err, "process_vm_readv")
-    return buf.raw
-
-
-def write_mem(pid: int, addr: int, data: bytes) -> None:
-    """Write ``data`` into ``pid``'s memory at ``addr`` (honours page protections)."""
-    if not data:
-        return
-    if addr <= 0 or addr + len(data) > 1 << 64:
-        raise OSError(errno.EFAULT, "bad address")
-    buf = ctypes.create_string_buffer(data, len(data))
-    local = _IoVec(ctypes.addressof(buf), len(data))
-    remote = _IoVec(addr, len(data))
-    n = libc.process_vm_writev(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
-    if n != len(data):
-        err = ctypes.get_errno() if n < 0 else errno.EFAULT
-        raise OSError(errno.EFAULT if err in (errno.EFAULT, 0) else err, "process_vm_writev")
 
 
 def read_cstring(read: Callable[[int, int], bytes], addr: int, limit: int = 4096) -> bytes:

@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from fakevfio._run._libc import SYS_SECCOMP, check, libc, syscall
+from fakevfio._libc import SYS_SECCOMP, check, libc, syscall
 from vfio_uapi import abi as uapi
 
 NR_IOCTL = 16

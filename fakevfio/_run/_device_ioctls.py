@@ -6,8 +6,8 @@ kernel's argsz checks and errno order (``vfio_ioctl_device_feature`` and
 ``vfio_check_feature``); MIG_DEVICE_STATE drives ``migration/state`` and opens
 the session's data_fd on the mount (installed in the caller with ADDFD). A
 data_fd answers only VFIO_MIG_GET_PRECOPY_INFO; its reads and writes never
-reach the supervisor. Emulated devices raise no interrupts: every IRQ index
-reports count 0.
+reach the supervisor. The interrupt ioctls are in :mod:`._irq_ioctls`, the
+DMA logging features in :mod:`._dma_ioctls`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from fakevfio._run import _dma_ioctls, _irq_ioctls
 from fakevfio._run._caller import OpenFile
 from fakevfio._run._nodes import DeviceInfo, NodeKind
 from fakevfio.errors import IoctlError
@@ -78,33 +79,6 @@ def _get_region_info(vfio: Vfio, call: Call, dev: DeviceInfo) -> int:
     return 0
 
 
-def _get_irq_info(vfio: Vfio, call: Call, dev: DeviceInfo) -> int:
-    argsz, _flags, index, _count = uapi.IRQ_INFO.unpack(call.mem.read(call.arg, uapi.IRQ_INFO.size))
-    if argsz < uapi.IRQ_INFO.size:
-        raise IoctlError(errno.EINVAL, "argsz < 16")
-    if index >= uapi.VFIO_PCI_NUM_IRQS:
-        raise IoctlError(errno.EINVAL, f"irq index {index} >= 5")
-    flags = uapi.VFIO_IRQ_INFO_EVENTFD
-    if index == uapi.VFIO_PCI_INTX_IRQ_INDEX:
-        flags |= uapi.VFIO_IRQ_INFO_MASKABLE | uapi.VFIO_IRQ_INFO_AUTOMASKED
-    elif index in (uapi.VFIO_PCI_MSI_IRQ_INDEX, uapi.VFIO_PCI_MSIX_IRQ_INDEX):
-        flags |= uapi.VFIO_IRQ_INFO_NORESIZE
-    call.mem.write(call.arg, uapi.IRQ_INFO.pack(argsz, flags, index, 0))
-    return 0
-
-
-def _set_irqs(vfio: Vfio, call: Call, dev: DeviceInfo) -> int:
-    argsz, flags, index, start, count = uapi.IRQ_SET.unpack(
-        call.mem.read(call.arg, uapi.IRQ_SET.size)
-    )
-    if argsz < uapi.IRQ_SET.size or index >= uapi.VFIO_PCI_NUM_IRQS:
-        raise IoctlError(errno.EINVAL, "argsz < 20 or bad index")
-    disable = uapi.VFIO_IRQ_SET_DATA_NONE | uapi.VFIO_IRQ_SET_ACTION_TRIGGER
-    if count == 0 and start == 0 and flags == disable:
-        return 0  # "disable": nothing to do
-    raise IoctlError(errno.EINVAL, "no interrupts on emulated devices (count is 0)")
-
-
 def _reset(vfio: Vfio, call: Call, dev: DeviceInfo) -> int:
     vfio.nodes.write_text(dev.name, ("reset",), "1\n")
     vfio.nodes.end_session(dev.name)
@@ -122,6 +96,8 @@ def _feature(vfio: Vfio, call: Call, dev: DeviceInfo) -> int:
     if flags & get and flags & set_ and not probe:
         raise IoctlError(errno.EINVAL, "GET and SET without PROBE")
     index = flags & uapi.VFIO_DEVICE_FEATURE_MASK
+    if index in _dma_ioctls.LOGGING_FEATURES:
+        return _dma_ioctls.logging_feature(vfio, call, dev, index, flags, argsz)
     ops = {
         uapi.VFIO_DEVICE_FEATURE_MIGRATION: get,
         uapi.VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE: get | set_,
@@ -236,8 +212,8 @@ def data_ioctl(vfio: Vfio, call: Call, ino: int, device: str | None) -> int:
 _DEVICE_IOCTLS: dict[int, _Handler] = {
     uapi.VFIO_DEVICE_GET_INFO: _get_info,
     uapi.VFIO_DEVICE_GET_REGION_INFO: _get_region_info,
-    uapi.VFIO_DEVICE_GET_IRQ_INFO: _get_irq_info,
-    uapi.VFIO_DEVICE_SET_IRQS: _set_irqs,
+    uapi.VFIO_DEVICE_GET_IRQ_INFO: _irq_ioctls.get_irq_info,
+    uapi.VFIO_DEVICE_SET_IRQS: _irq_ioctls.set_irqs,
     uapi.VFIO_DEVICE_RESET: _reset,
     uapi.VFIO_DEVICE_FEATURE: _feature,
 }

@@ -45,6 +45,8 @@ class DeviceInfo:
     flags: int
     regions: dict[str, int]
     config_size: int
+    #: The whole ``info`` object (``bars``, ``irqs``, ``pci_address``, ``dma``, ...).
+    info: dict[str, object] = attrs.field(factory=dict, eq=False, repr=False)
 
 
 @attrs.define(eq=False)
@@ -92,6 +94,7 @@ class MountNodes:
                     flags=flags,
                     regions={str(k): int(v) for k, v in info["regions"].items()},
                     config_size=int(info["config_size"]),
+                    info=info,
                 )
                 devices[entry] = dev
                 add(self.path / "dev" / "vfio" / "devices" / dev.cdev, NodeKind.CDEV, entry)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import attrs
 
-from fakevfio._run._libc import SYS_SECCOMP, check, syscall
+from fakevfio._libc import SYS_SECCOMP, check, syscall
 from fakevfio.errors import IoctlError
 
 POLL_INTERVAL_MS = 100

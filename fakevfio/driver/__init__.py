@@ -25,8 +25,13 @@ types; :mod:`fakevfio.driver._state` holds :class:`StateDriver`, built on both.
 from __future__ import annotations
 
 from fakevfio.driver._base import (
+    IRQ_INTX,
+    IRQ_MSI,
+    IRQ_MSIX,
     PCI_CONFIG_SIZES,
     ArcDriver,
+    Bar,
+    BarKind,
     LoadStream,
     OptionSpec,
     PrecopyInfo,
@@ -35,8 +40,13 @@ from fakevfio.driver._base import (
 from fakevfio.driver._state import StateDriver
 
 __all__ = [
+    "IRQ_INTX",
+    "IRQ_MSI",
+    "IRQ_MSIX",
     "PCI_CONFIG_SIZES",
     "ArcDriver",
+    "Bar",
+    "BarKind",
     "LoadStream",
     "OptionSpec",
     "PrecopyInfo",

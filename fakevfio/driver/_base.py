@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import abc
+import enum
 import errno
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import attrs
 
@@ -13,7 +14,38 @@ from fakevfio._options import parse_size
 from fakevfio.errors import ConfigError, DeviceError
 from vfio_uapi.fsm import MigFlags, State
 
+if TYPE_CHECKING:
+    from fakevfio._device import DriverHost
+
 PCI_CONFIG_SIZES = (256, 4096)
+
+#: ``VFIO_PCI_*_IRQ_INDEX``: the interrupt indexes a driver raises.
+IRQ_INTX = 0
+IRQ_MSI = 1
+IRQ_MSIX = 2
+
+
+class BarKind(enum.Enum):
+    """What a BAR decodes: I/O ports, or memory below 4 GiB or anywhere (64-bit)."""
+
+    IO = "io"
+    MEM32 = "mem32"
+    MEM64 = "mem64"
+
+
+@attrs.frozen(kw_only=True)
+class Bar:
+    """One BAR as the device's config space declares it.
+
+    ``size`` is what a sizing probe finds: a power of two, at least 4 KiB for a
+    memory BAR and at least 4 bytes for an I/O BAR. The driver's region of the
+    same index (``regions()["barN"]``) is the backing; accesses past it read
+    as zeros and ignore writes, as on hardware.
+    """
+
+    size: int
+    kind: BarKind = BarKind.MEM32
+    prefetchable: bool = False
 
 
 @attrs.frozen(kw_only=True)
@@ -124,6 +156,16 @@ class ArcDriver(abc.ABC):
     read_bandwidth: int | None = None
     write_bandwidth: int | None = None
 
+    # -- PCI surface: what config space and VFIO_DEVICE_GET_IRQ_INFO declare --
+    #: Interrupt pin: 0 none, 1..4 INTA..INTD (INTx count 1 when set).
+    interrupt_pin: int = 0
+    #: MSI vectors (0: no MSI capability; else a power of two, 1..32).
+    msi_vectors: int = 0
+    #: MSI-X vectors (0: no MSI-X capability; else 1..2048).
+    msix_vectors: int = 0
+    #: A PCI Express device (a PCIe capability; the ERR IRQ index exists).
+    pcie: bool = False
+
     def initial_config(self) -> bytes:
         """The PCI config space at creation (``config_size`` bytes)."""
         cfg = bytearray(self.config_size)
@@ -133,8 +175,16 @@ class ArcDriver(abc.ABC):
         return bytes(cfg)
 
     def regions(self) -> Mapping[str, int]:
-        """Region name -> size in bytes."""
+        """Region name -> size in bytes (``barN``: the backing of BAR N)."""
         return {}
+
+    def bars(self) -> Mapping[int, Bar]:
+        """BAR index -> :class:`Bar`. Default: one 32-bit memory BAR per ``barN`` region."""
+        out: dict[int, Bar] = {}
+        for region, size in self.regions().items():
+            if region.startswith("bar") and region[3:].isdigit() and int(region[3:]) < 6:
+                out[int(region[3:])] = Bar(size=max(4096, 1 << max(0, size - 1).bit_length()))
+        return out
 
     def region_read(self, region: str, offset: int, size: int) -> bytes | memoryview:
         raise DeviceError(errno.EINVAL, f"region {region} is not readable", device=self.name)
@@ -180,3 +230,36 @@ class ArcDriver(abc.ABC):
 
     def close(self) -> None:
         """The device is being removed."""
+
+    # -- what a driver does to the VM (the core installs the host) ------
+    _host: DriverHost | None = None
+
+    def _require_host(self) -> DriverHost:
+        if self._host is None:
+            raise DeviceError(
+                errno.ENODEV,
+                "the driver is not attached to a device (create it through a Registry)",
+                device=self.name,
+            )
+        return self._host
+
+    def raise_irq(self, index: int, vector: int = 0) -> None:
+        """Raise interrupt ``vector`` of ``index`` (IRQ_INTX, IRQ_MSI, IRQ_MSIX).
+
+        For INTx this is an edge: the core signals the VMM's trigger unless the
+        line is masked, and masks it (automask) until the VMM unmasks it.
+        """
+        self._require_host().raise_irq(index, vector)
+
+    def set_intx(self, asserted: bool) -> None:
+        """Drive the INTx line as a level: asserted lines signal again on each unmask."""
+        self._require_host().set_intx(asserted)
+
+    def dma_read(self, iova: int, length: int) -> bytes:
+        """Read ``length`` bytes of the VMM's memory at ``iova`` (EFAULT if unmapped)."""
+        return self._require_host().dma_read(iova, length)
+
+    def dma_write(self, iova: int, data: bytes | bytearray | memoryview) -> None:
+        """Write ``data`` into the VMM's memory at ``iova`` (DeviceError EFAULT if unmapped
+        or read-only); every tracker that is on marks the pages dirty."""
+        self._require_host().dma_write(iova, data)

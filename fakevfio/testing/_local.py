@@ -20,6 +20,7 @@ from typing import Generic, TypeVar
 
 from fakevfio._device import Device, Session
 from fakevfio._faults import FaultRules
+from fakevfio._process import OsServices
 from fakevfio.driver import ArcDriver, PrecopyInfo
 from fakevfio.errors import DeviceError
 from fakevfio.testing._mount import fault_text
@@ -49,7 +50,7 @@ class LocalDevice(Generic[D]):
     def __init__(self, driver: D, *, driver_name: str = "", _device: Device | None = None) -> None:
         self._driver = driver
         self._device = _device or Device(
-            driver.name, driver_name or type(driver).__name__.lower(), driver, 0
+            driver.name, driver_name or type(driver).__name__.lower(), driver, 0, host=OsServices()
         )
         self._handle: Session | None = self._device.session
 
