@@ -38,8 +38,12 @@ Rule 5 (destination): with a migration UUID the CONFIGURATION record must come
         always; INIT_DATA_SENT needs switchover-ack and a pre-copy device, at
         most once per such device. SWITCHOVER_ACK is due when the last of them
         arrived (or at OpenReturnPath when there are none): see ``ack_due``.
-        At EndOfFile every device was seen, and in multifd mode
-        SwitchoverStart came.
+        The source starts every device's section in its setup phase, so the
+        first event past those starts (a PART or END section, or
+        SwitchoverStart) finds every device of ours started: a device the
+        source does not have fails there, before anyone waits for an ack
+        it could never send. At EndOfFile every device was seen, and in
+        multifd mode SwitchoverStart came.
 Rule 6: any protocol error moves both phases to ERROR, and every later call
         raises a protocol error at once (errors are sticky).
 """
@@ -374,6 +378,7 @@ class DestinationProtocol:
         self._ack_pending = 0
         self._ack_due = False
         self._seen: set[str] = set()
+        self._setup_checked = False
         self._switchover_started = False
 
     @property
@@ -468,6 +473,11 @@ class DestinationProtocol:
                 raise RemoteProtocolError(
                     "the source's migration UUID does not match --uuid; refusing the stream"
                 )
+        if not self._setup_checked and isinstance(
+            event, (ev.SectionPart, ev.SectionEnd, ev.SwitchoverStart)
+        ):
+            self._setup_checked = True
+            self._check_all_started()
         match event:
             case ev.OpenReturnPath():
                 self._ack_due = s.switchover_ack and self._ack_pending == 0
@@ -487,17 +497,21 @@ class DestinationProtocol:
             case ev.MarkerEvent():
                 self._marker(self._t.sections.get(event.section_id, ""), event.marker)
             case ev.EndOfFile():
-                missing = [i for i in s.idstrs if i not in self._seen]
-                if missing:
-                    raise RemoteProtocolError(
-                        f"the stream carried no state for destination device(s) "
-                        f"{', '.join(missing)} (the source sent {len(self._t.sections)} "
-                        f"device(s), this side has {len(s.idstrs)})"
-                    )
+                self._check_all_started()
                 if s.multifd and not self._switchover_started:
                     raise RemoteProtocolError("stream ended without MIG_CMD_SWITCHOVER_START")
             case _:
                 pass
+
+    def _check_all_started(self) -> None:
+        s = self.settings
+        missing = [i for i in s.idstrs if i not in self._seen]
+        if missing:
+            raise RemoteProtocolError(
+                f"the stream carried no state for destination device(s) "
+                f"{', '.join(missing)} (the source sent {len(self._t.sections)} "
+                f"device(s), this side has {len(s.idstrs)})"
+            )
 
     def _marker(self, idstr: str, marker: Marker) -> None:
         multifd = self.settings.multifd

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import socket
 import struct
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -309,15 +310,20 @@ def test_live_unknown_idstr(mounts: Mounts, tmp_path: Path) -> None:
     ws.assert_reset(dst, name)
 
 
-def test_live_source_has_fewer_devices(mounts: Mounts, tmp_path: Path) -> None:
+@pytest.mark.parametrize("flags", ["STOP_COPY+P2P", "STOP_COPY+P2P+PRE_COPY"])
+def test_live_source_has_fewer_devices(mounts: Mounts, tmp_path: Path, flags: str) -> None:
+    """Both sides fail fast: with pre-copy devices the source used to wait for an ack forever."""
     src, dst = mounts
-    a, b = _source_devices(mounts, 2)
+    a, b = _source_devices(mounts, 2, flags)
     before = digest(src, a)
-    _, dest = _live(
+    started = time.monotonic()
+    source, dest = _live(
         mounts, tmp_path, [str(src.device(a))], [str(dst.device(a)), str(dst.device(b))]
     )
+    assert time.monotonic() - started < 20
     _check_refused(dest, f"carried no state for destination device(s) {b}/vfio")
     _check_refused(dest, "the source sent 1 device(s), this side has 2")
+    _check_refused(source, "the destination failed")
     assert src.state(a) == "RUNNING"
     assert digest(src, a) == before
     ws.assert_reset(dst, a)
