@@ -9,6 +9,7 @@ from fakevfio._options import (
     MAX_OPTIONS,
     DeviceSpec,
     check_device_name,
+    parse_pci_address,
     parse_size,
 )
 from fakevfio.errors import ConfigError
@@ -164,3 +165,74 @@ def test_parse_size_bad(text: str) -> None:
 def test_parse_size_error_names_what() -> None:
     with pytest.raises(ConfigError, match="invalid dirty_rate option 'fast'"):
         parse_size("fast", what="dirty_rate option")
+
+
+# -- PCI addresses (the reserved keys address= / pci_address=) --------------------------------
+@pytest.mark.parametrize(
+    ("text", "address"),
+    [
+        ("0000:00:05.0", "0000:00:05.0"),
+        ("00:05.0", "0000:00:05.0"),
+        ("ABCD:F0:1F.7", "abcd:f0:1f.7"),
+        ("ffff:ff:1f.7", "ffff:ff:1f.7"),
+        (" 0000:01:00.1 ", "0000:01:00.1"),
+    ],
+)
+def test_parse_pci_address_gives_the_kernels_spelling(text: str, address: str) -> None:
+    assert parse_pci_address(text) == address
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("0000:00:20.0", "slot 0x20 is out of range"),  # 5 bits of slot (PCI_SLOT)
+        ("0000:00:05.8", "expected DOMAIN:BUS:SLOT.FUNCTION"),  # 3 bits of function
+        ("10000:00:05.0", "expected"),
+        ("0:5.0", "expected"),
+        ("0000:000:05.0", "expected"),
+        ("0000:00:05", "expected"),
+        ("0000:00:05.0.1", "expected"),
+        ("gpu0", "expected"),
+        ("", "expected"),
+        ("0000:0g:05.0", "expected"),
+    ],
+)
+def test_parse_pci_address_rejects(text: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        parse_pci_address(text)
+
+
+@pytest.mark.parametrize("key", ["address", "pci_address"])
+def test_device_spec_takes_the_pci_address_out_of_the_driver_options(key: str) -> None:
+    spec = DeviceSpec.from_cli(f"g=ram:size=16M,{key}=0000:00:05.0,seed=1")
+    assert spec.pci_address == "0000:00:05.0"
+    assert dict(spec.options) == {"size": "16M", "seed": "1"}
+    line = DeviceSpec.from_create_line("ram", f"g size=4K {key}=01:02.3")
+    assert (line.pci_address, dict(line.options)) == ("0000:01:02.3", {"size": "4K"})
+    assert DeviceSpec.from_cli("g=ram:size=4K").pci_address is None
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("g=ram:address=0000:00:05.0,pci_address=0000:00:06.0", "given twice"),
+        ("g=ram:address=0000:00:05.0,address=0000:00:06.0", "option address given twice"),
+        ("g=ram:address=nowhere", r"device g: option address: invalid PCI address 'nowhere'"),
+        ("g=ram:pci_address=00:40.0", "slot 0x40 is out of range"),
+        ("g=ram:address=", "invalid PCI address ''"),
+    ],
+)
+def test_device_spec_bad_pci_address(text: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        DeviceSpec.from_cli(text)
+    with pytest.raises(ConfigError, match=match):
+        DeviceSpec.from_create_line("ram", "g " + text.partition(":")[2].replace(",", " "))
+
+
+def test_device_spec_split_reserved_for_specs_built_directly() -> None:
+    direct = DeviceSpec("g", "ram", {"size": "4K", "address": "00:05.0"})
+    split = direct.split_reserved()
+    assert (split.pci_address, dict(split.options)) == ("0000:00:05.0", {"size": "4K"})
+    assert split.split_reserved() == split
+    with pytest.raises(ConfigError, match="given twice"):
+        DeviceSpec("g", "ram", {"address": "00:05.0"}, pci_address="0000:00:06.0").split_reserved()

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Mapping
+from typing import ClassVar
 
 import pytest
 
-from fakevfio._options import DeviceSpec
+from fakevfio._options import DeviceSpec, parse_pci_address
 from fakevfio._ram import RamDriver
 from fakevfio._registry import Registry
 from fakevfio.driver import ArcDriver
@@ -108,3 +109,88 @@ def test_registry_remove_is_ebusy_while_session_live() -> None:
 def test_registry_unknown_device_message() -> None:
     with pytest.raises(UnknownDevice, match="no device named 'zz'"):
         registry().get("zz")
+
+
+# -- PCI addresses --------------------------------------------------------------------------
+class RecordingDriver(RamDriver):
+    seen: ClassVar[list[dict[str, str]]] = []
+
+    def __init__(self, name: str, options: Mapping[str, str]) -> None:
+        RecordingDriver.seen.append(dict(options))
+        super().__init__(name, options)
+
+
+def test_registry_pci_address_default_settable_and_shown_in_info() -> None:
+    reg = registry()
+    a = reg.create(spec("a=ram:size=4K"))
+    b = reg.create(spec("b=ram:size=4K,address=0000:00:05.0"))
+    c = DeviceSpec.from_create_line("ram", "c size=4K pci_address=00:06.0")
+    c_dev = reg.create(c)
+    assert (a.pci_address, b.pci_address, c_dev.pci_address) == (
+        "0000:f0:00.0",
+        "0000:00:05.0",
+        "0000:00:06.0",
+    )
+    assert b.info(with_digest=False)["pci_address"] == "0000:00:05.0"
+
+
+def test_registry_never_gives_the_pci_address_to_the_driver() -> None:
+    RecordingDriver.seen = []
+    reg = Registry({"rec": RecordingDriver})
+    reg.create(spec("a=rec:size=4K,address=0000:00:05.0"))
+    reg.create(DeviceSpec("b", "rec", {"size": "4K", "pci_address": "00:06.0"}))  # e.g. TOML
+    assert RecordingDriver.seen == [{"size": "4K"}, {"size": "4K"}]
+    assert reg.get("b").pci_address == "0000:00:06.0"
+
+
+def test_registry_pci_addresses_are_unique() -> None:
+    reg = registry()
+    reg.create(spec("a=ram:size=4K,address=0000:00:05.0"))
+    with pytest.raises(ConfigError, match=r"PCI address 0000:00:05.0 is already device a's"):
+        reg.create(spec("b=ram:size=4K,address=00:05.0"))  # same address, other spelling
+    assert list(reg.devices) == ["a"]
+    assert reg.create(spec("b=ram:size=4K")).number == 1  # the refused spec used no number
+
+
+def test_registry_explicit_address_cannot_take_a_default_one_already_given() -> None:
+    reg = registry()
+    reg.create(spec("a=ram:size=4K"))  # 0000:f0:00.0
+    with pytest.raises(ConfigError, match="already device a's"):
+        reg.create(spec("b=ram:size=4K,address=0000:f0:00.0"))
+    assert list(reg.devices) == ["a"]
+
+
+def test_registry_defaults_skip_addresses_a_spec_took() -> None:
+    reg = registry()
+    a = reg.create(spec("a=ram:size=4K,address=0000:f0:01.0"))  # device 0 names device 1's
+    b = reg.create(spec("b=ram:size=4K"))  # number 1: its default is taken
+    c = reg.create(spec("c=ram:size=4K"))
+    assert (a.pci_address, b.pci_address, c.pci_address) == (
+        "0000:f0:01.0",
+        "0000:f0:02.0",
+        "0000:f0:03.0",  # number 2 wanted f0:02.0, which b holds
+    )
+
+
+def test_registry_failed_create_releases_its_pci_address() -> None:
+    reg = registry()
+    with pytest.raises(ConfigError, match="no hardware today"):
+        reg.create(spec("x=boom:address=0000:00:05.0"))
+    with pytest.raises(ConfigError, match="unknown option"):
+        reg.create(spec("y=ram:colour=red,address=0000:00:05.0"))
+    dev = reg.create(spec("z=ram:size=4K,address=0000:00:05.0"))
+    assert dev.pci_address == "0000:00:05.0"
+    reg.remove("z")
+    assert reg.create(spec("w=ram:size=4K,address=0000:00:05.0")).pci_address == "0000:00:05.0"
+
+
+def test_registry_default_addresses_stay_valid_past_512_creations() -> None:
+    reg = registry()
+    seen = set()
+    for i in range(600):
+        dev = reg.create(spec(f"d{i}=ram:size=4K"))
+        seen.add(dev.pci_address)
+        reg.remove(dev.name)
+    assert len(seen) == 600
+    for address in seen:
+        assert parse_pci_address(address) == address
