@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Protocol, TypeVar
 
@@ -63,18 +64,63 @@ async def open_stream(addr: Address) -> trio.abc.Stream:
 
 
 async def open_listeners(addr: Address) -> list[trio.SocketListener]:
-    """Listen on ``addr`` (a stale unix socket file is replaced)."""
+    """Listen on ``addr``.
+
+    A unix path is only ever replaced when it is a socket nobody listens on
+    (one left by a process that died): any other file, or a live socket, is a
+    ConfigurationError and stays as it was.
+    """
     try:
         if addr.kind == "tcp":
             return await trio.open_tcp_listeners(addr.port, host=addr.host or None)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(addr.path)
+        _remove_stale_socket(addr.path)
         sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
         await sock.bind(addr.path)
         sock.listen(64)
         return [trio.SocketListener(sock)]
     except OSError as exc:
         raise ConfigurationError(f"cannot listen on {addr}: {exc.strerror or exc}") from exc
+
+
+def _remove_stale_socket(path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigurationError(
+            f"cannot listen on unix:{path}: the path exists and is not a socket; "
+            "refusing to replace it (remove it or choose another path)"
+        )
+    if _unix_listening(path):
+        raise ConfigurationError(
+            f"cannot listen on unix:{path}: another process is listening there "
+            "(Address already in use)"
+        )
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # stale: nobody listens there
+
+
+#: ``__SO_ACCEPTCON`` in the Flags column of /proc/net/unix: a listening socket.
+_SO_ACCEPTCON = 0x10000
+
+
+def _unix_listening(path: str) -> bool:
+    """Whether a listening socket is bound to ``path`` (read from /proc, no connection made:
+    a probing connect would look like a failed migration to the process listening)."""
+    want = os.path.abspath(path)
+    try:
+        with open("/proc/net/unix", encoding="utf-8", errors="replace") as table:
+            lines = table.read().splitlines()[1:]
+    except OSError:
+        return True  # cannot tell: never replace what might be live
+    for line in lines:
+        fields = line.split(None, 7)
+        if len(fields) == 8 and int(fields[3], 16) & _SO_ACCEPTCON:
+            bound = fields[7]
+            if bound == path or os.path.abspath(bound) == want:
+                return True
+    return False
 
 
 def listening_on(addr: Address, listeners: list[trio.SocketListener]) -> str:

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import stat
+from pathlib import Path
+
 import pytest
 import trio
 import trio.testing
 
-from migrator.errors import ChannelBrokenError, FramingError
-from migrator.transport import BufferPool, StreamReader, serve_connections
+from migrator.errors import ChannelBrokenError, ConfigurationError, FramingError
+from migrator.transport import (
+    Address,
+    BufferPool,
+    StreamReader,
+    open_listeners,
+    serve_connections,
+)
 from tests.migrator.memory import MemoryListener
 
 GUARD_S = 10
@@ -101,3 +112,48 @@ async def test_serve_connections_accepts_on_every_listener() -> None:
             assert await b.receive_some() == b"ok:b"
     assert sorted(got) == [b"a", b"b"]
     assert all(listener.closed for listener in listeners)
+
+
+# -- unix listen paths: only a stale socket is ever replaced ------------------------
+
+
+async def test_unix_listen_refuses_to_replace_a_regular_file(tmp_path: Path) -> None:
+    precious = tmp_path / "precious.txt"
+    precious.write_text("important\n")
+    with pytest.raises(ConfigurationError, match="exists and is not a socket; refusing"):
+        await open_listeners(Address.parse(f"unix:{precious}"))
+    assert precious.read_text() == "important\n"
+
+
+async def test_unix_listen_refuses_a_live_socket_and_leaves_it_working(tmp_path: Path) -> None:
+    path = tmp_path / "live.sock"
+    live = await open_listeners(Address.parse(f"unix:{path}"))
+    try:
+        with pytest.raises(ConfigurationError, match="another process is listening there"):
+            await open_listeners(Address.parse(f"unix:{path}"))
+        with trio.fail_after(GUARD_S):
+            client = await trio.open_unix_socket(str(path))
+            server = await live[0].accept()
+            await client.send_all(b"still mine")
+            assert await server.receive_some(64) == b"still mine"
+            await client.aclose()
+            await server.aclose()
+    finally:
+        for listener in live:
+            await listener.aclose()
+
+
+async def test_unix_listen_replaces_a_stale_socket(tmp_path: Path) -> None:
+    path = tmp_path / "stale.sock"
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(path))  # bound, never listening, then closed: what a killed process leaves
+    dead.close()
+    assert stat.S_ISSOCK(os.lstat(path).st_mode)
+    listeners = await open_listeners(Address.parse(f"unix:{path}"))
+    try:
+        with trio.fail_after(GUARD_S):
+            client = await trio.open_unix_socket(str(path))
+            await client.aclose()
+    finally:
+        for listener in listeners:
+            await listener.aclose()
