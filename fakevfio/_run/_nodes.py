@@ -45,6 +45,8 @@ class DeviceInfo:
     flags: int
     regions: dict[str, int]
     config_size: int
+    #: The device's PCI address (``pci_name()``: the name GROUP_GET_DEVICE_FD matches).
+    pci_address: str = ""
     #: The whole ``info`` object (``bars``, ``irqs``, ``pci_address``, ``dma``, ...).
     info: dict[str, object] = attrs.field(factory=dict, eq=False, repr=False)
 
@@ -94,6 +96,7 @@ class MountNodes:
                     flags=flags,
                     regions={str(k): int(v) for k, v in info["regions"].items()},
                     config_size=int(info["config_size"]),
+                    pci_address=str(info.get("pci_address", "")),
                     info=info,
                 )
                 devices[entry] = dev
@@ -143,3 +146,34 @@ class MountNodes:
 
     def end_session(self, name: str) -> None:
         self.generation[name] = self.generation.get(name, 0) + 1
+
+
+def match_device_name(buf: str, dev: DeviceInfo) -> None:
+    """GROUP_GET_DEVICE_FD's name check, as vfio-pci's ``vfio_pci_core_match`` does it.
+
+    The name is the device's PCI address (``pci_name()``, what QEMU and the migrator
+    pass), or, a fakevfio extension kept for existing users, the device's name. After
+    the name only spaces and one ``vf_token=UUID`` may follow; a fake device is neither
+    a PF nor a VF, so a token is EINVAL ("VF token incorrectly provided"), any other
+    option EINVAL, and other characters right after the name no match (ENODEV).
+    """
+    for candidate in (dev.pci_address, dev.name):
+        if not candidate or not buf.startswith(candidate):
+            continue
+        rest = buf[len(candidate) :]
+        if not rest:
+            return
+        if rest[0] != " ":
+            continue  # non-whitespace after the name: no match
+        if rest.strip(" "):
+            raise IoctlError(
+                errno.EINVAL,
+                f"device options {rest.strip()!r} after {candidate}: a fake device takes no "
+                "vf_token (it is neither a PF nor a VF) and no other option",
+            )
+        return
+    raise IoctlError(
+        errno.ENODEV,
+        f"no device {buf[:80]!r} in group {dev.group} (its device is "
+        f"{dev.pci_address or dev.name}, also reachable by its name {dev.name})",
+    )

@@ -23,7 +23,7 @@ import attrs
 
 from fakevfio._run import _device_ioctls, _iommufd
 from fakevfio._run._caller import HeldFiles, OpenFile, PassThrough
-from fakevfio._run._nodes import MountNodes, NodeKind
+from fakevfio._run._nodes import MountNodes, NodeKind, match_device_name
 from fakevfio.errors import IoctlError
 from vfio_uapi import abi as uapi
 
@@ -178,6 +178,13 @@ class Vfio:
         return 0
 
     def _get_device_fd(self, call: Call, ino: int, device: str | None) -> None:
+        # The kernel's order (drivers/vfio/group.c): strndup_user (EFAULT, EINVAL when
+        # longer than a page), the lookup by name (vfio_device_get_from_name: ENODEV, or
+        # the match's errno), then the open, which needs a container with an IOMMU (EINVAL).
+        raw = call.mem.read_cstring(call.arg)
+        dev = self.nodes.device(device)
+        name = raw.decode(errors="replace")
+        match_device_name(name, dev)
         entry = self.find(call, call.fd, ino)
         if (
             entry is None
@@ -185,11 +192,6 @@ class Vfio:
             or (entry.container.kind is NodeKind.CONTAINER and not entry.container.iommu_type)
         ):
             raise IoctlError(errno.EINVAL, "no container/IOMMU set")
-        raw = call.mem.read_cstring(call.arg)
-        name = raw.split(b" ", 1)[0].decode(errors="replace")
-        dev = self.nodes.device(device)
-        if name != dev.name:
-            raise IoctlError(errno.ENODEV, f"no device {name!r} in group {dev.group}")
         node = self.nodes.path / "dev" / "vfio" / "devices" / dev.cdev
         try:
             fd = os.open(node, os.O_RDWR | os.O_CLOEXEC)
