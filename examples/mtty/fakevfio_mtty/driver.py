@@ -1,12 +1,45 @@
-"""The mtty sample's migration, at the arc level of the fakevfio driver API.
+"""The mtty sample device: PCI surface, interrupts and migration, at the arc level.
 
 This driver shows the full-control level (:class:`fakevfio.driver.ArcDriver`):
 it implements ``step()`` arc by arc, the way ``mtty_set_state()`` does in
 ``samples/vfio-mdev/mtty.c``, and returns its own :class:`~fakevfio.driver.SaveStream`
-and :class:`~fakevfio.driver.LoadStream` on the arcs that open a data_fd.
+and :class:`~fakevfio.driver.LoadStream` on the arcs that open a data_fd. The
+UART registers are :mod:`fakevfio_mtty.uart`.
 
 Theory of operation
 -------------------
+The PCI surface is the sample's ``mtty_create_config_space()``: WCH vendor
+0x4348, device 0x3253 (a CH352 dual serial card, which Linux's 8250_pci driver
+binds as two 16550A ports, port N in BAR N), subsystem 0x4348:0x3253, revision
+0x10, class 0x07 (communication) subclass 0x00 prog-if 0x02 (16550), command
+I/O+, status 0x0200, the INTA pin, the vendor bytes at 0x40-0x4c and the
+"PCI Serial/UART" string at 0x60. Each port is an 8-byte I/O BAR
+(``Bar(size=8, kind=BarKind.IO)``). The core builds the BAR registers and the
+MSI capability (one vector) from :meth:`MttyDriver.bars`, ``interrupt_pin`` and
+``msi_vectors``; the sample advertises MSI only through VFIO_DEVICE_GET_IRQ_INFO.
+
+Interrupts (Rules I1-I3; where the UART raises one is :mod:`fakevfio_mtty.uart`):
+
+Rule I1: each interrupt the sample's ``mtty_trigger_interrupt()`` would raise is
+        ``raise_irq(IRQ_MSI)``; the core signals it only when the VMM enabled
+        MSI (the sample signals only its active index).
+Rule I2: INTx, ``intx=level`` (default): the line is the OR of the ports' IIR
+        "interrupt pending", given to ``set_intx()`` whenever it changes, so
+        the core signals on assertion when unmasked and again on an UNMASK
+        while still asserted, as vfio-pci does for a level-triggered device.
+        ``intx=edge``: exactly the sample, ``raise_irq(IRQ_INTX)`` at each
+        trigger (the core's automask drops a trigger while masked).
+Rule I3: after a load (RESUMING -> STOP) and on every arc into RUNNING the line
+        is re-driven from the loaded registers, so a destination whose FIFO
+        holds bytes interrupts its guest (the image has no separate interrupt
+        state: IER, overrun and the FIFO are the interrupt state). A driver not
+        attached to a device raises nothing.
+
+Accesses are split as ``mtty_read()``/``mtty_write()`` split them (4 bytes when
+aligned and at least 4 remain, else 2, else 1); each piece reaches the register
+at its first byte only, the rest of a piece reads as 0 and its writes are
+dropped (the sample fills one byte of the piece).
+
 The migration image is ``struct mtty_data``, little-endian::
 
     0   8  magic 0x7e9d09898c3e2c4e
@@ -47,11 +80,24 @@ from collections.abc import Mapping
 from typing import ClassVar
 
 from fakevfio import MigFlags, State
-from fakevfio.driver import ArcDriver, LoadStream, OptionSpec, PrecopyInfo, SaveStream
+from fakevfio.driver import (
+    IRQ_INTX,
+    IRQ_MSI,
+    ArcDriver,
+    Bar,
+    BarKind,
+    LoadStream,
+    OptionSpec,
+    PrecopyInfo,
+    SaveStream,
+)
 from fakevfio.errors import ConfigError, DeviceError
 from fakevfio_mtty.uart import PORT, REGISTERS, Port, PortImageError
 
 MAGIC = 0x7E9D09898C3E2C4E
+VENDOR_ID = 0x4348
+DEVICE_ID = 0x3253
+INTX_MODES = ("level", "edge")
 MAJOR_VERSION = 1
 MINOR_VERSION = 0
 HEADER = struct.Struct("<QIIII")
@@ -195,42 +241,96 @@ class MttyDriver(ArcDriver):
     description = "the kernel's mtty sample serial device (arc-level driver example)"
     options: ClassVar[Mapping[str, OptionSpec]] = {
         "nr_ports": OptionSpec(kind="int", default="1", help="number of UART ports: 1 or 2"),
+        "intx": OptionSpec(
+            kind="str",
+            default="level",
+            help="INTx: level (IIR pending drives the line) or edge (the sample's triggers)",
+        ),
     }
+    interrupt_pin = 1  # INTA#
+    msi_vectors = 1
 
     def __init__(self, name: str, options: Mapping[str, str]) -> None:
         super().__init__(name, options)
         nr_ports = self.int_option("nr_ports")
         if nr_ports not in (1, 2):
             raise ConfigError(f"device {name}: nr_ports must be 1 or 2, got {nr_ports}")
+        intx = self.option("intx")
+        if intx not in INTX_MODES:
+            raise ConfigError(f"device {name}: intx must be level or edge, got {intx!r}")
         self.nr_ports = nr_ports
+        self.intx_mode = intx
         self.ports = [Port() for _ in range(nr_ports)]
+        self.intx_line = False
+        #: Interrupts the sample's model raised (``mtty_trigger_interrupt`` calls).
+        self.triggers = 0
 
     @property
     def migration_flags(self) -> MigFlags:
         return MigFlags.STOP_COPY | MigFlags.P2P | MigFlags.PRE_COPY
 
     def initial_config(self) -> bytes:
+        """``mtty_create_config_space()``; the core adds BARs and the MSI capability."""
         cfg = bytearray(self.config_size)
-        cfg[0:2] = (0x4348).to_bytes(2, "little")  # the sample's vendor id (WCH)
-        cfg[2:4] = (0x3253).to_bytes(2, "little")
-        cfg[0x0A:0x0C] = (0x0700).to_bytes(2, "little")  # class: serial controller
+        struct.pack_into("<HHHH", cfg, 0, VENDOR_ID, DEVICE_ID, 0x0001, 0x0200)
+        cfg[0x08:0x0C] = bytes([0x10, 0x02, 0x00, 0x07])  # revision, prog-if, subclass, class
+        struct.pack_into("<I", cfg, 0x10, 0x1)  # BAR0: I/O space
+        if self.nr_ports == 2:
+            struct.pack_into("<I", cfg, 0x14, 0x1)  # BAR1: I/O space
+        struct.pack_into("<HH", cfg, 0x2C, VENDOR_ID, DEVICE_ID)  # subsystem
+        cfg[0x3D] = 0x01  # interrupt pin INTA#
+        for off, value in ((0x40, 0x23), (0x43, 0x80), (0x44, 0x23), (0x48, 0x23), (0x4C, 0x23)):
+            cfg[off] = value  # the sample's vendor-specific bytes
+        cfg[0x60:0x6F] = b"PCI Serial/UART"
         return bytes(cfg)
 
     # -- regions: one 8-byte I/O BAR per port --------------------------------
     def regions(self) -> Mapping[str, int]:
         return {f"bar{i}": REGISTERS for i in range(self.nr_ports)}
 
+    def bars(self) -> Mapping[int, Bar]:
+        return {i: Bar(size=REGISTERS, kind=BarKind.IO) for i in range(self.nr_ports)}
+
     def _port(self, region: str) -> Port:
         return self.ports[int(region.removeprefix("bar"))]
 
     def region_read(self, region: str, offset: int, size: int) -> bytes:
         port = self._port(region)
-        return bytes(port.read(off) for off in range(offset, offset + size))
+        out = bytearray()
+        raised = 0
+        for off, piece in _pieces(offset, size):
+            value, n = port.read(off)
+            raised += n
+            out += bytes([value]) + bytes(piece - 1)
+        self._signal(raised)
+        return bytes(out)
 
     def region_write(self, region: str, offset: int, data: memoryview) -> None:
         port = self._port(region)
-        for i, value in enumerate(data):
-            port.write(offset + i, value)
+        raised = 0
+        pos = 0
+        for off, piece in _pieces(offset, len(data)):
+            raised += port.write(off, data[pos])
+            pos += piece
+        self._signal(raised)
+
+    # -- interrupts (Rules I1-I3) ------------------------------------------
+    def _signal(self, raised: int) -> None:
+        self.triggers += raised
+        if self._host is None:
+            return
+        for _ in range(raised):
+            self.raise_irq(IRQ_MSI)
+            if self.intx_mode == "edge":
+                self.raise_irq(IRQ_INTX)
+        if self.intx_mode == "level":
+            self._drive_line(force=False)
+
+    def _drive_line(self, *, force: bool) -> None:
+        level = any(port.interrupt_pending() for port in self.ports)
+        if level != self.intx_line or (force and level):
+            self.intx_line = level
+            self.set_intx(level)
 
     # -- migration ------------------------------------------------------
     def ports_image(self) -> bytes:
@@ -255,7 +355,15 @@ class MttyDriver(ArcDriver):
             if not isinstance(stream, MttyLoadStream):
                 raise DeviceError(errno.EINVAL, "no resuming stream to load", device=self.name)
             self.ports = stream.finish()
+            self._resync()
+        elif nxt is State.RUNNING:
+            self._resync()
         return None
+
+    def _resync(self) -> None:
+        """Rule I3: drive INTx from the (loaded) registers."""
+        if self._host is not None and self.intx_mode == "level":
+            self._drive_line(force=True)
 
     def data_size(self, stream: SaveStream | LoadStream | None) -> int:
         # Like the sample: the fixed image size, whatever the state.
@@ -265,4 +373,23 @@ class MttyDriver(ArcDriver):
         return hashlib.sha256(encode_header(self.nr_ports) + self.ports_image()).hexdigest()
 
     def info(self) -> Mapping[str, object]:
-        return {"nr_ports": self.nr_ports, "image_size": image_size(self.nr_ports)}
+        return {
+            "nr_ports": self.nr_ports,
+            "image_size": image_size(self.nr_ports),
+            "intx": self.intx_mode,
+            "intx_line": self.intx_line,
+            "triggers": self.triggers,
+            "fifo_counts": [port.count for port in self.ports],
+        }
+
+
+def _pieces(offset: int, size: int) -> list[tuple[int, int]]:
+    """``(offset, length)`` of each access ``mtty_read``/``mtty_write`` would make."""
+    out = []
+    end = offset + size
+    while offset < end:
+        left = end - offset
+        piece = 4 if left >= 4 and offset % 4 == 0 else 2 if left >= 2 and offset % 2 == 0 else 1
+        out.append((offset, piece))
+        offset += piece
+    return out
