@@ -1,7 +1,17 @@
 """Fault-injection rules of ``devices/<name>/faults`` (INTERFACES section 4).
 
 Rules are parsed all at once; a bad line rejects the whole write and leaves the
-previous rules active.
+previous rules active. The grammar, one rule per line::
+
+    arc FROM TO ERRNO          the arc FROM -> TO fails with ERRNO
+    read ERRNO after BYTES     session reads fail with ERRNO once BYTES were read
+    write ERRNO after BYTES    resuming writes fail with ERRNO once BYTES were written
+    delay read|write|arc MS    add MS milliseconds to each such operation
+    corrupt after BYTES        flip one bit of the saved stream at offset BYTES
+    dirty lose PERCENT         the device's dirty reports (DMA logging and the
+                               IOMMU-side trackers) omit PERCENT % (0..100) of the
+                               pages it DMA-wrote, chosen deterministically by page
+                               (a buggy tracker; see docs/dma.md)
 """
 
 from __future__ import annotations
@@ -53,7 +63,17 @@ class CorruptFault:
         return f"corrupt after {self.after}"
 
 
-Fault = ArcFault | IoFault | DelayFault | CorruptFault
+@attrs.frozen(kw_only=True)
+class DirtyLoseFault:
+    """A buggy dirty tracker: the device's dirty reports omit ``percent`` % of written pages."""
+
+    percent: int
+
+    def text(self) -> str:
+        return f"dirty lose {self.percent}"
+
+
+Fault = ArcFault | IoFault | DelayFault | CorruptFault | DirtyLoseFault
 
 
 @attrs.frozen
@@ -107,6 +127,10 @@ class FaultRules:
     def corrupt_offsets(self) -> list[int]:
         return [r.after for r in self.rules if isinstance(r, CorruptFault)]
 
+    def dirty_lose_percent(self) -> int:
+        """The share (0..100) of written pages the dirty reports omit (the largest rule)."""
+        return max((r.percent for r in self.rules if isinstance(r, DirtyLoseFault)), default=0)
+
 
 def _int(word: str, what: str) -> int:
     if not (word.isascii() and word.isdigit()) or len(word) > 19:
@@ -136,7 +160,13 @@ def _parse_rule(words: list[str]) -> Fault:
         return DelayFault(op=words[1], ms=ms)
     if kind == "corrupt" and len(words) == 3 and words[1] == "after":
         return CorruptFault(after=_int(words[2], "byte offset"))
+    if kind == "dirty" and len(words) == 3 and words[1] == "lose":
+        percent = _int(words[2], "percentage")
+        if percent > 100:
+            raise ConfigError(f"dirty lose {percent}: a percentage is 0..100")
+        return DirtyLoseFault(percent=percent)
     raise ConfigError(
         "expected one of: 'arc FROM TO ERRNO', 'read ERRNO after BYTES', "
-        "'write ERRNO after BYTES', 'delay read|write|arc MS', 'corrupt after BYTES'"
+        "'write ERRNO after BYTES', 'delay read|write|arc MS', 'corrupt after BYTES', "
+        "'dirty lose PERCENT'"
     )

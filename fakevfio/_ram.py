@@ -3,7 +3,11 @@
 Its state is ``size`` bytes (anonymous memory, so unused sizes cost nothing
 until written), exposed as region ``bar0``. With ``dirty_rate`` set, a workload
 rewrites randomly chosen pages while the device runs, at that many bytes per
-second, so pre-copy really has dirty pages to re-send. The stream, sessions
+second, so pre-copy really has dirty pages to re-send. With ``dma_rate`` set,
+the same workload DMA-writes that many bytes per second, in whole 4 KiB pages
+of a deterministic pattern (from ``seed``), to pages chosen among the writable
+IOVA mappings of the device (guest RAM under QEMU); with nothing mapped it
+does nothing and builds up no backlog. The stream, sessions
 and validation come from the core (:mod:`fakevfio._stream`); the driver header
 names the driver, its stream version and its size, so a stream from another
 version or another size is refused on resume.
@@ -20,6 +24,8 @@ import struct
 from collections.abc import Mapping
 from typing import ClassVar
 
+from fakevfio import _dma
+from fakevfio._device import Device
 from fakevfio.driver import OptionSpec, StateDriver
 from fakevfio.errors import ConfigError, DeviceError
 from vfio_uapi.fsm import MigFlags, parse_flags
@@ -28,6 +34,14 @@ _HEADER = struct.Struct("<8sIIQ")
 _MAGIC = b"FVRAMDEV"
 _MAX_SIZE = 1 << 40
 _FILL_BLOCK = 1 << 20
+_DMA_PAGE = 4096
+
+
+def _mappings(host: object) -> tuple[_dma.Mapping, ...]:
+    """The device's IOVA mappings (the built-in driver may look at its own core device)."""
+    if isinstance(host, Device):
+        return host.dma.mappings()
+    return ()
 
 
 class RamDriver(StateDriver):
@@ -52,6 +66,11 @@ class RamDriver(StateDriver):
         ),
         "write_bandwidth": OptionSpec(
             kind="size", default=None, help="data stream write speed, bytes/s"
+        ),
+        "dma_rate": OptionSpec(
+            kind="size",
+            default="0",
+            help="bytes/s the device DMA-writes into its writable mappings while running",
         ),
         "page_size": OptionSpec(kind="size", default="4K", help="dirty-tracking granularity"),
         "config_size": OptionSpec(
@@ -100,6 +119,11 @@ class RamDriver(StateDriver):
         self._rng = random.Random(self._seed if self._seed is not None else 0)
         self._carry = 0.0
         self.pages_dirtied = 0
+        self._dma_rate = self.size_option("dma_rate") or 0
+        self._dma_rng = random.Random(f"dma/{self._seed if self._seed is not None else 0}")
+        self._dma_carry = 0.0
+        self.dma_pages = 0
+        self.dma_errors = 0
 
     def _fill(self, seed: int) -> None:
         block = random.Random(seed).randbytes(_FILL_BLOCK)
@@ -163,9 +187,45 @@ class RamDriver(StateDriver):
         self.mark_dirty(offset, len(data))
 
     def has_workload(self) -> bool:
-        return self._dirty_rate > 0
+        return self._dirty_rate > 0 or self._dma_rate > 0
 
     def advance(self, seconds: float) -> None:
+        if self._dirty_rate:
+            self._advance_state(seconds)
+        if self._dma_rate:
+            self._advance_dma(seconds)
+
+    def _advance_dma(self, seconds: float) -> None:
+        """DMA-write whole pages of a seeded pattern into the writable mappings."""
+        host = self._host
+        maps = [m for m in _mappings(host) if m.writable]
+        if not maps:
+            self._dma_carry = 0.0  # unmapped time builds no backlog
+            return
+        # A late tick catches up at most a quarter second of writes.
+        self._dma_carry = min(
+            self._dma_carry + self._dma_rate * seconds / _DMA_PAGE, self._dma_rate / _DMA_PAGE / 4
+        )
+        pages = int(self._dma_carry)
+        self._dma_carry -= pages
+        total = sum(m.length for m in maps) // _DMA_PAGE
+        rng = self._dma_rng
+        for _ in range(pages):
+            index = rng.randrange(total)
+            for m in maps:
+                count = m.length // _DMA_PAGE
+                if index < count:
+                    break
+                index -= count
+            data = rng.randbytes(_DMA_PAGE)
+            try:
+                self.dma_write(m.iova + index * _DMA_PAGE, data)
+            except DeviceError:  # counted by the core as a DMA fault; try again next tick
+                self.dma_errors += 1
+                return
+            self.dma_pages += 1
+
+    def _advance_state(self, seconds: float) -> None:
         self._carry += self._dirty_rate * seconds / self.page_size
         pages = int(self._carry)
         self._carry -= pages
@@ -183,7 +243,10 @@ class RamDriver(StateDriver):
         self.pages_dirtied += pages
 
     def info(self) -> Mapping[str, object]:
-        return {"size": self._size, "pages_dirtied": self.pages_dirtied}
+        out: dict[str, object] = {"size": self._size, "pages_dirtied": self.pages_dirtied}
+        if self._dma_rate:
+            out |= {"dma_pages": self.dma_pages, "dma_errors": self.dma_errors}
+        return out
 
     def close(self) -> None:
         # A dead session's stream may still hold views of the memory (pages it
