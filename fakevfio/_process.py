@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import select
 import selectors
 import threading
 from collections.abc import Callable
@@ -84,6 +85,8 @@ class OsServices:
         self._selector: selectors.DefaultSelector | None = None
         self._wake_r, self._wake_w = -1, -1
         self._thread: threading.Thread | None = None
+        #: Callbacks of the watcher thread that raised (they are not re-raised anywhere).
+        self.callback_errors = 0
 
     def read_memory(self, pid: int, addr: int, size: int) -> bytes:
         return read_mem(pid, addr, size)
@@ -130,6 +133,14 @@ class OsServices:
             os.write(self._wake_w, b"\0")
 
     def _watch(self) -> None:
+        """The watcher thread: read each signalled eventfd, then call its callback.
+
+        The check that the fd is still watched and the read happen under the
+        lock, so once :meth:`unwatch_eventfd` returns, the fd is never read
+        again (the caller may close it). Callbacks run without the lock (they
+        take device locks, and watch/unwatch are called under those), and a
+        callback that raises does not stop the thread.
+        """
         selector = self._selector
         assert selector is not None
         while True:
@@ -138,12 +149,25 @@ class OsServices:
                     with contextlib.suppress(BlockingIOError):
                         os.read(self._wake_r, 4096)
                     continue
+                with self._lock:
+                    if selector.get_map().get(key.fd) is not key or not _readable(key.fd):
+                        continue
+                    try:
+                        os.eventfd_read(key.fd)
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        with contextlib.suppress(KeyError, ValueError):
+                            selector.unregister(key.fd)
+                        continue
                 try:
-                    os.eventfd_read(key.fd)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    with self._lock, contextlib.suppress(KeyError, ValueError):
-                        selector.unregister(key.fd)
-                    continue
-                key.data()
+                    key.data()
+                except Exception:  # noqa: BLE001 - one bad callback must not stop the watcher
+                    self.callback_errors += 1
+
+
+def _readable(fd: int) -> bool:
+    """Whether a read of ``fd`` would not block now (a watched fd may be shared)."""
+    poll = select.poll()
+    poll.register(fd, select.POLLIN)
+    return any(ev & select.POLLIN for _fd, ev in poll.poll(0))
