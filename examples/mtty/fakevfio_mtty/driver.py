@@ -27,8 +27,9 @@ Rule I2: INTx, ``intx=level`` (default): the line is the OR of the ports' IIR
         "interrupt pending", given to ``set_intx()`` whenever it changes, so
         the core signals on assertion when unmasked and again on an UNMASK
         while still asserted, as vfio-pci does for a level-triggered device.
-        ``intx=edge``: exactly the sample, ``raise_irq(IRQ_INTX)`` at each
-        trigger (the core's automask drops a trigger while masked).
+        ``intx=edge``: the sample's triggers, ``raise_irq(IRQ_INTX)`` at each
+        (the sample drops one raised while masked; the core keeps it pending
+        until the unmask, as vfio-pci's automask does).
 Rule I3: after a load (RESUMING -> STOP) and on every arc into RUNNING the line
         is re-driven from the loaded registers, so a destination whose FIFO
         holds bytes interrupts its guest (the image has no separate interrupt
