@@ -38,6 +38,7 @@ from fakevfio._dma import Dma
 from fakevfio._faults import FaultRules
 from fakevfio._host import HostServices
 from fakevfio._irq import Irqs
+from fakevfio._pci import bar_index, pci_space
 from fakevfio.driver import ArcDriver, LoadStream, PrecopyInfo, SaveStream
 from fakevfio.errors import DeviceError, IllegalTransition, errno_name
 from vfio_uapi import errors as uapi_errors
@@ -360,37 +361,52 @@ class Device:
             return self.driver.data_size(self._session.stream if self._session else None)
 
     # -- config space and regions -------------------------------------------
+    # The PCI surface (fakevfio/_pci.py): config writes follow vfio-pci's
+    # virtualisation, a BAR region is its BAR's size, past its backing zeros.
     def config_read(self, offset: int, size: int) -> bytes:
         with self.lock:
-            return bytes(self._config[offset : offset + max(0, size)])
+            return pci_space(self).read(offset, size)
 
     def config_write(self, offset: int, data: memoryview) -> int:
         with self.lock:
+            space = pci_space(self)
             if offset < 0 or offset + len(data) > len(self._config):
                 raise self._err(
                     errno.EINVAL,
                     f"config write of {len(data)} bytes at {offset} is past the end "
                     f"({len(self._config)} bytes)",
                 )
-            self._config[offset : offset + len(data)] = data
+            space.write(offset, data)
             return len(data)
 
     def config_bytes(self) -> bytes:
         with self.lock:
-            return bytes(self._config)
+            return pci_space(self).snapshot()
 
     def regions(self) -> Mapping[str, int]:
+        """The driver's regions (name -> backing bytes); BAR sizes are in ``info["bars"]``."""
         return self.driver.regions()
 
     def region_read(self, region: str, offset: int, size: int) -> bytes:
+        """Read a region; a BAR region reads zeros past its backing, EOF past the BAR."""
         with self.lock:
             total = self._region_size(region)
             size = max(0, min(size, total - offset))
             if size == 0:
                 return b""
-            return bytes(self.driver.region_read(region, offset, size))
+            index = bar_index(region)
+            space = pci_space(self)
+            if index is None or index not in space.layout.bars:
+                return bytes(self.driver.region_read(region, offset, size))
+            msix = space.layout.msix
+            if msix is not None and msix.bar == index:
+                return space.msix_read(offset, size)
+            inner = max(0, min(size, space.layout.backing.get(index, 0) - offset))
+            data = bytes(self.driver.region_read(region, offset, inner)) if inner else b""
+            return data + bytes(size - len(data))
 
     def region_write(self, region: str, offset: int, data: memoryview) -> int:
+        """Write a region; a BAR region drops what lies past its backing (EINVAL past the BAR)."""
         with self.lock:
             total = self._region_size(region)
             if offset < 0 or offset + len(data) > total:
@@ -399,10 +415,26 @@ class Device:
                     f"region {region}: write of {len(data)} bytes at {offset} is past the end "
                     f"({total} bytes)",
                 )
-            self.driver.region_write(region, offset, data)
+            index = bar_index(region)
+            space = pci_space(self)
+            if index is None or index not in space.layout.bars:
+                self.driver.region_write(region, offset, data)
+                return len(data)
+            msix = space.layout.msix
+            if msix is not None and msix.bar == index:
+                space.msix_write(offset, data)
+                return len(data)
+            inner = max(0, min(len(data), space.layout.backing.get(index, 0) - offset))
+            if inner:
+                self.driver.region_write(region, offset, data[:inner])
             return len(data)
 
     def _region_size(self, region: str) -> int:
+        index = bar_index(region)
+        if index is not None:
+            bar = pci_space(self).layout.bars.get(index)
+            if bar is not None:
+                return bar.size
         size = self.driver.regions().get(region)
         if size is None:
             raise self._err(errno.ENOENT, f"no region {region}")
@@ -438,6 +470,7 @@ def _info(device: Device, *, with_digest: bool) -> dict[str, object]:
             "state": device._state.name,
             "config_size": len(device._config),
             "regions": dict(device.driver.regions()),
+            "bars": pci_space(device).layout.bars_info(),
             "cdev": device.cdev,
             "iommu_group": device.iommu_group,
             "pci_address": device.pci_address,

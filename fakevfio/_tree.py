@@ -52,7 +52,9 @@ import attrs
 from fakevfio._device import Device, Session
 from fakevfio._faults import FaultRules
 from fakevfio._options import DeviceSpec
+from fakevfio._pci import COMMAND_MEMORY, bar_index, pci_space
 from fakevfio._registry import Registry
+from fakevfio.driver import BarKind
 from fakevfio.errors import ConfigError, DeviceError, UnknownDevice
 from vfio_uapi.fsm import flags_text, parse_state
 
@@ -382,7 +384,13 @@ class Tree:
         if node.kind is Kind.CONFIG:
             size = len(self._device(node.device).config_bytes())
         elif node.kind is Kind.REGION:
-            size = self._device(node.device).regions().get(node.name, 0)
+            device = self._device(node.device)
+            with device.lock:
+                bar = None
+                index = bar_index(node.name)
+                if index is not None:
+                    bar = pci_space(device).layout.bars.get(index)
+                size = bar.size if bar is not None else device.regions().get(node.name, 0)
         perms = _MODES.get(node.kind, _PERMS[_ACCESS[node.kind]])
         return Attr(ino=ino, mode=stat.S_IFREG | perms, size=size, nlink=1)
 
@@ -590,20 +598,51 @@ def _locked(device: Device, text: Callable[[], str]) -> str:
 
 
 def _node_io(device: Device, off: int, size: int, data: memoryview | None) -> bytes:
-    """Positional I/O on a device node (Rule 6); ``data`` None means read."""
+    """Positional I/O on a device node (Rule 6); ``data`` None means read.
+
+    As ``vfio_pci_rw``: config accesses outside the space are EFAULT
+    (``vfio_config_do_rw``); a BAR access at or past the BAR's end, or to a
+    BAR the device does not implement, is EINVAL and one that runs past the
+    end is cut short (``vfio_pci_bar_rw``); memory BARs answer EIO while the
+    command register's memory enable is clear (``__vfio_pci_memory_enabled``).
+    """
     index = off >> VFIO_PCI_OFFSET_SHIFT
     inner = off & _OFFSET_MASK
     if index == VFIO_PCI_CONFIG_REGION_INDEX:
+        config_size = len(device.config_bytes())
+        if inner + size > config_size:
+            raise _fail(
+                errno.EFAULT,
+                f"device {device.name}: config access of {size} bytes at {inner} "
+                f"is outside the {config_size}-byte config space",
+            )
         if data is None:
             return device.config_read(inner, size)
         device.config_write(inner, data)
         return b""
     if index in _BAR_INDEXES:
-        region = f"bar{index}"
-        if region in device.regions():
+        with device.lock:
+            space = pci_space(device)
+            bar = space.layout.bars.get(index)
+            if bar is None:
+                raise _fail(errno.EINVAL, f"device {device.name} does not implement BAR {index}")
+            if inner >= bar.size:
+                raise _fail(
+                    errno.EINVAL,
+                    f"device {device.name}: BAR {index} access at {inner} is past its end "
+                    f"({bar.size} bytes)",
+                )
+            if bar.kind is not BarKind.IO and not space.command() & COMMAND_MEMORY:
+                raise _fail(
+                    errno.EIO,
+                    f"device {device.name}: BAR {index} is memory and the command register's "
+                    "memory enable (bit 1) is clear; set it first",
+                )
+            count = min(size, bar.size - inner)
+            region = f"bar{index}"
             if data is None:
-                return device.region_read(region, inner, size)
-            device.region_write(region, inner, data)
+                return device.region_read(region, inner, count)
+            device.region_write(region, inner, data[:count])
             return b""
     raise _fail(errno.EINVAL, f"device {device.name} has no region with index {index}")
 

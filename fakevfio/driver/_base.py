@@ -163,8 +163,12 @@ class ArcDriver(abc.ABC):
     msi_vectors: int = 0
     #: MSI-X vectors (0: no MSI-X capability; else 1..2048).
     msix_vectors: int = 0
-    #: A PCI Express device (a PCIe capability; the ERR IRQ index exists).
+    #: A PCI Express device (a PCIe capability; the ERR IRQ index exists). Needs
+    #: ``config_size = 4096``.
     pcie: bool = False
+    #: The BAR index of the core's MSI-X BAR (table at 0, PBA at the next 4 KiB
+    #: boundary); None: the first index no BAR of ``bars()`` uses.
+    msix_bar: int | None = None
 
     def initial_config(self) -> bytes:
         """The PCI config space at creation (``config_size`` bytes)."""
@@ -179,11 +183,21 @@ class ArcDriver(abc.ABC):
         return {}
 
     def bars(self) -> Mapping[int, Bar]:
-        """BAR index -> :class:`Bar`. Default: one 32-bit memory BAR per ``barN`` region."""
+        """BAR index -> :class:`Bar` (the MSI-X BAR is added by the core).
+
+        Default: one memory BAR per ``barN`` region, of the smallest power of
+        two >= 4 KiB that covers the region: 32-bit up to 2 GiB, else 64-bit
+        prefetchable. Override it for I/O BARs, 64-bit or prefetchable BARs, or
+        a BAR larger than its backing.
+        """
         out: dict[int, Bar] = {}
         for region, size in self.regions().items():
             if region.startswith("bar") and region[3:].isdigit() and int(region[3:]) < 6:
-                out[int(region[3:])] = Bar(size=max(4096, 1 << max(0, size - 1).bit_length()))
+                bar_size = max(4096, 1 << max(0, size - 1).bit_length())
+                if bar_size > 1 << 31:
+                    out[int(region[3:])] = Bar(size=bar_size, kind=BarKind.MEM64, prefetchable=True)
+                else:
+                    out[int(region[3:])] = Bar(size=bar_size)
         return out
 
     def region_read(self, region: str, offset: int, size: int) -> bytes | memoryview:
