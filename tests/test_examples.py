@@ -44,6 +44,7 @@ PLUGINS = {
     "mtty": "fakevfio_mtty:MttyDriver",
     "nic": "fakevfio_nic:NicDriver",
     "gpu": "fakevfio_gpu:GpuDriver",
+    "edu": "fakevfio_edu:EduDriver",
 }
 
 
