@@ -229,6 +229,73 @@ VFIO_DEVICE_DETACH_PASID = 1 << 0
 IOMMU_IOAS_ALLOC_STRUCT = struct.Struct("<III")  # size, flags, out_ioas_id
 IOMMU_DESTROY_STRUCT = struct.Struct("<II")  # size, id
 
+# --- type1 container (vfio_iommu_type1.c) ---------------------------------------------------
+#: argsz, flags, iova_pgsizes, cap_offset, pad (sizeof 24; minsz 16 through iova_pgsizes)
+IOMMU_TYPE1_INFO = struct.Struct("<IIQII")
+IOMMU_TYPE1_INFO_MINSZ = 16
+VFIO_IOMMU_INFO_PGSIZES = 1 << 0
+VFIO_IOMMU_INFO_CAPS = 1 << 1
+VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE = 1
+VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION = 2
+VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL = 3
+#: header (id, version, next), nr_iovas, reserved; vfio_iova_range[] follows
+IOMMU_TYPE1_CAP_IOVA_RANGE = struct.Struct("<HHIII")
+IOVA_RANGE = struct.Struct("<QQ")  # vfio_iova_range: start, end (inclusive)
+#: header, flags, pad, pgsize_bitmap, max_dirty_bitmap_size
+IOMMU_TYPE1_CAP_MIGRATION = struct.Struct("<HHIIIQQ")
+#: header, avail (sizeof 12)
+IOMMU_TYPE1_CAP_DMA_AVAIL = struct.Struct("<HHII")
+#: argsz, flags, vaddr, iova, size
+IOMMU_TYPE1_DMA_MAP = struct.Struct("<IIQQQ")
+VFIO_DMA_MAP_FLAG_READ = 1 << 0
+VFIO_DMA_MAP_FLAG_WRITE = 1 << 1
+VFIO_DMA_MAP_FLAG_VADDR = 1 << 2
+#: argsz, flags, iova, size; a vfio_bitmap follows with GET_DIRTY_BITMAP
+IOMMU_TYPE1_DMA_UNMAP = struct.Struct("<IIQQ")
+VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP = 1 << 0
+VFIO_DMA_UNMAP_FLAG_ALL = 1 << 1
+VFIO_DMA_UNMAP_FLAG_VADDR = 1 << 2
+VFIO_BITMAP = struct.Struct("<QQQ")  # pgsize, size (bytes), data (user pointer)
+IOMMU_TYPE1_DIRTY_BITMAP = struct.Struct("<II")  # argsz, flags; data[] follows
+VFIO_IOMMU_DIRTY_PAGES_FLAG_START = 1 << 0
+VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP = 1 << 1
+VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP = 1 << 2
+#: iova, size, then a vfio_bitmap (pgsize, size, data)
+IOMMU_TYPE1_DIRTY_BITMAP_GET = struct.Struct("<QQQQQ")
+
+# --- iommufd structures (include/uapi/linux/iommufd.h, current kernel) ----------------------
+#: size, flags, ioas_id, __reserved, user_va, length, iova
+IOMMU_IOAS_MAP_STRUCT = struct.Struct("<IIIIQQQ")
+IOMMU_IOAS_MAP_FIXED_IOVA = 1 << 0
+IOMMU_IOAS_MAP_WRITEABLE = 1 << 1
+IOMMU_IOAS_MAP_READABLE = 1 << 2
+#: size, ioas_id, iova, length
+IOMMU_IOAS_UNMAP_STRUCT = struct.Struct("<IIQQ")
+#: size, flags, dst_ioas_id, src_ioas_id, length, dst_iova, src_iova
+IOMMU_IOAS_COPY_STRUCT = struct.Struct("<IIIIQQQ")
+#: size, ioas_id, num_iovas, __reserved, allowed_iovas, out_iova_alignment
+IOMMU_IOAS_IOVA_RANGES_STRUCT = struct.Struct("<IIIIQQ")
+IOMMU_IOVA_RANGE = struct.Struct("<QQ")  # start, last (inclusive)
+#: size, flags, dev_id, pt_id, out_hwpt_id, __reserved, data_type, data_len, data_uptr
+IOMMU_HWPT_ALLOC_STRUCT = struct.Struct("<IIIIIIIIQ")
+IOMMU_HWPT_ALLOC_NEST_PARENT = 1 << 0
+IOMMU_HWPT_ALLOC_DIRTY_TRACKING = 1 << 1
+IOMMU_HWPT_FAULT_ID_VALID = 1 << 2
+IOMMU_HWPT_ALLOC_PASID = 1 << 3
+IOMMU_HWPT_DATA_NONE = 0
+#: size, flags, dev_id, data_len, data_uptr, out_data_type, __reserved (or out_max_pasid_log2
+#: since 6.13), out_capabilities (since 6.8; 32 bytes before)
+IOMMU_HW_INFO_STRUCT = struct.Struct("<IIIIQIIQ")
+IOMMU_HW_INFO_MINSZ = 32
+IOMMU_HW_INFO_TYPE_NONE = 0
+IOMMU_HW_CAP_DIRTY_TRACKING = 1 << 0
+#: size, flags, hwpt_id, __reserved
+IOMMU_HWPT_SET_DIRTY_TRACKING_STRUCT = struct.Struct("<IIII")
+IOMMU_HWPT_DIRTY_TRACKING_ENABLE = 1 << 0
+#: size, hwpt_id, flags, __reserved, iova, length, page_size, data (user pointer)
+IOMMU_HWPT_GET_DIRTY_BITMAP_STRUCT = struct.Struct("<IIIIQQQQ")
+IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR = 1 << 0
+
 #: Names of every ioctl number above (for messages and the supervisor's log).
 IOCTL_NAMES: dict[int, str] = {
     VFIO_GET_API_VERSION: "VFIO_GET_API_VERSION",

@@ -21,7 +21,7 @@ import attrs
 
 from fakevfio._libc import SYS_KCMP, syscall
 from fakevfio._process import pidfd_getfd, pidfd_open, read_mem, write_mem
-from fakevfio._run._iommufd import Context
+from fakevfio._run._iommufd import Context, Type1
 from fakevfio._run._nodes import NodeKind
 from fakevfio.errors import IoctlError
 
@@ -85,6 +85,18 @@ class CallerMemory:
             raise IoctlError(exc.errno or errno.EFAULT, "device name") from None
 
 
+def thread_group(tid: int) -> int:
+    """The thread group id (process) of thread ``tid``; ``tid`` itself if unknown."""
+    try:
+        with open(f"/proc/{tid}/status", "rb") as f:
+            for line in f.read(4096).splitlines():
+                if line.startswith(b"Tgid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return tid
+
+
 # -- the held-file table -------------------------------------------------------------------------
 @attrs.define(eq=False)
 class OpenFile:
@@ -101,6 +113,7 @@ class OpenFile:
     iommufd: OpenFile | None = None
     container: OpenFile | None = None  # group: its container (or iommufd, compat)
     iommu_type: int = 0  # container
+    type1: Type1 | None = None  # container: its type1 IOMMU once set
     groups: int = 0  # container: attached groups
     iommufd_ctx: Context = attrs.Factory(Context)  # iommufd: IOAS, HWPT
     generation: int = 0  # data: the device's session generation at creation

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import attrs
 
-from fakevfio._run._caller import CallerMemory, HeldFiles, PassThrough
+from fakevfio._run._caller import CallerMemory, HeldFiles, PassThrough, thread_group
 from fakevfio._run._child import fork_child, receive_listener
 from fakevfio._run._nodes import MountNodes
 from fakevfio._run._notify import Listener, Request
@@ -53,6 +53,7 @@ class Supervisor:
         return cls(listener, Vfio(nodes, HeldFiles(nodes.dev)))
 
     def close(self) -> None:
+        self.vfio.close()  # the devices drop the mappings of the gone caller
         self.vfio.files.close()
         self.listener.close()
 
@@ -70,6 +71,7 @@ class Supervisor:
             mem=CallerMemory(req.pid),
             install_fd=lambda fd, send: self.listener.add_fd(req.id, fd, send=send),
             check_alive=functools.partial(self.listener.check_valid, req.id),
+            tgid=thread_group(req.pid),
         )
         name = uapi.ioctl_name(req.request)
         try:

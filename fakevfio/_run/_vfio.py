@@ -13,7 +13,9 @@ needs (install an fd, check the caller is still there), so tests call
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
 import os
 import struct
 from collections.abc import Callable
@@ -29,6 +31,11 @@ from vfio_uapi import abi as uapi
 
 _U32 = struct.Struct("<I")
 _I32 = struct.Struct("<i")
+logger = logging.getLogger("fakevfio.run")
+#: The largest reply read back from a ``dma`` file (a dirty bitmap of 64 GiB of 4 KiB pages).
+MAX_DMA_REPLY = 1 << 21
+#: A ``dma`` file answering these has no DMA support (an older core): pushes are dropped.
+_NO_DMA = frozenset({errno.EOPNOTSUPP, errno.ENOENT})
 
 
 class Memory(_iommufd.Memory, Protocol):
@@ -52,6 +59,13 @@ class Call:
     install_fd: Callable[[int, bool], int]
     #: IoctlError(ENOENT) if the caller is gone (SECCOMP_IOCTL_NOTIF_ID_VALID)
     check_alive: Callable[[], None]
+    #: the caller's thread group id (0: ``pid`` is the thread group leader)
+    tgid: int = 0
+
+    @property
+    def process(self) -> int:
+        """The calling process (thread group): whose memory a DMA mapping maps."""
+        return self.tgid or self.pid
 
 
 @attrs.define(eq=False)
@@ -71,6 +85,60 @@ class Vfio:
         new = self._next_id
         self._next_id += 1
         return new
+
+    # -- the devices' dma files (the DmaPort of the IOMMU models) --------------------------------
+    def send(self, device: str, command: str) -> None:
+        """One command to ``devices/NAME/dma``; IoctlError with its errno if refused."""
+        try:
+            self.nodes.write_text(device, ("dma",), command)
+        except IoctlError as exc:
+            if exc.errno not in _NO_DMA:
+                raise IoctlError(exc.errno, f"device {device} refused {command!r}") from None
+            logger.debug("device %s has no DMA support: %r dropped", device, command)
+
+    def report(self, device: str, command: str) -> bytes:
+        """A ``report ...`` command to ``devices/NAME/dma`` and its reply (the bitmap)."""
+        try:
+            fd = os.open(self.nodes.dev_path(device, "dma"), os.O_RDWR)
+        except OSError as exc:
+            if exc.errno in _NO_DMA:
+                return b""
+            raise IoctlError(exc.errno or errno.EIO, f"open devices/{device}/dma") from None
+        try:
+            os.write(fd, command.encode())
+            chunks, total = [], 0
+            while total < MAX_DMA_REPLY:
+                chunk = os.pread(fd, MAX_DMA_REPLY - total, total)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                total += len(chunk)
+            return b"".join(chunks)
+        except OSError as exc:
+            if exc.errno in _NO_DMA:
+                return b""
+            raise IoctlError(exc.errno or errno.EIO, f"device {device}: {command!r}") from None
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        """The caller is gone: every device loses the mappings it was given."""
+        for f in self.files.files:
+            if f.kind is NodeKind.GROUP and f.device and f.container and f.container.type1:
+                _iommufd.Type1.leave(self, f.device)
+            if f.kind is NodeKind.IOMMU:
+                for dev_id in list(f.iommufd_ctx.devices):
+                    with contextlib.suppress(IoctlError):
+                        f.iommufd_ctx.unbind(self, dev_id)
+
+    def container_devices(self, container: OpenFile) -> list[str]:
+        """The devices of the groups set to ``container``."""
+        names = []
+        for f in self.files.files:
+            grouped = f.kind is NodeKind.GROUP and f.container is container
+            if grouped and f.device and f.device not in names:
+                names.append(f.device)
+        return names
 
     def find(self, call: Call, fd: int, ino: int) -> OpenFile | None:
         return self.files.find(call.pid, fd, ino)
@@ -125,11 +193,20 @@ class Vfio:
             if call.arg not in (uapi.VFIO_TYPE1_IOMMU, uapi.VFIO_TYPE1v2_IOMMU):
                 raise IoctlError(errno.ENODEV, f"IOMMU type {call.arg} not supported")
             entry.iommu_type = call.arg
+            entry.type1 = _iommufd.Type1(v2=call.arg == uapi.VFIO_TYPE1v2_IOMMU)
             return 0
-        if r in (uapi.VFIO_IOMMU_MAP_DMA, uapi.VFIO_IOMMU_UNMAP_DMA):
-            if entry is None or not entry.iommu_type:
-                raise IoctlError(errno.EINVAL, "no IOMMU set")
-            return 0  # emulated devices do no DMA: accepted and ignored
+        if entry is None or entry.type1 is None:
+            raise IoctlError(errno.EINVAL, "no IOMMU set (VFIO_SET_IOMMU first)")
+        type1, mem, arg = entry.type1, call.mem, call.arg
+        if r == uapi.VFIO_IOMMU_GET_INFO:
+            return type1.get_info(mem, arg)
+        devices = self.container_devices(entry)
+        if r == uapi.VFIO_IOMMU_MAP_DMA:
+            return type1.map_dma(mem, arg, call.process, self, devices)
+        if r == uapi.VFIO_IOMMU_UNMAP_DMA:
+            return type1.unmap_dma(mem, arg, self, devices)
+        if r == uapi.VFIO_IOMMU_DIRTY_PAGES:
+            return type1.dirty_pages(mem, arg, self, devices)
         raise IoctlError(errno.ENOTTY)
 
     def _group(self, call: Call, ino: int, device: str | None) -> int | None:
@@ -150,9 +227,12 @@ class Vfio:
             entry = self.find(call, call.fd, ino)
             if entry is None or entry.container is None:
                 raise IoctlError(errno.EINVAL, "no container set")
+            if entry.container.type1 is not None and entry.device:
+                _iommufd.Type1.leave(self, entry.device)
             entry.container.groups -= 1
-            if entry.container.groups == 0:
+            if entry.container.groups == 0:  # the IOMMU goes with its last group
                 entry.container.iommu_type = 0
+                entry.container.type1 = None
             entry.container = None
             return 0
         if r == uapi.VFIO_GROUP_GET_DEVICE_FD:
@@ -173,6 +253,8 @@ class Vfio:
             raise IoctlError(errno.EBADFD, "not a container or iommufd")
         container = self.entry(call, cfd, cst.st_ino, ckind, None)
         entry = self.entry(call, call.fd, ino, NodeKind.GROUP, device)
+        if container.type1 is not None and device:
+            container.type1.replay(self, device)  # the IOMMU maps the container's DMA for it
         entry.container = container
         container.groups += 1
         return 0
@@ -222,15 +304,20 @@ class Vfio:
             argsz, flags, pt_id = struct.unpack("<III", call.mem.read(call.arg, 12))
             if argsz < uapi.ATTACH_IOMMUFD_PT_MINSZ or flags:
                 raise IoctlError(errno.EINVAL, "argsz < 12 or flags (PASID unsupported)")
-            if entry.iommufd is None or not entry.iommufd.iommufd_ctx.has_pt(pt_id):
+            ctx = entry.iommufd.iommufd_ctx if entry.iommufd is not None else None
+            if ctx is None or not ctx.has_pt(pt_id) or entry.devid not in ctx.devices:
                 raise IoctlError(errno.ENOENT, f"no IOAS/HWPT {pt_id}")
-            entry.pt_id = pt_id
-            call.mem.write(call.arg + 8, _U32.pack(pt_id))
+            call.mem.write(call.arg + 8, _U32.pack(pt_id))  # probe before the side effect
+            hwpt = ctx.attach(self, entry.devid, pt_id, self.take_id)
+            entry.pt_id = hwpt
+            call.mem.write(call.arg + 8, _U32.pack(hwpt))
             return 0
         if r == uapi.VFIO_DEVICE_DETACH_IOMMUFD_PT:
             argsz, flags = struct.unpack("<II", call.mem.read(call.arg, 8))
             if argsz < uapi.DETACH_IOMMUFD_PT_MINSZ or flags:
                 raise IoctlError(errno.EINVAL, "argsz < 8 or flags")
+            if entry.iommufd is not None:
+                entry.iommufd.iommufd_ctx.detach(self, entry.devid)
             entry.pt_id = None
             return 0
         return _device_ioctls.device_ioctl(self, call, dev)
@@ -246,12 +333,13 @@ class Vfio:
         ist = self.files.stat_fd(call.pid, iommufd)
         if ist.st_dev != self.nodes.dev or self.nodes.kind(ist.st_ino)[0] is not NodeKind.IOMMU:
             raise IoctlError(errno.EBADFD, "not an iommufd")
-        self.nodes.device(device)
+        dev_name = self.nodes.device(device).name
         call.mem.write(call.arg + 12, _U32.pack(0))  # probe before the side effect
         ictx = self.entry(call, iommufd, ist.st_ino, NodeKind.IOMMU, None)
         entry = self.entry(call, call.fd, ino, NodeKind.CDEV, device)
         entry.bound = True
         entry.iommufd = ictx
         entry.devid = self.take_id()
+        ictx.iommufd_ctx.bind(entry.devid, dev_name)
         call.mem.write(call.arg + 12, _U32.pack(entry.devid))
         return 0
