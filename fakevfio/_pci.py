@@ -18,10 +18,12 @@ Rule 1: BARs. Each BAR's size is a power of two, at least 4 KiB for memory and
         BAR N and may be smaller than the BAR (never larger): accesses past the
         backing read zeros and drop writes; accesses past the BAR fail.
 Rule 2: MSI-X. With ``msix_vectors`` the core adds a dedicated 32-bit memory BAR
-        (index ``msix_bar``, default: the first free index) holding the table
+        (index ``msix_bar``, default: the highest free index, so the driver's
+        own BARs keep their numbers and low indexes stay free) holding the table
         at offset 0 (16 bytes per vector, every vector masked at reset) and the
         PBA at the next 4 KiB boundary; the BAR is at least 4 KiB.
-Rule 3: the capability list is built by the core at 0x40, in this order: MSI
+Rule 3: the capability list is built by the core at 0x60 (0x40..0x5f are the
+        device's own bytes, raw read-write), in this order: MSI
         (64-bit address, no per-vector masking), MSI-X, PCI Express (version 2
         endpoint; needs ``config_size`` 4096, the extended list at 0x100 is
         empty). Status bit 4 (capabilities list) is set iff there is one; 0x34
@@ -75,6 +77,8 @@ CAPABILITY_LIST = 0x34
 INTERRUPT_LINE = 0x3C
 INTERRUPT_PIN = 0x3D
 STD_HEADER_SIZEOF = 0x40
+#: Where the core's capability list starts: 0x40..0x5f stay device-specific bytes.
+CAP_START = 0x60
 CFG_SPACE_SIZE = 256
 
 COMMAND_IO = 0x1
@@ -226,7 +230,7 @@ class PciLayout:
             bars[msix.bar] = Bar(size=_msix_bar_size(msix))
             backing[msix.bar] = 0
         caps: list[Capability] = []
-        offset = STD_HEADER_SIZEOF
+        offset = CAP_START
         for cap_id, length, wanted in (
             (CAP_ID_MSI, MSI_CAP_LEN, msi),
             (CAP_ID_MSIX, MSIX_CAP_LEN, msix_n),
@@ -308,7 +312,7 @@ def _place_msix(wanted: int | None, vectors: int, bars: Mapping[int, Bar], bad: 
         free = [i for i in range(BAR_COUNT) if i not in taken]
         if not free:
             raise bad("no free BAR index for the MSI-X table (set msix_vectors = 0)")
-        index = free[0]
+        index = free[-1]
     table = vectors * MSIX_ENTRY_SIZE
     return Msix(bar=index, vectors=vectors, pba_offset=(table + PAGE - 1) // PAGE * PAGE)
 

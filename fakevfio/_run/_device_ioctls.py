@@ -43,9 +43,10 @@ def device_ioctl(vfio: Vfio, call: Call, dev: DeviceInfo) -> int:
 
 
 def _get_info(vfio: Vfio, call: Call, dev: DeviceInfo) -> int:
+    """``vfio_pci_ioctl_get_info``: argsz >= 16, at most ``sizeof(info)`` bytes written back."""
     argsz = _U32.unpack(call.mem.read(call.arg, uapi.DEVICE_INFO_MINSZ)[:4])[0]
     if argsz < uapi.DEVICE_INFO_MINSZ:
-        raise IoctlError(errno.EINVAL, "argsz < 16")
+        raise IoctlError(errno.EINVAL, f"VFIO_DEVICE_GET_INFO: argsz {argsz} < 16")
     out = uapi.DEVICE_INFO.pack(
         argsz,
         uapi.VFIO_DEVICE_FLAGS_PCI | uapi.VFIO_DEVICE_FLAGS_RESET,
@@ -58,19 +59,40 @@ def _get_info(vfio: Vfio, call: Call, dev: DeviceInfo) -> int:
     return 0
 
 
+def _bar_sizes(dev: DeviceInfo) -> dict[int, int]:
+    """BAR index -> size from the device's ``info["bars"]`` (the PCI surface)."""
+    bars = dev.info.get("bars")
+    if not isinstance(bars, dict):
+        return {}
+    out: dict[int, int] = {}
+    for index, bar in bars.items():
+        if isinstance(bar, dict) and str(index).isdigit():
+            out[int(index)] = int(bar.get("size", 0))
+    return out
+
+
 def _get_region_info(vfio: Vfio, call: Call, dev: DeviceInfo) -> int:
+    """``vfio_pci_ioctl_get_region_info``: BARs of their BAR size, config, no ROM, no VGA.
+
+    BARs and config are READ|WRITE (never MMAP: the node's I/O goes through
+    the mount); an unimplemented BAR and the absent ROM answer size 0 and no
+    flags; the VGA index is EINVAL (no VGA device), as is any index past it.
+    Only the 32-byte struct is written back; argsz is left as given.
+    """
     argsz, _flags, index, _cap, _size, _off = uapi.REGION_INFO.unpack(
         call.mem.read(call.arg, uapi.REGION_INFO.size)
     )
     if argsz < uapi.REGION_INFO.size:
-        raise IoctlError(errno.EINVAL, "argsz < 32")
+        raise IoctlError(errno.EINVAL, f"VFIO_DEVICE_GET_REGION_INFO: argsz {argsz} < 32")
     if index >= uapi.VFIO_PCI_NUM_REGIONS:
-        raise IoctlError(errno.EINVAL, f"region index {index} >= 9")
+        raise IoctlError(errno.EINVAL, f"region index {index} >= 9 (no device-specific regions)")
+    if index == uapi.VFIO_PCI_VGA_REGION_INDEX:
+        raise IoctlError(errno.EINVAL, "region index 8: not a VGA device")
     size = 0
     if index == uapi.VFIO_PCI_CONFIG_REGION_INDEX:
         size = dev.config_size
     elif index <= uapi.VFIO_PCI_BAR5_REGION_INDEX:
-        size = dev.regions.get(f"bar{index}", 0)
+        size = _bar_sizes(dev).get(index, 0)
     rw = uapi.VFIO_REGION_INFO_FLAG_READ | uapi.VFIO_REGION_INFO_FLAG_WRITE
     call.mem.write(
         call.arg,

@@ -167,7 +167,7 @@ class ArcDriver(abc.ABC):
     #: ``config_size = 4096``.
     pcie: bool = False
     #: The BAR index of the core's MSI-X BAR (table at 0, PBA at the next 4 KiB
-    #: boundary); None: the first index no BAR of ``bars()`` uses.
+    #: boundary); None: the highest index no BAR of ``bars()`` uses.
     msix_bar: int | None = None
 
     def initial_config(self) -> bytes:

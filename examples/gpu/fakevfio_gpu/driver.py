@@ -1,7 +1,7 @@
 """An accelerator with a large memory, at the arc level with its own streams.
 
-The device has ``mem`` bytes of memory (region ``vram``) and a 4 KiB engine
-context (region ``regs``). While it runs, a workload rewrites ``dirty_rate``
+The device has ``mem`` bytes of memory (region ``bar2``, a 64-bit prefetchable
+BAR) and a 4 KiB engine context (region ``bar0``). While it runs, a workload rewrites ``dirty_rate``
 bytes of memory per second, page by page, and advances the context's cycle
 counter. The driver tracks dirtied pages itself during a pre-copy session and
 sends them again; its stream is the tagged-record format of
@@ -29,7 +29,15 @@ from collections.abc import Mapping
 from typing import ClassVar
 
 from fakevfio import PRECOPY_STATES, MigFlags, State
-from fakevfio.driver import ArcDriver, LoadStream, OptionSpec, PrecopyInfo, SaveStream
+from fakevfio.driver import (
+    ArcDriver,
+    Bar,
+    BarKind,
+    LoadStream,
+    OptionSpec,
+    PrecopyInfo,
+    SaveStream,
+)
 from fakevfio.errors import ConfigError, DeviceError
 from fakevfio_gpu import records as rec
 from fakevfio_gpu.dirty import DirtyBitmap
@@ -40,6 +48,9 @@ _CTX_CYCLES = struct.Struct("<Q")
 CTX_CYCLES_OFFSET = 8
 _MAX_MEM_BYTES = 1 << 40
 _FILL_BLOCK = 1 << 20
+#: The regions: BAR0 holds the engine context, BAR2 the device memory.
+REGS = "bar0"
+VRAM = "bar2"
 
 
 class GpuSaveStream(SaveStream):
@@ -428,17 +439,29 @@ class GpuDriver(ArcDriver):
     def migration_flags(self) -> MigFlags:
         return MigFlags.STOP_COPY | MigFlags.P2P | MigFlags.PRE_COPY
 
-    # -- regions --------------------------------------------------------
+    # -- PCI surface and regions ------------------------------------------
+    # BAR0: 4 KiB engine registers (32-bit); BAR2: the memory, 64-bit
+    # prefetchable, the power of two covering ``mem`` (as a GPU's VRAM BAR).
+    interrupt_pin = 1
+    msi_vectors = 1
+
     def regions(self) -> Mapping[str, int]:
-        return {"regs": rec.CONTEXT_BYTES, "vram": self.mem_size}
+        return {REGS: rec.CONTEXT_BYTES, VRAM: self.mem_size}
+
+    def bars(self) -> Mapping[int, Bar]:
+        vram = max(4096, 1 << (self.mem_size - 1).bit_length())
+        return {
+            0: Bar(size=rec.CONTEXT_BYTES),
+            2: Bar(size=vram, kind=BarKind.MEM64, prefetchable=True),
+        }
 
     def region_read(self, region: str, offset: int, size: int) -> bytes:
-        if region == "regs":
+        if region == REGS:
             return bytes(self.context[offset : offset + size])
         return bytes(self.view[offset : offset + size])
 
     def region_write(self, region: str, offset: int, data: memoryview) -> None:
-        if region == "regs":
+        if region == REGS:
             self.context[offset : offset + len(data)] = data
             _CTX_ID.pack_into(self.context, 0, CONTEXT_ID)  # read-only ID register
             return

@@ -23,7 +23,7 @@ name       tag   mandatory  payload
 =========  ====  =========  =====================================================
 DEVINFO    1     yes        u64 memory size, u32 page size, u32 0 (16 bytes)
 MEM        2     yes        u64 offset (page aligned), then 1 B .. 1 MiB of memory
-CONTEXT    3     yes        the engine context (4096 bytes: the ``regs`` BAR)
+CONTEXT    3     yes        the engine context (4096 bytes: BAR0, region ``bar0``)
 STATS      4     no         u64 pages sent, u64 pages re-sent (information only)
 END        5     yes        u64 MEM data bytes in the stream, u32 CRC-32 of every
                             stream byte before the END record, u32 0

@@ -42,14 +42,14 @@ def with_extra_record(stream: bytes, record: bytes) -> bytes:
 @pytest.mark.parametrize("chunk", CHUNKS)
 def test_gpu_full_save_restore_gives_equal_digest(chunk: int) -> None:
     src = make()
-    src.region_write("regs", 64, b"context!")
-    src.region_write("vram", 5000, b"payload")
+    src.region_write("bar0", 64, b"context!")
+    src.region_write("bar2", 5000, b"payload")
     dst = make({"mem": "32K"}, "dst")
     assert dst.digest() != src.digest()
     stream = round_trip(src, dst, save_chunk=chunk, load_chunk=chunk)
     assert len(stream) == src.driver.data_size(None)
-    assert dst.region_read("regs", 64, 8) == b"context!"
-    assert dst.region_read("vram", 5000, 7) == b"payload"
+    assert dst.region_read("bar0", 64, 8) == b"context!"
+    assert dst.region_read("bar2", 5000, 7) == b"payload"
 
 
 def test_gpu_precopy_tracks_dirty_pages_while_running() -> None:
@@ -165,7 +165,7 @@ def test_gpu_resume_rejects_bytes_after_end() -> None:
 def test_gpu_options_and_default_memory() -> None:
     assert {"mem", "dirty_rate", "read_bandwidth", "write_bandwidth"} <= set(GpuDriver.options)
     dev = make({})
-    assert dev.regions()["vram"] == 512 << 20
+    assert dev.regions()["bar2"] == 512 << 20
     assert dev.data_size() > 512 << 20
     dev.close()
     with pytest.raises(ConfigError, match="page_size"):
@@ -194,7 +194,7 @@ def test_gpu_stop_copy_eof_is_final_even_if_memory_changes() -> None:
     assert src.set_state(State.PRE_COPY)
     src.set_state(State.STOP_COPY)
     stream = src.drain(65536)
-    src.region_write("vram", 0, b"late")  # the BAR is still writable
+    src.region_write("bar2", 0, b"late")  # the BAR is still writable
     assert src.read(100) == b""
     assert src.read(0) == b""
     dst = make({"mem": "64K"}, "dst")

@@ -192,7 +192,14 @@ class NicDriver(StateDriver):
                 return f"filter entry {i} has reserved bits set"
         return ""
 
-    # -- BAR ------------------------------------------------------------
+    # -- PCI surface and BAR ----------------------------------------------
+    # BAR0 (32-bit memory) is the power of two covering the state (the default
+    # ``bars()``: 256 KiB for the default 151552 bytes; reads past the state are
+    # zeros); INTA#, and four MSI-X vectors (rx, tx, link, other) whose table
+    # and PBA the core puts in BAR5.
+    interrupt_pin = 1
+    msix_vectors = 4
+
     def regions(self) -> Mapping[str, int]:
         return {"bar0": self._size}
 
