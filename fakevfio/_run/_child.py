@@ -8,6 +8,19 @@ in the shared ``/dev``). It then installs a seccomp filter that turns every
 notification, hands the listener fd to the parent over a socketpair and
 ``exec``s COMMAND. Threads and forks of COMMAND inherit the filter. Numbers are
 from the x86-64 syscall table and ``include/uapi/linux/seccomp.h``.
+
+Before that it makes the sysfs view of :mod:`._sysfs` (``/sys/bus/pci/devices/ADDR``
+and the rest, ``/dev/char/MAJ:MIN``), with one rule for every path it adds:
+
+Rule 1: nothing is created in a host directory. A directory that needs a new entry
+        is first *shadowed* in the private namespace: a tmpfs mounted over it that
+        holds the same entries (links copied, files and directories bind-mounted
+        from the original), so the child sees the host's entries plus ours and the
+        host sees no change (the namespace is MS_SLAVE: our mounts never propagate).
+Rule 2: a device's own directories (the device, its ``vfio-dev``, its IOMMU group)
+        are made fresh; a host entry of the same path is hidden, not merged.
+Rule 3: the view is best effort: when it cannot be made, COMMAND still runs, with a
+        warning on stderr (``host=`` and ``sysfsdev=`` then find nothing).
 """
 
 from __future__ import annotations
@@ -24,6 +37,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fakevfio._libc import SYS_SECCOMP, check, libc, syscall
+from fakevfio._run import _sysfs
 from vfio_uapi import abi as uapi
 
 NR_IOCTL = 16
@@ -120,32 +134,94 @@ def umount2(target: str, flags: int) -> None:
     check(libc.umount2(os.fsencode(target), flags), f"umount {target}")
 
 
+class Shadows:
+    """Directories of the private namespace made ours by tmpfs mounts (Rule 1)."""
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+        #: directories that are ours: shadows and the directories made in them
+        self.ours: set[str] = set()
+
+    def shadow(self, path: str) -> None:
+        """Mount a tmpfs over the directory ``path`` that holds the same entries."""
+        mount(path, self.stage, None, MS_BIND | MS_REC)
+        try:
+            mount("tmpfs", path, "tmpfs", 0, "mode=755")
+            for entry in os.scandir(self.stage):
+                target = f"{path}/{entry.name}"
+                if entry.is_symlink():
+                    os.symlink(os.readlink(entry.path), target)
+                elif entry.is_dir(follow_symlinks=False):
+                    os.mkdir(target)
+                    mount(entry.path, target, None, MS_BIND | MS_REC)
+                else:
+                    with open(target, "wb"):
+                        pass
+                    mount(entry.path, target, None, MS_BIND)
+        finally:
+            umount2(self.stage, MNT_DETACH)
+        self.ours.add(path)
+
+    def ensure_dir(self, path: str, *, fresh: bool = False) -> None:
+        """Make ``path`` a directory of ours: shadowed if it exists, else made (Rules 1, 2)."""
+        if path in self.ours:
+            return
+        if path != "/dev" and not path.startswith(("/sys/", "/dev/")):
+            raise OSError(errno.EPERM, f"refusing to shadow {path} (only /sys and /dev)")
+        if not fresh and os.path.isdir(path) and not os.path.islink(path):
+            self.shadow(path)
+            return
+        self.ensure_dir(os.path.dirname(path))
+        self.clear(path)
+        os.mkdir(path, 0o755)
+        self.ours.add(path)
+
+    def clear(self, path: str) -> None:
+        """Remove whatever ``path`` is in a directory of ours (a bind mount, a link, a file)."""
+        if os.path.ismount(path):
+            umount2(path, MNT_DETACH)
+        if os.path.islink(path) or os.path.isfile(path):
+            os.unlink(path)
+        elif os.path.isdir(path):
+            os.rmdir(path)  # a shadow's empty mount point, after the umount above
+
+    def apply(self, entries: Sequence[_sysfs.Entry]) -> None:
+        """Make the view's entries, in order (parents come first)."""
+        for entry in entries:
+            if entry.kind is _sysfs.EntryKind.DIR:
+                self.ensure_dir(entry.path, fresh=entry.fresh)
+                continue
+            self.ensure_dir(os.path.dirname(entry.path))
+            self.clear(entry.path)
+            if entry.kind is _sysfs.EntryKind.LINK:
+                os.symlink(entry.target, entry.path)
+            else:
+                fd = os.open(entry.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
+                try:
+                    os.write(fd, entry.data)
+                finally:
+                    os.close(fd)
+
+
 def _enter_namespace(mountpoint: Path, stage: str) -> None:
     """Private mount namespace with the mount's nodes at /dev/vfio and /dev/iommu."""
+    functions = _sysfs.read_functions(mountpoint)
     unshare(CLONE_NEWNS)
     mount(None, "/", None, MS_REC | MS_SLAVE)
+    shadows = Shadows(stage)
     if not (os.path.isdir("/dev/vfio") and os.path.exists("/dev/iommu")):
-        # Build a tmpfs /dev that holds everything the real one has, plus our two paths,
+        # A tmpfs /dev that holds everything the real one has, plus our two paths,
         # so nothing is created in the shared /dev.
-        mount("/dev", stage, None, MS_BIND | MS_REC)
-        mount("tmpfs", "/dev", "tmpfs", 0, "mode=755")
-        for entry in os.scandir(stage):
-            target = f"/dev/{entry.name}"
-            if entry.is_symlink():
-                os.symlink(os.readlink(entry.path), target)
-            elif entry.is_dir(follow_symlinks=False):
-                os.mkdir(target)
-                mount(entry.path, target, None, MS_BIND | MS_REC)
-            else:
-                with open(target, "wb"):
-                    pass
-                mount(entry.path, target, None, MS_BIND)
-        umount2(stage, MNT_DETACH)
+        shadows.shadow("/dev")
         if not os.path.isdir("/dev/vfio"):
             os.mkdir("/dev/vfio")
         if not os.path.exists("/dev/iommu"):
             with open("/dev/iommu", "wb"):
                 pass
+    try:
+        shadows.apply(_sysfs.layout(functions))
+    except OSError as exc:  # Rule 3
+        print(f"fakevfio run: warning: no sysfs view of the devices: {exc}", file=sys.stderr)
     mount(str(mountpoint / "dev" / "vfio"), "/dev/vfio", None, MS_BIND | MS_REC)
     mount(str(mountpoint / "dev" / "iommu"), "/dev/iommu", None, MS_BIND)
 
