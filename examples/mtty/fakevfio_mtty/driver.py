@@ -23,18 +23,23 @@ Interrupts (Rules I1-I3; where the UART raises one is :mod:`fakevfio_mtty.uart`)
 Rule I1: each interrupt the sample's ``mtty_trigger_interrupt()`` would raise is
         ``raise_irq(IRQ_MSI)``; the core signals it only when the VMM enabled
         MSI (the sample signals only its active index).
-Rule I2: INTx, ``intx=level`` (default): the line is the OR of the ports' IIR
-        "interrupt pending", given to ``set_intx()`` whenever it changes, so
-        the core signals on assertion when unmasked and again on an UNMASK
-        while still asserted, as vfio-pci does for a level-triggered device.
-        ``intx=edge``: the sample's triggers, ``raise_irq(IRQ_INTX)`` at each
-        (the sample drops one raised while masked; the core keeps it pending
-        until the unmask, as vfio-pci's automask does).
-Rule I3: after a load (RESUMING -> STOP) and on every arc into RUNNING the line
-        is re-driven from the loaded registers, so a destination whose FIFO
-        holds bytes interrupts its guest (the image has no separate interrupt
-        state: IER, overrun and the FIFO are the interrupt state). A driver not
-        attached to a device raises nothing.
+Rule I2: INTx, ``intx=edge`` (default): the sample's triggers, one
+        ``raise_irq(IRQ_INTX)`` each; the core automasks as the sample does
+        (signal, then masked until the VMM's UNMASK), and keeps a trigger
+        raised while masked pending until that unmask (the sample drops it).
+        ``intx=level``: the line is the OR of the ports' IIR "interrupt
+        pending", given to ``set_intx()`` whenever it changes, so the core
+        signals on assertion when unmasked and again on an UNMASK while still
+        asserted, as vfio-pci serves a level-triggered device.
+Rule I3: the image has no separate interrupt state (IER, overrun and the FIFO
+        are the interrupt state), so the interrupts are re-derived from the
+        registers: with ``intx=level`` the line is re-driven after a load
+        (RESUMING -> STOP) and on every arc into RUNNING; with ``intx=edge``
+        an arc into RUNNING with an IIR cause pending raises one MSI and one
+        INTx trigger, so a destination whose FIFO holds bytes interrupts its
+        guest (the sample raises nothing there; a spurious interrupt costs a
+        guest one IIR read, a lost one stalls its port). A driver not attached
+        to a device raises nothing.
 
 Accesses are split as ``mtty_read()``/``mtty_write()`` split them (4 bytes when
 aligned and at least 4 remain, else 2, else 1); each piece reaches the register
@@ -244,8 +249,8 @@ class MttyDriver(ArcDriver):
         "nr_ports": OptionSpec(kind="int", default="1", help="number of UART ports: 1 or 2"),
         "intx": OptionSpec(
             kind="str",
-            default="level",
-            help="INTx: level (IIR pending drives the line) or edge (the sample's triggers)",
+            default="edge",
+            help="INTx: edge (the sample's triggers, automasked) or level (IIR pending)",
         ),
     }
     interrupt_pin = 1  # INTA#
@@ -356,15 +361,20 @@ class MttyDriver(ArcDriver):
             if not isinstance(stream, MttyLoadStream):
                 raise DeviceError(errno.EINVAL, "no resuming stream to load", device=self.name)
             self.ports = stream.finish()
-            self._resync()
+            self._resync(running=False)
         elif nxt is State.RUNNING:
-            self._resync()
+            self._resync(running=True)
         return None
 
-    def _resync(self) -> None:
-        """Rule I3: drive INTx from the (loaded) registers."""
-        if self._host is not None and self.intx_mode == "level":
+    def _resync(self, *, running: bool) -> None:
+        """Rule I3: interrupt for what the (loaded) registers say is pending."""
+        if self._host is None:
+            return
+        if self.intx_mode == "level":
             self._drive_line(force=True)
+        elif running and any(port.interrupt_pending() for port in self.ports):
+            self.raise_irq(IRQ_MSI)
+            self.raise_irq(IRQ_INTX)
 
     def data_size(self, stream: SaveStream | LoadStream | None) -> int:
         # Like the sample: the fixed image size, whatever the state.

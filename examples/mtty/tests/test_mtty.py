@@ -489,12 +489,17 @@ def test_mtty_unattached_driver_raises_nothing() -> None:
     assert driver.intx_line is False
 
 
-def test_mtty_destination_interrupts_for_migrated_fifo_bytes() -> None:
+def _source_with_pending_rdi() -> Mtty:
     src = make(1)
     src.region_write("bar0", FCR, bytes([0x07]))
     uart_write(src, 0, b"ab")
     src.region_write("bar0", IER, bytes([IER_RDI]))  # enabled after the bytes: no edge
-    dst = make(1, "dst")
+    return src
+
+
+def test_mtty_destination_interrupts_for_migrated_fifo_bytes_level() -> None:
+    src = _source_with_pending_rdi()
+    dst = LocalDevice(MttyDriver("dst", {"intx": "level"}))
     host = Recorder()
     dst.driver._host = host
     dst.load(src.save())
@@ -503,6 +508,24 @@ def test_mtty_destination_interrupts_for_migrated_fifo_bytes() -> None:
     assert host.take() == [("intx", 1)]  # re-driven on the arc into RUNNING
     assert uart_read(dst, 0, 2) == b"ab"
     assert host.take() == [("intx", 0)]
+
+
+def test_mtty_destination_interrupts_for_migrated_fifo_bytes_edge() -> None:
+    src = _source_with_pending_rdi()
+    dst = make(1, "dst")
+    host = Recorder()
+    dst.driver._host = host
+    dst.load(src.save())
+    assert host.take() == []  # STOP: nothing yet
+    dst.set_state(State.RUNNING)
+    assert host.take() == [MSI, EDGE]  # one trigger for the pending receive data
+    assert uart_read(dst, 0, 2) == b"ab"
+    assert host.take() == []  # IER.THRI clear: draining raises nothing
+    empty = make(1, "dst2")
+    empty.driver._host = host
+    empty.load(make(1).save())
+    empty.set_state(State.RUNNING)
+    assert host.take() == []  # nothing pending: no trigger
 
 
 @pytest.mark.parametrize("level", [2, 4, 8, 14])
