@@ -87,3 +87,71 @@ def test_kernel_backend_migrates_under_fakevfio_run(
         assert dst.state("gpu0") == "RUNNING"
         assert digest(dst, "gpu0") == digest(src, "gpu0")
         assert src.log_lines("gpu0") == SOURCE_ARCS[flags]
+
+
+@pytest.mark.parametrize("multifd", ["off", "on"])
+def test_migrator_by_pci_address_under_fakevfio_run(
+    fakevfio_mount: MountFactory, tmp_path: Path, multifd: str
+) -> None:
+    """``migrator ... 0000:f0:00.0``: sysfs iommu_group, the legacy container and group
+    (TYPE1v2), VFIO_GROUP_GET_DEVICE_FD by the address, as on a host with vfio-pci."""
+    flags = "STOP_COPY+P2P+PRE_COPY"
+    with (
+        fakevfio_mount(
+            [
+                "other=ram:size=64K",  # takes vfio0 and the default 0000:f0:00.0
+                f"gpu0=ram:size=8M,flags={flags},seed=5,dirty_rate=1M,address=0000:00:07.0",
+            ]
+        ) as src,
+        fakevfio_mount([f"gpu0=ram:size=8M,flags={flags}"]) as dst,
+    ):
+        assert src.info("gpu0")["pci_address"] == "0000:00:07.0"
+        assert dst.info("gpu0")["pci_address"] == "0000:f0:00.0"
+        sock = f"unix:{tmp_path}/k.sock"
+        common = ["--multifd-transfer", multifd, "--multifd-channels", "2", "--json"]
+        incoming = subprocess.Popen(
+            _under_run(dst.path, "incoming", "--listen", sock, *common, "0000:f0:00.0,id=gpu0"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert incoming.stderr is not None
+            line = incoming.stderr.readline()
+            assert line.startswith("migrator: listening on"), line
+            out = subprocess.run(
+                _under_run(src.path, "migrate", "--to", sock, *common, "0000:00:07.0,id=gpu0"),
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            source = Result(out.returncode, out.stdout, out.stderr)
+            if source.returncode != 0:
+                incoming.kill()  # it would wait for a source forever
+        finally:
+            _out, derr = incoming.communicate(timeout=60)
+        assert source.returncode == 0, source.stderr
+        assert incoming.returncode == 0, derr
+        assert source.json()["status"] == "completed"
+        assert src.state("gpu0") == "STOP"
+        assert src.state("other") == "RUNNING"  # the device at the other address: untouched
+        assert dst.state("gpu0") == "RUNNING"
+        assert digest(dst, "gpu0") == digest(src, "gpu0")
+        assert src.log_lines("gpu0") == SOURCE_ARCS[flags]
+        assert src.log_lines("other") == []
+
+
+def test_migrator_by_pci_address_names_what_is_missing(fakevfio_mount: MountFactory) -> None:
+    with fakevfio_mount(["gpu0=ram:size=64K"]) as src:
+        out = subprocess.run(
+            _under_run(src.path, "save", "-o", "/dev/null", "0000:f0:01.0"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert out.returncode != 0
+    assert "0000:f0:01.0" in out.stderr
+    assert "iommu_group" in out.stderr
+    assert "No such file" in out.stderr or "no such PCI device" in out.stderr
