@@ -144,7 +144,10 @@ class MultifdLoad:
                 )
                 self.touch()
                 self.stats.transferred_bytes += len(header) + len(payload)
-                await self._queue(self.intake.decode_packet(hdr, payload))
+                packet = self.intake.decode_packet(hdr, payload)
+                if not packet.is_config:  # the config blob is counted once decoded
+                    self.stats.device(packet.idstr).stopcopy_bytes += len(packet.data)
+                await self._queue(packet)
         except MigrationError as exc:
             self.note_failure(exc)
             raise exc.with_context(phase="load") from None
@@ -214,6 +217,7 @@ class MultifdLoad:
                     continue
                 config = intake.take_config(dev.idstr)
                 if config is not None:
+                    self.stats.device(dev.idstr).config_bytes += len(config)
                     await call("config", dev, dev.backend.write_config, config)
                     intake.config_loaded(dev.idstr)
                     self.space.notify()

@@ -197,16 +197,15 @@ class Destination:
                 )
 
     # -- main stream -------------------------------------------------------------
-    async def _receive(
-        self, proto: DestinationProtocol, main: trio.abc.Stream, n: int, *, count: bool = True
-    ) -> None:
+    async def _receive(self, proto: DestinationProtocol, main: trio.abc.Stream, n: int) -> None:
         try:
             data = await main.receive_some(n)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise ChannelBrokenError(f"main channel broke: {exc}") from exc
         self._touch()
-        if count:  # the preamble's bytes were never counted as transferred
-            self.stats.transferred_bytes += len(data)
+        # Every byte that arrived counts, the file header too: the source counts
+        # every byte it sends, so both sides report the same transferred_bytes.
+        self.stats.transferred_bytes += len(data)
         proto.receive_data(data)
 
     async def _preamble(self, proto: DestinationProtocol, main: trio.abc.Stream) -> None:
@@ -215,7 +214,7 @@ class Destination:
         while True:
             event = proto.next_event()
             if event is NEED_DATA:
-                await self._receive(proto, main, 1 << 16, count=False)
+                await self._receive(proto, main, 1 << 16)
             elif isinstance(event, ev.Configuration) or not need_uuid:
                 return
 
@@ -227,16 +226,23 @@ class Destination:
             multifd=self.multifd,
         )
         proto = DestinationProtocol(settings, max_data_chunk=WRITE_BATCH_BYTES)
-        if first:
+        if first:  # bytes the caller read to tell a file's format: they arrived too
+            self.stats.transferred_bytes += len(first)
             proto.receive_data(first)
         await self._preamble(proto, main)
         self._touched = True
         for dev in self.devs:
             dev.flags = await call(self.phase, dev, dev.backend.migration_flags)
             await call(self.phase, dev, dev.backend.set_state, State.RESUMING)
+            self.stats.device(dev.idstr)
         proto.devices_ready([d.idstr for d in self.devs if d.flags & MigFlags.PRE_COPY])
+        # The destination's set-up: from the first byte to every device RESUMING.
+        self.stats.setup_time_ms = (trio.current_time() - self.stats.t_start) * 1000
         self.phase = "load"
         current: Dev | None = None
+        #: Which counter the current section's data goes to: PART sections carry
+        #: pre-copy data, END sections stop-copy data (QEMU's savevm layout).
+        counter = "stopcopy"
         batch: list[bytes] = []
         batch_dev: Dev | None = None
         batch_bytes = 0
@@ -266,6 +272,12 @@ class Destination:
                 batch_dev = current
                 batch.append(bytes(event.data))  # decoded chunks are bytes: no copy
                 batch_bytes += len(event.data)
+                if current is not None:
+                    counters = self.stats.device(current.idstr)
+                    if counter == "precopy":
+                        counters.precopy_bytes += len(event.data)
+                    else:
+                        counters.stopcopy_bytes += len(event.data)
                 if batch_bytes >= WRITE_BATCH_BYTES:
                     await flush()
                 continue
@@ -281,8 +293,10 @@ class Destination:
                         await self._multifd.start_loads(self._load_nursery)
                 case ev.SectionStart() | ev.SectionFull() | ev.SectionPart() | ev.SectionEnd():
                     current = self.by_idstr[proto.idstr_of(event.section_id)]
+                    counter = "precopy" if isinstance(event, ev.SectionPart) else "stopcopy"
                 case ev.ConfigBlob():
                     assert current is not None
+                    self.stats.device(current.idstr).config_bytes += len(event.data)
                     await call("config", current, current.backend.write_config, event.data)
                 case ev.SectionFooter():
                     current = None

@@ -86,6 +86,11 @@ def test_migrate_each_flag_set(
         assert counts["precopy_bytes"] >= 4 << 20  # the whole state went in pre-copy
     else:
         assert counts["precopy_bytes"] == 0
+    # Each side counts what it saw: the same bytes, the same devices (issue 18).
+    received = dest.json()
+    assert received["transferred_bytes"] == stats["transferred_bytes"]
+    assert received["devices"] == stats["devices"]
+    assert received["setup_time_ms"] > 0
     _check(mounts, [name], [flags])
 
 
@@ -101,6 +106,10 @@ def test_save_and_load_through_a_file(
     assert path.stat().st_size > 4 << 20
     loaded = run_migrator("load", "-i", str(path), "--json", str(dst.device(name)))
     assert loaded.returncode == 0, loaded.stderr
+    # load counts every byte of the file, the first read too (issue 18: it said 487 of 66023)
+    assert saved.json()["transferred_bytes"] == path.stat().st_size
+    assert loaded.json()["transferred_bytes"] == path.stat().st_size
+    assert loaded.json()["devices"] == saved.json()["devices"]
     _check(mounts, [name], [flags])
 
 
