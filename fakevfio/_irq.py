@@ -51,7 +51,9 @@ Rule 5: a command that fails changes nothing: every fd is taken (EBADF if the
         changes. (vfio-pci de-assigns the vectors of a block it already set when
         a later one fails; here the block is all or nothing.)
 Rule 6: bounded: at most ``msix_vectors`` fds per command (one per vector), one
-        resample fd; ``reset``/``disable``/``close`` unwatch and close every fd.
+        resample fd; ``disable`` (the VMM closed the device) and device removal
+        unwatch and close every fd. ``VFIO_DEVICE_RESET`` keeps the eventfds, as
+        vfio-pci does, and only drops the device's INTx level and pending state.
 """
 
 from __future__ import annotations
@@ -304,7 +306,7 @@ class Irqs:
             elif verb == "intx" and args in (["assert"], ["deassert"]):
                 self.set_intx(args[0] == "assert")
             elif verb == "disable" and not args:
-                self.reset()
+                self.disable()
             else:
                 raise ValueError(
                     f"unknown command {text.strip()!r}: set INDEX ACTION START COUNT DATA, "
@@ -526,15 +528,26 @@ class Irqs:
         self.line.masked = self.line.pending = False
 
     def reset(self) -> None:
-        """``VFIO_DEVICE_RESET``, ``disable`` and device close: every index disabled."""
+        """``VFIO_DEVICE_RESET``: the device drops its INTx level and pending interrupts.
+
+        As in vfio-pci (``vfio_pci_ioctl_reset`` only resets the function), the
+        eventfd configuration stays: QEMU disables INTx/MSI itself around a
+        reset, and the REQ/ERR notifiers it registered at realize must survive
+        the reset of machine start. :meth:`disable` is the device-fd close.
+        """
+        self.line.asserted = self.line.pending = False
+
+    def disable(self) -> None:
+        """Device fd closed (``vfio_pci_core_disable``): every index off, every eventfd closed."""
         self._disable()
         for index in (ERR, REQ):
-            self._assign(index, 0, -1)
+            if self.counts[index]:
+                self._assign(index, 0, -1)
         self.line = IntxLine(unmasks=self.line.unmasks)
 
     def close(self) -> None:
         """The device is removed: release every eventfd."""
-        self.reset()
+        self.disable()
 
     # -- views ----------------------------------------------------------------------
     def text(self) -> str:

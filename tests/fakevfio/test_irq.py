@@ -326,21 +326,24 @@ def test_raise_command_and_text_view(host: FakeHost) -> None:
     assert dev.info()["irqs"] == dev.irqs.info()
 
 
-def test_reset_close_and_disable_release_every_fd(host: FakeHost) -> None:
+def test_disable_and_close_release_every_fd_reset_keeps_them(host: FakeHost) -> None:
     dev = make(host, "pcie")
     cmd(dev, f"set intx trigger 0 1 eventfd {PID}:10")
     cmd(dev, f"set intx unmask 0 1 eventfd {PID}:11")
     cmd(dev, f"set req trigger 0 1 eventfd {PID}:12")
     cmd(dev, f"set err trigger 0 1 eventfd {PID}:13")
-    dev.reset()
+    dev.driver.set_intx(True)
+    dev.reset()  # vfio_pci_ioctl_reset: the function resets, the eventfds stay
+    assert len(host.copies) == 4
+    assert intx(dev)["asserted"] is False
+    cmd(dev, "disable")  # vfio_pci_core_disable (device fd closed)
     assert host.copies == {}
     assert host.watched == {}
     cmd(dev, f"set msix trigger 0 2 eventfd {PID}:10,{PID}:11")
-    cmd(dev, "disable")
-    assert host.copies == {}
-    cmd(dev, f"set msi trigger 0 1 eventfd {PID}:10")
+    cmd(dev, f"set req trigger 0 1 eventfd {PID}:12")
     dev.close()
     assert host.copies == {}
+    cmd(make(host, "pcie"), "disable")  # nothing enabled: fine
 
 
 def test_no_host_is_enodev() -> None:
