@@ -9,6 +9,8 @@ rules are checked through real ioctls and eventfds in
 from __future__ import annotations
 
 import errno
+import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +18,7 @@ import pytest
 
 from fakevfio._device import Device
 from fakevfio._options import DeviceSpec
+from fakevfio._process import OsServices
 from fakevfio._ram import RamDriver
 from fakevfio._registry import Registry
 from fakevfio.driver import IRQ_INTX, IRQ_MSI, IRQ_MSIX
@@ -354,3 +357,77 @@ def test_no_host_is_enodev() -> None:
         cmd(dev, f"set intx trigger 0 1 eventfd {PID}:10")
     assert exc.value.errno == errno.ENODEV
     assert dev.irqs.info() == before
+
+
+# -- the real host: OsServices with this process's own eventfds ---------------------------
+def _read(fd: int) -> int:
+    try:
+        return os.eventfd_read(fd)
+    except BlockingIOError:
+        return 0
+
+
+def _until(check: Callable[[], bool]) -> bool:
+    deadline = time.monotonic() + 5
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="pidfd_getfd of our own fds needs ptrace rights")
+def test_os_services_deliver_and_resample_with_real_eventfds() -> None:
+    host = OsServices()
+    dev = Registry({"ram": RamDriver}, host=host).create(DeviceSpec.from_cli("d0=ram:size=4K"))
+    trig = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    res = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    me = os.getpid()
+    try:
+        cmd(dev, f"set intx trigger 0 1 eventfd {me}:{trig}")
+        cmd(dev, f"set intx unmask 0 1 eventfd {me}:{res}")
+        dev.driver.raise_irq(IRQ_INTX)
+        dev.driver.raise_irq(IRQ_INTX)  # pending behind the automask
+        assert _read(trig) == 1
+        os.eventfd_write(res, 1)  # what KVM's resampler does on EOI: the watcher unmasks
+        assert _until(lambda: intx(dev)["unmasks"] == 1)
+        assert _read(trig) == 1  # the pending one, re-sent
+        os.eventfd_write(res, 1)
+        assert _until(lambda: intx(dev)["masked"] is False)
+        cmd(dev, "set intx unmask 0 1 eventfd -1")  # unwatched: a signal is no longer read
+        os.eventfd_write(res, 5)
+        time.sleep(0.05)
+        assert _read(res) == 5
+        assert intx(dev)["unmasks"] == 2
+        cmd(dev, "disable")
+        with pytest.raises(DeviceError) as exc:
+            cmd(dev, f"set intx trigger 0 1 eventfd {me}:{2**20}")  # not open here
+        assert exc.value.errno == errno.EBADF
+    finally:
+        dev.close()
+        os.close(trig)
+        os.close(res)
+
+
+def test_watcher_survives_a_failing_callback() -> None:
+    host = OsServices()
+    a = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    b = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    seen: list[str] = []
+
+    def boom() -> None:
+        seen.append("a")
+        raise RuntimeError("a callback bug")
+
+    try:
+        host.watch_eventfd(a, boom)
+        host.watch_eventfd(b, lambda: seen.append("b"))
+        os.eventfd_write(a, 1)
+        assert _until(lambda: host.callback_errors == 1)
+        os.eventfd_write(b, 1)
+        assert _until(lambda: seen == ["a", "b"])
+    finally:
+        host.unwatch_eventfd(a)
+        host.unwatch_eventfd(b)
+        os.close(a)
+        os.close(b)
