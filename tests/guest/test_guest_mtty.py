@@ -86,19 +86,25 @@ LOOPBACK = (
     + r"""
 head -c __BYTES__ /dev/urandom > /tmp/in
 echo "MTTY in $(md5sum < /tmp/in)"
+for t in $TTYS; do stty -F /dev/$t raw -echo; done
+before=$(awk -v irq="$IRQ:" '$1 == irq {print $2}' /proc/interrupts)
+readers=
 for t in $TTYS; do
-  stty -F /dev/$t raw -echo
-  before=$(awk -v irq="$IRQ:" '$1 == irq {print $2}' /proc/interrupts)
   cat /dev/$t > /tmp/out.$t &
-  reader=$!
-  dd if=/tmp/in of=/dev/$t bs=__BYTES__ 2>/dev/null
+  readers="$readers $!"
+done
+for t in $TTYS; do dd if=/tmp/in of=/dev/$t bs=__BYTES__ 2>/dev/null & done
+for t in $TTYS; do
   n=0
   while [ "$(wc -c < /tmp/out.$t)" -lt __BYTES__ ] && [ $n -lt 600 ]; do
     sleep 0.1
     n=$((n + 1))
   done
-  kill $reader
-  after=$(awk -v irq="$IRQ:" '$1 == irq {print $2}' /proc/interrupts)
+done
+kill $readers
+wait
+after=$(awk -v irq="$IRQ:" '$1 == irq {print $2}' /proc/interrupts)
+for t in $TTYS; do
   echo "MTTY $t bytes=$(wc -c < /tmp/out.$t) md5=$(md5sum < /tmp/out.$t) irqs=$before..$after"
 done
 grep -i "port:" /proc/tty/driver/serial | sed 's/^/MTTY serial /'
