@@ -82,7 +82,13 @@ CONSTANTS: dict[str, int] = {
         "VFIO_PCI_NUM_IRQS "
         "VFIO_DEVICE_STATE_ERROR VFIO_DEVICE_STATE_STOP VFIO_DEVICE_STATE_RUNNING "
         "VFIO_DEVICE_STATE_STOP_COPY VFIO_DEVICE_STATE_RESUMING VFIO_DEVICE_STATE_RUNNING_P2P "
-        "VFIO_DEVICE_STATE_PRE_COPY VFIO_DEVICE_STATE_PRE_COPY_P2P"
+        "VFIO_DEVICE_STATE_PRE_COPY VFIO_DEVICE_STATE_PRE_COPY_P2P "
+        "VFIO_IOMMU_INFO_PGSIZES VFIO_IOMMU_INFO_CAPS VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE "
+        "VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL "
+        "VFIO_DMA_MAP_FLAG_READ VFIO_DMA_MAP_FLAG_WRITE VFIO_DMA_MAP_FLAG_VADDR "
+        "VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP VFIO_DMA_UNMAP_FLAG_ALL VFIO_DMA_UNMAP_FLAG_VADDR "
+        "VFIO_IOMMU_DIRTY_PAGES_FLAG_START VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP "
+        "VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP"
     )
 }
 # Enumerators (not macros): printed unconditionally when the header is new enough; the
@@ -169,6 +175,78 @@ STRUCTS: list[tuple[str, struct.Struct, tuple[str, ...], str | None]] = [
         "IOMMU_IOAS_ALLOC",
     ),
     ("iommu_destroy", uapi.IOMMU_DESTROY_STRUCT, ("size", "id"), "IOMMU_DESTROY"),
+    # the type1 container (fakevfio run's IOMMU side)
+    (
+        "vfio_iommu_type1_dma_map",
+        uapi.IOMMU_TYPE1_DMA_MAP,
+        ("argsz", "flags", "vaddr", "iova", "size"),
+        None,
+    ),
+    (
+        "vfio_iommu_type1_dma_unmap",
+        uapi.IOMMU_TYPE1_DMA_UNMAP,
+        ("argsz", "flags", "iova", "size"),
+        None,
+    ),
+    ("vfio_bitmap", uapi.VFIO_BITMAP, ("pgsize", "size", "data"), None),
+    ("vfio_iommu_type1_dirty_bitmap", uapi.IOMMU_TYPE1_DIRTY_BITMAP, ("argsz", "flags"), None),
+    (
+        "vfio_iommu_type1_dirty_bitmap_get",
+        uapi.IOMMU_TYPE1_DIRTY_BITMAP_GET,
+        ("iova", "size", "bitmap.pgsize", "bitmap.size", "bitmap.data"),
+        None,
+    ),
+    (
+        "vfio_iommu_type1_info_dma_avail",
+        uapi.IOMMU_TYPE1_CAP_DMA_AVAIL,
+        ("header.id", "header.version", "header.next", "avail"),
+        None,
+    ),
+    (
+        "vfio_iommu_type1_info_cap_iova_range",
+        uapi.IOMMU_TYPE1_CAP_IOVA_RANGE,
+        ("header.id", "header.version", "header.next", "nr_iovas", "reserved"),
+        None,
+    ),
+    ("vfio_iova_range", uapi.IOVA_RANGE, ("start", "end"), None),
+    # iommufd structs whose layout has not changed since they appeared
+    (
+        "iommu_ioas_map",
+        uapi.IOMMU_IOAS_MAP_STRUCT,
+        ("size", "flags", "ioas_id", "__reserved", "user_va", "length", "iova"),
+        "IOMMU_IOAS_MAP",
+    ),
+    (
+        "iommu_ioas_unmap",
+        uapi.IOMMU_IOAS_UNMAP_STRUCT,
+        ("size", "ioas_id", "iova", "length"),
+        "IOMMU_IOAS_UNMAP",
+    ),
+    (
+        "iommu_ioas_copy",
+        uapi.IOMMU_IOAS_COPY_STRUCT,
+        ("size", "flags", "dst_ioas_id", "src_ioas_id", "length", "dst_iova", "src_iova"),
+        "IOMMU_IOAS_COPY",
+    ),
+    (
+        "iommu_ioas_iova_ranges",
+        uapi.IOMMU_IOAS_IOVA_RANGES_STRUCT,
+        ("size", "ioas_id", "num_iovas", "__reserved", "allowed_iovas", "out_iova_alignment"),
+        "IOMMU_IOAS_IOVA_RANGES",
+    ),
+    ("iommu_iova_range", uapi.IOMMU_IOVA_RANGE, ("start", "last"), "IOMMU_IOAS_IOVA_RANGES"),
+    (
+        "iommu_hwpt_set_dirty_tracking",
+        uapi.IOMMU_HWPT_SET_DIRTY_TRACKING_STRUCT,
+        ("size", "flags", "hwpt_id", "__reserved"),
+        "IOMMU_HWPT_SET_DIRTY_TRACKING",
+    ),
+    (
+        "iommu_hwpt_get_dirty_bitmap",
+        uapi.IOMMU_HWPT_GET_DIRTY_BITMAP_STRUCT,
+        ("size", "hwpt_id", "flags", "__reserved", "iova", "length", "page_size", "data"),
+        "IOMMU_HWPT_GET_DIRTY_BITMAP",
+    ),
 ]
 # Trailing struct members newer than their struct: guard macro (a macro of the same
 # release) and our size of the struct without the member (checked when the header
@@ -201,12 +279,14 @@ _SINCE_BY_RELEASE: dict[Version, str] = {
     "VFIO_DEVICE_FEATURE_MIG_DATA_SIZE vfio_device_feature_mig_data_size "
     "IOMMU_DESTROY IOMMU_IOAS_ALLOC IOMMU_IOAS_ALLOW_IOVAS IOMMU_IOAS_COPY "
     "IOMMU_IOAS_IOVA_RANGES IOMMU_IOAS_MAP IOMMU_IOAS_UNMAP IOMMU_OPTION IOMMU_VFIO_IOAS "
-    "iommu_ioas_alloc iommu_destroy",
+    "iommu_ioas_alloc iommu_destroy iommu_ioas_map iommu_ioas_unmap iommu_ioas_copy "
+    "iommu_ioas_iova_ranges iommu_iova_range",
     (6, 5): "vfio_device_info.pad",
     (6, 6): "VFIO_DEVICE_FLAGS_CDX VFIO_DEVICE_BIND_IOMMUFD VFIO_DEVICE_ATTACH_IOMMUFD_PT "
     "VFIO_DEVICE_DETACH_IOMMUFD_PT vfio_device_bind_iommufd vfio_device_attach_iommufd_pt "
     "vfio_device_detach_iommufd_pt IOMMU_HWPT_ALLOC IOMMU_GET_HW_INFO",
-    (6, 7): "IOMMU_HWPT_SET_DIRTY_TRACKING IOMMU_HWPT_GET_DIRTY_BITMAP",
+    (6, 7): "IOMMU_HWPT_SET_DIRTY_TRACKING IOMMU_HWPT_GET_DIRTY_BITMAP "
+    "iommu_hwpt_set_dirty_tracking iommu_hwpt_get_dirty_bitmap",
     (6, 8): "VFIO_DEVICE_FEATURE_BUS_MASTER",
     (6, 15): "VFIO_DEVICE_ATTACH_PASID VFIO_DEVICE_DETACH_PASID "
     "vfio_device_attach_iommufd_pt.pasid vfio_device_detach_iommufd_pt.pasid",
