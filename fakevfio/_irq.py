@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -336,43 +337,10 @@ class Irqs:
                 errno.ENOTTY, f"{INDEX_NAMES[req.index]}: only INTx can be masked or unmasked"
             )
         elif req.index in (MSI, MSIX):
-            handler = self._set_msi_trigger
+            handler = functools.partial(_set_msi_trigger, self)
         else:
-            handler = self._set_single_trigger
+            handler = functools.partial(_set_single_trigger, self)
         handler(req)
-
-    def _take(self, req: SetIrqs, allowed: Callable[[int], bool]) -> list[EventFd | int]:
-        """Every fd of ``req`` copied, or none (Rule 5); ``allowed(vector)`` checks each."""
-        taken: list[EventFd | int] = []
-        try:
-            for i, entry in enumerate(req.fds):
-                vector = req.start + i
-                if isinstance(entry, int):
-                    taken.append(entry)
-                    continue
-                pid, fd = entry
-                try:
-                    copy = self._host().take_fd(pid, fd)
-                except OSError as exc:
-                    raise self._err(
-                        exc.errno or errno.EBADF,
-                        f"{INDEX_NAMES[req.index]} vector {vector}: cannot take fd {fd} of "
-                        f"process {pid} ({exc.strerror}); pass an open eventfd",
-                    ) from None
-                taken.append(EventFd(copy, f"{pid}:{fd}"))
-                if not allowed(vector):
-                    raise self._err(
-                        errno.EINVAL,
-                        f"{INDEX_NAMES[req.index]} vector {vector}: not among the "
-                        f"{self.enabled_vectors} vectors MSI was enabled with "
-                        "(MSI cannot grow: disable and enable with more)",
-                    )
-        except DeviceError:
-            for item in taken:
-                if isinstance(item, EventFd):
-                    self._release(item)
-            raise
-        return taken
 
     def _assign(self, index: int, vector: int, item: EventFd | int) -> None:
         vec = self._vector(index, vector)
@@ -400,7 +368,7 @@ class Irqs:
         if req.data == "none" or (req.data == "bool" and req.bools[0]):
             self._intx_unmask()
         elif req.data == "eventfd":
-            (item,) = self._take(req, lambda _v: True)
+            (item,) = _take(self, req, lambda _v: True)
             if not isinstance(item, EventFd):
                 self._unwatch_resample()
                 return
@@ -431,7 +399,7 @@ class Irqs:
                 "exclude each other) or start/count is not 0/1",
             )
         if req.data == "eventfd":
-            (item,) = self._take(req, lambda _v: True)
+            (item,) = _take(self, req, lambda _v: True)
             if self.active is None:
                 self.active = INTX
                 self.line.masked = False
@@ -446,69 +414,6 @@ class Irqs:
             vec = self._vector(INTX, 0)
             if vec.trigger is not None:
                 self._signal(vec)
-
-    # -- MSI / MSI-X -------------------------------------------------------------------
-    def _set_msi_trigger(self, req: SetIrqs) -> None:
-        index, name = req.index, INDEX_NAMES[req.index]
-        if self.active == index and req.count == 0 and req.data == "none":
-            self._disable()
-            return
-        if self.active not in (None, index):
-            raise self._err(
-                errno.EINVAL,
-                f"{name} trigger: {self._active_name()} is enabled "
-                "(INTx, MSI and MSI-X exclude each other; disable it first)",
-            )
-        if req.data == "eventfd":
-            enabling = self.active is None
-            nvec = req.start + req.count if enabling else self.enabled_vectors
-            if enabling and nvec == 0:
-                raise self._err(errno.ERANGE, f"{name}: enabling with 0 vectors")
-
-            def allowed(vector: int) -> bool:
-                return index == MSIX or vector < nvec
-
-            taken = self._take(req, allowed)
-            if enabling:
-                self.active, self.enabled_vectors = index, nvec
-            for i, item in enumerate(taken):
-                self._assign(index, req.start + i, item)
-            if index == MSIX:
-                self.enabled_vectors = max(self.enabled_vectors, req.start + req.count)
-            return
-        if self.active != index:
-            raise self._err(errno.EINVAL, f"{name} trigger: {name} is not enabled")
-        for i in range(req.count):
-            vec = self.vectors[index].get(req.start + i)
-            fire = req.data == "none" or req.bools[i]
-            if vec is not None and vec.trigger is not None and fire:
-                self._signal(vec)
-
-    # -- ERR / REQ ---------------------------------------------------------------------
-    def _set_single_trigger(self, req: SetIrqs) -> None:
-        """``vfio_pci_set_ctx_trigger_single``."""
-        name = INDEX_NAMES[req.index]
-        if req.start != 0 or req.count > 1:
-            raise self._err(errno.EINVAL, f"{name}: start 0 and count 0 or 1 expected")
-        vec = self._vector(req.index, 0)
-        if req.data == "none" and vec.trigger is not None:
-            if req.count:
-                self._signal(vec)
-            else:
-                self._assign(req.index, 0, -1)
-            return
-        if req.data == "none" or req.count == 0:
-            raise self._err(
-                errno.EINVAL, f"{name}: no trigger to signal or release, or count 0 with data"
-            )
-        if req.data == "bool":
-            if req.bools[0] and vec.trigger is not None:
-                self._signal(vec)
-            return
-        entry = req.fds[0]
-        if entry == -1 or isinstance(entry, tuple):
-            (item,) = self._take(req, lambda _v: True)
-            self._assign(req.index, 0, item)
 
     # -- lifetime ----------------------------------------------------------------------
     def _active_name(self) -> str:
@@ -556,34 +461,136 @@ class Irqs:
 
     def info(self) -> dict[str, object]:
         """The ``irqs`` object of the ``info`` file."""
-        out: dict[str, object] = {"active": None if self.active is None else self._active_name()}
-        for index, name in enumerate(INDEX_NAMES):
-            entry: dict[str, object] = {"count": self.counts[index]}
-            if index in (MSI, MSIX):
-                entry["enabled"] = self.active == index
-                entry["enabled_vectors"] = self.enabled_vectors if self.active == index else 0
-                entry["dynamic"] = index == MSIX
-            if index == INTX:
-                line = self.line
-                entry.update(
-                    enabled=self.active == INTX,
-                    masked=line.masked,
-                    pending=line.pending,
-                    asserted=line.asserted,
-                    resample=line.resample.name if line.resample else None,
-                    unmasks=line.unmasks,
+        return irqs_info(self)
+
+
+def _take(irqs: Irqs, req: SetIrqs, allowed: Callable[[int], bool]) -> list[EventFd | int]:
+    """Every fd of ``req`` copied, or none (Rule 5); ``allowed(vector)`` checks each."""
+    taken: list[EventFd | int] = []
+    try:
+        for i, entry in enumerate(req.fds):
+            vector = req.start + i
+            if isinstance(entry, int):
+                taken.append(entry)
+                continue
+            pid, fd = entry
+            try:
+                copy = irqs._host().take_fd(pid, fd)
+            except OSError as exc:
+                raise irqs._err(
+                    exc.errno or errno.EBADF,
+                    f"{INDEX_NAMES[req.index]} vector {vector}: cannot take fd {fd} of "
+                    f"process {pid} ({exc.strerror}); pass an open eventfd",
+                ) from None
+            taken.append(EventFd(copy, f"{pid}:{fd}"))
+            if not allowed(vector):
+                raise irqs._err(
+                    errno.EINVAL,
+                    f"{INDEX_NAMES[req.index]} vector {vector}: not among the "
+                    f"{irqs.enabled_vectors} vectors MSI was enabled with "
+                    "(MSI cannot grow: disable and enable with more)",
                 )
-            entry["vectors"] = {
-                str(v): {
-                    "trigger": vec.trigger.name if vec.trigger else None,
-                    "signalled": vec.signalled,
-                    "dropped": vec.dropped,
-                    "errors": vec.errors,
-                }
-                for v, vec in sorted(self.vectors[index].items())
+    except DeviceError:
+        for item in taken:
+            if isinstance(item, EventFd):
+                irqs._release(item)
+        raise
+    return taken
+
+
+def _set_msi_trigger(irqs: Irqs, req: SetIrqs) -> None:
+    index, name = req.index, INDEX_NAMES[req.index]
+    if irqs.active == index and req.count == 0 and req.data == "none":
+        irqs._disable()
+        return
+    if irqs.active not in (None, index):
+        raise irqs._err(
+            errno.EINVAL,
+            f"{name} trigger: {irqs._active_name()} is enabled "
+            "(INTx, MSI and MSI-X exclude each other; disable it first)",
+        )
+    if req.data == "eventfd":
+        enabling = irqs.active is None
+        nvec = req.start + req.count if enabling else irqs.enabled_vectors
+        if enabling and nvec == 0:
+            raise irqs._err(errno.ERANGE, f"{name}: enabling with 0 vectors")
+
+        def allowed(vector: int) -> bool:
+            return index == MSIX or vector < nvec
+
+        taken = _take(irqs, req, allowed)
+        if enabling:
+            irqs.active, irqs.enabled_vectors = index, nvec
+        for i, item in enumerate(taken):
+            irqs._assign(index, req.start + i, item)
+        if index == MSIX:
+            irqs.enabled_vectors = max(irqs.enabled_vectors, req.start + req.count)
+        return
+    if irqs.active != index:
+        raise irqs._err(errno.EINVAL, f"{name} trigger: {name} is not enabled")
+    for i in range(req.count):
+        vec = irqs.vectors[index].get(req.start + i)
+        fire = req.data == "none" or req.bools[i]
+        if vec is not None and vec.trigger is not None and fire:
+            irqs._signal(vec)
+
+
+def _set_single_trigger(irqs: Irqs, req: SetIrqs) -> None:
+    """``vfio_pci_set_ctx_trigger_single``."""
+    name = INDEX_NAMES[req.index]
+    if req.start != 0 or req.count > 1:
+        raise irqs._err(errno.EINVAL, f"{name}: start 0 and count 0 or 1 expected")
+    vec = irqs._vector(req.index, 0)
+    if req.data == "none" and vec.trigger is not None:
+        if req.count:
+            irqs._signal(vec)
+        else:
+            irqs._assign(req.index, 0, -1)
+        return
+    if req.data == "none" or req.count == 0:
+        raise irqs._err(
+            errno.EINVAL, f"{name}: no trigger to signal or release, or count 0 with data"
+        )
+    if req.data == "bool":
+        if req.bools[0] and vec.trigger is not None:
+            irqs._signal(vec)
+        return
+    entry = req.fds[0]
+    if entry == -1 or isinstance(entry, tuple):
+        (item,) = _take(irqs, req, lambda _v: True)
+        irqs._assign(req.index, 0, item)
+
+
+def irqs_info(irqs: Irqs) -> dict[str, object]:
+    """The ``irqs`` object of the ``info`` file (and of the ``irqs`` file's view)."""
+    out: dict[str, object] = {"active": None if irqs.active is None else irqs._active_name()}
+    for index, name in enumerate(INDEX_NAMES):
+        entry: dict[str, object] = {"count": irqs.counts[index]}
+        if index in (MSI, MSIX):
+            entry["enabled"] = irqs.active == index
+            entry["enabled_vectors"] = irqs.enabled_vectors if irqs.active == index else 0
+            entry["dynamic"] = index == MSIX
+        if index == INTX:
+            line = irqs.line
+            entry.update(
+                enabled=irqs.active == INTX,
+                masked=line.masked,
+                pending=line.pending,
+                asserted=line.asserted,
+                resample=line.resample.name if line.resample else None,
+                unmasks=line.unmasks,
+            )
+        entry["vectors"] = {
+            str(v): {
+                "trigger": vec.trigger.name if vec.trigger else None,
+                "signalled": vec.signalled,
+                "dropped": vec.dropped,
+                "errors": vec.errors,
             }
-            out[name] = entry
-        return out
+            for v, vec in sorted(irqs.vectors[index].items())
+        }
+        out[name] = entry
+    return out
 
 
 def _word(value: object) -> str:
