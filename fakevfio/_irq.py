@@ -38,6 +38,9 @@ Rule 2: INTx is automasked: a raised INTx signals the trigger and masks the
         a signal on the resample eventfd) with an interrupt pending or the
         level still asserted signals again and stays masked; otherwise it
         unmasks. ``set_intx(True)`` is a level: asserted and unmasked signals.
+        While the guest's PCI_COMMAND_INTX_DISABLE is set
+        (:meth:`Irqs.command_intx_disable`, vfio-pci's ``virq_disabled``) INTx
+        is masked and nothing unmasks it.
 Rule 3: MSI is enabled with ``start + count`` vectors and cannot grow; MSI-X
         grows up to its table size (vfio-pci with dynamic MSI-X, so GET_IRQ_INFO
         leaves NORESIZE clear). A negative fd de-assigns one vector. A raise on a
@@ -119,6 +122,8 @@ class IntxLine:
     asserted: bool = False
     resample: EventFd | None = None
     unmasks: int = 0
+    #: The guest set PCI_COMMAND_INTX_DISABLE (vfio-pci's ``virq_disabled``).
+    disabled: bool = False
 
 
 def _number(text: str, what: str) -> int:
@@ -268,7 +273,7 @@ class Irqs:
         vec = self._vector(INTX, 0)
         if self.active != INTX:
             vec.dropped += 1
-        elif self.line.masked:
+        elif self.line.masked or self.line.disabled:
             self.line.pending = True
         else:
             self.line.masked = True
@@ -277,7 +282,7 @@ class Irqs:
 
     def _intx_unmask(self) -> None:
         """``vfio_pci_intx_unmask``: re-signal while something is pending."""
-        if self.active != INTX or not self.line.masked:
+        if self.active != INTX or not self.line.masked or self.line.disabled:
             return
         self.line.unmasks += 1
         if self.line.pending or self.line.asserted:
@@ -285,6 +290,20 @@ class Irqs:
             self._signal(self._vector(INTX, 0))
         else:
             self.line.masked = False
+
+    def command_intx_disable(self, disabled: bool) -> None:
+        """A config write changed PCI_COMMAND_INTX_DISABLE (``vfio_basic_config_write``).
+
+        Setting it masks INTx (no signal until cleared); clearing it unmasks,
+        and a pending or still asserted interrupt is sent then.
+        """
+        if disabled and not self.line.disabled:
+            self.line.disabled = True
+            if self.active == INTX:
+                self.line.masked = True
+        elif not disabled and self.line.disabled:
+            self.line.disabled = False
+            self._intx_unmask()
 
     def _resampled(self, token: EventFd) -> None:
         with self._device.lock:
@@ -402,7 +421,7 @@ class Irqs:
             (item,) = _take(self, req, lambda _v: True)
             if self.active is None:
                 self.active = INTX
-                self.line.masked = False
+                self.line.masked = self.line.disabled
                 self.line.pending = False
             self._assign(INTX, 0, item)
             if self.line.asserted and not self.line.masked and isinstance(item, EventFd):
@@ -412,7 +431,7 @@ class Irqs:
             raise self._err(errno.EINVAL, "intx trigger: INTx is not enabled")
         if req.data == "none" or req.bools[0]:
             vec = self._vector(INTX, 0)
-            if vec.trigger is not None:
+            if vec.trigger is not None and not self.line.disabled:
                 self._signal(vec)
 
     # -- lifetime ----------------------------------------------------------------------
@@ -448,7 +467,7 @@ class Irqs:
         for index in (ERR, REQ):
             if self.counts[index]:
                 self._assign(index, 0, -1)
-        self.line = IntxLine(unmasks=self.line.unmasks)
+        self.line = IntxLine(unmasks=self.line.unmasks, disabled=self.line.disabled)
 
     def close(self) -> None:
         """The device is removed: release every eventfd."""
@@ -579,6 +598,7 @@ def irqs_info(irqs: Irqs) -> dict[str, object]:
                 asserted=line.asserted,
                 resample=line.resample.name if line.resample else None,
                 unmasks=line.unmasks,
+                intx_disable=line.disabled,
             )
         entry["vectors"] = {
             str(v): {

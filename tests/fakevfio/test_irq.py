@@ -431,3 +431,20 @@ def test_watcher_survives_a_failing_callback() -> None:
         host.unwatch_eventfd(b)
         os.close(a)
         os.close(b)
+
+
+def test_command_intx_disable_masks_until_cleared(host: FakeHost) -> None:
+    """vfio_basic_config_write: PCI_COMMAND_INTX_DISABLE masks, clearing it unmasks."""
+    dev = make(host)
+    cmd(dev, f"set intx trigger 0 1 eventfd {PID}:10")
+    with dev.lock:
+        dev.irqs.command_intx_disable(True)
+    dev.driver.raise_irq(IRQ_INTX)
+    cmd(dev, "set intx trigger 0 1 none")  # vfio_send_intx_eventfd: not while disabled
+    cmd(dev, "set intx unmask 0 1 none")  # the ioctl cannot unmask it either
+    assert host.signals == {}
+    assert intx(dev)["intx_disable"] is True
+    with dev.lock:
+        dev.irqs.command_intx_disable(False)  # the pending one is sent now
+    assert host.signals == {10: 1}
+    assert intx(dev)["masked"] is True
