@@ -11,6 +11,8 @@
  *   irq_drive msi CDEV IRQS           MSI-X and MSI vectors, de-assign, loopback
  *   irq_drive bad CDEV IRQS           every SET_IRQS rule: "name errno same" (same: the
  *                                     irqs file reads the same before and after)
+ *   irq_drive bench CDEV IRQS N       microseconds per SET_IRQS loopback (ioctl to eventfd)
+ *                                     and per "raise" write to eventfd, over N rounds
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -24,6 +26,7 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 #ifndef VFIO_DEVICE_BIND_IOMMUFD
@@ -259,6 +262,35 @@ static int cmd_bad(void) {
     return 0;
 }
 
+static double now_us(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1e6 + t.tv_nsec / 1e3;
+}
+
+static int cmd_bench(int rounds) {
+    int e = new_efd();
+    if (set_fds(VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_PCI_MSIX_IRQ_INDEX, 0, 1, &e)) return 2;
+    int got = 0;
+    double t0 = now_us();
+    for (int i = 0; i < rounds; i++) {
+        set_none(VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_PCI_MSIX_IRQ_INDEX, 0, 1);
+        got += take(e, 1000) == 1;
+    }
+    double t1 = now_us();
+    int fd = open(irqs_path, O_WRONLY);
+    for (int i = 0; i < rounds; i++) {
+        if (write(fd, "raise msix 0\n", 13) != 13) return 2;
+        got += take(e, 1000) == 1;
+    }
+    double t2 = now_us();
+    close(fd);
+    printf("delivered %d of %d\n", got, 2 * rounds);
+    printf("loopback_us %.1f\n", (t1 - t0) / rounds);
+    printf("raise_us %.1f\n", (t2 - t1) / rounds);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (argc < 3) { fprintf(stderr, "usage: irq_drive info|intx|msi|bad CDEV [IRQS]\n"); return 2; }
@@ -269,6 +301,7 @@ int main(int argc, char **argv) {
     if (!strcmp(argv[1], "intx")) return cmd_intx();
     if (!strcmp(argv[1], "msi")) return cmd_msi();
     if (!strcmp(argv[1], "bad")) return cmd_bad();
+    if (!strcmp(argv[1], "bench")) return cmd_bench(argc > 4 ? atoi(argv[4]) : 200);
     fprintf(stderr, "unknown command %s\n", argv[1]);
     return 2;
 }

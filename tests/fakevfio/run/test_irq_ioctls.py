@@ -69,10 +69,10 @@ def mount(fakevfio_mount: MountFactory) -> Iterator[Path]:
         yield m.path
 
 
-def run(drive: Path, mount: Path, mode: str) -> list[list[str]]:
+def run(drive: Path, mount: Path, mode: str, *extra: str) -> list[list[str]]:
     irqs = mount / "devices" / "gpu0" / "irqs"
     cmd = [sys.executable, "-m", "fakevfio", "run", "--mount", str(mount), "--"]
-    cmd += [str(drive), mode, "/dev/vfio/devices/vfio0", str(irqs)]
+    cmd += [str(drive), mode, "/dev/vfio/devices/vfio0", str(irqs), *extra]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     return [line.split() for line in done.stdout.splitlines()]
@@ -180,3 +180,11 @@ def test_every_set_irqs_rule_has_the_kernels_errno_and_changes_nothing(
     assert r["disable_again"] == [EINVAL]  # INTx is no longer enabled
     text = (mount / "devices" / "gpu0" / "irqs").read_text()
     assert "intx count 1 enabled 0" in text
+
+
+def test_delivery_latency_is_bounded(drive: Path, mount: Path) -> None:
+    """Every interrupt arrives; one SET_IRQS loopback and one raise take well under 50 ms."""
+    r = pairs(run(drive, mount, "bench", "200"))
+    assert r["delivered"] == "400"
+    assert float(r["loopback_us"]) < 50_000
+    assert float(r["raise_us"]) < 50_000
