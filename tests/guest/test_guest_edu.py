@@ -17,6 +17,12 @@ waits; the test migrates the guest with the bytes living only in the device's
 buffer, then rings a doorbell on the *destination* device (it raises interrupt
 status bit 0x20000 through the destination mount's BAR file), and the guest,
 now on the destination, DMAs the buffer back and finds the same bytes.
+
+A second edu, whose DMAs take a minute, has a DMA in flight when the migration
+starts (its empty buffer to a second page, which holds the pattern): the
+driver finishes it on the source before its STOP, so on the destination the
+guest finds the command done, its interrupt pending and the page zeroed, which
+also shows that QEMU migrated the guest RAM the device wrote during stop-copy.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ pytestmark = [pytest.mark.fuse, pytest.mark.qemu, pytest.mark.slow, pytest.mark.
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "edu"
 DRIVER_ARGS = ["--driver", "edu=fakevfio_edu:EduDriver"]
+#: edu0 as QEMU's edu; edu1 takes a minute per DMA, so its DMA is in flight at the migration.
+DEVICES = ["edu0=edu", "edu1=edu:dma_delay_ms=60000"]
 #: The guest-physical page the DMAs use (the kernel's memmap= keeps it out of its RAM).
 PAGE = 0x8000000
 CMDLINE = f"memmap=64K${PAGE:#x}"
@@ -49,15 +57,17 @@ MMIO_IRQ_RAISE = 0x60
 SCRIPT = textwrap.dedent(
     f"""\
     fail() {{ echo "EDU FAIL: $*"; exit 1; }}
-    D=$(grep -l 0x11e8 /sys/bus/pci/devices/*/device | head -1)
-    [ -n "$D" ] || fail "no 1234:11e8 device in /sys/bus/pci/devices"
-    D=${{D%/device}}
+    set -- $(grep -l 0x11e8 /sys/bus/pci/devices/*/device)
+    [ $# -eq 2 ] || fail "expected two 1234:11e8 devices in /sys/bus/pci/devices, found $#"
+    D=${{1%/device}}; D1=${{2%/device}}
     grep -q 0x1234 $D/vendor || fail "device $D is not vendor 0x1234"
     BAR=$(( $(cut -d' ' -f1 $D/resource | head -1) ))
-    [ $BAR -ne 0 ] || fail "BAR0 of $D is not assigned"
-    r() {{ devmem $((BAR + $1)) 32; }}
-    w() {{ devmem $((BAR + $1)) 32 $2; }}
-    w64() {{ devmem $((BAR + $1)) 64 $2; }}
+    BAR1=$(( $(cut -d' ' -f1 $D1/resource | head -1) ))
+    [ $BAR -ne 0 ] && [ $BAR1 -ne 0 ] || fail "BAR0 of $D or $D1 is not assigned"
+    B=$BAR
+    r() {{ devmem $((B + $1)) 32; }}
+    w() {{ devmem $((B + $1)) 32 $2; }}
+    w64() {{ devmem $((B + $1)) 64 $2; }}
     expect() {{ V=$(r $1); [ "$V" = "$2" ] || fail "register $1 is $V, expected $2 ($3)"; }}
     wait_clear() {{
         n=0
@@ -66,14 +76,15 @@ SCRIPT = textwrap.dedent(
         done
     }}
     P={PAGE:#x}
-    PAGE=$((P / 4096))
+    P2=$((P + 4096))
     dma() {{ w64 0x80 $1; w64 0x88 $2; w64 0x90 $3; w64 0x98 $4; wait_clear 0x98 1; }}
     mem_sum() {{
-        dd if=/dev/mem bs=4096 skip=$PAGE count=1 2>/dev/null | sha256sum | cut -d' ' -f1
+        dd if=/dev/mem bs=4096 skip=$(($1 / 4096)) count=1 2>/dev/null | sha256sum | cut -d' ' -f1
     }}
     mem_fill() {{
-        dd if=$1 of=/dev/mem bs=4096 seek=$PAGE count=1 2>/dev/null || fail "cannot write $P"
+        dd if=$1 of=/dev/mem bs=4096 seek=$(($2 / 4096)) count=1 2>/dev/null || fail "write $2"
     }}
+    ZERO=$(dd if=/dev/zero bs=4096 count=1 2>/dev/null | sha256sum | cut -d' ' -f1)
 
     echo "EDU device ${{D##*/}} BAR0 $(printf %x $BAR)"
     expect 0x00 0x010000ED identification; echo "EDU id $V"
@@ -86,25 +97,37 @@ SCRIPT = textwrap.dedent(
     w 0x64 0x00010000; expect 0x24 0x00000000 "acknowledged"
     dd if=/dev/urandom of=/tmp/pattern bs=4096 count=1 2>/dev/null
     SUM=$(sha256sum /tmp/pattern | cut -d' ' -f1)
-    mem_fill /tmp/pattern; [ "$(mem_sum)" = "$SUM" ] || fail "guest memory at $P lost the pattern"
+    mem_fill /tmp/pattern $P
+    [ "$(mem_sum $P)" = "$SUM" ] || fail "guest memory at $P lost the pattern"
     dma $P 0x40000 4096 5
     expect 0x24 0x00000100 "DMA interrupt"; w 0x64 0x100
-    mem_fill /dev/zero; [ "$(mem_sum)" != "$SUM" ] || fail "zeroing $P failed"
+    mem_fill /dev/zero $P; [ "$(mem_sum $P)" = "$ZERO" ] || fail "zeroing $P failed"
     dma 0x40000 $P 4096 7
     expect 0x24 0x00000100 "DMA interrupt"; w 0x64 0x100
-    [ "$(mem_sum)" = "$SUM" ] || fail "the DMA round trip gave other bytes"
+    [ "$(mem_sum $P)" = "$SUM" ] || fail "the DMA round trip gave other bytes"
     echo "EDU dma round trip $SUM"
-    mem_fill /dev/zero
+    mem_fill /dev/zero $P
+    mem_fill /tmp/pattern $P2
+    B=$BAR1  # the slow device (a DMA takes a minute): its zero buffer goes to $P2
+    expect 0x00 0x010000ED "the second device's identification"
+    w64 0x80 0x40000; w64 0x88 $P2; w64 0x90 4096; w64 0x98 7
+    expect 0x98 0x00000007 "a DMA in flight"; echo "EDU slow dma started"
+    B=$BAR
     echo "EDU ready for migration"
     while [ $(( $(r 0x24) & {DOORBELL:#x} )) -eq 0 ]; do usleep 20000; done
     w 0x64 {DOORBELL:#x}; expect 0x24 0x00000000 "doorbell acknowledged"
     expect 0x04 0xEDCBA987 "liveness after migration"
     expect 0x08 0x00375F00 "factorial after migration"
     echo "EDU doorbell on the destination"
-    [ "$(mem_sum)" != "$SUM" ] || fail "the page still held the pattern before the DMA"
+    [ "$(mem_sum $P)" = "$ZERO" ] || fail "the page was not zero before the DMA"
     dma 0x40000 $P 4096 7
     expect 0x24 0x00000100 "DMA interrupt after migration"; w 0x64 0x100
-    echo "EDU dma after migration $(mem_sum)"
+    echo "EDU dma after migration $(mem_sum $P)"
+    B=$BAR1
+    expect 0x98 0x00000006 "the in-flight DMA completed"
+    expect 0x24 0x00000100 "the in-flight DMA's interrupt"; w 0x64 0x100
+    [ "$(mem_sum $P2)" = "$ZERO" ] || fail "$P2 does not hold what the in-flight DMA wrote"
+    echo "EDU in-flight dma landed"
     """
 )
 
@@ -151,19 +174,24 @@ def test_guest_drives_edu_and_its_dma_buffer_survives_a_live_migration(
     session: GuestSession, fakevfio_mount: MountFactory
 ) -> None:
     with (
-        fakevfio_mount(["edu0=edu"], extra_args=DRIVER_ARGS) as src_mnt,
-        fakevfio_mount(["edu0=edu"], extra_args=DRIVER_ARGS) as dst_mnt,
+        fakevfio_mount(DEVICES, extra_args=DRIVER_ARGS) as src_mnt,
+        fakevfio_mount(DEVICES, extra_args=DRIVER_ARGS) as dst_mnt,
     ):
         image = session.build(SCRIPT)
-        src = session.boot(image, src_mnt, ["edu0"], name="src", cmdline=CMDLINE)
-        dst = session.boot(image, dst_mnt, ["edu0"], name="dst", cmdline=CMDLINE, incoming=True)
+        names = ["edu0", "edu1"]
+        src = session.boot(image, src_mnt, names, name="src", cmdline=CMDLINE)
+        dst = session.boot(image, dst_mnt, names, name="dst", cmdline=CMDLINE, incoming=True)
         src.wait_for_line(r"^EDU id 0x010000ED$", timeout=30)
         src.wait_for_line(r"^EDU liveness 0xEDCBA987$", timeout=30)
         src.wait_for_line(r"^EDU factorial 10 = 3628800$", timeout=30)
         src.wait_for_line(r"^EDU irq after factorial 0x00000001$", timeout=30)
         src.wait_for_line(r"^EDU irq raised 0x00010000$", timeout=30)
         pattern = src.wait_for_line(r"^EDU dma round trip ([0-9a-f]{64})$", timeout=60).group(1)
+        src.wait_for_line(r"^EDU slow dma started$", timeout=30)
         src.wait_for_line(r"^EDU ready for migration$", timeout=30)
+        slow = src_mnt.info("edu1")
+        assert slow["pending"]["dma"] is True
+        assert slow["counters"]["dma_transfers"] == 0
 
         before = src_mnt.info("edu0")
         assert before["counters"]["dma_transfers"] == 2
@@ -178,19 +206,27 @@ def test_guest_drives_edu_and_its_dma_buffer_survives_a_live_migration(
 
         stats = session.migrate(src, dst)
         assert stats.status == "completed"
-        assert stats.vfio_transferred >= 8192  # the device state: registers and buffer
+        assert stats.vfio_transferred >= 2 * 8192  # two devices' registers and buffers
         assert src.status() == "postmigrate"
-        assert src_mnt.info("edu0")["state"] == "STOP"
-        after = dst_mnt.info("edu0")
-        assert after["state"] == "RUNNING"
-        assert after["state_digest"] == src_mnt.info("edu0")["state_digest"]
-        assert after["counters"] == src_mnt.info("edu0")["counters"]
+        for name in names:
+            assert src_mnt.info(name)["state"] == "STOP"
+            after = dst_mnt.info(name)
+            assert after["state"] == "RUNNING"
+            assert after["state_digest"] == src_mnt.info(name)["state_digest"]
+            assert after["counters"] == src_mnt.info(name)["counters"]
+        # The slow DMA finished on the source, before its STOP (it wrote guest RAM there).
+        slow = src_mnt.info("edu1")
+        assert slow["pending"]["dma"] is False
+        assert slow["counters"]["dma_transfers"] == 1
+        assert slow["counters"]["dma_bytes_to_ram"] == 4096
+        assert dst_mnt.info("edu1")["pending"]["dma"] is False
 
         signalled = _intx_signalled(dst_mnt, "edu0")
         _raise_on(dst_mnt, "edu0", DOORBELL)
         dst.wait_for_line(r"^EDU doorbell on the destination$", timeout=30)
         found = dst.wait_for_line(r"^EDU dma after migration ([0-9a-f]{64})$", timeout=60)
         assert found.group(1) == pattern
+        dst.wait_for_line(r"^EDU in-flight dma landed$", timeout=30)
         dst.expect_success(timeout=30)
         final = dst_mnt.info("edu0")
         assert final["counters"]["dma_transfers"] == 3
@@ -198,4 +234,5 @@ def test_guest_drives_edu_and_its_dma_buffer_survives_a_live_migration(
         assert _intx_signalled(dst_mnt, "edu0") > signalled  # doorbell and DMA interrupts
         # Nothing happened on the source after the migration.
         assert src_mnt.info("edu0")["counters"]["dma_transfers"] == 2
+        assert dst_mnt.info("edu1")["counters"]["dma_transfers"] == 1
         assert not any(re.match("EDU FAIL", line) for line in dst.console_lines())
