@@ -9,10 +9,16 @@ Known shortcomings: sessions are tracked by the supervisor (a data_fd is dead
 after a session-ending SET or reset done *through the supervisor*; one ended
 by writing ``migration/state`` directly is not noticed for old data_fds). A
 cdev may be bound by several open files at once (the kernel allows one).
-Container DMA mapping ioctls are accepted and ignored; the iommufd objects
-(IOAS, HWPT, IOVA mappings) are tracked but nothing is pinned (enough for
-QEMU's ``-device vfio-pci,iommufd=``); IRQs report count 0; no IOMMU or device
-dirty tracking (QEMU needs ``enable-migration=on``).
+The IOMMU side (:mod:`._iommufd`: iommufd IOAS/HWPT and the type1 container)
+keeps the kernel's mappings and pushes them into each attached device's ``dma``
+file, but pins nothing: a map of memory the caller does not have succeeds (the
+kernel pins at map time and answers EFAULT; here the device's DMA faults), and
+the IOAS has no reserved regions (no MSI window; IOVA range 0..2^64-1). A
+device learns that its caller closed a device fd, iommufd or container only
+when the command exits (then every device drops every mapping); the
+IOMMU_IOAS_ALLOW_IOVAS, IOMMU_VFIO_IOAS and the iommufd type1 compatibility
+ioctls answer ENOTTY; VADDR-invalidated mappings fault in the device instead
+of blocking its DMA; nested HWPTs and fault objects are not supported.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ from __future__ import annotations
 #   _vfio.py           Call and Vfio: dispatch, container, group, cdev ioctls.
 #   _device_ioctls.py  device fd ioctls (info, regions, IRQs, reset, features) and
 #                      the data_fd's PRECOPY_INFO.
-#   _iommufd.py        the iommufd object model (IOAS, HWPT, mappings) and ioctls.
+#   _iommufd.py        the IOMMU side: iommufd (IOAS areas, HWPT, dirty tracking) and
+#                      the type1 container (Type1), pushing mappings into dma files.
 #   _child.py          the child: mount namespace, seccomp filter, exec.
 #   _libc.py           the libc handle and raw syscall helpers.
 #
