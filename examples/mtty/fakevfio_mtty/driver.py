@@ -17,6 +17,8 @@ I/O+, status 0x0200, the INTA pin, the vendor bytes at 0x40-0x4c and the
 (``Bar(size=8, kind=BarKind.IO)``). The core builds the BAR registers and the
 MSI capability (one vector) from :meth:`MttyDriver.bars`, ``interrupt_pin`` and
 ``msi_vectors``; the sample advertises MSI only through VFIO_DEVICE_GET_IRQ_INFO.
+The core's capability list starts at 0x60, so the MSI capability overwrites
+the string there (only the bytes at 0x40-0x5f are left to the driver).
 
 Interrupts (Rules I1-I3; where the UART raises one is :mod:`fakevfio_mtty.uart`):
 

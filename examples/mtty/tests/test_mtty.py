@@ -305,6 +305,26 @@ def test_mtty_config_space_is_the_samples() -> None:
     assert (driver.interrupt_pin, driver.msi_vectors, driver.msix_vectors) == (1, 1, 0)
 
 
+def test_mtty_config_space_as_the_core_builds_it() -> None:
+    """The sample's fields survive the core's BAR and capability layer; MSI is one vector."""
+    cfg = make(2).config()
+    assert struct.unpack_from("<HH", cfg, 0) == (0x4348, 0x3253)
+    assert cfg[8:12] == bytes([0x10, 0x02, 0x00, 0x07])
+    assert struct.unpack_from("<HH", cfg, 0x2C) == (0x4348, 0x3253)
+    assert struct.unpack_from("<II", cfg, 0x10)[0] & 0x1 == 1  # I/O space indicator
+    assert struct.unpack_from("<II", cfg, 0x10)[1] & 0x1 == 1
+    assert cfg[0x3D] == 1
+    assert (cfg[0x40], cfg[0x43], cfg[0x4C]) == (0x23, 0x80, 0x23)
+    assert struct.unpack_from("<H", cfg, 6)[0] & 0x10  # capabilities list
+    chain, ptr = [], cfg[0x34]
+    while ptr:
+        chain.append(cfg[ptr])
+        ptr = cfg[ptr + 1]
+    assert chain == [0x05]  # MSI only: no MSI-X, not PCI Express
+    msi_control = struct.unpack_from("<H", cfg, cfg[0x34] + 2)[0]
+    assert (msi_control >> 1) & 0x7 == 0  # multiple message capable: 1 vector
+
+
 @pytest.mark.parametrize("trigger", [0x00, 0x40, 0x80, 0xC0])
 def test_mtty_fcr_forces_trigger_level_1_so_each_first_byte_interrupts(trigger: int) -> None:
     driver, host = attached("edge")
