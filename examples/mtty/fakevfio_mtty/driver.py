@@ -35,13 +35,12 @@ Rule I2: INTx, ``intx=edge`` (default): the sample's triggers, one
         asserted, as vfio-pci serves a level-triggered device.
 Rule I3: the image has no separate interrupt state (IER, overrun and the FIFO
         are the interrupt state), so the interrupts are re-derived from the
-        registers: with ``intx=level`` the line is re-driven after a load
-        (RESUMING -> STOP) and on every arc into RUNNING; with ``intx=edge``
-        an arc into RUNNING with an IIR cause pending raises one MSI and one
-        INTx trigger, so a destination whose FIFO holds bytes interrupts its
-        guest (the sample raises nothing there; a spurious interrupt costs a
-        guest one IIR read, a lost one stalls its port). A driver not attached
-        to a device raises nothing.
+        registers on every arc into RUNNING (a stopped device raises nothing):
+        with ``intx=level`` the line is driven again; with ``intx=edge`` an IIR
+        cause pending raises one MSI and one INTx trigger, so a destination
+        whose FIFO holds bytes interrupts its guest (the sample raises nothing
+        there; a spurious interrupt costs a guest one IIR read, a lost one
+        stalls its port). A driver not attached to a device raises nothing.
 
 Accesses are split as ``mtty_read()``/``mtty_write()`` split them (4 bytes when
 aligned and at least 4 remain, else 2, else 1); each piece reaches the register
@@ -363,18 +362,18 @@ class MttyDriver(ArcDriver):
             if not isinstance(stream, MttyLoadStream):
                 raise DeviceError(errno.EINVAL, "no resuming stream to load", device=self.name)
             self.ports = stream.finish()
-            self._resync(running=False)
+            self.intx_line = False  # this device's line: driven again on RUNNING
         elif nxt is State.RUNNING:
-            self._resync(running=True)
+            self._resync()
         return None
 
-    def _resync(self, *, running: bool) -> None:
+    def _resync(self) -> None:
         """Rule I3: interrupt for what the (loaded) registers say is pending."""
         if self._host is None:
             return
         if self.intx_mode == "level":
             self._drive_line(force=True)
-        elif running and any(port.interrupt_pending() for port in self.ports):
+        elif any(port.interrupt_pending() for port in self.ports):
             self.raise_irq(IRQ_MSI)
             self.raise_irq(IRQ_INTX)
 
