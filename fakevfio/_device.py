@@ -38,8 +38,8 @@ from fakevfio._dma import Dma
 from fakevfio._faults import FaultRules
 from fakevfio._host import HostServices
 from fakevfio._irq import Irqs
-from fakevfio._pci import bar_index, pci_space
-from fakevfio.driver import ArcDriver, LoadStream, PrecopyInfo, SaveStream
+from fakevfio._pci import COMMAND, COMMAND_INTX_DISABLE, bar_index, pci_space
+from fakevfio.driver import IRQ_MSI, ArcDriver, LoadStream, PrecopyInfo, SaveStream
 from fakevfio.errors import DeviceError, IllegalTransition, errno_name
 from vfio_uapi import errors as uapi_errors
 from vfio_uapi.fsm import (
@@ -376,7 +376,12 @@ class Device:
                     f"config write of {len(data)} bytes at {offset} is past the end "
                     f"({len(self._config)} bytes)",
                 )
+            # the MSI enable bit sticks only while SET_IRQS has MSI on (vfio_msi_config_write)
+            space.msi_active = self.irqs.active == IRQ_MSI
             space.write(offset, data)
+            if offset <= COMMAND + 1 and offset + len(data) > COMMAND:
+                # vfio_basic_config_write: INTx disable is emulated
+                self.irqs.command_intx_disable(bool(space.command() & COMMAND_INTX_DISABLE))
             return len(data)
 
     def config_bytes(self) -> bytes:

@@ -285,11 +285,10 @@ def test_capability_chain_walks_like_lspci() -> None:
 
 def test_msi_control_follows_vfio_msi_config_write() -> None:
     dev = device(msi_vectors=4)
-    space = pci_space(dev)
     assert u16(dev, 0x62) == 0x0084  # 64-bit, multiple message capable = 4 (QMASK 2)
     put(dev, 0x62, 0x0071, 2)  # enable + ask for 32 vectors
     assert u16(dev, 0x62) == 0x00A4  # QSIZE clamped to 4; enable dropped (MSI not enabled)
-    space.msi_active = True  # SET_IRQS enabled MSI
+    dev.irqs.active = 1  # SET_IRQS enabled MSI (VFIO_PCI_MSI_IRQ_INDEX)
     put(dev, 0x62, 0x0011, 2)
     assert u16(dev, 0x62) == 0x0095  # enable sticks, QSIZE 2 kept
     put(dev, 0x62, 0xFFFF, 2)  # the upper byte and QMASK/64BIT are read-only
@@ -479,3 +478,20 @@ def test_pci_module_is_pure() -> None:
     for banned in ("import trio", "import pyfuse3", "import os", "import socket"):
         assert banned not in source
     assert PciSpace.__doc__
+
+
+def intx_disabled(dev: Device) -> bool:
+    return bool(dev.irqs.line.disabled)
+
+
+def test_config_writes_drive_intx_disable_and_msi_enable_as_vfio_pci() -> None:
+    dev = device(interrupt_pin=1, msi_vectors=1)
+    put(dev, 0x04, 0x0400, 2)  # PCI_COMMAND_INTX_DISABLE: vfio_basic_config_write masks INTx
+    assert intx_disabled(dev)
+    put(dev, 0x05, 0x00, 1)  # a byte write of the command's upper half clears it
+    assert not intx_disabled(dev)
+    put(dev, 0x62, 0x0001, 2)  # MSI enable without SET_IRQS: dropped
+    assert u16(dev, 0x62) & 1 == 0
+    dev.irqs.active = 1  # VFIO_PCI_MSI_IRQ_INDEX enabled by SET_IRQS
+    put(dev, 0x62, 0x0001, 2)
+    assert u16(dev, 0x62) & 1 == 1
