@@ -138,15 +138,7 @@ class KernelBackend(DataFdBackend):
             bdf = f"0000:{bdf}"
         bdf = bdf.lower()
         where = bdf
-        try:
-            group = os.path.basename(os.readlink(SYS_PCI_DEVICES / bdf / "iommu_group"))
-        except OSError as exc:
-            raise DeviceOpError(
-                where,
-                "find iommu_group",
-                exc.errno or errno.ENODEV,
-                "no such PCI device or no IOMMU group",
-            ) from None
+        group = _pci_group(bdf)
         fds: list[int] = []
         try:
             dev, grp, container = _open_legacy(where, bdf, group, fds)
@@ -355,6 +347,43 @@ class KernelBackend(DataFdBackend):
         self._fd = -1
         self._helpers = ()
         _close_all([fd for fd in fds if fd >= 0])
+
+
+def _pci_group(bdf: str) -> str:
+    """The IOMMU group of PCI device ``bdf`` whose ``/dev/vfio/<group>`` exists, else what is wrong.
+
+    Raises:
+        DeviceOpError: no such device, no IOMMU group, or the group has no VFIO node
+            (the device is not bound to vfio-pci); each says what to do about it.
+    """
+    sysfs = SYS_PCI_DEVICES / bdf
+    if not sysfs.exists():
+        raise DeviceOpError(
+            bdf, "find iommu_group", errno.ENODEV, f"no such PCI device (no {sysfs})"
+        )
+    try:
+        group = os.path.basename(os.readlink(sysfs / "iommu_group"))
+    except OSError as exc:
+        raise DeviceOpError(
+            bdf,
+            "find iommu_group",
+            exc.errno or errno.ENODEV,
+            f"no IOMMU group ({sysfs}/iommu_group: {exc.strerror}); is the IOMMU on "
+            "(intel_iommu=on / amd_iommu=on)?",
+        ) from None
+    if not (DEV_VFIO / group).exists():
+        try:
+            driver = os.path.basename(os.readlink(sysfs / "driver"))
+        except OSError:
+            driver = "no driver"
+        raise DeviceOpError(
+            bdf,
+            f"open {DEV_VFIO / group}",
+            errno.ENOENT,
+            f"IOMMU group {group} has no VFIO node: the device is bound to {driver}, not "
+            f"vfio-pci (echo vfio-pci > {sysfs}/driver_override, then bind it)",
+        )
+    return group
 
 
 def _open(where: str, fds: list[int]) -> int:

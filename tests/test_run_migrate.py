@@ -152,6 +152,45 @@ def test_migrator_by_pci_address_names_what_is_missing(fakevfio_mount: MountFact
             check=False,
         )
     assert out.returncode != 0
-    assert "0000:f0:01.0" in out.stderr
-    assert "iommu_group" in out.stderr
-    assert "No such file" in out.stderr or "no such PCI device" in out.stderr
+    assert out.stderr.splitlines() == [
+        "migrator: error: device 0000:f0:01.0: find iommu_group failed: ENODEV "
+        "(no such PCI device (no /sys/bus/pci/devices/0000:f0:01.0))"
+    ]
+
+
+def _fake_sysfs(tmp_path: Path, *, group: bool, driver: str | None) -> Path:
+    sysfs = tmp_path / "sys" / "bus" / "pci" / "devices"
+    dev = tmp_path / "sys" / "devices" / "pci0000:00" / "0000:00:05.0"
+    dev.mkdir(parents=True)
+    sysfs.mkdir(parents=True)
+    (sysfs / "0000:00:05.0").symlink_to("../../../devices/pci0000:00/0000:00:05.0")
+    if group:
+        (dev / "iommu_group").symlink_to("../../../kernel/iommu_groups/12")
+    if driver:
+        (dev / "driver").symlink_to(f"../../../bus/pci/drivers/{driver}")
+    (tmp_path / "dev" / "vfio").mkdir(parents=True)  # without the group's node
+    return sysfs
+
+
+@pytest.mark.parametrize(
+    ("group", "driver", "message"),
+    [
+        (False, None, r"find iommu_group failed: ENOENT \(no IOMMU group .*is the IOMMU on"),
+        (True, "e1000e", r"IOMMU group 12 has no VFIO node: the device is bound to e1000e, not"),
+        (True, None, r"bound to no driver, not vfio-pci \(echo vfio-pci > .*driver_override"),
+    ],
+)
+def test_kernel_backend_pci_address_says_what_is_wrong(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, group: bool, driver: str | None, message: str
+) -> None:
+    from migrator import kernel
+    from migrator.errors import DeviceOpError
+
+    monkeypatch.setattr(
+        kernel, "SYS_PCI_DEVICES", _fake_sysfs(tmp_path, group=group, driver=driver)
+    )
+    monkeypatch.setattr(kernel, "DEV_VFIO", tmp_path / "dev" / "vfio")
+    with pytest.raises(DeviceOpError, match=message):
+        kernel.open_device("0000:00:05.0")
+    with pytest.raises(DeviceOpError, match=message):
+        kernel.open_device("00:05.0")  # the short form, as lspci prints it
