@@ -1,4 +1,4 @@
-"""The iommufd object model behind ``fakevfio run``: IOAS mappings, HWPTs, IOMMU dirty tracking.
+"""The IOMMU side of ``fakevfio run``: iommufd (IOAS, HWPT, dirty tracking) and type1 containers.
 
 Theory of operation
 -------------------
@@ -51,7 +51,9 @@ Rule 7: ATTACH_IOMMUFD_PT to an IOAS attaches to an automatic HWPT (without
         IOAS and destroyed with its last device, as ``iommufd_device_auto_get_domain``.
 
 :func:`iommu_ioctl` answers an ioctl on a ``/dev/iommu`` open file with the
-:class:`Context` held for it.
+:class:`Context` held for it. :class:`Type1` is the legacy container's IOMMU
+(``vfio_iommu_type1.c``, its own rules in its docstring); both share
+:class:`Area`, the ``dma``-file pushes (:class:`DmaPort`) and the bitmap helpers.
 """
 
 from __future__ import annotations

@@ -550,3 +550,30 @@ def test_type1_dirty_pages_are_what_the_device_wrote(
         assert int(r["changed2"], 16)
         assert int(r["dirty2"], 16) == int(r["changed2"], 16)  # the bitmap read had cleared
         assert _dma_info(m.path)["mappings"] == 0
+
+
+def test_iommufd_maps_reach_the_device_dma_file(env: Env) -> None:
+    c = env.caller
+    dev, iommu, ioas = _bound(env)
+    rw = iommufd.IOMMU_IOAS_MAP_READABLE | iommufd.IOMMU_IOAS_MAP_WRITEABLE
+    fixed = iommufd.IOMMU_IOAS_MAP_FIXED_IOVA | rw
+    packed = iommufd.IOAS_MAP.pack(40, fixed, ioas, 0, 0x7F00_0000_0000, 0x2000, 0x10000)
+    assert c.ioctl(iommu, uapi.IOMMU_IOAS_MAP, packed) == 0
+    dma = env.mount / "devices" / "gpu0" / "dma"
+    assert f"map 0x10000 0x2000 {os.getpid()} 0x7f0000000000 rw" in dma.read_text()
+    # the device is bound again through another iommufd (the first one's fds were closed):
+    # the stale attachment is dropped, so the new IOAS's maps do not collide with the old
+    dev2, iommu2 = c.open(env.cdev), c.open(env.mount / "dev" / "iommu")
+    _bind(c, dev2, iommu2)
+    assert c.ioctl(iommu2, uapi.IOMMU_IOAS_ALLOC, struct.pack("<III", 12, 0, 0)) == 0
+    (ioas2,) = c.out(8, "<I")
+    packed = iommufd.IOAS_MAP.pack(40, fixed, ioas2, 0, 0x7E00_0000_0000, 0x1000, 0x10000)
+    assert c.ioctl(iommu2, uapi.IOMMU_IOAS_MAP, packed) == 0
+    attach = uapi.VFIO_DEVICE_ATTACH_IOMMUFD_PT
+    assert c.ioctl(dev2, attach, struct.pack("<III", 12, 0, ioas2)) == 0
+    text = dma.read_text()
+    assert f"map 0x10000 0x1000 {os.getpid()} 0x7e0000000000 rw" in text
+    assert "0x7f0000000000" not in text
+    assert c.ioctl(dev2, uapi.VFIO_DEVICE_DETACH_IOMMUFD_PT, struct.pack("<II", 8, 0)) == 0
+    assert "map " not in dma.read_text()
+    assert dev  # the first binding's fd stays open, its attachment is gone
