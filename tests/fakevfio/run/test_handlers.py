@@ -17,6 +17,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -577,3 +578,61 @@ def test_iommufd_maps_reach_the_device_dma_file(env: Env) -> None:
     assert c.ioctl(dev2, uapi.VFIO_DEVICE_DETACH_IOMMUFD_PT, struct.pack("<II", 8, 0)) == 0
     assert "map " not in dma.read_text()
     assert dev  # the first binding's fd stays open, its attachment is gone
+
+
+def test_a_mapping_belongs_to_the_thread_group() -> None:
+    import threading
+
+    from fakevfio._run._caller import thread_group
+
+    tids: list[int] = []
+    done = threading.Event()
+
+    def worker() -> None:
+        tids.append(threading.get_native_id())
+        done.wait(5)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    while not tids:
+        time.sleep(0.01)
+    try:
+        assert tids[0] != os.getpid()
+        assert thread_group(tids[0]) == os.getpid()  # /proc/TID/status Tgid
+    finally:
+        done.set()
+        t.join()
+    call = Call(
+        pid=tids[0],
+        fd=0,
+        request=0,
+        arg=0,
+        mem=Mem(),
+        install_fd=lambda fd, s: fd,
+        check_alive=lambda: None,
+        tgid=os.getpid(),
+    )
+    assert call.process == os.getpid()
+
+
+def test_type1_container_pushes_to_its_groups_devices(env: Env) -> None:
+    c = env.caller
+    container = c.open(env.mount / "dev" / "vfio" / "vfio")
+    group = c.open(env.group)
+    assert c.ioctl(group, uapi.VFIO_GROUP_SET_CONTAINER, struct.pack("<i", container)) == 0
+    assert c.ioctl(container, uapi.VFIO_SET_IOMMU, uapi.VFIO_TYPE1v2_IOMMU) == 0
+    rw = uapi.VFIO_DMA_MAP_FLAG_READ | uapi.VFIO_DMA_MAP_FLAG_WRITE
+    dma_map = uapi.IOMMU_TYPE1_DMA_MAP.pack(32, rw, 0x7F00_0000_0000, 0x100000, 0x2000)
+    assert c.ioctl(container, uapi.VFIO_IOMMU_MAP_DMA, dma_map) == 0
+    dma = env.mount / "devices" / "gpu0" / "dma"
+    assert f"map 0x100000 0x2000 {os.getpid()} 0x7f0000000000 rw" in dma.read_text()
+    start = uapi.IOMMU_TYPE1_DIRTY_BITMAP.pack(8, uapi.VFIO_IOMMU_DIRTY_PAGES_FLAG_START)
+    assert c.ioctl(container, uapi.VFIO_IOMMU_DIRTY_PAGES, start) == 0
+    assert "dirty type1 on" in dma.read_text()
+    # the group leaves: its device loses the container's mappings and tracker
+    assert c.ioctl(group, uapi.VFIO_GROUP_UNSET_CONTAINER) == 0
+    text = dma.read_text()
+    assert "map " not in text
+    assert "dirty type1 off" in text
+    # the IOMMU went with the last group
+    assert c.err(container, uapi.VFIO_IOMMU_GET_INFO, struct.pack("<I", 24)) == errno.EINVAL
