@@ -308,7 +308,7 @@ class Vfio:
             if ctx is None or not ctx.has_pt(pt_id) or entry.devid not in ctx.devices:
                 raise IoctlError(errno.ENOENT, f"no IOAS/HWPT {pt_id}")
             call.mem.write(call.arg + 8, _U32.pack(pt_id))  # probe before the side effect
-            self._drop_stale(ctx, dev.name)
+            self._drop_stale(ctx, entry.devid, dev.name)
             hwpt = ctx.attach(self, entry.devid, pt_id, self.take_id)
             entry.pt_id = hwpt
             call.mem.write(call.arg + 8, _U32.pack(hwpt))
@@ -323,13 +323,15 @@ class Vfio:
             return 0
         return _device_ioctls.device_ioctl(self, call, dev)
 
-    def _drop_stale(self, ctx: _iommufd.Context, device: str) -> None:
-        """Detach ``device`` where another iommufd still holds it (its fds were closed)."""
+    def _drop_stale(self, ctx: _iommufd.Context, devid: int, device: str) -> None:
+        """Detach ``device`` where an older binding still holds it (its fds were closed)."""
         for f in self.files.files:
-            if f.kind is NodeKind.IOMMU and f.iommufd_ctx is not ctx:
-                for dev_id, att in f.iommufd_ctx.devices.items():
-                    if att.device == device and att.hwpt is not None:
-                        f.iommufd_ctx.detach(self, dev_id)
+            if f.kind is not NodeKind.IOMMU:
+                continue
+            for dev_id, att in list(f.iommufd_ctx.devices.items()):
+                mine = f.iommufd_ctx is ctx and dev_id == devid
+                if att.device == device and att.hwpt is not None and not mine:
+                    f.iommufd_ctx.detach(self, dev_id)
 
     def _bind(self, call: Call, ino: int, device: str | None, entry: OpenFile | None) -> int:
         argsz, flags, iommufd, _devid = struct.unpack(

@@ -575,7 +575,12 @@ def test_iommufd_maps_reach_the_device_dma_file(env: Env) -> None:
     text = dma.read_text()
     assert f"map 0x10000 0x1000 {os.getpid()} 0x7e0000000000 rw" in text
     assert "0x7f0000000000" not in text
-    assert c.ioctl(dev2, uapi.VFIO_DEVICE_DETACH_IOMMUFD_PT, struct.pack("<II", 8, 0)) == 0
+    # bound again through the same iommufd: the older device id's attachment goes too
+    dev3 = c.open(env.cdev)
+    _bind(c, dev3, iommu2)
+    assert c.ioctl(dev3, attach, struct.pack("<III", 12, 0, ioas2)) == 0
+    assert dma.read_text().count("map 0x10000 0x1000") == 1
+    assert c.ioctl(dev3, uapi.VFIO_DEVICE_DETACH_IOMMUFD_PT, struct.pack("<II", 8, 0)) == 0
     assert "map " not in dma.read_text()
     assert dev  # the first binding's fd stays open, its attachment is gone
 
