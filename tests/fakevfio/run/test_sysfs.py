@@ -134,6 +134,7 @@ for addr in sys.argv[1:]:
     out[addr] = {
         "name": name,
         "group": group,
+        "group_dir": os.path.realpath(f"{sysfsdev}/iommu_group"),
         "group_node": os.path.exists(f"/dev/vfio/{group}"),
         "mdev": os.path.realpath(f"{sysfsdev}/subsystem") == "/sys/bus/mdev",
         "subsystem": os.path.realpath(f"{sysfsdev}/subsystem"),
@@ -189,6 +190,7 @@ def test_view_reads_as_qemu_reads_it(drive: Path, mount: Path) -> None:
         top = f"/sys/devices/{bus}/{addr}"
         assert v["name"] == addr
         assert v["group"] == info[name]["iommu_group"]
+        assert v["group_dir"] == f"/sys/kernel/iommu_groups/{v['group']}"
         assert v["group_node"]
         assert v["cdev_node"]
         assert not v["mdev"]
@@ -218,16 +220,35 @@ def test_view_keeps_the_hosts_entries_and_hides_a_clashing_device(
     if host:  # a fake device at a host device's address: the view shows ours there
         specs.append(f"b=ram:size=4K,address={host[0]}")
     script = (
-        "import os, sys; print(' '.join(sorted(os.listdir('/sys/bus/pci/devices')))); "
-        "print(os.path.basename(os.readlink(f'/sys/bus/pci/devices/{sys.argv[1]}/driver')))"
-        " if len(sys.argv) > 1 else print('-')"
+        "import os, sys\n"
+        "print(' '.join(sorted(os.listdir('/sys/bus/pci/devices'))))\n"
+        "for a in sys.argv[1:]:\n"
+        "    d = f'/sys/bus/pci/devices/{a}'\n"
+        "    print(os.path.basename(os.readlink(f'{d}/driver')), *sorted(os.listdir(d)))\n"
     )
     with fakevfio_mount(specs) as m:
         r = run_under(m.path, sys.executable, "-c", script, *host[:1])
     assert r.returncode == 0, r.stderr
-    listed, driver = r.stdout.splitlines()
+    listed, *clash = r.stdout.splitlines()
     assert listed.split() == sorted({*host, "0000:f0:00.0"})
-    assert driver == ("vfio-pci" if host else "-")
+    if host:  # Rule 2: the host device's files (resource, config, ...) are hidden, not merged
+        assert clash[0].split() == ["vfio-pci", *OWN_FILES]
+
+
+#: A device directory of the view, exactly (``_sysfs`` Rule 2).
+OWN_FILES = [
+    "class",
+    "device",
+    "driver",
+    "iommu_group",
+    "revision",
+    "subsystem",
+    "subsystem_device",
+    "subsystem_vendor",
+    "uevent",
+    "vendor",
+    "vfio-dev",
+]
 
 
 @pytest.mark.fuse
