@@ -32,8 +32,8 @@ from vfio_uapi import abi as uapi
 _U32 = struct.Struct("<I")
 _I32 = struct.Struct("<i")
 logger = logging.getLogger("fakevfio.run")
-#: The largest reply read back from a ``dma`` file (a dirty bitmap of 64 GiB of 4 KiB pages).
-MAX_DMA_REPLY = 1 << 21
+#: The largest reply read back from a ``dma`` file (the core's bound: a bitmap of 1 TiB of pages).
+MAX_DMA_REPLY = 32 << 20
 #: A ``dma`` file answering these has no DMA support (an older core): pushes are dropped.
 _NO_DMA = frozenset({errno.EOPNOTSUPP, errno.ENOENT})
 
@@ -108,7 +108,7 @@ class Vfio:
             os.write(fd, command.encode())
             chunks, total = [], 0
             while total < MAX_DMA_REPLY:
-                chunk = os.pread(fd, MAX_DMA_REPLY - total, total)
+                chunk = os.pread(fd, min(1 << 20, MAX_DMA_REPLY - total), total)
                 if not chunk:
                     break
                 chunks.append(chunk)
