@@ -28,6 +28,15 @@ Example::
         assert result.source["status"] == "completed"
         assert dst.digest("gpu0") == src.digest("gpu0")
 
+``vfio_guest``
+    A :class:`fakevfio.guest.GuestSession`: ``vfio_guest.boot(script_or_image,
+    mount, ["gpu0"])`` boots a small Linux guest in QEMU with the mount's
+    devices as ``-device vfio-pci`` and returns a :class:`fakevfio.guest.Guest`
+    (``wait_for_line``, ``expect_success``, QMP ``cmd``);
+    ``vfio_guest.migrate(src, dst, multifd=True)`` live-migrates. Every guest
+    ends at teardown. Skips, saying why, without QEMU or apt (fails under
+    ``CI=true``); see docs/guests.md.
+
 The fixture names start with ``vfio_`` so they do not clash with fakevfio's
 own ``tests/conftest.py`` (``fakevfio_mount``). This module imports neither
 pyfuse3 nor trio: it loads, and skips cleanly, on machines without libfuse.
@@ -37,12 +46,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from fakevfio.guest import GuestSession, qemu_missing_reason
 from fakevfio.testing import (
     DEFAULT_READY_TIMEOUT_S,
     Devices,
@@ -135,4 +146,41 @@ def vfio_migrate(vfio_fuse: None) -> MigrateFunction:
     return run
 
 
-__all__ = ["require_fuse", "vfio_fuse", "vfio_migrate", "vfio_mount"]
+def guest_missing_reason() -> str | None:
+    """Why guests cannot be built and booted here (None: they can)."""
+    reason = qemu_missing_reason()
+    if reason is not None:
+        return reason
+    for tool, package in (("apt-get", "apt"), ("apt-cache", "apt"), ("dpkg-deb", "dpkg")):
+        if shutil.which(tool) is None:
+            return f"the guest kit builds from Debian packages and needs {tool} ({package})"
+    return None
+
+
+def require_guest() -> None:
+    """Skip the calling test when guests cannot boot here; fail instead under CI=true."""
+    reason = guest_missing_reason()
+    if reason is None:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"guest tests must run in CI, but {reason}", pytrace=False)
+    pytest.skip(f"needs the guest kit: {reason}")
+
+
+@pytest.fixture
+def vfio_guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GuestSession]:
+    """A :class:`fakevfio.guest.GuestSession` whose guests all end at teardown."""
+    require_guest()
+    with GuestSession(workdir=tmp_path_factory.mktemp("guest")) as session:
+        yield session
+
+
+__all__ = [
+    "guest_missing_reason",
+    "require_fuse",
+    "require_guest",
+    "vfio_fuse",
+    "vfio_guest",
+    "vfio_migrate",
+    "vfio_mount",
+]

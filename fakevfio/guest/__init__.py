@@ -31,7 +31,9 @@ fakevfio mount with ``gpu0``)::
         dst.wait_for_line("tick", timeout=10)
         print(stats.downtime_ms, stats.total_time_ms)
 
-The pytest plugin's ``vfio_guest`` fixture wraps this with skip/fail rules.
+:class:`GuestSession` holds the guests of one test and ends them all at its
+end; the pytest plugin's ``vfio_guest`` fixture is one, with the skip rules
+(no QEMU or no apt: skip, but fail under ``CI=true``).
 """
 
 from __future__ import annotations
@@ -57,11 +59,13 @@ from fakevfio.guest._qemu import (
     GuestError,
     GuestTimeout,
     boot,
+    choose_accel,
     kvm_usable,
     qemu_argv,
     qemu_binary,
     qemu_missing_reason,
 )
+from fakevfio.guest._session import GuestSession, MountLike
 
 __all__ = [
     "BUSYBOX_PACKAGE",
@@ -75,12 +79,15 @@ __all__ = [
     "GuestBuildError",
     "GuestError",
     "GuestImage",
+    "GuestSession",
     "GuestTimeout",
     "MigrationError",
     "MigrationStats",
+    "MountLike",
     "Package",
     "boot",
     "build_image",
+    "choose_accel",
     "default_cache_dir",
     "kvm_usable",
     "migrate",

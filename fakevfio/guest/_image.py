@@ -213,14 +213,24 @@ def _deb(cache: Path, package: Package) -> Path:
 
 
 def _members(deb: Path) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo]]:
-    proc = subprocess.Popen(
-        ["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+    try:
+        proc = subprocess.Popen(
+            ["dpkg-deb", "--fsys-tarfile", str(deb)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+    except FileNotFoundError:
+        raise GuestBuildError("building the guest needs dpkg-deb (package dpkg)") from None
     assert proc.stdout is not None
     try:
         with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
             for member in tar:
                 yield tar, member
+    except tarfile.TarError as exc:
+        raise GuestBuildError(
+            f"dpkg-deb --fsys-tarfile {deb} gave no readable tar ({exc}); delete {deb} "
+            "so that the next build downloads it again"
+        ) from None
     finally:
         proc.stdout.close()
         proc.kill()

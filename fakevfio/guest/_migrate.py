@@ -9,7 +9,7 @@ as a :class:`MigrationStats`. The destination was started without ``-S``, so it
 runs on by itself once the migration completes.
 
 Rule 1: ``uri="tcp"`` picks a free port on 127.0.0.1, ``uri="unix"`` a socket
-in the destination's workdir; any other value is passed to QEMU unchanged
+beside the destination's QMP socket; any other value is passed to QEMU unchanged
 (``tcp:HOST:PORT``, ``unix:PATH``).
 Rule 2: ``switchover-ack`` needs ``return-path`` (QEMU refuses it otherwise): asking
 for it without is a ValueError before anything is sent.
@@ -66,7 +66,7 @@ def _uri(uri: str, destination: Guest) -> str:
             probe.bind(("127.0.0.1", 0))
             return f"tcp:127.0.0.1:{probe.getsockname()[1]}"
     if uri == "unix":
-        path = destination.workdir / f"{destination.name}.migrate"
+        path = destination.sockets / "migrate"
         path.unlink(missing_ok=True)
         return f"unix:{path}"
     return uri

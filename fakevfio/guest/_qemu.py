@@ -2,7 +2,8 @@
 
 Theory of operation: :func:`boot` starts ``qemu-system-x86_64`` (``$FAKEVFIO_QEMU``
 overrides) with the image as ``-kernel``/``-initrd``, the serial console to
-``WORKDIR/NAME.console`` and QMP on ``WORKDIR/NAME.qmp``. With devices, QEMU runs
+``WORKDIR/NAME.console`` and QMP on a socket in a short temporary directory (a
+socket path has at most 107 bytes). With devices, QEMU runs
 under ``python -m fakevfio run --mount MOUNT`` and gets each device through the
 iommufd cdev path: a shell inside the namespace opens ``/dev/iommu`` as fd 3 and
 ``/dev/vfio/devices/vfioN`` (the device's ``info`` names N) as fd 4, 5, ..., then
@@ -19,7 +20,12 @@ console's last lines and QEMU's log tail, so a failing test shows what the guest
 printed.
 Rule 3: leaving :func:`boot` always ends QEMU (``quit`` over QMP, then SIGKILL of
 its process group) and never leaves a process behind.
-Rule 4: ``accel="auto"`` is KVM when ``/dev/kvm`` opens read-write, else TCG.
+Rule 4: ``accel="auto"`` is KVM when KVM works, else TCG. "Works" is tried, not
+assumed: a ``/dev/kvm`` that opens can still fail to run a guest (nested
+virtualisation refusing an MSR, or a guest that never prints), so the first
+auto boot boots the image once under KVM without devices and keeps the answer
+in ``accel.json`` beside the cached kernel, keyed by QEMU's binary and the host
+kernel. ``$FAKEVFIO_GUEST_ACCEL`` (``kvm``/``tcg``) overrides it.
 """
 
 from __future__ import annotations
@@ -33,10 +39,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import attrs
 from qemu.qmp import ConnectError
@@ -48,6 +55,11 @@ DEFAULT_QEMU = "qemu-system-x86_64"
 TAIL_LINES = 40
 DEFAULT_VFIO_OPTIONS = "rombar=0,enable-migration=on"
 _POLL_S = 0.05
+
+
+class _HasPath(Protocol):
+    @property
+    def path(self) -> Path: ...
 
 
 class GuestError(RuntimeError):
@@ -81,6 +93,41 @@ def kvm_usable() -> bool:
     return True
 
 
+KVM_PROBE_TIMEOUT_S = 20.0
+
+
+def choose_accel(image: GuestImage, qemu: str | None = None) -> str:
+    """``kvm`` when this image boots under KVM here, else ``tcg`` (Rule 4)."""
+    forced = os.environ.get("FAKEVFIO_GUEST_ACCEL")
+    if forced:
+        return forced
+    if not kvm_usable():
+        return "tcg"
+    binary = shutil.which(qemu or qemu_binary()) or (qemu or qemu_binary())
+    try:
+        st = os.stat(binary)
+    except OSError:
+        return "tcg"
+    key = f"{os.path.realpath(binary)}:{st.st_size}:{st.st_mtime_ns}:{os.uname().release}"
+    memo = image.kernel.parent / "accel.json"
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        saved = json.loads(memo.read_text())
+        if saved["key"] == key:
+            return str(saved["accel"])
+    accel = "tcg"
+    with tempfile.TemporaryDirectory(prefix="fakevfio-kvm-probe-") as tmp:
+        try:
+            with boot(image, workdir=tmp, accel="kvm", ready_timeout=KVM_PROBE_TIMEOUT_S):
+                accel = "kvm"
+        except GuestError:
+            pass
+    fd, tmp_name = tempfile.mkstemp(dir=memo.parent, prefix=".accel-")
+    with os.fdopen(fd, "w") as out:
+        json.dump({"key": key, "accel": accel}, out)
+    os.replace(tmp_name, memo)
+    return accel
+
+
 def _tail(path: Path, lines: int) -> str:
     try:
         text = path.read_bytes().decode(errors="replace").replace("\r", "")
@@ -97,6 +144,7 @@ class Guest:
     console_path: Path
     log_path: Path
     workdir: Path
+    sockets: Path  # a short directory for the QMP and migration sockets
     process: subprocess.Popen[bytes]
     qmp: QEMUMonitorProtocol
     _cursor: int = 0
@@ -238,7 +286,7 @@ def qemu_argv(
 ) -> list[str]:
     """QEMU's command line; device i is ``-device vfio-pci,fd=4+i`` with fd 3 the iommufd."""
     if accel == "auto":
-        accel = "kvm" if kvm_usable() else "tcg"
+        accel = choose_accel(image, qemu)
     argv = [qemu or qemu_binary(), "-accel", accel, "-machine", "q35", "-nodefaults"]
     argv += ["-cpu", os.environ.get("FAKEVFIO_GUEST_CPU", "max"), "-m", memory, "-smp", "1"]
     argv += ["-display", "none", "-no-reboot", "-kernel", str(image.kernel)]
@@ -280,7 +328,7 @@ def _connect(path: Path, process: subprocess.Popen[bytes], log: Path, timeout: f
 @contextlib.contextmanager
 def boot(
     image: GuestImage,
-    mount: str | os.PathLike[str] | None = None,
+    mount: str | os.PathLike[str] | _HasPath | None = None,
     devices: Sequence[str] = (),
     *,
     workdir: str | os.PathLike[str],
@@ -299,16 +347,18 @@ def boot(
 
     ``incoming=True`` starts a migration destination (``-incoming defer``, see
     :func:`fakevfio.guest.migrate`). Otherwise it waits for the init's ready line
-    unless ``wait_ready=False``. Files go to ``workdir``: ``NAME.console``,
-    ``NAME.log``, ``NAME.qmp``. Leaving the block ends QEMU (Rule 3).
+    unless ``wait_ready=False``. Files go to ``workdir``: ``NAME.console`` and
+    ``NAME.log``. Leaving the block ends QEMU (Rule 3).
     """
     if devices and mount is None:
         raise GuestError(f"devices {list(devices)} need the mount they live on (mount=...)")
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
-    console, log, qmp_path = (work / f"{name}.{ext}" for ext in ("console", "log", "qmp"))
-    for stale in (console, qmp_path):
-        stale.unlink(missing_ok=True)
+    console, log = work / f"{name}.console", work / f"{name}.log"
+    console.unlink(missing_ok=True)
+    # A socket path has at most 107 bytes; pytest's tmp_path is often longer.
+    sockets = Path(tempfile.mkdtemp(prefix="fakevfio-guest-"))
+    qmp_path = sockets / "qmp"
     argv = qemu_argv(
         image,
         console=console,
@@ -323,7 +373,7 @@ def boot(
         extra_args=extra_args,
     )
     if mount is not None:
-        mount_path = Path(mount)
+        mount_path = Path(mount if isinstance(mount, (str, os.PathLike)) else mount.path)
         opens = ["exec 3<>/dev/iommu"]
         opens += [
             f"{4 + i}<>/dev/vfio/devices/{_cdev(mount_path, d)}" for i, d in enumerate(devices)
@@ -345,7 +395,13 @@ def boot(
     try:
         qmp = _connect(qmp_path, process, log, timeout=30)
         guest = Guest(
-            name=name, console_path=console, log_path=log, workdir=work, process=process, qmp=qmp
+            name=name,
+            console_path=console,
+            log_path=log,
+            workdir=work,
+            sockets=sockets,
+            process=process,
+            qmp=qmp,
         )
         if wait_ready and not incoming:
             guest.wait_for_line("^" + re.escape(READY_LINE) + "$", ready_timeout)
@@ -358,6 +414,7 @@ def boot(
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+        shutil.rmtree(sockets, ignore_errors=True)
 
 
 __all__ = [
@@ -367,6 +424,7 @@ __all__ = [
     "GuestError",
     "GuestTimeout",
     "boot",
+    "choose_accel",
     "kvm_usable",
     "qemu_argv",
     "qemu_binary",
