@@ -8,6 +8,7 @@
  *
  *   iommu_dirty iommufd CDEV      IOMMU_HWPT_* dirty tracking (iommufd cdev path)
  *   iommu_dirty type1 GROUP NAME  VFIO_IOMMU_DIRTY_PAGES and unmap with bitmap (container)
+ *   iommu_dirty bench CDEV MIB N  N GET_DIRTY_BITMAP of a MIB MiB mapping: "us_per_call U"
  *
  * The type1, device-feature and migration structs come from the system's <linux/vfio.h>.
  * The Debian 12 header (Linux 6.1) has no <linux/iommufd.h> and no cdev ioctls, so the
@@ -279,10 +280,49 @@ static int type1_mode(const char *group_path, const char *name) {
     return 0;
 }
 
+#include <time.h>
+
+static int bench_mode(const char *cdev, unsigned long mib, int n) {
+    int dev = open(cdev, O_RDWR), iommu = open("/dev/iommu", O_RDWR);
+    if (dev < 0 || iommu < 0) die("open");
+    struct vfio_device_bind_iommufd bind = { sizeof bind, 0, iommu, 0 };
+    struct iommu_ioas_alloc ioas = { sizeof ioas, 0, 0 };
+    if (ioctl(dev, VFIO_DEVICE_BIND_IOMMUFD, &bind) || ioctl(iommu, IOMMU_IOAS_ALLOC, &ioas))
+        die("bind");
+    struct iommu_hwpt_alloc hwpt = { .size = sizeof hwpt, .flags = IOMMU_HWPT_ALLOC_DIRTY_TRACKING,
+                                     .dev_id = bind.out_devid, .pt_id = ioas.out_ioas_id };
+    if (ioctl(iommu, IOMMU_HWPT_ALLOC, &hwpt)) die("hwpt");
+    struct vfio_device_attach_iommufd_pt at = { sizeof at, 0, hwpt.out_hwpt_id };
+    if (ioctl(dev, VFIO_DEVICE_ATTACH_IOMMUFD_PT, &at)) die("attach");
+    unsigned long len = mib << 20;
+    void *buf = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (buf == MAP_FAILED) die("mmap");
+    struct iommu_ioas_map map = { sizeof map, IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_READABLE |
+                                  IOMMU_IOAS_MAP_WRITEABLE, ioas.out_ioas_id, 0,
+                                  (uintptr_t)buf, len, 1UL << 32 };
+    if (ioctl(iommu, IOMMU_IOAS_MAP, &map)) die("map");
+    struct iommu_hwpt_set_dirty_tracking sd = { sizeof sd, IOMMU_HWPT_DIRTY_TRACKING_ENABLE,
+                                                hwpt.out_hwpt_id, 0 };
+    if (ioctl(iommu, IOMMU_HWPT_SET_DIRTY_TRACKING, &sd)) die("set_dirty");
+    uint64_t *bitmap = calloc(1, len / 4096 / 8 + 8);
+    struct iommu_hwpt_get_dirty_bitmap gd = { sizeof gd, hwpt.out_hwpt_id, 0, 0, 1UL << 32, len,
+                                             4096, (uintptr_t)bitmap };
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (int i = 0; i < n; i++)
+        if (ioctl(iommu, IOMMU_HWPT_GET_DIRTY_BITMAP, &gd)) die("get_dirty_bitmap");
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    double us = ((t1.tv_sec - t0.tv_sec) * 1e9 + (t1.tv_nsec - t0.tv_nsec)) / 1e3 / n;
+    printf("us_per_call %.0f\n", us);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (argc == 3 && !strcmp(argv[1], "iommufd")) return iommufd_mode(argv[2]);
     if (argc == 4 && !strcmp(argv[1], "type1")) return type1_mode(argv[2], argv[3]);
-    fprintf(stderr, "usage: iommu_dirty iommufd CDEV | type1 GROUP NAME\n");
+    if (argc == 5 && !strcmp(argv[1], "bench"))
+        return bench_mode(argv[2], strtoul(argv[3], NULL, 0), atoi(argv[4]));
+    fprintf(stderr, "usage: iommu_dirty iommufd CDEV | type1 GROUP NAME | bench CDEV MIB N\n");
     return 2;
 }
