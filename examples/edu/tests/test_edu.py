@@ -548,3 +548,47 @@ def test_edu_dma_reaches_this_process_memory_through_the_core() -> None:
     assert dev.driver.buffer == pattern
     with device.lock:
         device.dma.control("unmap all")
+
+
+# -- interrupts through the core's vfio-pci model -------------------------------------------
+def _eventfd_count(fd: int) -> int:
+    try:
+        return os.eventfd_read(fd)
+    except BlockingIOError:
+        return 0
+
+
+def test_edu_intx_level_through_the_cores_automask() -> None:
+    """vfio-pci's INTx (vfio_pci_intrs.c): a signal masks the line until UNMASK; an UNMASK
+    while edu still holds the line asserted signals again; once acknowledged, it unmasks."""
+    from fakevfio._device import Device
+    from fakevfio._process import OsServices
+
+    driver = EduDriver("irq", FAST)
+    device = Device("irq", "edu", driver, 0, host=OsServices())
+    dev = LocalDevice(driver, _device=device)
+    trigger = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        with device.lock:
+            device.irqs.control(f"set intx trigger 0 1 eventfd {os.getpid()}:{trigger}")
+        w32(dev, 0x60, 0x1)
+        assert _eventfd_count(trigger) == 1
+        w32(dev, 0x60, 0x2)  # already asserted and masked: nothing new
+        assert _eventfd_count(trigger) == 0
+        with device.lock:
+            device.irqs.control("set intx unmask 0 1 none")
+        assert _eventfd_count(trigger) == 1  # still asserted: signalled again
+        w32(dev, 0x64, 0x3)  # acknowledged: the line drops
+        with device.lock:
+            device.irqs.control("set intx unmask 0 1 none")
+        assert _eventfd_count(trigger) == 0
+        w32(dev, 0x60, 0x100)  # unmasked now: the next raise signals at once
+        assert _eventfd_count(trigger) == 1
+        line = device.irqs.info()["intx"]
+        assert isinstance(line, dict)
+        assert line["asserted"] is True
+        assert driver.info()["irq_undelivered"] == 0
+    finally:
+        with device.lock:
+            device.irqs.close()
+        os.close(trigger)
