@@ -56,9 +56,11 @@ Rule 4 (migration of work in flight). An operation in flight *finishes on the
 source*: every arc from a state where the device may DMA (RUNNING, RUNNING_P2P,
 PRE_COPY, PRE_COPY_P2P) to one where the workload does not tick completes it
 first (its DMA, buffer update and interrupt happen before the arc returns), so
-a STOP or STOP_COPY device has none and the stop-copy data never carries one.
-A stream loaded with an operation still marked running (only from a pre-copy
-image the destination was given as final) resumes it when the destination runs.
+a device that reached STOP or STOP_COPY from a running state has none. Work a
+VMM starts while the device is stopped (a register write in STOP, which the
+uAPI says the user should not do) is latched: it travels in the stream, with
+its time left, and runs on the destination once that runs. A destination
+leaving STOP drives INTx from the interrupt status it loaded.
 
 Rule 5 (the stream). The whole device state (registers, remaining times,
 counters and the buffer: :data:`STATE_SIZE` bytes, the layout below) is the
