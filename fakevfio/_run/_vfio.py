@@ -4,8 +4,13 @@ Each handler answers one ioctl of a :class:`Call` the way the kernel does
 (``reference/linux-vfio-uapi.md``): argsz and flags first (EINVAL), the
 caller's memory before any side effect (EFAULT), state checks in the
 kernel's order, and output fields written only once every check passed.
-The device fd and data_fd ioctls are in :mod:`._device_ioctls`, the iommufd
-ones in :mod:`._iommufd`. Nothing here knows about seccomp: a :class:`Call`
+The device fd and data_fd ioctls are in :mod:`._device_ioctls`, the IOMMU
+models (iommufd objects, the container's type1) in :mod:`._iommufd`; a
+:class:`Vfio` is their :class:`~._iommufd.DmaPort`: it writes each mapping
+change into the ``dma`` file of the devices concerned and reads their dirty
+reports back on the same handle (a device whose core has no DMA support,
+EOPNOTSUPP, is skipped). When the command exits every device drops what it
+was given. Nothing here knows about seccomp: a :class:`Call`
 carries the caller's memory and the two notification services a handler
 needs (install an fd, check the caller is still there), so tests call
 :meth:`Vfio.dispatch` with an in-memory caller memory.
