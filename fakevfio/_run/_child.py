@@ -38,6 +38,7 @@ from pathlib import Path
 
 from fakevfio._libc import SYS_SECCOMP, check, libc, syscall
 from fakevfio._run import _sysfs
+from fakevfio._run._nodes import MountNodes
 from vfio_uapi import abi as uapi
 
 NR_IOCTL = 16
@@ -203,9 +204,8 @@ class Shadows:
                     os.close(fd)
 
 
-def _enter_namespace(mountpoint: Path, stage: str) -> None:
+def _enter_namespace(mountpoint: Path, stage: str, functions: Sequence[_sysfs.PciFunction]) -> None:
     """Private mount namespace with the mount's nodes at /dev/vfio and /dev/iommu."""
-    functions = _sysfs.read_functions(mountpoint)
     unshare(CLONE_NEWNS)
     mount(None, "/", None, MS_REC | MS_SLAVE)
     shadows = Shadows(stage)
@@ -226,9 +226,15 @@ def _enter_namespace(mountpoint: Path, stage: str) -> None:
     mount(str(mountpoint / "dev" / "iommu"), "/dev/iommu", None, MS_BIND)
 
 
-def _child(mountpoint: Path, stage: str, sock: socket.socket, argv: Sequence[str]) -> None:
+def _child(
+    mountpoint: Path,
+    stage: str,
+    sock: socket.socket,
+    argv: Sequence[str],
+    functions: Sequence[_sysfs.PciFunction],
+) -> None:
     try:
-        _enter_namespace(mountpoint, stage)
+        _enter_namespace(mountpoint, stage, functions)
         listener = install_filter()
         socket.send_fds(sock, [b"L"], [listener])
         os.close(listener)
@@ -243,8 +249,14 @@ def _child(mountpoint: Path, stage: str, sock: socket.socket, argv: Sequence[str
 def fork_child(mountpoint: Path, argv: Sequence[str]) -> tuple[int, socket.socket, str]:
     """Fork the child that becomes ``argv``: its pid, our socket end and the staging dir.
 
-    The child sends the listener fd over the socket (:func:`receive_listener`).
+    The child sends the listener fd over the socket (:func:`receive_listener`). The
+    mount's devices are read here, before the fork, once for both sides
+    (:meth:`MountNodes.prime`): the child's sysfs view and the supervisor's node map.
     """
+    try:
+        functions = _sysfs.read_functions(MountNodes.prime(mountpoint))
+    except OSError:  # not a mount we can read: the supervisor will say so
+        functions = []
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     stage = tempfile.mkdtemp(prefix="fakevfio-run-")
     sys.stdout.flush()
@@ -252,7 +264,7 @@ def fork_child(mountpoint: Path, argv: Sequence[str]) -> tuple[int, socket.socke
     pid = os.fork()
     if pid == 0:
         parent_sock.close()
-        _child(mountpoint, stage, child_sock, argv)
+        _child(mountpoint, stage, child_sock, argv, functions)
     child_sock.close()
     return pid, parent_sock, stage
 

@@ -23,6 +23,9 @@ import attrs
 from fakevfio.errors import IoctlError
 from vfio_uapi.fsm import MigFlags, State
 
+#: nodes read by MountNodes.prime, taken by the next MountNodes.open of that path
+_primed: dict[Path, MountNodes] = {}
+
 
 class NodeKind(enum.Enum):
     """What a file on the mount is to the VFIO uAPI."""
@@ -64,9 +67,25 @@ class MountNodes:
 
     @classmethod
     def open(cls, mountpoint: str | Path) -> MountNodes:
+        """The mount's nodes: the ones :meth:`prime` read for it, else read now."""
         path = Path(mountpoint)
+        primed = _primed.pop(path, None)
+        if primed is not None:
+            return primed
         nodes = cls(path=path, dev=os.stat(path).st_dev)
         nodes.refresh()
+        return nodes
+
+    @classmethod
+    def prime(cls, mountpoint: str | Path) -> MountNodes:
+        """Read the mount's nodes now, for the next :meth:`open` of the same path.
+
+        ``fakevfio run`` reads every ``info`` (a state digest each) once, before the
+        fork: the child builds its sysfs view from it and the supervisor starts with it.
+        """
+        _primed.pop(Path(mountpoint), None)
+        nodes = cls.open(mountpoint)
+        _primed[nodes.path] = nodes
         return nodes
 
     def refresh(self) -> None:

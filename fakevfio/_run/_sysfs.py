@@ -36,12 +36,11 @@ group path (``host=``, ``sysfsdev=`` without ``iommufd``) work.
 from __future__ import annotations
 
 import enum
-import json
-import os
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 
 import attrs
+
+from fakevfio._run._nodes import MountNodes
 
 #: The character-device major of the ``vfio-dev`` class in the view (the kernel's is
 #: dynamic; the minor is N of vfioN).
@@ -187,18 +186,13 @@ def layout(functions: Iterable[PciFunction], *, sys: str = SYS, dev: str = "/dev
     return unique
 
 
-def read_functions(mountpoint: Path) -> list[PciFunction]:
-    """The mount's devices, from each ``devices/NAME/info`` and ``config`` (skips vanished ones)."""
+def read_functions(nodes: MountNodes) -> list[PciFunction]:
+    """The mount's devices, from their ``info`` (read already) and ``config`` files."""
     out: list[PciFunction] = []
-    try:
-        names = sorted(os.listdir(mountpoint / "devices"))
-    except OSError:
-        return out
-    for name in names:
-        base = mountpoint / "devices" / name
+    for name, device in sorted(nodes.devices.items()):
         try:
-            info = json.loads((base / "info").read_bytes())
-            with open(base / "config", "rb", buffering=0) as f:
+            info = device.info
+            with open(nodes.dev_path(name, "config"), "rb", buffering=0) as f:
                 config = f.read(4096)
             out.append(PciFunction.from_info(info, config))
         except (OSError, ValueError, KeyError, TypeError):
