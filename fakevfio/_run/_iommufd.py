@@ -28,8 +28,9 @@ Rule 3: the IOAS is page-granular (``iova_alignment`` 4 KiB, as with a domain
         attached): IOVA, length and user address of a map are 4 KiB aligned
         (EINVAL), a map needs READABLE or WRITEABLE (EINVAL), a fixed IOVA over
         an area is EEXIST, an automatic IOVA is the kernel's first fit
-        (``iopt_alloc_iova``: from 4 KiB up, aligned to the smaller of the
-        length's power of two and the user address's alignment).
+        (``iopt_alloc_iova``: from 4 KiB up, inside the IOMMU_IOAS_ALLOW_IOVAS
+        ranges if any were given, aligned to the smaller of the length's power
+        of two and the user address's alignment).
 Rule 4: an unmap removes whole areas; one that would cut an area, or hits
         nothing, is ENOENT; unmap of iova 0 and length U64_MAX removes all (0
         even when empty). IOMMU_IOAS_COPY maps the same user pages (each source
@@ -94,6 +95,10 @@ IOAS_UNMAP = uapi.IOMMU_IOAS_UNMAP_STRUCT
 IOAS_COPY = uapi.IOMMU_IOAS_COPY_STRUCT
 IOAS_IOVA_RANGES = uapi.IOMMU_IOAS_IOVA_RANGES_STRUCT
 IOVA_RANGE = uapi.IOMMU_IOVA_RANGE
+#: size, ioas_id, num_iovas, __reserved, allowed_iovas
+ALLOW_IOVAS = struct.Struct("<IIIIQ")
+#: Ranges one IOMMU_IOAS_ALLOW_IOVAS may give (bounded outside input; beyond: ENOMEM).
+MAX_ALLOWED_IOVAS = 4096
 #: size, flags, dev_id, pt_id, out_hwpt_id, __reserved, data_type, data_len, data_uptr,
 #: fault_id, __reserved2 (48 bytes since 6.11; the kernel requires 24)
 HWPT_ALLOC = struct.Struct("<IIIIIIIIQII")
@@ -232,6 +237,8 @@ class Ioas:
     areas: dict[int, Area] = attrs.Factory(dict)
     huge_pages: int = 1
     iova_alignment: int = IOVA_ALIGNMENT
+    #: IOMMU_IOAS_ALLOW_IOVAS: the (start, last) ranges automatic IOVAs come from (empty: all)
+    allowed: list[tuple[int, int]] = attrs.Factory(list)
 
     def sorted_areas(self) -> list[Area]:
         return [self.areas[a] for a in sorted(self.areas)]
@@ -248,22 +255,30 @@ class Ioas:
         align = pow2 if not uptr else min(pow2, 1 << ffs(uptr))
         if align < self.iova_alignment:
             raise IoctlError(errno.EINVAL, f"user address 0x{uptr:x} below the IOAS alignment")
-        last_allowed = ULONG_MAX - PAGE_SIZE
-        start = (-(-PAGE_SIZE // align) * align) | page_offset
-        if start > last_allowed or last_allowed - start < length - 1:
-            raise IoctlError(errno.ENOSPC, "no IOVA space left")
-        hole = start
-        for area in [*self.sorted_areas(), None]:
-            hole_last = last_allowed if area is None else min(area.iova - 1, last_allowed)
-            if area is not None and area.last < hole:
+        lo, hi = PAGE_SIZE, ULONG_MAX - PAGE_SIZE
+        merged: list[tuple[int, int]] = []  # touching ranges are one span of the interval tree
+        for a, b in self.allowed:
+            if merged and merged[-1][1] + 1 == a:
+                merged[-1] = (merged[-1][0], b)
+            else:
+                merged.append((a, b))
+        spans = [(max(a, lo), min(b, hi)) for a, b in merged] if merged else [(lo, hi)]
+        for span_start, span_last in spans:
+            start = (-(-span_start // align) * align) | page_offset
+            if span_start > span_last or start > span_last or span_last - start < length - 1:
                 continue
-            if hole <= hole_last and hole_last - hole >= length - 1:
-                cand = (-(-hole // align) * align) | page_offset
-                if cand <= hole_last and hole_last - cand >= length - 1:
-                    return cand
-            if area is None:
-                break
-            hole = max(hole, area.last + 1)
+            hole = start
+            for area in [*self.sorted_areas(), None]:
+                hole_last = span_last if area is None else min(area.iova - 1, span_last)
+                if area is not None and area.last < hole:
+                    continue
+                if hole <= hole_last and hole_last - hole >= length - 1:
+                    cand = (-(-hole // align) * align) | page_offset
+                    if cand <= hole_last and hole_last - cand >= length - 1:
+                        return cand
+                if area is None or area.iova > span_last:
+                    break
+                hole = max(hole, area.last + 1)
         raise IoctlError(errno.ENOSPC, f"no free IOVA range of 0x{length:x} bytes")
 
 
@@ -494,6 +509,28 @@ class Context:
             for dev in self.ioas_devices(ioas_id):
                 for a in gone:
                     _quiet_send(port, dev, a.unmap_command())
+        return 0
+
+    def allow_iovas(self, mem: Memory, arg: int) -> int:
+        """IOMMU_IOAS_ALLOW_IOVAS: replace the ranges automatic IOVAs are taken from."""
+        _size, raw = read_struct(mem, arg, ALLOW_IOVAS, ALLOW_IOVAS.size)
+        _s, ioas_id, num, reserved, ptr = ALLOW_IOVAS.unpack(raw)
+        if reserved:
+            raise IoctlError(errno.EOPNOTSUPP, "IOAS_ALLOW_IOVAS: __reserved set")
+        ioas = self._ioas(ioas_id)
+        if num > MAX_ALLOWED_IOVAS:
+            raise IoctlError(
+                errno.ENOMEM, f"IOAS_ALLOW_IOVAS: {num} ranges (at most {MAX_ALLOWED_IOVAS})"
+            )
+        ranges: list[tuple[int, int]] = []
+        for i in range(num):
+            start, last = IOVA_RANGE.unpack(mem.read(ptr + i * IOVA_RANGE.size, IOVA_RANGE.size))
+            if start >= last:
+                raise IoctlError(errno.EINVAL, f"IOAS_ALLOW_IOVAS: range {i} start >= last")
+            if any(a <= last and start <= b for a, b in ranges):
+                raise IoctlError(errno.EINVAL, f"IOAS_ALLOW_IOVAS: range {i} overlaps another")
+            ranges.append((start, last))
+        ioas.allowed = sorted(ranges)
         return 0
 
     def iova_ranges(self, mem: Memory, arg: int) -> int:
@@ -736,6 +773,7 @@ _OBJECT_IOCTLS = frozenset(
         uapi.IOMMU_IOAS_MAP,
         uapi.IOMMU_IOAS_UNMAP,
         uapi.IOMMU_IOAS_COPY,
+        uapi.IOMMU_IOAS_ALLOW_IOVAS,
         uapi.IOMMU_IOAS_IOVA_RANGES,
         uapi.IOMMU_OPTION,
         uapi.IOMMU_GET_HW_INFO,
@@ -792,6 +830,8 @@ def iommu_ioctl(vfio: Vfio, call: Call, ino: int) -> int:
         return ctx.ioas_copy(mem, arg, vfio)
     if r == uapi.IOMMU_IOAS_IOVA_RANGES:
         return ctx.iova_ranges(mem, arg)
+    if r == uapi.IOMMU_IOAS_ALLOW_IOVAS:
+        return ctx.allow_iovas(mem, arg)
     if r == uapi.IOMMU_HWPT_SET_DIRTY_TRACKING:
         return ctx.set_dirty_tracking(mem, arg, vfio)
     if r == uapi.IOMMU_HWPT_GET_DIRTY_BITMAP:

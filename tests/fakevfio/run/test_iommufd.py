@@ -382,3 +382,24 @@ def test_hwpt_dirty_tracking_rules() -> None:
     w.port.sent.clear()
     assert w.set_dirty(dirty, flags=0) == 0
     assert w.port.sent == [("d0", "dirty iommu off"), ("d1", "dirty iommu off")]
+
+
+def test_allow_iovas_restricts_automatic_iovas_only() -> None:
+    w = World()
+
+    def allow(ranges: list[tuple[int, int]], reserved: int = 0, ioas: int = 1) -> None:
+        for i, r in enumerate(ranges):
+            w.mem.write(0x6000 + 16 * i, m.IOVA_RANGE.pack(*r))
+        w.mem.write(ARG, m.ALLOW_IOVAS.pack(24, ioas, len(ranges), reserved, 0x6000))
+        w.ctx.allow_iovas(w.mem, ARG)
+
+    assert _refused(w, allow, [(0x100000, 0x1FFFFF)], reserved=1) == errno.EOPNOTSUPP
+    assert _refused(w, allow, [(0x100000, 0x1FFFFF)], ioas=9) == errno.ENOENT
+    assert _refused(w, allow, [(0x200000, 0x200000)]) == errno.EINVAL  # start >= last
+    assert _refused(w, allow, [(0x100000, 0x1FFFFF), (0x180000, 0x2FFFFF)]) == errno.EINVAL
+    allow([(0x400000, 0x400FFF), (0x401000, 0x402FFF)])  # touching: one span
+    auto = RW
+    assert w.map(0, 0x2000, flags=auto, va=VA + 0x2000) == 0x400000
+    assert w.map(0, 0x1000, flags=auto, va=VA) == 0x402000
+    assert _refused(w, w.map, 0, 0x1000, flags=auto) == errno.ENOSPC  # the allowed space is full
+    assert w.map(0x10000, 0x1000) == 0x10000  # a fixed IOVA needs no allowed range
