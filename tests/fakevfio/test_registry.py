@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import errno
+import os
+import subprocess
+import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import ClassVar
 
 import pytest
@@ -13,6 +17,7 @@ from fakevfio._ram import RamDriver
 from fakevfio._registry import Registry
 from fakevfio.driver import ArcDriver
 from fakevfio.errors import ConfigError, DeviceError, UnknownDevice
+from tests.conftest import MountFactory
 from vfio_uapi.fsm import State
 
 
@@ -194,3 +199,39 @@ def test_registry_default_addresses_stay_valid_past_512_creations() -> None:
     assert len(seen) == 600
     for address in seen:
         assert parse_pci_address(address) == address
+
+
+# -- through a real mount: the CLI and drivers/<d>/create ------------------------------------
+@pytest.mark.parametrize(
+    ("devices", "message"),
+    [
+        (
+            ["a=ram:size=4K,address=00:05.0", "b=ram:size=4K,address=0000:00:05.0"],
+            "fakevfio: device b: PCI address 0000:00:05.0 is already device a's",
+        ),
+        (
+            ["a=ram:size=4K,address=00:35.0"],
+            "fakevfio: device a: option address: invalid PCI address '00:35.0': slot 0x35",
+        ),
+    ],
+)
+def test_mount_refuses_bad_pci_addresses(tmp_path: Path, devices: list[str], message: str) -> None:
+    argv = [sys.executable, "-m", "fakevfio", "mount", str(tmp_path)]
+    for device in devices:
+        argv += ["--device", device]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    assert out.returncode == 1
+    assert out.stderr.startswith(message), out.stderr
+    assert not os.path.ismount(tmp_path)
+
+
+@pytest.mark.fuse
+def test_mount_create_line_sets_the_pci_address(fakevfio_mount: MountFactory) -> None:
+    with fakevfio_mount(["a=ram:size=4K,pci_address=0000:00:05.0"]) as m:
+        assert m.info("a")["pci_address"] == "0000:00:05.0"
+        assert m.create("b", options="size=4K address=00:05.0") == errno.EINVAL  # a's
+        assert m.create("b", options="size=4K address=00:06.8") == errno.EINVAL
+        assert "b" not in os.listdir(m.path / "devices")
+        assert m.create("b", options="size=4K address=00:06.1") is None
+        assert m.info("b")["pci_address"] == "0000:00:06.1"
+        assert m.info("b")["regions"] == m.info("a")["regions"]  # the driver took size only
