@@ -131,7 +131,121 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--mount", required=True, metavar="MOUNTPOINT", dest="mount")
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
+    _add_guest_verb(add)
     return parser
+
+
+# -- guest (the guest kit: fakevfio.guest) --------------------------------------------
+
+_GUEST_EPILOG = (
+    "examples:\n"
+    "  fakevfio guest build\n"
+    "  fakevfio guest boot -c 'cat /sys/bus/pci/devices/*/vendor'\n"
+    "  fakevfio guest boot --mount /tmp/fv --device gpu0 --script probe.sh\n"
+    "packages: the kernel image linux-image-amd64 depends on and busybox-static\n"
+    "(apt-get download, never installed); cache: ~/.cache/fakevfio/guest\n"
+    "($XDG_CACHE_HOME, $FAKEVFIO_GUEST_CACHE); see docs/guests.md\n"
+)
+
+
+def _add_guest_verb(add: Callable[[str, str, str], argparse.ArgumentParser]) -> None:
+    guest = add("guest", "build or boot a small Linux guest (the guest kit)", _GUEST_EPILOG)
+    actions = guest.add_subparsers(dest="guest_action", required=True, metavar="ACTION")
+    for name, help_ in (
+        ("build", "build (or find in the cache) the guest image; prints it as JSON"),
+        ("boot", "boot the guest, print its console, exit with its script's status"),
+    ):
+        p = actions.add_parser(name, help=help_, description=help_)
+        source = p.add_mutually_exclusive_group()
+        source.add_argument("--script", metavar="FILE", help="the shell script the guest runs")
+        source.add_argument("-c", dest="command_text", metavar="TEXT", help="the script inline")
+        p.add_argument("--cache", metavar="DIR", help="cache directory")
+        if name == "boot":
+            p.add_argument("--mount", metavar="MOUNTPOINT", help="pass this mount's devices")
+            p.add_argument(
+                "--device",
+                action="append",
+                default=[],
+                metavar="NAME",
+                help="a device of --mount as -device vfio-pci (repeatable)",
+            )
+            p.add_argument("--memory", default="256M", help="guest RAM (default 256M)")
+            p.add_argument("--accel", default="auto", help="auto (default), kvm or tcg")
+            p.add_argument("--workdir", metavar="DIR", help="console and log files (default: tmp)")
+            p.add_argument(
+                "--timeout", type=float, default=120.0, help="seconds for the script (120)"
+            )
+
+
+def _cmd_guest(args: argparse.Namespace) -> int:
+    import contextlib
+    import json
+    import tempfile
+    import time
+
+    from fakevfio import guest  # lazily: it starts QEMU and brings qemu.qmp
+
+    script = args.command_text or ""
+    if args.script:
+        try:
+            script = Path(args.script).read_text()
+        except OSError as exc:
+            print(f"fakevfio guest: cannot read the script {args.script}: {exc}", file=sys.stderr)
+            return 2
+    if args.guest_action == "boot" and args.device and not args.mount:
+        print("fakevfio guest boot: --device needs --mount MOUNTPOINT", file=sys.stderr)
+        return 2
+    try:
+        image = guest.build_image(script, cache_dir=args.cache)
+        if args.guest_action == "build":
+            print(
+                json.dumps(
+                    {
+                        "kernel": str(image.kernel),
+                        "initrd": str(image.initrd),
+                        "key": image.key,
+                        "cached": image.cached,
+                        "kernel_package": f"{image.kernel_package.name}="
+                        f"{image.kernel_package.version}",
+                        "busybox_package": f"{image.busybox_package.name}="
+                        f"{image.busybox_package.version}",
+                    },
+                    indent=2,
+                )
+            )
+            return 0
+        with contextlib.ExitStack() as stack:
+            workdir = args.workdir or stack.enter_context(
+                tempfile.TemporaryDirectory(prefix="fakevfio-guest-")
+            )
+            vm = stack.enter_context(
+                guest.boot(
+                    image,
+                    args.mount,
+                    args.device,
+                    workdir=workdir,
+                    memory=args.memory,
+                    accel=args.accel,
+                    wait_ready=False,
+                )
+            )
+            deadline = time.monotonic() + args.timeout
+            shown = 0
+            while True:
+                lines = vm.console_lines()
+                for line in lines[shown:]:
+                    if line.startswith(guest.EXIT_PREFIX):
+                        return int(line[len(guest.EXIT_PREFIX) :] or 1)
+                    print(line, flush=True)
+                shown = len(lines)
+                if vm.process.poll() is not None:
+                    vm.fail(f"QEMU exited with status {vm.process.returncode}")
+                if time.monotonic() > deadline:
+                    vm.fail(f"the script did not end within {args.timeout:g} s", timeout=True)
+                time.sleep(0.05)
+    except (guest.GuestError, guest.GuestBuildError) as exc:
+        print(f"fakevfio guest: {exc}", file=sys.stderr)
+        return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -161,6 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_umount(args.mountpoint)
         if args.command == "run":
             return _cmd_run(args.mount, list(args.argv))
+        if args.command == "guest":
+            return _cmd_guest(args)
     except FakeVfioError as exc:
         if debug:
             logger.exception("failed")

@@ -13,8 +13,11 @@ Without QEMU or apt the tests skip, except under ``CI=true`` where they fail.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import re
+import subprocess
+import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -292,3 +295,48 @@ def test_vfio_guest_fixture_failure_shows_the_console(
     assert "GuestError" in out
     assert "lost register: expected 0x1234 got 0x0" in out
     assert "console tail" in out
+
+
+# -- the CLI verb -------------------------------------------------------------------------------
+
+
+def _fakevfio(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fakevfio", *args],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+
+
+@pytest.mark.usefixtures("_need_guest")
+def test_cli_guest_build_prints_the_image() -> None:
+    done = _fakevfio("guest", "build", "-c", "echo from the cli")
+    assert done.returncode == 0, done.stderr
+    image = json.loads(done.stdout)
+    assert Path(image["kernel"]).is_file()
+    assert Path(image["initrd"]).is_file()
+    assert image["busybox_package"].startswith("busybox-static=")
+    assert _fakevfio("guest", "build", "-c", "echo from the cli").stdout == done.stdout.replace(
+        '"cached": false', '"cached": true'
+    )
+
+
+def test_cli_guest_rejects_bad_usage(tmp_path: Path) -> None:
+    done = _fakevfio("guest", "boot", "--device", "gpu0")
+    assert done.returncode == 2
+    assert "--device needs --mount" in done.stderr
+    done = _fakevfio("guest", "boot", "--script", str(tmp_path / "missing.sh"))
+    assert done.returncode == 2
+    assert "cannot read the script" in done.stderr
+
+
+@pytest.mark.qemu
+@pytest.mark.slow
+@pytest.mark.deadline(120)
+@pytest.mark.usefixtures("_need_guest")
+def test_cli_guest_boot_prints_the_console_and_exits_with_the_script() -> None:
+    done = _fakevfio("guest", "boot", "-c", "echo cli says $((6 * 7)); exit 4")
+    assert done.returncode == 4, done.stderr
+    assert "cli says 42" in done.stdout.splitlines()
