@@ -58,9 +58,11 @@ from migrator.backend import DeviceBackend
 from migrator.config import DATA_BUFFER_BYTES, MigrationConfig
 from migrator.errors import (
     ChannelBrokenError,
+    ConfigurationError,
     DeviceOpError,
     MigrationError,
     NoDataNow,
+    RemoteProtocolError,
 )
 from migrator.stats import Progress, Stats
 from migrator.transport import call
@@ -401,22 +403,58 @@ async def migrate(
     streams: list[trio.abc.Stream] = []
     try:
         try:
-            main = await connect()
-            streams.append(main)
-            for i in range(config.multifd_channels):
-                channel = await connect()
-                streams.append(channel)
-                try:
-                    await channel.send_all(multifd_wire.encode_init(config.uuid, i))
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    raise ChannelBrokenError(
-                        f"multifd channel {i} broke during its handshake: {exc}"
+            try:
+                main = await connect()
+                streams.append(main)
+                for i in range(config.multifd_channels):
+                    channel = await connect()
+                    streams.append(channel)
+                    try:
+                        await channel.send_all(multifd_wire.encode_init(config.uuid, i))
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                        raise ChannelBrokenError(
+                            f"multifd channel {i} broke during its handshake: {exc}"
+                        ) from exc
+            except MigrationError as exc:
+                # (A destination that refused an earlier channel closes its listener.)
+                raise exc.with_context(phase="setup") from None
+            return await Source(config, devices, main, streams[1:], progress=progress).run()
+        except BaseException as exc:
+            # A destination that refuses the stream (a --uuid mismatch, a device it
+            # does not have) closes every connection: whichever send or connect of
+            # ours runs into that first, the user must learn that the destination
+            # ended it, not only which of our sockets noticed.
+            failures = _migration_errors(exc)
+            broken = [
+                f for f in failures if isinstance(f, (ChannelBrokenError, ConfigurationError))
+            ]
+            verdict = [f for f in failures if isinstance(f, RemoteProtocolError)]
+            if broken and not verdict and streams:
+                with trio.CancelScope(shield=True):
+                    closed = await _closed_by_peer(streams[0])
+                if closed:
+                    raise RemoteProtocolError(
+                        "the destination refused or failed the migration and closed the "
+                        f"connection ({broken[0].message}); its log says why (e.g. a "
+                        "--uuid mismatch or a device it does not have)",
+                        phase=broken[0].phase or "setup",
                     ) from exc
-        except MigrationError as exc:
-            # (A destination that refused an earlier channel closes its listener.)
-            raise exc.with_context(phase="setup") from None
-        return await Source(config, devices, main, streams[1:], progress=progress).run()
+            raise
     finally:
         with trio.CancelScope(shield=True):
             for stream in streams:
                 await stream.aclose()
+
+
+async def _closed_by_peer(main: trio.abc.Stream) -> bool:
+    """Whether the destination closed the main connection (EOF within a second)."""
+    with trio.move_on_after(1.0):
+        try:
+            while True:
+                if not await main.receive_some(65536):
+                    return True
+        except trio.BusyResourceError:
+            return False  # the return-path reader still owns the stream: not closed
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return True
+    return False
