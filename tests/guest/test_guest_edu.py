@@ -42,7 +42,7 @@ from pathlib import Path
 
 import pytest
 
-from fakevfio.guest import GuestSession
+from fakevfio.guest import Guest, GuestSession
 from fakevfio.pytest_plugin import guest_missing_reason
 from tests.conftest import MountFactory, MountHandle
 
@@ -65,26 +65,37 @@ MSI_VECTOR = 0xD0
 #: What QEMU logs when its SET_IRQS for MSI fails (see the xfail below).
 SET_IRQS_FROM_A_THREAD_FAILS = "Failed to setup MSI fds"
 
-#: The guest's part: each check prints one ``EDU ...`` line or fails with ``EDU FAIL``.
-SCRIPT = textwrap.dedent(
+#: The guest's helpers: the 1234:11e8 devices ($D, $BAR; a second one as $D1, $BAR1), bus
+#: mastering on (a real driver's pci_set_master: QEMU's own edu DMAs only then), MMIO
+#: through busybox devmem on $B (the device in use), the reserved pages through dd.
+SETUP = textwrap.dedent(
     f"""\
     fail() {{ echo "EDU FAIL: $*"; exit 1; }}
     set -- $(grep -l 0x11e8 /sys/bus/pci/devices/*/device)
-    [ $# -eq 2 ] || fail "expected two 1234:11e8 devices in /sys/bus/pci/devices, found $#"
+    [ $# -ge 1 ] || fail "no 1234:11e8 device in /sys/bus/pci/devices"
     D=${{1%/device}}; D1=${{2%/device}}
-    grep -q 0x1234 $D/vendor || fail "device $D is not vendor 0x1234"
+    cfg8() {{ echo $(( $(od -An -tu1 -j $(($2)) -N 1 $1/config) )); }}
+    cfg_write() {{  # DEVICE OFFSET BYTE...
+        dev=$1; off=$2; shift 2; bytes=""
+        for b in "$@"; do bytes="$bytes$(printf '\\%03o' $b)"; done
+        printf "$bytes" | dd of=$dev/config bs=1 seek=$((off)) 2>/dev/null || fail "config $off"
+    }}
+    for d in $D $D1; do
+        grep -q 0x1234 $d/vendor || fail "device $d is not vendor 0x1234"
+        cfg_write $d 4 $(( $(cfg8 $d 4) | 6 )) $(cfg8 $d 5)  # memory space, bus master
+    done
     BAR=$(( $(cut -d' ' -f1 $D/resource | head -1) ))
-    BAR1=$(( $(cut -d' ' -f1 $D1/resource | head -1) ))
-    [ $BAR -ne 0 ] && [ $BAR1 -ne 0 ] || fail "BAR0 of $D or $D1 is not assigned"
+    [ $BAR -ne 0 ] || fail "BAR0 of $D is not assigned"
+    [ -z "$D1" ] || BAR1=$(( $(cut -d' ' -f1 $D1/resource | head -1) ))
     B=$BAR
     r() {{ devmem $((B + $1)) 32; }}
     w() {{ devmem $((B + $1)) 32 $2; }}
     w64() {{ devmem $((B + $1)) 64 $2; }}
     expect() {{ V=$(r $1); [ "$V" = "$2" ] || fail "register $1 is $V, expected $2 ($3)"; }}
     wait_clear() {{
-        n=0
+        polls=0
         while [ $(( $(r $1) & $2 )) -ne 0 ]; do
-            n=$((n + 1)); [ $n -lt 3000 ] || fail "register $1 bit $2 never cleared"
+            polls=$((polls + 1)); [ $polls -lt 3000 ] || fail "register $1 bit $2 never cleared"
         done
     }}
     P={PAGE:#x}
@@ -97,27 +108,78 @@ SCRIPT = textwrap.dedent(
         dd if=$1 of=/dev/mem bs=4096 seek=$(($2 / 4096)) count=1 2>/dev/null || fail "write $2"
     }}
     ZERO=$(dd if=/dev/zero bs=4096 count=1 2>/dev/null | sha256sum | cut -d' ' -f1)
+    """
+)
 
-    echo "EDU device ${{D##*/}} BAR0 $(printf %x $BAR)"
-    expect 0x00 0x010000ED identification; echo "EDU id $V"
-    w 0x04 0x12345678; expect 0x04 0xEDCBA987 liveness; echo "EDU liveness $V"
+#: What the guest checks on the first device; each ``EDU probe`` line is a value the guest
+#: read, and the same script on QEMU's own edu (``-device edu``) must print the same lines.
+PROBES = textwrap.dedent(
+    """\
+    echo "EDU probe id $(r 0x00)"
+    w 0x04 0x12345678; echo "EDU probe liveness $(r 0x04)"
+    devmem $((B + 4)) 16 0x1234; echo "EDU probe liveness after a 16-bit write $(r 0x04)"
+    echo "EDU probe 16@0 $(devmem $B 16) 8@0 $(devmem $B 8) 64@0 $(devmem $B 64)"
+    echo "EDU probe 32@2 $(devmem $((B + 2)) 32)"
+    echo "EDU probe unlisted $(r 0x84) $(r 0x60) $(r 0x64) $(r 0x100) $(r 0x40000)"
+    w64 0x80 0x123456789; A=$(devmem $((B + 0x80)) 64)
+    w 0x80 0x1000; A="$A $(devmem $((B + 0x80)) 64)"
+    w 0x84 0x5; echo "EDU probe dma source $A $(devmem $((B + 0x80)) 64)"
+    w 0x20 0xff; echo "EDU probe status $(r 0x20)"; w 0x20 0
+    w 0x98 0x6; echo "EDU probe command without start $(r 0x98)"
+    for k in 10 13 40 0; do
+        w 0x08 $k; wait_clear 0x20 1; echo "EDU probe factorial $k = $(r 0x08)"
+    done
     w 0x20 0x80; w 0x08 10; wait_clear 0x20 1
-    expect 0x08 0x00375F00 "factorial of 10"; echo "EDU factorial 10 = $((V))"
-    expect 0x24 0x00000001 "factorial interrupt"; echo "EDU irq after factorial $V"
-    w 0x64 1; expect 0x24 0x00000000 "acknowledged"; w 0x20 0
-    w 0x60 0x00010000; expect 0x24 0x00010000 "raised"; echo "EDU irq raised $V"
-    w 0x64 0x00010000; expect 0x24 0x00000000 "acknowledged"
+    echo "EDU probe irq after factorial $(r 0x24)"
+    w 0x64 1; echo "EDU probe irq acknowledged $(r 0x24)"; w 0x20 0
+    w 0x60 0x00010000; echo "EDU probe irq raised $(r 0x24)"
+    w 0x60 0x00000300; echo "EDU probe irq raised again $(r 0x24)"
+    w 0x64 0x00010100; echo "EDU probe irq acknowledged $(r 0x24)"
+    w 0x64 0xffffffff
     dd if=/dev/urandom of=/tmp/pattern bs=4096 count=1 2>/dev/null
     SUM=$(sha256sum /tmp/pattern | cut -d' ' -f1)
     mem_fill /tmp/pattern $P
     [ "$(mem_sum $P)" = "$SUM" ] || fail "guest memory at $P lost the pattern"
     dma $P 0x40000 4096 5
-    expect 0x24 0x00000100 "DMA interrupt"; w 0x64 0x100
+    echo "EDU probe irq after a DMA $(r 0x24)"; w 0x64 0x100
     mem_fill /dev/zero $P; [ "$(mem_sum $P)" = "$ZERO" ] || fail "zeroing $P failed"
     dma 0x40000 $P 4096 7
-    expect 0x24 0x00000100 "DMA interrupt"; w 0x64 0x100
+    echo "EDU probe irq after a DMA $(r 0x24)"; w 0x64 0x100
     [ "$(mem_sum $P)" = "$SUM" ] || fail "the DMA round trip gave other bytes"
-    echo "EDU dma round trip $SUM"
+    echo "EDU probe dma round trip ok"
+    echo "EDU pattern $SUM"
+    """
+)
+
+#: The probes as QEMU's own edu answers them (``-device edu``, QEMU 10).
+EXPECTED_PROBES = [
+    "EDU probe id 0x010000ED",
+    "EDU probe liveness 0xEDCBA987",
+    "EDU probe liveness after a 16-bit write 0xEDCBA987",
+    "EDU probe 16@0 0x0000 8@0 0x00 64@0 0xFFFFFFFFFFFFFFFF",
+    "EDU probe 32@2 0x00000000",
+    "EDU probe unlisted 0xFFFFFFFF 0xFFFFFFFF 0xFFFFFFFF 0xFFFFFFFF 0xFFFFFFFF",
+    "EDU probe dma source 0x0000000123456789 0x0000000000001000 0x0000000000001000",
+    "EDU probe status 0x00000080",
+    "EDU probe command without start 0x00000000",
+    "EDU probe factorial 10 = 0x00375F00",
+    "EDU probe factorial 13 = 0x7328CC00",
+    "EDU probe factorial 40 = 0x00000000",
+    "EDU probe factorial 0 = 0x00000001",
+    "EDU probe irq after factorial 0x00000001",
+    "EDU probe irq acknowledged 0x00000000",
+    "EDU probe irq raised 0x00010000",
+    "EDU probe irq raised again 0x00010300",
+    "EDU probe irq acknowledged 0x00000200",
+    "EDU probe irq after a DMA 0x00000100",
+    "EDU probe irq after a DMA 0x00000100",
+    "EDU probe dma round trip ok",
+]
+
+#: The rest, on the fake devices: the migration with the bytes only in edu0's buffer and a
+#: DMA in flight on edu1, the doorbells, the DMA back on the destination, MSI.
+MIGRATION = textwrap.dedent(
+    f"""\
     mem_fill /dev/zero $P
     mem_fill /tmp/pattern $P2
     B=$BAR1  # the slow device (a DMA takes a minute): its zero buffer goes to $P2
@@ -143,21 +205,14 @@ SCRIPT = textwrap.dedent(
     B=$BAR
     while [ $(( $(r 0x24) & {MSI_DOORBELL:#x} )) -eq 0 ]; do usleep 20000; done
     w 0x64 {MSI_DOORBELL:#x}
-    cfg8() {{ echo $(( $(od -An -tu1 -j $(($1)) -N 1 $D/config) )); }}
-    cfg_write() {{  # OFFSET BYTE...
-        off=$1; shift; bytes=""
-        for b in "$@"; do bytes="$bytes$(printf '\\%03o' $b)"; done
-        printf "$bytes" | dd of=$D/config bs=1 seek=$((off)) 2>/dev/null || fail "config at $off"
-    }}
-    cap=$(cfg8 0x34)
-    while [ $cap -ne 0 ] && [ $(cfg8 $cap) -ne 5 ]; do cap=$(cfg8 $((cap + 1))); done
+    cap=$(cfg8 $D 0x34)
+    while [ $cap -ne 0 ] && [ $(cfg8 $D $cap) -ne 5 ]; do cap=$(cfg8 $D $((cap + 1))); done
     [ $cap -ne 0 ] || fail "edu0 has no MSI capability in its config space"
-    ctrl=$(cfg8 $((cap + 2)))
+    ctrl=$(cfg8 $D $((cap + 2)))
     data=$((cap + 8)); [ $((ctrl & 0x80)) -eq 0 ] || data=$((cap + 12))
-    cfg_write 4 $(( $(cfg8 4) | 4 )) $(cfg8 5)  # bus master: QEMU sends MSIs only then
-    cfg_write $((cap + 4)) 0x00 0x00 0xe0 0xfe  # address 0xfee00000: CPU 0
-    cfg_write $data {MSI_VECTOR:#x} 0x00  # data: the vector, fixed delivery, edge
-    cfg_write $((cap + 2)) $((ctrl | 1))  # MSI enable
+    cfg_write $D $((cap + 4)) 0x00 0x00 0xe0 0xfe  # address 0xfee00000: CPU 0
+    cfg_write $D $data {MSI_VECTOR:#x} 0x00  # data: the vector, fixed delivery, edge
+    cfg_write $D $((cap + 2)) $((ctrl | 1))  # MSI enable
     echo "EDU msi enabled at capability $cap"
     w 0x60 0x1
     expect 0x24 0x00000001 "raised with MSI"
@@ -166,6 +221,8 @@ SCRIPT = textwrap.dedent(
     echo "EDU msi raised"
     """
 )
+SCRIPT = SETUP + PROBES + MIGRATION
+REFERENCE_SCRIPT = SETUP + PROBES
 
 
 @pytest.fixture
@@ -200,6 +257,10 @@ def _raise_on(mnt: MountHandle, device: str, bits: int) -> None:
         os.close(fd)
 
 
+def _probes(guest: Guest) -> list[str]:
+    return [line for line in guest.console_lines() if line.startswith("EDU probe ")]
+
+
 def _intx_signalled(mnt: MountHandle, device: str) -> int:
     intx = mnt.info(device)["irqs"]["intx"]
     return int(intx["vectors"]["0"]["signalled"])
@@ -213,18 +274,25 @@ def test_guest_drives_edu_and_its_dma_buffer_survives_a_live_migration(
         fakevfio_mount(DEVICES, extra_args=DRIVER_ARGS) as src_mnt,
         fakevfio_mount(DEVICES, extra_args=DRIVER_ARGS) as dst_mnt,
     ):
+        # QEMU's own edu runs the same probes beside ours: what it answers is expected.
+        reference = session.boot(
+            session.build(REFERENCE_SCRIPT),
+            name="qemu-edu",
+            cmdline=CMDLINE,
+            extra_args=["-device", "edu"],
+            wait_ready=False,
+        )
         image = session.build(SCRIPT)
         names = ["edu0", "edu1"]
         src = session.boot(image, src_mnt, names, name="src", cmdline=CMDLINE)
         dst = session.boot(image, dst_mnt, names, name="dst", cmdline=CMDLINE, incoming=True)
-        src.wait_for_line(r"^EDU id 0x010000ED$", timeout=30)
-        src.wait_for_line(r"^EDU liveness 0xEDCBA987$", timeout=30)
-        src.wait_for_line(r"^EDU factorial 10 = 3628800$", timeout=30)
-        src.wait_for_line(r"^EDU irq after factorial 0x00000001$", timeout=30)
-        src.wait_for_line(r"^EDU irq raised 0x00010000$", timeout=30)
-        pattern = src.wait_for_line(r"^EDU dma round trip ([0-9a-f]{64})$", timeout=60).group(1)
+        src.wait_for_line(r"^EDU probe dma round trip ok$", timeout=90)
+        pattern = src.wait_for_line(r"^EDU pattern ([0-9a-f]{64})$", timeout=30).group(1)
         src.wait_for_line(r"^EDU slow dma started$", timeout=30)
         src.wait_for_line(r"^EDU ready for migration$", timeout=30)
+        reference.expect_success(timeout=90)
+        assert _probes(reference) == EXPECTED_PROBES  # QEMU's edu, as we expect it
+        assert _probes(src) == _probes(reference)  # ours answers the same
         slow = src_mnt.info("edu1")
         assert slow["pending"]["dma"] is True
         assert slow["counters"]["dma_transfers"] == 0
@@ -234,7 +302,7 @@ def test_guest_drives_edu_and_its_dma_buffer_survives_a_live_migration(
         assert before["counters"]["dma_bytes_to_device"] == 4096
         assert before["counters"]["dma_bytes_to_ram"] == 4096
         assert before["counters"]["dma_faults"] == before["counters"]["dma_range_errors"] == 0
-        assert before["counters"]["irqs_raised"] == 4  # factorial, raise, two DMAs
+        assert before["counters"]["irqs_raised"] == 5  # factorial, two raises, two DMAs
         assert before["dma"]["bytes_read"] >= 4096
         assert before["irqs"]["active"] == "intx"  # QEMU's realize set up INTx
         assert _intx_signalled(src_mnt, "edu0") >= 4  # each interrupt reached QEMU
