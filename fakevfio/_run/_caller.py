@@ -183,9 +183,11 @@ class HeldFiles:
         return new
 
     def _pidfd(self, pid: int) -> int:
+        """A pidfd of ``pid``'s process: pidfd_open needs the thread group leader (before
+        Linux 6.9's PIDFD_THREAD) and the fd table is the process's anyway."""
         if pid not in self._pidfds:
             try:
-                self._pidfds[pid] = pidfd_open(pid)
+                self._pidfds[pid] = pidfd_open(thread_group(pid))
             except OSError:
                 raise IoctlError(errno.ESRCH, "caller is gone") from None
         return self._pidfds[pid]

@@ -641,3 +641,31 @@ def test_type1_container_pushes_to_its_groups_devices(env: Env) -> None:
     assert "dirty type1 off" in text
     # the IOMMU went with the last group
     assert c.err(container, uapi.VFIO_IOMMU_GET_INFO, struct.pack("<I", 24)) == errno.EINVAL
+
+
+def test_a_threads_files_are_copied_through_its_process(env: Env) -> None:
+    import threading
+
+    tids: list[int] = []
+    done = threading.Event()
+
+    def worker() -> None:
+        tids.append(threading.get_native_id())
+        done.wait(5)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    while not tids:
+        time.sleep(0.01)
+    try:
+        fd = env.caller.open(env.cdev)
+        files = HeldFiles(os.stat(env.mount).st_dev)
+        try:
+            # a vCPU or migration thread's ioctl: pidfd_open(TID) fails before Linux 6.9
+            entry = files.entry(tids[0], fd, os.fstat(fd).st_ino, NodeKind.CDEV, "gpu0")
+            assert os.path.samestat(os.fstat(entry.held), os.fstat(fd))
+        finally:
+            files.close()
+    finally:
+        done.set()
+        t.join()
