@@ -7,9 +7,11 @@ accesses through the kernel's ``/dev/mem`` and QEMU's vfio-pci region path, the
 kernel's ``memmap=64K$0x8000000`` reserves the guest-physical page the DMA
 engine reads and writes (``dd`` on ``/dev/mem`` fills and checks it), QEMU maps
 guest RAM into the iommufd IOAS the device DMAs through, and QEMU migrates the
-guest. The expected register values are QEMU's edu (docs/specs/edu.rst): the
-identification 0x010000ed, the inverted liveness value, 10! = 0x375f00, the
-interrupt status bits 0x001 (factorial) and 0x100 (DMA).
+guest. The expected register values are QEMU's edu's: the same probe script runs
+in a third guest on QEMU's own ``-device edu`` (no fakevfio), whose answers must
+be :data:`EXPECTED_PROBES` (identification 0x010000ed, the inverted liveness
+value, access sizes, 32-bit factorials, interrupt status bits 0x001 and 0x100,
+a DMA round trip), and ours must answer the same.
 
 The guest script fills a page of its memory with random bytes, DMAs it into the
 device's buffer and back (checking the bytes by SHA-256), zeroes the page, and
