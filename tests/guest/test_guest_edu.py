@@ -275,6 +275,7 @@ def test_guest_drives_edu_and_its_dma_buffer_survives_a_live_migration(
     with (
         fakevfio_mount(DEVICES, extra_args=DRIVER_ARGS) as src_mnt,
         fakevfio_mount(DEVICES, extra_args=DRIVER_ARGS) as dst_mnt,
+        session,  # the guests end before their mounts do, even when the test fails
     ):
         # QEMU's own edu runs the same probes beside ours: what it answers is expected.
         reference = session.boot(
