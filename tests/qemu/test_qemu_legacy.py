@@ -10,7 +10,8 @@ and ``/dev/vfio/<group>``, attaches a type1 container (``VFIO_IOMMU_GET_INFO``,
 The two devices have different PCI addresses on the two hosts, as real ones may.
 The migration goes over TCP with the multifd, return-path and switchover-ack
 capabilities; the device's state digest and arcs must match what a migration
-through the iommufd path gives (``tests/test_qemu.py``).
+through the iommufd path gives (``tests/test_qemu.py``). The QMP client is this
+file's own, so the test does not move with another file's helpers.
 
 Without ``qemu-system-x86_64`` the tests skip, except under ``CI=true`` where
 they fail.
@@ -19,20 +20,22 @@ they fail.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.conftest import MountFactory, MountHandle
 from tests.migrator.helpers import DEST_ARCS, SOURCE_ARCS, digest
-from tests.test_qemu import Qmp, wait_migration
 
 pytestmark = [pytest.mark.fuse, pytest.mark.qemu, pytest.mark.slow, pytest.mark.deadline(300)]
 
@@ -50,6 +53,58 @@ def _need_qemu() -> None:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"QEMU tests must run in CI, but {reason}", pytrace=False)
     pytest.skip(reason)
+
+
+class Qmp:
+    """Just enough QMP: connect once QEMU listens, run commands, skip events."""
+
+    def __init__(self, path: Path, proc: subprocess.Popen[bytes], log: Path) -> None:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"QEMU exited with {proc.returncode}:\n{log.read_text()}")
+            self.sock = socket.socket(socket.AF_UNIX)
+            try:
+                self.sock.connect(str(path))
+                break
+            except OSError:
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no QMP socket {path}:\n{log.read_text()}") from None
+                time.sleep(0.05)
+        self.sock.settimeout(60)
+        self.file = self.sock.makefile("rwb")
+        json.loads(self.file.readline())  # the greeting
+        self.cmd("qmp_capabilities")
+
+    def cmd(self, name: str, **arguments: Any) -> Any:
+        self.file.write(json.dumps({"execute": name, "arguments": arguments}).encode() + b"\n")
+        self.file.flush()
+        while True:
+            line = self.file.readline()
+            if not line:
+                raise ConnectionError(f"QMP closed during {name}")
+            reply = json.loads(line)
+            if "error" in reply:
+                raise RuntimeError(f"{name}: {reply['error']}")
+            if "return" in reply:
+                return reply["return"]
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.file.close()
+        self.sock.close()
+
+
+def wait_migration(qmp: Qmp, timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        info: dict[str, Any] = qmp.cmd("query-migrate")
+        if info.get("status") in ("completed", "failed", "cancelled"):
+            return info
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"migration did not finish: {info}")
+        time.sleep(0.1)
 
 
 def _command(qmp: Path, device: str, migration: str, multifd: str, *extra: str) -> list[str]:
