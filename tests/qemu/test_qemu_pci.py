@@ -1,7 +1,8 @@
 """An unmodified QEMU 10 accepts the PCI surface of fakevfio devices and migrates them.
 
 Devices whose state is not a power of two (``ram`` of 48M and 16M in one VM;
-``nic`` and ``gpu`` at their default options) are given to QEMU as
+``nic`` and ``gpu`` at their default options; a PCI Express ``ram`` with 4096
+bytes of config space) are given to QEMU as
 ``-device vfio-pci`` through the iommufd cdev path under ``fakevfio run`` (the
 fds are opened inside the private namespace). QEMU sizes each BAR from
 ``VFIO_DEVICE_GET_REGION_INFO`` and the BAR registers (hw/pci/pci.c asserts a
@@ -20,6 +21,7 @@ change of ``MIGRATION`` below to ``"enable-migration=auto"``.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -34,7 +36,6 @@ from typing import Any
 import pytest
 
 from tests.conftest import MountFactory, MountHandle
-from tests.test_qemu import Qmp, wait_migration
 
 pytestmark = [pytest.mark.fuse, pytest.mark.qemu, pytest.mark.slow, pytest.mark.deadline(300)]
 
@@ -54,6 +55,64 @@ def _need_qemu() -> None:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"QEMU tests must run in CI, but {reason}", pytrace=False)
     pytest.skip(reason)
+
+
+class Qmp:
+    """A minimal synchronous QMP client (the one tests/test_qemu.py had; events kept)."""
+
+    def __init__(self, path: Path, proc: subprocess.Popen[bytes], log: Path) -> None:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"QEMU exited with {proc.returncode}:\n{log.read_text()}")
+            try:
+                self.sock = socket.socket(socket.AF_UNIX)
+                self.sock.connect(str(path))
+                break
+            except OSError:
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no QMP socket {path}:\n{log.read_text()}") from None
+                time.sleep(0.05)
+        self.sock.settimeout(60)
+        self.file = self.sock.makefile("rwb")
+        self.events: list[dict[str, Any]] = []
+        json.loads(self.file.readline())  # greeting
+        self.cmd("qmp_capabilities")
+
+    def cmd(self, name: str, **arguments: Any) -> Any:
+        msg: dict[str, Any] = {"execute": name}
+        if arguments:
+            msg["arguments"] = arguments
+        self.file.write(json.dumps(msg).encode() + b"\n")
+        self.file.flush()
+        while True:
+            line = self.file.readline()
+            if not line:
+                raise ConnectionError(f"QMP closed during {name}")
+            reply = json.loads(line)
+            if "event" in reply:
+                self.events.append(reply)
+                continue
+            if "error" in reply:
+                raise RuntimeError(f"{name}: {reply['error']}")
+            return reply["return"]
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.file.close()
+        self.sock.close()
+
+
+def wait_migration(qmp: Qmp, timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        info: dict[str, Any] = qmp.cmd("query-migrate")
+        if info.get("status") in ("completed", "failed", "cancelled"):
+            return info
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"migration did not finish: {info}")
+        time.sleep(0.1)
 
 
 def _command(qmp: Path, ids: list[str], *extra: str) -> list[str]:
@@ -220,3 +279,36 @@ def test_nic_and_gpu_at_default_options_migrate_in_qemu(
         assert nic["0"]["backing"] == 151552
         assert src.info("gpu0")["bars"]["2"]["kind"] == "mem64"
         _migrate(src, dst, tmp_path, ["nic0", "gpu0"])
+
+
+PCIE_DRIVER = '''
+from fakevfio._ram import RamDriver
+
+
+class PcieRam(RamDriver):
+    """ram as a PCI Express endpoint: 4096 bytes of config space and a PCIe capability."""
+
+    pcie = True
+
+    def __init__(self, name, options):
+        super().__init__(name, {**options, "config_size": "4096"})
+'''
+
+
+def test_a_pcie_device_with_extended_config_migrates_in_qemu(
+    fakevfio_mount: MountFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    plugin = tmp_path / "plugin"
+    plugin.mkdir()
+    (plugin / "h1_pcie_ram.py").write_text(PCIE_DRIVER)
+    old = os.environ.get("PYTHONPATH", "")
+    monkeypatch.setenv("PYTHONPATH", f"{plugin}{os.pathsep}{old}".rstrip(os.pathsep))
+    extra = ["--driver", "pram=h1_pcie_ram:PcieRam"]
+    with (
+        fakevfio_mount(["e0=pram:size=16M,seed=2"], extra_args=extra) as src,
+        fakevfio_mount(["e0=pram:size=16M"], extra_args=extra) as dst,
+    ):
+        config = src.read_bytes(src.file("e0", "config"))
+        assert len(config) == 4096
+        assert config[0x7C] == 0x10  # the PCI Express capability, after MSI and MSI-X
+        _migrate(src, dst, tmp_path, ["e0"])
