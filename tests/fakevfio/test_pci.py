@@ -13,6 +13,7 @@ itself decodes a dump of the config space.
 from __future__ import annotations
 
 import errno
+import os
 import re
 import shutil
 import struct
@@ -30,6 +31,7 @@ from fakevfio._ram import RamDriver
 from fakevfio._tree import VFIO_PCI_OFFSET_SHIFT, _node_io
 from fakevfio.driver import ArcDriver, Bar, BarKind, LoadStream, SaveStream
 from fakevfio.errors import DeviceError
+from tests.conftest import MountFactory
 from vfio_uapi.fsm import MigFlags, State
 
 CONFIG = 7 << VFIO_PCI_OFFSET_SHIFT
@@ -495,3 +497,24 @@ def test_config_writes_drive_intx_disable_and_msi_enable_as_vfio_pci() -> None:
     dev.irqs.active = 1  # VFIO_PCI_MSI_IRQ_INDEX enabled by SET_IRQS
     put(dev, 0x62, 0x0001, 2)
     assert u16(dev, 0x62) & 1 == 1
+
+
+@pytest.mark.fuse
+def test_mount_bar_file_is_the_bar_size_with_zeros_past_the_backing(
+    fakevfio_mount: MountFactory,
+) -> None:
+    with fakevfio_mount(["b0=ram:size=48K,seed=1"]) as m:
+        path = m.file("b0", "regions/bar0")
+        assert os.stat(path).st_size == 64 << 10  # the BAR, not the 48 KiB state
+        before = m.info("b0")["state_digest"]
+        fd = os.open(path, os.O_RDWR)
+        try:
+            assert os.pread(fd, 8, (48 << 10) + 100) == bytes(8)
+            assert os.pwrite(fd, b"lost", (48 << 10) + 100) == 4
+            assert os.pread(fd, 4, (48 << 10) + 100) == bytes(4)
+            assert m.errno_of(os.pwrite, fd, b"x" * 8, (64 << 10) - 4) == errno.EINVAL
+            assert os.pread(fd, 16, (64 << 10) - 8) == bytes(8)  # EOF at the BAR's end
+        finally:
+            os.close(fd)
+        assert m.info("b0")["state_digest"] == before  # nothing past the backing is state
+        assert len(m.read_bytes(path)) == 64 << 10
