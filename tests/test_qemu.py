@@ -4,7 +4,7 @@ Two QEMUs (source; destination with ``-incoming defer``), each under ``fakevfio
 run`` on its own mount, get the device through the iommufd cdev path with fds
 passed on the command line (``-object iommufd,fd=`` / ``-device vfio-pci,fd=``;
 the fds are opened inside the private namespace, so QEMU needs no sysfs). They
-are driven over QMP with the multifd, return-path and switchover-ack
+are driven over QMP (the ``qemu.qmp`` library) with the multifd, return-path and switchover-ack
 capabilities, and migrate over TCP loopback. The device's state, the arc logs
 (QEMU's requests as the device executed them) and the migrator's arcs for the
 same set-up are compared.
@@ -16,7 +16,6 @@ they fail (CI installs QEMU 10 from bookworm-backports).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -29,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from qemu.qmp import ConnectError, ExecuteError, QMPError
+from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from tests.conftest import MountFactory, MountHandle
 from tests.migrator.helpers import DEST_ARCS, SOURCE_ARCS, digest, migrate
@@ -52,50 +53,47 @@ def _need_qemu() -> None:
 
 
 class Qmp:
-    """A minimal synchronous QMP client (events are kept, not interpreted)."""
+    """QMP over the ``qemu.qmp`` library's synchronous client (``QEMUMonitorProtocol``).
+
+    Connects once QEMU's socket is up (RuntimeError with QEMU's log if QEMU
+    exits first). ``cmd`` returns the ``return`` value; a QMP error is a
+    RuntimeError naming the command, so callers need not import qemu.qmp.
+    """
 
     def __init__(self, path: Path, proc: subprocess.Popen[bytes], log: Path) -> None:
         deadline = time.monotonic() + 30
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"QEMU exited with {proc.returncode}:\n{log.read_text()}")
-            try:
-                self.sock = socket.socket(socket.AF_UNIX)
-                self.sock.connect(str(path))
-                break
-            except OSError:
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"no QMP socket {path}:\n{log.read_text()}") from None
-                time.sleep(0.05)
-        self.sock.settimeout(60)
-        self.file = self.sock.makefile("rwb")
-        self.events: list[dict[str, Any]] = []
-        json.loads(self.file.readline())  # greeting
-        self.cmd("qmp_capabilities")
+            if path.exists():
+                self.monitor = QEMUMonitorProtocol(str(path))
+                try:
+                    self.monitor.connect()
+                    break
+                except (ConnectError, OSError):
+                    self.monitor.close()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no QMP socket {path}:\n{log.read_text()}")
+            time.sleep(0.05)
+        self.monitor.settimeout(60)
 
     def cmd(self, name: str, **arguments: Any) -> Any:
-        msg: dict[str, Any] = {"execute": name}
-        if arguments:
-            msg["arguments"] = arguments
-        self.file.write(json.dumps(msg).encode() + b"\n")
-        self.file.flush()
-        while True:
-            line = self.file.readline()
-            if not line:
-                raise ConnectionError(f"QMP closed during {name}")
-            reply = json.loads(line)
-            if "event" in reply:
-                self.events.append(reply)
-                continue
-            if "error" in reply:
-                raise RuntimeError(f"{name}: {reply['error']}")
-            return reply["return"]
+        try:
+            return self.monitor.cmd(name, **arguments)
+        except ExecuteError as exc:
+            raise RuntimeError(f"{name}: {exc.error_class}: {exc.error.error.desc}") from None
+        except (QMPError, EOFError) as exc:
+            raise ConnectionError(f"QMP failed during {name}: {exc!r}") from None
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """The events QEMU sent so far (taken, not interpreted)."""
+        return [dict(event) for event in self.monitor.get_events()]
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.file.close()
-        self.sock.close()
+        # After ``quit`` the client reports QEMU's hang-up (EOFError) on close.
+        with contextlib.suppress(QMPError, OSError, EOFError):
+            self.monitor.close()
 
 
 def qemu_command(qmp: Path, multifd: str, *extra: str) -> list[str]:
