@@ -95,6 +95,11 @@ def test_newc_archive_layout() -> None:
     assert second % 4 == 0
     dev = [int(data[second + 6 + 8 * i : second + 14 + 8 * i], 16) for i in range(13)]
     assert (dev[1] & 0o170000, dev[9], dev[10]) == (0o020000, 5, 1)
+    # A 3-byte name: 110 + 4 = 114 bytes, padded to 116 (not 114) before the data.
+    odd = newc_archive([Entry.file("abc", b"wxyz")])
+    assert odd[110:116] == b"abc\0\0\0"
+    assert odd[116:120] == b"wxyz"
+    assert odd[120:126] == b"070701"
     assert data.rstrip(b"\0").endswith(b"TRAILER!!!")
     assert len(data) % 4 == 0
     assert newc_archive([Entry.file("init", b"abc", 0o755)]) == newc_archive(
