@@ -186,15 +186,22 @@ def test_guest_8250_binds_mtty_and_both_ports_loop_back_with_interrupts(
         assert intx["vectors"]["0"]["signalled"] > 0, intx
 
 
-@pytest.mark.parametrize("multifd", [False, True], ids=["multifd-off", "multifd-on"])
+@pytest.mark.parametrize(
+    ("multifd", "intx"),
+    [(False, "edge"), (True, "level")],
+    ids=["multifd-off-intx-edge", "multifd-on-intx-level"],
+)
 def test_guest_mtty_lines_go_on_across_live_migration(
-    fakevfio_mount: MountFactory, vfio_guest: GuestSession, multifd: bool
+    fakevfio_mount: MountFactory, vfio_guest: GuestSession, multifd: bool, intx: str
 ) -> None:
+    """Both INTx models of the driver, each across one migration (the loop-back test
+    above runs the default, edge)."""
     transfer = "on" if multifd else "off"
     vfio_options = f"rombar=0,enable-migration=on,x-migration-multifd-transfer={transfer}"
+    spec = f"{SPEC},intx={intx}"
     with (
-        fakevfio_mount([SPEC], extra_args=DRIVER_ARGS) as src_mount,
-        fakevfio_mount([SPEC], extra_args=DRIVER_ARGS) as dst_mount,
+        fakevfio_mount([spec], extra_args=DRIVER_ARGS) as src_mount,
+        fakevfio_mount([spec], extra_args=DRIVER_ARGS) as dst_mount,
     ):
         image = vfio_guest.build(LINES)
         src = vfio_guest.boot(image, src_mount, ["ser0"], name="src", vfio_options=vfio_options)
