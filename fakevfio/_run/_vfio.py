@@ -180,18 +180,14 @@ class Vfio:
         r = call.request
         if r == uapi.VFIO_GET_API_VERSION:
             return uapi.VFIO_API_VERSION
-        if r == uapi.VFIO_CHECK_EXTENSION:
-            return int(
-                call.arg
-                in (
-                    uapi.VFIO_TYPE1_IOMMU,
-                    uapi.VFIO_TYPE1v2_IOMMU,
-                    uapi.VFIO_DMA_CC_IOMMU,
-                    uapi.VFIO_UNMAP_ALL,
-                    uapi.VFIO_UPDATE_VADDR,
-                )
-            )
         entry = self.find(call, call.fd, ino)
+        if r == uapi.VFIO_CHECK_EXTENSION:
+            # vfio_iommu_type1_check_extension: UPDATE_VADDR and DMA_CC need the IOMMU set
+            # (iommu_data is NULL before VFIO_SET_IOMMU); our domains enforce coherency
+            always = (uapi.VFIO_TYPE1_IOMMU, uapi.VFIO_TYPE1v2_IOMMU, uapi.VFIO_UNMAP_ALL)
+            with_iommu = (uapi.VFIO_DMA_CC_IOMMU, uapi.VFIO_UPDATE_VADDR)
+            has_iommu = entry is not None and entry.type1 is not None
+            return int(call.arg in always or (has_iommu and call.arg in with_iommu))
         if r == uapi.VFIO_SET_IOMMU:
             if entry is None or entry.groups == 0 or entry.iommu_type:
                 raise IoctlError(errno.EINVAL, "no group attached, or an IOMMU is already set")

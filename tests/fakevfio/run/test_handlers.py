@@ -354,6 +354,9 @@ def test_legacy_container_and_group_errno_order(env: Env) -> None:
     assert c.ioctl(container, uapi.VFIO_GET_API_VERSION) == uapi.VFIO_API_VERSION
     assert c.ioctl(container, uapi.VFIO_CHECK_EXTENSION, uapi.VFIO_TYPE1v2_IOMMU) == 1
     assert c.ioctl(container, uapi.VFIO_CHECK_EXTENSION, 99) == 0
+    # UPDATE_VADDR and DMA_CC ask the type1 IOMMU, which exists only after SET_IOMMU
+    assert c.ioctl(container, uapi.VFIO_CHECK_EXTENSION, uapi.VFIO_UPDATE_VADDR) == 0
+    assert c.ioctl(container, uapi.VFIO_CHECK_EXTENSION, uapi.VFIO_UNMAP_ALL) == 1
     status = uapi.VFIO_GROUP_GET_STATUS
     assert c.err(group, status, uapi.GROUP_STATUS.pack(7, 0)) == errno.EINVAL
     assert c.ioctl(group, status, uapi.GROUP_STATUS.pack(8, 0)) == 0
@@ -374,6 +377,8 @@ def test_legacy_container_and_group_errno_order(env: Env) -> None:
     assert c.err(container, set_iommu, 99) == errno.ENODEV
     assert c.ioctl(container, set_iommu, uapi.VFIO_TYPE1v2_IOMMU) == 0
     assert c.err(container, set_iommu, uapi.VFIO_TYPE1v2_IOMMU) == errno.EINVAL  # already set
+    assert c.ioctl(container, uapi.VFIO_CHECK_EXTENSION, uapi.VFIO_UPDATE_VADDR) == 1
+    assert c.ioctl(container, uapi.VFIO_CHECK_EXTENSION, uapi.VFIO_DMA_CC_IOMMU) == 1
     rw = uapi.VFIO_DMA_MAP_FLAG_READ | uapi.VFIO_DMA_MAP_FLAG_WRITE
     dma_map = uapi.IOMMU_TYPE1_DMA_MAP.pack(32, rw, 0x7F00_0000_0000, 0x100000, 0x2000)
     assert c.ioctl(container, uapi.VFIO_IOMMU_MAP_DMA, dma_map) == 0
