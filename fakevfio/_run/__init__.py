@@ -14,8 +14,9 @@ keeps the kernel's mappings and pushes them into each attached device's ``dma``
 file, but pins nothing: a map of memory the caller does not have succeeds (the
 kernel pins at map time and answers EFAULT; here the device's DMA faults), and
 the IOAS has no reserved regions (no MSI window; IOVA range 0..2^64-1). A
-device learns that its caller closed a device fd, iommufd or container only
-when the command exits (then every device drops every mapping); IOMMU_VFIO_IOAS
+device learns that its caller closed a device fd or group only when the
+held-file scan runs (past MAX_HELD_FILES held files) or the command exits (then
+every device drops every mapping); IOMMU_VFIO_IOAS
 and the iommufd type1 compatibility ioctls answer ENOTTY; VADDR-invalidated
 mappings fault in the device instead of blocking its DMA; nested HWPTs and
 fault objects are not supported.

@@ -126,6 +126,8 @@ class HeldFiles:
     dev: int  # st_dev of the mount
     files: list[OpenFile] = attrs.Factory(list)
     _pidfds: dict[int, int] = attrs.Factory(dict)
+    #: told of each file :meth:`collect` drops (the caller closed it): its state is undone
+    on_drop: Callable[[OpenFile], None] | None = None
 
     def close(self) -> None:
         for f in self.files:
@@ -211,14 +213,15 @@ class HeldFiles:
                                 and same_file(int(pid_dir.name), int(fd_name), f.held)
                             ):
                                 alive.add(i)
-        keep = []
-        for i, f in enumerate(self.files):
-            if i in alive:
-                keep.append(f)
-            else:
-                with contextlib.suppress(OSError):
-                    os.close(f.held)
+        keep = [f for i, f in enumerate(self.files) if i in alive]
+        dropped = [f for i, f in enumerate(self.files) if i not in alive]
         self.files = keep
+        for f in dropped:
+            if self.on_drop is not None:
+                with contextlib.suppress(IoctlError):
+                    self.on_drop(f)
+            with contextlib.suppress(OSError):
+                os.close(f.held)
         for pid in list(self._pidfds):
             if not Path(f"/proc/{pid}").exists():
                 os.close(self._pidfds.pop(pid))

@@ -81,6 +81,26 @@ class Vfio:
     files: HeldFiles
     _next_id: int = 1  # device, IOAS and HWPT ids share one counter
 
+    def __attrs_post_init__(self) -> None:
+        self.files.on_drop = self._dropped
+
+    def _dropped(self, f: OpenFile) -> None:
+        """The caller closed ``f`` (the held-file scan found no process with it)."""
+        if f.kind is NodeKind.CDEV and f.iommufd is not None:
+            f.iommufd.iommufd_ctx.unbind(self, f.devid)
+        elif f.kind is NodeKind.GROUP and f.container is not None:
+            if f.container.type1 is not None and f.device:
+                _iommufd.Type1.leave(self, f.device)
+            f.container.groups -= 1
+            if f.container.groups == 0:
+                f.container.iommu_type = 0
+                f.container.type1 = None
+        elif f.kind is NodeKind.IOMMU:  # a bound cdev keeps its iommufd context alive
+            bound = {g.devid for g in self.files.files if g.iommufd is f}
+            for dev_id in list(f.iommufd_ctx.devices):
+                if dev_id not in bound:
+                    f.iommufd_ctx.unbind(self, dev_id)
+
     @property
     def next_id(self) -> int:
         """The id :meth:`take_id` returns next."""

@@ -674,3 +674,31 @@ def test_a_threads_files_are_copied_through_its_process(env: Env) -> None:
     finally:
         done.set()
         t.join()
+
+
+def test_closed_files_found_by_the_held_file_scan_drop_their_mappings(env: Env) -> None:
+    c = env.caller
+    dev, iommu, ioas = _bound(env)
+    fixed = iommufd.IOMMU_IOAS_MAP_FIXED_IOVA | iommufd.IOMMU_IOAS_MAP_READABLE
+    packed = iommufd.IOAS_MAP.pack(40, fixed, ioas, 0, 0x7F00_0000_0000, 0x2000, 0x10000)
+    assert c.ioctl(iommu, uapi.IOMMU_IOAS_MAP, packed) == 0
+    dma = env.mount / "devices" / "gpu0" / "dma"
+    assert "map 0x10000" in dma.read_text()
+    # the scan ignores the supervisor's own process (here: this one): other processes hold them
+    holders = [subprocess.Popen(["sleep", "60"], pass_fds=[fd]) for fd in (dev, iommu)]
+    try:
+        c.vfio.files.collect()
+        assert "map 0x10000" in dma.read_text()  # both still open somewhere
+        holders[1].kill()  # the iommufd closed; the bound cdev keeps its context
+        holders[1].wait()
+        c.vfio.files.collect()
+        assert "map 0x10000" in dma.read_text()
+        holders[0].kill()  # the cdev closed: unbound, its mappings gone
+        holders[0].wait()
+        c.vfio.files.collect()
+        assert "map " not in dma.read_text()
+        assert c.vfio.files.files == []
+    finally:
+        for p in holders:
+            p.kill()
+            p.wait()
