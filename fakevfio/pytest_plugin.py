@@ -34,8 +34,9 @@ Example::
     devices as ``-device vfio-pci`` and returns a :class:`fakevfio.guest.Guest`
     (``wait_for_line``, ``expect_success``, QMP ``cmd``);
     ``vfio_guest.migrate(src, dst, multifd=True)`` live-migrates. Every guest
-    ends at teardown. Skips, saying why, without QEMU or apt (fails under
-    ``CI=true``); see docs/guests.md.
+    ends at teardown; ask for it after ``vfio_mount``, so that guests end
+    before their devices' mounts. Skips, saying why, without QEMU or apt
+    (fails under ``CI=true``); see docs/guests.md.
 
 The fixture names start with ``vfio_`` so they do not clash with fakevfio's
 own ``tests/conftest.py`` (``fakevfio_mount``). This module imports neither

@@ -305,6 +305,9 @@ def test_qemu_multifd_device_state_packets_match_ours(
     stream = expected_stream()
     with fakevfio_mount([SPEC]) as src, fakevfio_mount(["gpu0=ram:size=16M"]) as dst:
         qemu = walk(qemu_migrate_through_proxy(src, dst, tmp_path))
+        msix = [
+            bar["msix"]["vectors"] for bar in src.info("gpu0")["bars"].values() if "msix" in bar
+        ]
 
     with fakevfio_mount([SPEC]) as src, fakevfio_mount(["gpu0=ram:size=16M"]) as dst:
         mflags = ("--multifd-transfer", "on", "--multifd-channels", "2")
@@ -339,13 +342,16 @@ def test_qemu_multifd_device_state_packets_match_ours(
     assert mine[0].idstr == "gpu0/vfio"
     assert theirs[0].instance_id == mine[0].instance_id == 0
     # The config packets: the same markers around different blobs. QEMU's is
-    # vmstate_pci_device (be32 version_id 2, the config space as the guest
-    # left it, be32 irq_state[4]); ours is be32 length + the device's config.
-    # Our decode_config_packet_data thus rejects QEMU's ("end flag incorrect").
+    # vfio-pci's vmstate: vmstate_pci_device (be32 version_id 2, the config
+    # space as the guest left it, be32 irq_state[4]), then, when the device has
+    # MSI-X, msix_save's table (16 bytes a vector) and PBA (a bit a vector);
+    # ours is be32 length + the device's config. Our decode_config_packet_data
+    # thus rejects QEMU's ("end flag incorrect").
     qemu_cfg, our_cfg = theirs[-1].data, mine[-1].data
     assert wire.decode_config_packet_data(our_cfg, max_config_bytes=4096) == our_cfg[12:-8]
     assert len(our_cfg) == 8 + 4 + 256 + 8
-    assert len(qemu_cfg) == 8 + 4 + 256 + 16 + 8
+    msix_state = sum(16 * n + (n + 7) // 8 for n in msix)
+    assert len(qemu_cfg) == 8 + 4 + 256 + 16 + msix_state + 8
     assert struct.unpack_from(">i", qemu_cfg, 8)[0] == 2
     assert qemu_cfg[12:16] == our_cfg[12:16]  # vendor and device id
     # Both spread packets over both channels.

@@ -222,8 +222,9 @@ def _assert_guest_lists(guest: Guest, config: bytes) -> None:
     [("tcp", True, True), ("tcp", False, True), ("unix", False, False)],
     ids=["tcp-multifd", "tcp", "unix-no-return-path"],
 )
+@pytest.mark.usefixtures("_need_guest")
 def test_guest_with_a_device_migrates_and_runs_on(
-    session: GuestSession,
+    tmp_path: Path,
     fakevfio_mount: MountFactory,
     uri: str,
     multifd: bool,
@@ -234,6 +235,8 @@ def test_guest_with_a_device_migrates_and_runs_on(
     with (
         fakevfio_mount([f"gpu0=ram:size=16M,flags={FLAGS},seed=5"]) as src_mnt,
         fakevfio_mount([f"gpu0=ram:size=16M,flags={FLAGS}"]) as dst_mnt,
+        # Last in, first out: the guests end before their devices' mounts go.
+        GuestSession(workdir=tmp_path / "guests") as session,
     ):
         image = session.build(LIST_PCI + TICKS)
         src = session.boot(image, src_mnt, ["gpu0"], name="src", vfio_options=options)
