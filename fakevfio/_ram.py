@@ -6,8 +6,12 @@ rewrites randomly chosen pages while the device runs, at that many bytes per
 second, so pre-copy really has dirty pages to re-send. With ``dma_rate`` set,
 the same workload DMA-writes that many bytes per second, in whole 4 KiB pages
 of a deterministic pattern (from ``seed``), to pages chosen among the writable
-IOVA mappings of the device (guest RAM under QEMU); with nothing mapped it
-does nothing and builds up no backlog. The stream, sessions
+IOVA mappings of the device (guest RAM under QEMU), or only those inside
+``dma_window=IOVA:LENGTH`` (so a guest's own code and data can be left alone),
+and with ``dma_bus_master=required`` only while the PCI command register has
+Bus Master Enable set, as hardware (a firmware expects power-on RAM untouched
+until a driver enables the device);
+with nothing mapped it does nothing and builds up no backlog. The stream, sessions
 and validation come from the core (:mod:`fakevfio._stream`); the driver header
 names the driver, its stream version and its size, so a stream from another
 version or another size is refused on resume.
@@ -24,17 +28,58 @@ import struct
 from collections.abc import Mapping
 from typing import ClassVar
 
+import attrs
+
 from fakevfio import _dma
 from fakevfio._device import Device
 from fakevfio.driver import OptionSpec, StateDriver
 from fakevfio.errors import ConfigError, DeviceError
 from vfio_uapi.fsm import MigFlags, parse_flags
+from vfio_uapi.units import parse_size
 
 _HEADER = struct.Struct("<8sIIQ")
 _MAGIC = b"FVRAMDEV"
 _MAX_SIZE = 1 << 40
 _FILL_BLOCK = 1 << 20
 _DMA_PAGE = 4096
+
+
+def _window(name: str, text: str | None) -> tuple[int, int] | None:
+    """``dma_window=IOVA:LENGTH`` as (start, end), page aligned."""
+    if text is None:
+        return None
+    start_text, sep, length_text = text.partition(":")
+    try:
+        start = parse_size(start_text, what="dma_window IOVA")
+        length = parse_size(length_text, what="dma_window LENGTH")
+    except ValueError as exc:
+        raise ConfigError(f"device {name}: {exc}") from None
+    if not sep or length <= 0 or start % _DMA_PAGE or length % _DMA_PAGE:
+        raise ConfigError(
+            f"device {name}: dma_window {text!r} must be IOVA:LENGTH, both multiples of 4K "
+            "and the length > 0 (e.g. 16M:32M)"
+        )
+    return start, start + length
+
+
+def _clip(maps: tuple[_dma.Mapping, ...], window: tuple[int, int] | None) -> list[_dma.Mapping]:
+    """The writable mappings, cut to the DMA window."""
+    out = []
+    for m in maps:
+        if not m.writable:
+            continue
+        if window is None:
+            out.append(m)
+            continue
+        lo, hi = max(m.iova, window[0]), min(m.end, window[1])
+        if lo < hi:
+            out.append(attrs.evolve(m, iova=lo, length=hi - lo, vaddr=m.vaddr + lo - m.iova))
+    return out
+
+
+def _bus_master(host: object) -> bool:
+    """Whether the PCI command register (offset 4) has Bus Master Enable (bit 2) set."""
+    return isinstance(host, Device) and bool(host.config_bytes()[4] & 0x04)
 
 
 def _mappings(host: object) -> tuple[_dma.Mapping, ...]:
@@ -71,6 +116,17 @@ class RamDriver(StateDriver):
             kind="size",
             default="0",
             help="bytes/s the device DMA-writes into its writable mappings while running",
+        ),
+        "dma_window": OptionSpec(
+            kind="str",
+            default=None,
+            help="IOVA:LENGTH (K/M/G): DMA only there (default: every writable mapping)",
+        ),
+        "dma_bus_master": OptionSpec(
+            kind="str",
+            default="ignored",
+            help="'required': DMA only while Bus Master Enable is set in the PCI command "
+            "register, as on hardware (a guest driver sets it); 'ignored' (default)",
         ),
         "page_size": OptionSpec(kind="size", default="4K", help="dirty-tracking granularity"),
         "config_size": OptionSpec(
@@ -122,6 +178,11 @@ class RamDriver(StateDriver):
         self._dma_rate = self.size_option("dma_rate") or 0
         self._dma_rng = random.Random(f"dma/{self._seed if self._seed is not None else 0}")
         self._dma_carry = 0.0
+        self._dma_window = _window(name, self.option("dma_window"))
+        master = self.option("dma_bus_master")
+        if master not in ("required", "ignored"):
+            raise ConfigError(f"device {name}: dma_bus_master must be 'required' or 'ignored'")
+        self._needs_master = master == "required"
         self.dma_pages = 0
         self.dma_errors = 0
 
@@ -193,12 +254,19 @@ class RamDriver(StateDriver):
         if self._dirty_rate:
             self._advance_state(seconds)
         if self._dma_rate:
-            self._advance_dma(seconds)
+            self.advance_dma(seconds)
 
-    def _advance_dma(self, seconds: float) -> None:
-        """DMA-write whole pages of a seeded pattern into the writable mappings."""
-        host = self._host
-        maps = [m for m in _mappings(host) if m.writable]
+    def advance_dma(self, seconds: float) -> None:
+        """DMA-write whole pages of a seeded pattern into the writable mappings.
+
+        :meth:`advance` calls it; a core that also lets devices DMA in
+        RUNNING_P2P and PRE_COPY_P2P (where the state workload must not run)
+        calls it alone there.
+        """
+        if self._needs_master and not _bus_master(self._host):
+            self._dma_carry = 0.0  # a device without Bus Master Enable cannot DMA
+            return
+        maps = _clip(_mappings(self._host), self._dma_window)
         if not maps:
             self._dma_carry = 0.0  # unmapped time builds no backlog
             return

@@ -26,7 +26,7 @@ from fakevfio._dma import LOG_MAX_RANGES
 from fakevfio._faults import FaultRules
 from fakevfio._process import OsServices
 from fakevfio._ram import RamDriver
-from fakevfio.errors import DeviceError
+from fakevfio.errors import ConfigError, DeviceError
 from vfio_uapi.fsm import State
 
 PID = os.getpid()
@@ -387,3 +387,29 @@ def test_ram_dma_rate_builds_no_backlog_while_unmapped(mem: Memory) -> None:
     dev.dma.control(f"map 0 {16 * K4} {PID} {mem.addr} rw")
     dev.advance(0.01)  # 1 page
     assert dev.dma.info()["bytes_written"] == K4
+
+
+def test_ram_dma_window_keeps_dma_inside_it() -> None:
+    m = Memory(64 * K4)
+    dev = device(dma_rate="4M", seed="5", dma_window="64K:32K")
+    dev.dma.control(f"map 0 {64 * K4} {PID} {m.addr} rw")
+    dev.advance(0.1)  # 100 pages, all inside pages 16..23
+    changed = {p for p in range(64) if m[p * K4 : (p + 1) * K4] != bytes(K4)}
+    assert changed
+    assert changed <= set(range(16, 24))
+    for bad in ("16M", "16M:0", "1000:4K", "x:4K"):
+        with pytest.raises(ConfigError, match=r"dma_window|invalid"):
+            device(dma_window=bad)
+
+
+def test_ram_dma_bus_master_required_waits_for_bus_master_enable(mem: Memory) -> None:
+    dev = device(dma_rate="400K", seed="4", dma_bus_master="required")
+    dev.dma.control(f"map 0 {16 * K4} {PID} {mem.addr} rw")
+    dev.advance(1.0)
+    assert dev.dma.info()["bytes_written"] == 0  # command register 0: no DMA, no backlog
+    command = dev.config_read(4, 2)
+    dev.config_write(4, memoryview(bytes([command[0] | 0x04, command[1]])))
+    dev.advance(0.01)  # one page
+    assert dev.dma.info()["bytes_written"] == K4
+    with pytest.raises(ConfigError, match="dma_bus_master"):
+        device(dma_bus_master="sometimes")

@@ -14,6 +14,7 @@ from fakevfio._faults import (
     ArcFault,
     CorruptFault,
     DelayFault,
+    DirtyLoseFault,
     FaultRules,
     IoFault,
 )
@@ -138,3 +139,27 @@ def test_faults_parse_any_text_is_config_error_or_round_trips(lines: list[str]) 
     except ConfigError:
         return
     assert FaultRules.parse(rules.text()) == rules
+
+
+def test_faults_dirty_lose_parses_bounds_and_round_trips() -> None:
+    rules = FaultRules.parse("dirty lose 25\ndirty lose 0\ndirty lose 100\n")
+    assert rules.rules == (
+        DirtyLoseFault(percent=25),
+        DirtyLoseFault(percent=0),
+        DirtyLoseFault(percent=100),
+    )
+    assert rules.dirty_lose_percent() == 100  # the largest rule wins
+    assert rules.text() == "dirty lose 25\ndirty lose 0\ndirty lose 100\n"
+    assert FaultRules.parse(rules.text()) == rules
+    assert FaultRules().dirty_lose_percent() == 0
+    assert FaultRules.parse("dirty lose 7").dirty_lose_percent() == 7
+
+
+@pytest.mark.parametrize(
+    "line", ["dirty lose 101", "dirty lose -1", "dirty lose", "dirty keep 5", "dirty lose 5 %"]
+)
+def test_faults_dirty_lose_rejects_bad_lines(line: str) -> None:
+    with pytest.raises(ConfigError, match=r"fault rule line 1"):
+        FaultRules.parse(line)
+    with pytest.raises(ConfigError, match=r"0\.\.100"):
+        FaultRules.parse("dirty lose 101")

@@ -193,3 +193,26 @@ def test_ram_digest_is_sha256_of_state() -> None:
     assert drv.digest() == hashlib.sha256(bytes(drv.save_range(0, 16 << 10))).hexdigest()
     dev = Device("r", "ram", drv, 0)
     assert dev.info()["state_digest"] == drv.digest()
+
+
+def test_ram_dma_rate_option() -> None:
+    drv = ram(dma_rate="2M", seed="1")
+    assert drv.has_workload()  # DMA alone is a workload
+    assert drv.info() == {"size": 16 << 10, "pages_dirtied": 0, "dma_pages": 0, "dma_errors": 0}
+    drv.advance(1.0)  # not attached to a device: no mappings, nothing written, no backlog
+    assert drv.info()["dma_pages"] == 0
+    assert drv.pages_dirtied == 0  # dma_rate does not change the device's own state
+    with pytest.raises(ConfigError, match="invalid"):
+        ram(dma_rate="fast")
+    assert "dma_rate" in RamDriver.options
+    assert not ram().has_workload()
+
+
+def test_ram_dma_faults_stop_the_tick_and_are_counted() -> None:
+    dev = Device("r", "ram", ram(dma_rate="400K", seed="2"), 0)  # no host services
+    dev.dma.control("map 0 0x10000 1 0x1000 rw")
+    dev.advance(0.1)
+    driver = dev.driver
+    assert isinstance(driver, RamDriver)
+    assert driver.dma_errors == 1  # ENODEV on the first page; the rest of the tick skipped
+    assert driver.dma_pages == 0
