@@ -4,7 +4,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint bench clean fresh-machine
+.PHONY: setup demo test lint bench soak clean fresh-machine
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,13 @@ lint: setup
 
 bench: setup
 	$(PY) -m benchmarks
+
+# The chaos soak (issue 18): up to SOAK_ROUNDS migrations with random faults, bounded
+# in time; prints the outcome table and fails on a lost source state or a hang.
+SOAK_ROUNDS ?= 300
+SOAK_TIME ?= 2400
+soak: setup
+	$(PY) -m benchmarks.soak --rounds $(SOAK_ROUNDS) --time-limit $(SOAK_TIME)
 
 # Not part of .ci/run: debootstraps clean Debian 12 and 13 root filesystems (cached under
 # /var/cache/fakevfio-rootfs) and runs `make demo` in each (FRESH_ARGS="--test" adds

@@ -133,7 +133,11 @@ class FakeVfioBackend(DataFdBackend):
         self.dir = Path(directory)
         self.location = str(self.dir)
         self.idstr = idstr or f"{self.dir.name}/vfio"
-        if not (self.dir / "migration" / "state").exists():
+        try:
+            present = (self.dir / "migration" / "state").exists()
+        except OSError as exc:  # e.g. ENOTCONN: the mount's server died
+            raise self._fail("open", exc) from None
+        if not present:
             raise DeviceOpError(
                 self.location, "open", errno.ENOENT, "not a fakevfio device directory"
             )

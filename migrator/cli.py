@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import os
 import re
 import signal
+import stat
 import sys
 import uuid as _uuid
 from collections.abc import Sequence
@@ -51,7 +53,19 @@ def open_device(arg: str) -> DeviceBackend:
                 f"invalid device option {opts!r} (expected id=IDSTR, at most 255 bytes)"
             )
         idstr = value
-    if os.path.isdir(spec):
+    try:
+        is_dir = stat.S_ISDIR(os.stat(spec).st_mode)
+    except FileNotFoundError:
+        is_dir = False
+    except OSError as exc:
+        if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED):
+            raise ConfigurationError(
+                f"{spec}: the device's mount stopped answering (its fakevfio server died; "
+                f"{os.strerror(exc.errno)})",
+                phase="setup",
+            ) from None
+        is_dir = False
+    if is_dir:
         return FakeVfioBackend(spec, idstr)
     if spec.startswith("/dev/vfio/") or _PCI_RE.fullmatch(spec):
         try:

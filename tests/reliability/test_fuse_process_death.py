@@ -133,3 +133,27 @@ def test_sigkill_of_a_mount_fails_both_migrators(
             assert src.state("d0") == "RUNNING"
             assert digest(src, "d0") == before
         _remount_works(victim.path)
+
+
+@pytest.mark.parametrize("command", ["migrate", "save"])
+def test_a_device_on_a_dead_mount_is_named_as_such(
+    fakevfio_mount: MountFactory, tmp_path: Path, command: str
+) -> None:
+    """Found by the soak: it said "unexpected OSError: [Errno 107] ..." and nothing else."""
+    with fakevfio_mount(["d0=ram:size=1M"]) as src:
+        device = str(src.device("d0"))
+        _kill_server(src)
+        target = (
+            ["--to", "tcp:127.0.0.1:9"] if command == "migrate" else ["-o", str(tmp_path / "o")]
+        )
+        result = subprocess.run(
+            [*MIGRATOR, command, *target, device],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert result.returncode != 0
+    line = error_line(result.stderr)
+    assert "mount stopped answering" in line, line
+    assert "unexpected" not in line, line
