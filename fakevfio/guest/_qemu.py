@@ -198,7 +198,6 @@ class Guest:
                         f"the guest script ended ({lines[index]!r}) before a line "
                         f"matching {pattern.pattern!r}"
                     )
-            self._cursor = max(self._cursor, 0)
             if exited is not None:
                 self.fail(
                     f"QEMU exited with status {exited} before a console line "

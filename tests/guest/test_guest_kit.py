@@ -244,6 +244,8 @@ def test_guest_with_a_device_migrates_and_runs_on(
             image, dst_mnt, ["gpu0"], name="dst", vfio_options=options, incoming=True
         )
         src.wait_for_line(r"^tick 3$", timeout=30)
+        # Waits walk the console forward: the next tick line is 4, not 1 again.
+        assert src.wait_for_line(r"^tick (\d+)$", timeout=10).group(1) == "4"
         _assert_guest_lists(src, src_mnt.mount.config("gpu0"))
         stats = session.migrate(
             src,
