@@ -18,6 +18,7 @@ import errno
 import mmap
 import os
 import struct
+import time
 
 import pytest
 
@@ -27,6 +28,7 @@ from fakevfio._faults import FaultRules
 from fakevfio._process import OsServices
 from fakevfio._ram import RamDriver
 from fakevfio.errors import ConfigError, DeviceError
+from tests.conftest import MountFactory
 from vfio_uapi.fsm import State
 
 PID = os.getpid()
@@ -413,3 +415,40 @@ def test_ram_dma_bus_master_required_waits_for_bus_master_enable(mem: Memory) ->
     assert dev.dma.info()["bytes_written"] == K4
     with pytest.raises(ConfigError, match="dma_bus_master"):
         device(dma_bus_master="sometimes")
+
+
+@pytest.mark.fuse
+def test_dma_file_on_a_mount(fakevfio_mount: MountFactory) -> None:
+    """The dma file through FUSE: errno of a bad command, the reply on the same handle."""
+    m = Memory(16 * K4)
+    with fakevfio_mount(["d0=ram:size=64K,seed=2,dma_rate=1M"]) as mount:
+        dma = mount.device("d0") / "dma"
+        assert mount.set_state("d0", "STOP") is None
+        assert mount.write("d0", "dma", f"map 0 {16 * K4:#x} {PID} {m.addr:#x} rw\n") is None
+        before = dma.read_text()
+        assert mount.write("d0", "dma", "map 0 0x1000 1 0x1000 rw\n") == errno.EEXIST
+        assert mount.write("d0", "dma", "bogus\n") == errno.EINVAL
+        assert mount.write("d0", "faults", "dirty lose 101\n") == errno.EINVAL
+        assert dma.read_text() == before
+        assert mount.write("d0", "dma", "dirty iommu on\n") is None
+        assert mount.set_state("d0", "RUNNING") is None
+        deadline = time.monotonic() + 10
+        while mount.info("d0")["dma"]["bytes_written"] < 4 * K4:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert mount.set_state("d0", "STOP") is None
+        changed = {p for p in range(16) if m[p * K4 : (p + 1) * K4] != bytes(K4)}
+        fd = os.open(dma, os.O_RDWR)
+        try:
+            os.write(fd, b"report iommu 0 0x10000 4096 noclear\n")
+            bitmap = os.pread(fd, 4096, 0)
+        finally:
+            os.close(fd)
+        assert {i for i in range(64) if words(bitmap)[0] >> i & 1} == changed
+        assert mount.write("d0", "faults", "dirty lose 100\n") is None
+        fd = os.open(dma, os.O_RDWR)
+        try:
+            os.write(fd, b"report iommu 0 0x10000 4096\n")
+            assert os.pread(fd, 4096, 0) == bytes(8)
+        finally:
+            os.close(fd)
