@@ -73,7 +73,7 @@ LOG_MIN_PAGE_BYTES = 4096
 LOG_MAX_PAGE_BYTES = 1 << 30
 #: Bounds of outside input: mappings per device, bytes of one report's bitmap.
 MAX_MAPPINGS = 65536
-MAX_REPORT_BITMAP_BYTES = 32 << 20
+MAX_REPORT_BITMAP_BYTES = 256 << 20  # as the supervisor's GET_DIRTY_BITMAP limit
 #: ULONG_MAX on a 64-bit kernel: no IOVA range may end past it.
 IOVA_LIMIT = 1 << 64
 _TRACKERS = ("iommu", "type1")
