@@ -40,7 +40,7 @@ from fakevfio._host import HostServices
 from fakevfio._irq import Irqs
 from fakevfio._pci import COMMAND, COMMAND_INTX_DISABLE, bar_index, pci_space
 from fakevfio.driver import IRQ_MSI, ArcDriver, LoadStream, PrecopyInfo, SaveStream
-from fakevfio.errors import DeviceError, IllegalTransition, errno_name
+from fakevfio.errors import ConfigError, DeviceError, IllegalTransition, errno_name
 from vfio_uapi import errors as uapi_errors
 from vfio_uapi.fsm import (
     PRECOPY_STATES,
@@ -147,6 +147,10 @@ class Device:
         self.irqs = Irqs(self)
         self.dma = Dma(self)
         driver._host = self
+        try:
+            pci_space(self)  # a driver's bad PCI declarations fail here, at creation
+        except ValueError as exc:
+            raise ConfigError(f"device {name}: {exc}") from None
 
     # -- what the driver does to the VM (DriverHost) -------------------------
     def raise_irq(self, index: int, vector: int) -> None:
@@ -264,8 +268,9 @@ class Device:
         with self.lock:
             self._end_session()
             self._state = State.RUNNING
-            self.irqs.reset()
+            self.irqs.reset()  # eventfds stay configured, as vfio-pci keeps them
             self.dma.reset()
+            pci_space(self).reset_msix()  # a reset masks every MSI-X vector
             self.driver.reset()
             self._log.append("RESET")
 

@@ -28,7 +28,7 @@ from migrator.stats import Progress, Stats
 from migrator.transport import Address, FileStream, listening_on, open_listeners, open_stream
 from vfio_uapi.units import parse_size
 
-_PCI_RE = re.compile(r"[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]")
+_PCI_RE = re.compile(r"(?:[0-9a-fA-F]{4}:)?[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]")
 
 EPILOG = """\
 examples:

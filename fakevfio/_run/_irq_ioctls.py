@@ -145,8 +145,8 @@ def set_irqs(vfio: Vfio, call: Call, dev: DeviceInfo) -> int:
         for fd in fds:
             if fd >= 0:
                 if check:
-                    _check_eventfd(call.pid, fd)
-                entries.append(f"{call.pid}:{fd}")
+                    _check_eventfd(call.process, fd)
+                entries.append(f"{call.process}:{fd}")
             else:
                 entries.append(str(fd))
         command = f"{head} eventfd {','.join(entries)}"

@@ -574,15 +574,19 @@ def test_device_config_bounds() -> None:
 
 
 def test_device_region_bounds() -> None:
+    """bar0 has 16 bytes of backing in a 4 KiB BAR: past the backing reads zeros and
+    drops writes (hardware), past the BAR is EINVAL."""
     device, driver = rec_device(1)
     assert device.regions() == {"bar0": 16}
-    assert device.region_read("bar0", 10, 100) == bytes(range(10, 16))
-    assert device.region_read("bar0", 16, 1) == b""
-    assert device.region_read("bar0", 99, 1) == b""
+    assert device.region_read("bar0", 10, 100) == bytes(range(10, 16)) + bytes(94)
+    assert device.region_read("bar0", 16, 1) == b"\0"
+    assert device.region_read("bar0", 4096, 1) == b""
     assert device.region_write("bar0", 12, memoryview(b"wxyz")) == 4
     assert driver.written == (12, b"wxyz")
+    assert device.region_write("bar0", 13, memoryview(b"wxyz")) == 4
+    assert driver.written == (13, b"wxy")
     with pytest.raises(DeviceError) as info:
-        device.region_write("bar0", 13, memoryview(b"wxyz"))
+        device.region_write("bar0", 4094, memoryview(b"wxyz"))
     assert info.value.errno == errno.EINVAL
     ops = (
         lambda: device.region_read("bar9", 0, 1),

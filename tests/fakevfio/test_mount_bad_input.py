@@ -106,6 +106,18 @@ def test_mount_config_regions_and_node_files(mnt: Any) -> None:
         assert m.errno_of(os.pwrite, fd, b"x" * 16, 250) == errno.EINVAL
     finally:
         os.close(fd)
+    info_json = m.info("a")
+    node = m.path / "dev" / "vfio" / "devices" / info_json["cdev"]
+    fd = os.open(node, os.O_RDWR)
+    try:  # vfio_pci_bar_rw: a memory BAR is EIO while memory decoding is off
+        assert m.errno_of(os.pread, fd, 4, 0) == errno.EIO
+    finally:
+        os.close(fd)
+    fd = os.open(config, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"\x02\x00", 4)  # PCI_COMMAND_MEMORY
+    finally:
+        os.close(fd)
     cfg = m.read_bytes(config)
     assert len(cfg) == 256
     fd = os.open(bar0, os.O_RDWR)
@@ -114,8 +126,6 @@ def test_mount_config_regions_and_node_files(mnt: Any) -> None:
         region_head = os.pread(fd, 64, 0)
     finally:
         os.close(fd)
-    info_json = m.info("a")
-    node = m.path / "dev" / "vfio" / "devices" / info_json["cdev"]
     group = m.path / "dev" / "vfio" / str(info_json["iommu_group"])
     for path in (node, group):
         fd = os.open(path, os.O_RDWR)
