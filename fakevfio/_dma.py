@@ -337,35 +337,7 @@ class Dma:
         _check_report_range(iova, length, pgsize, minimum=1)
         if not state.on:
             raise _BadCommand(errno.EINVAL, f"the {tracker} tracker is off ('dirty {tracker} on')")
-        return self._bitmap(state.dirty, PAGE_BYTES, iova, length, pgsize, clear=clear)
-
-    def _bitmap(
-        self, dirty: set[int], unit: int, iova: int, length: int, pgsize: int, *, clear: bool
-    ) -> bytes:
-        npages = -(-length // pgsize)
-        nbytes = -(-npages // 64) * 8
-        if nbytes > MAX_REPORT_BITMAP_BYTES:
-            raise _BadCommand(
-                errno.E2BIG,
-                f"a bitmap of {nbytes} bytes (at most {MAX_REPORT_BITMAP_BYTES}; report a "
-                "smaller range)",
-            )
-        bitmap = bytearray(nbytes)
-        end = iova + length
-        first, last = iova // unit, (end - 1) // unit
-        hits = _pages_in(dirty, first, last)
-        lose = self._device.faults.dirty_lose_percent()
-        for page in hits:
-            if lose and _lost(page, lose):
-                self.counters.pages_lost += 1
-                continue
-            lo = max(page * unit, iova) - iova
-            hi = min((page + 1) * unit, end) - 1 - iova
-            for bit in range(lo // pgsize, hi // pgsize + 1):
-                bitmap[bit >> 3] |= 1 << (bit & 7)
-        if clear:
-            dirty.difference_update(hits)
-        return bytes(bitmap)
+        return _bitmap(self, state.dirty, PAGE_BYTES, iova, length, pgsize, clear=clear)
 
     def log_start(self, page_size: int, ranges: list[tuple[int, int]]) -> int:
         """Rule 6, START; returns the page size the device tracks in."""
@@ -375,25 +347,7 @@ class Dma:
             raise _BadCommand(errno.E2BIG, f"{len(ranges)} ranges (at most {LOG_MAX_RANGES})")
         if page_size <= 0:
             raise _BadCommand(errno.EINVAL, "page size 0")
-        mask = page_size - 1
-        accepted: list[tuple[int, int]] = []
-        for iova, length in ranges:
-            if iova & mask or length & mask:
-                raise _BadCommand(
-                    errno.EINVAL,
-                    f"range 0x{iova:x}+0x{length:x} is not aligned to the page size {page_size}",
-                )
-            if iova + length >= IOVA_LIMIT:  # check_add_overflow on u64
-                raise _BadCommand(errno.EOVERFLOW, f"range 0x{iova:x}+0x{length:x} passes 2^64")
-            if length == 0:
-                raise _BadCommand(errno.EINVAL, f"range 0x{iova:x} is empty")
-            for start, stop in accepted:
-                if start < iova + length and iova < stop:
-                    raise _BadCommand(
-                        errno.EINVAL,
-                        f"range 0x{iova:x}+0x{length:x} overlaps 0x{start:x}+0x{stop - start:x}",
-                    )
-            accepted.append((iova, iova + length))
+        accepted = _check_ranges(page_size, ranges)
         if self.log is not None:
             raise _BadCommand(errno.EINVAL, "DMA logging is already started (stop it first)")
         shift = page_size.bit_length() - 1  # ilog2
@@ -415,55 +369,16 @@ class Dma:
                 f"report range 0x{iova:x}+0x{length:x} is outside the logged span "
                 f"0x{low:x}..0x{high:x}",
             )
-        return self._bitmap(log.dirty, log.page_size, iova, length, pgsize, clear=True)
+        return _bitmap(self, log.dirty, log.page_size, iova, length, pgsize, clear=True)
 
     # -- views ----------------------------------------------------------------------------
     def text(self) -> str:
         """What reading ``devices/NAME/dma`` shows."""
-        lines = [
-            f"map 0x{m.iova:x} 0x{m.length:x} {m.pid} 0x{m.vaddr:x} {m.perm()}" for m in self._maps
-        ]
-        for name, tracker in self.trackers.items():
-            lines.append(f"dirty {name} {'on' if tracker.on else 'off'} pages {len(tracker.dirty)}")
-        log = self.log
-        if log is None:
-            lines.append("log off")
-        else:
-            spans = ",".join(f"0x{s:x}:0x{e - s:x}" for s, e in log.ranges)
-            lines.append(f"log on {log.page_size} {spans} pages {len(log.dirty)}")
-        c = self.counters
-        lines.append(
-            f"bytes_written {c.bytes_written} pages_written {c.pages_written} "
-            f"bytes_read {c.bytes_read} faults {c.faults} pages_lost {c.pages_lost}"
-        )
-        if c.last_fault:
-            lines.append(f"last_fault {c.last_fault}")
-        return "".join(line + "\n" for line in lines)
+        return _text(self)
 
     def info(self) -> dict[str, object]:
         """The ``dma`` object of the ``info`` file."""
-        c = self.counters
-        log = self.log
-        return {
-            "bytes_written": c.bytes_written,
-            "pages_written": c.pages_written,
-            "bytes_read": c.bytes_read,
-            "faults": c.faults,
-            "last_fault": c.last_fault,
-            "pages_lost": c.pages_lost,
-            "mappings": len(self._maps),
-            "mapped_bytes": sum(m.length for m in self._maps),
-            "trackers": {
-                name: {"on": t.on, "dirty_pages": len(t.dirty)} for name, t in self.trackers.items()
-            },
-            "log": None
-            if log is None
-            else {
-                "page_size": log.page_size,
-                "ranges": len(log.ranges),
-                "dirty_pages": len(log.dirty),
-            },
-        }
+        return _info(self)
 
     def reset(self) -> None:
         """``VFIO_DEVICE_RESET``: DMA logging stops (mappings belong to the IOMMU and stay)."""
@@ -596,3 +511,103 @@ def _run(dma: Dma, words: list[str]) -> bytes | None:
         iova, length, pgsize = _triple(args[1:4])
         return dma.log_report(iova, length, pgsize)
     raise _BadCommand(errno.EINVAL, f"expected one of {_USAGE}")
+
+
+def _bitmap(
+    dma: Dma, dirty: set[int], unit: int, iova: int, length: int, pgsize: int, *, clear: bool
+) -> bytes:
+    npages = -(-length // pgsize)
+    nbytes = -(-npages // 64) * 8
+    if nbytes > MAX_REPORT_BITMAP_BYTES:
+        raise _BadCommand(
+            errno.E2BIG,
+            f"a bitmap of {nbytes} bytes (at most {MAX_REPORT_BITMAP_BYTES}; report a "
+            "smaller range)",
+        )
+    bitmap = bytearray(nbytes)
+    end = iova + length
+    first, last = iova // unit, (end - 1) // unit
+    hits = _pages_in(dirty, first, last)
+    lose = dma._device.faults.dirty_lose_percent()
+    for page in hits:
+        if lose and _lost(page, lose):
+            dma.counters.pages_lost += 1
+            continue
+        lo = max(page * unit, iova) - iova
+        hi = min((page + 1) * unit, end) - 1 - iova
+        for bit in range(lo // pgsize, hi // pgsize + 1):
+            bitmap[bit >> 3] |= 1 << (bit & 7)
+    if clear:
+        dirty.difference_update(hits)
+    return bytes(bitmap)
+
+
+def _text(dma: Dma) -> str:
+    """What reading ``devices/NAME/dma`` shows."""
+    lines = [f"map 0x{m.iova:x} 0x{m.length:x} {m.pid} 0x{m.vaddr:x} {m.perm()}" for m in dma._maps]
+    for name, tracker in dma.trackers.items():
+        lines.append(f"dirty {name} {'on' if tracker.on else 'off'} pages {len(tracker.dirty)}")
+    log = dma.log
+    if log is None:
+        lines.append("log off")
+    else:
+        spans = ",".join(f"0x{s:x}:0x{e - s:x}" for s, e in log.ranges)
+        lines.append(f"log on {log.page_size} {spans} pages {len(log.dirty)}")
+    c = dma.counters
+    lines.append(
+        f"bytes_written {c.bytes_written} pages_written {c.pages_written} "
+        f"bytes_read {c.bytes_read} faults {c.faults} pages_lost {c.pages_lost}"
+    )
+    if c.last_fault:
+        lines.append(f"last_fault {c.last_fault}")
+    return "".join(line + "\n" for line in lines)
+
+
+def _info(dma: Dma) -> dict[str, object]:
+    """The ``dma`` object of the ``info`` file."""
+    c = dma.counters
+    log = dma.log
+    return {
+        "bytes_written": c.bytes_written,
+        "pages_written": c.pages_written,
+        "bytes_read": c.bytes_read,
+        "faults": c.faults,
+        "last_fault": c.last_fault,
+        "pages_lost": c.pages_lost,
+        "mappings": len(dma._maps),
+        "mapped_bytes": sum(m.length for m in dma._maps),
+        "trackers": {
+            name: {"on": t.on, "dirty_pages": len(t.dirty)} for name, t in dma.trackers.items()
+        },
+        "log": None
+        if log is None
+        else {
+            "page_size": log.page_size,
+            "ranges": len(log.ranges),
+            "dirty_pages": len(log.dirty),
+        },
+    }
+
+
+def _check_ranges(page_size: int, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """START's per-range checks in the kernel's order: alignment, overflow, overlap."""
+    mask = page_size - 1
+    accepted: list[tuple[int, int]] = []
+    for iova, length in ranges:
+        if iova & mask or length & mask:
+            raise _BadCommand(
+                errno.EINVAL,
+                f"range 0x{iova:x}+0x{length:x} is not aligned to the page size {page_size}",
+            )
+        if iova + length >= IOVA_LIMIT:  # check_add_overflow on u64
+            raise _BadCommand(errno.EOVERFLOW, f"range 0x{iova:x}+0x{length:x} passes 2^64")
+        if length == 0:
+            raise _BadCommand(errno.EINVAL, f"range 0x{iova:x} is empty")
+        for start, stop in accepted:
+            if start < iova + length and iova < stop:
+                raise _BadCommand(
+                    errno.EINVAL,
+                    f"range 0x{iova:x}+0x{length:x} overlaps 0x{start:x}+0x{stop - start:x}",
+                )
+        accepted.append((iova, iova + length))
+    return accepted
