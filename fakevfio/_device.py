@@ -98,6 +98,8 @@ class DriverHost(Protocol):
 
     def set_intx(self, asserted: bool) -> None: ...
 
+    def irq_enabled(self, index: int) -> bool: ...
+
     def dma_read(self, iova: int, length: int) -> bytes: ...
 
     def dma_write(self, iova: int, data: bytes | bytearray | memoryview) -> None: ...
@@ -160,6 +162,10 @@ class Device:
     def set_intx(self, asserted: bool) -> None:
         with self.lock:
             self.irqs.set_intx(asserted)
+
+    def irq_enabled(self, index: int) -> bool:
+        with self.lock:
+            return self.irqs.active == index
 
     def dma_read(self, iova: int, length: int) -> bytes:
         with self.lock:

@@ -265,6 +265,11 @@ class ArcDriver(abc.ABC):
         """
         self._require_host().raise_irq(index, vector)
 
+    def irq_enabled(self, index: int) -> bool:
+        """Whether the VMM enabled interrupt ``index`` with SET_IRQS (only one index is
+        active at a time, as in vfio-pci: INTx, MSI or MSI-X)."""
+        return self._require_host().irq_enabled(index)
+
     def set_intx(self, asserted: bool) -> None:
         """Drive the INTx line as a level: asserted lines signal again on each unmask."""
         self._require_host().set_intx(asserted)

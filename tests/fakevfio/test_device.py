@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import os
 import re
 from collections.abc import Mapping
 
@@ -823,3 +824,30 @@ def test_device_random_requests_follow_table_model(
             if number != model.session:
                 assert not obj.alive
         assert log_lines(device) == log[-LOG_LINES:]
+
+
+def test_driver_asks_which_interrupt_the_vmm_enabled() -> None:
+    """irq_enabled follows SET_IRQS: one index at a time (INTx, MSI or MSI-X), as vfio-pci."""
+    from fakevfio._process import OsServices
+    from fakevfio.driver import IRQ_INTX, IRQ_MSI, IRQ_MSIX
+
+    driver = RamDriver("r0", {"size": "16K"})
+    device = Device("r0", "ram", driver, 0, host=OsServices())
+    efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        assert [driver.irq_enabled(i) for i in (IRQ_INTX, IRQ_MSI, IRQ_MSIX)] == [False] * 3
+        with device.lock:
+            device.irqs.control(f"set msi trigger 0 1 eventfd {os.getpid()}:{efd}")
+        assert [driver.irq_enabled(i) for i in (IRQ_INTX, IRQ_MSI, IRQ_MSIX)] == [
+            False,
+            True,
+            False,
+        ]
+        driver.raise_irq(IRQ_MSI)
+        assert os.eventfd_read(efd) == 1
+        with device.lock:
+            device.irqs.control("set msi trigger 0 0 none")
+        assert not driver.irq_enabled(IRQ_MSI)
+    finally:
+        device.close()
+        os.close(efd)
