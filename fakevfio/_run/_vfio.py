@@ -86,6 +86,10 @@ class Vfio:
 
     def _dropped(self, f: OpenFile) -> None:
         """The caller closed ``f`` (the held-file scan found no process with it)."""
+        if f.kind is NodeKind.CDEV and f.device:
+            others = [g for g in self.files.files if g is not f and g.device == f.device]
+            if not any(g.kind is NodeKind.CDEV for g in others):
+                self._irqs_off(f.device)  # vfio_pci_core_disable: the last device fd
         if f.kind is NodeKind.CDEV and f.iommufd is not None:
             f.iommufd.iommufd_ctx.unbind(self, f.devid)
         elif f.kind is NodeKind.GROUP and f.container is not None:
@@ -147,7 +151,9 @@ class Vfio:
             os.close(fd)
 
     def close(self) -> None:
-        """The caller is gone: every device loses the mappings it was given."""
+        """The caller is gone: every device loses the mappings and eventfds it was given."""
+        for name in {f.device for f in self.files.files if f.kind is NodeKind.CDEV and f.device}:
+            self._irqs_off(name)
         for f in self.files.files:
             if f.kind is NodeKind.GROUP and f.device and f.container and f.container.type1:
                 _iommufd.Type1.leave(self, f.device)
@@ -155,6 +161,11 @@ class Vfio:
                 for dev_id in list(f.iommufd_ctx.devices):
                     with contextlib.suppress(IoctlError):
                         f.iommufd_ctx.unbind(self, dev_id)
+
+    def _irqs_off(self, device: str) -> None:
+        """Release every interrupt eventfd of ``device``, as closing its last fd does."""
+        with contextlib.suppress(IoctlError, OSError):
+            self.nodes.write_text(device, ("irqs",), "disable\n")
 
     def container_devices(self, container: OpenFile) -> list[str]:
         """The devices of the groups set to ``container``."""

@@ -291,6 +291,14 @@ static int cmd_bench(int rounds) {
     return 0;
 }
 
+/* Enable MSI-X with two eventfds and exit without disabling it: closing the
+ * device fd must release them (vfio_pci_core_disable). */
+static int cmd_leave(void) {
+    int32_t fds[2] = { new_efd(), new_efd() };
+    printf("leave_enable %d\n", set_fds(VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_PCI_MSIX_IRQ_INDEX, 0, 2, fds));
+    return 0;
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (argc < 3) { fprintf(stderr, "usage: irq_drive info|intx|msi|bad CDEV [IRQS]\n"); return 2; }
@@ -301,6 +309,7 @@ int main(int argc, char **argv) {
     if (!strcmp(argv[1], "intx")) return cmd_intx();
     if (!strcmp(argv[1], "msi")) return cmd_msi();
     if (!strcmp(argv[1], "bad")) return cmd_bad();
+    if (!strcmp(argv[1], "leave")) return cmd_leave();
     if (!strcmp(argv[1], "bench")) return cmd_bench(argc > 4 ? atoi(argv[4]) : 200);
     fprintf(stderr, "unknown command %s\n", argv[1]);
     return 2;

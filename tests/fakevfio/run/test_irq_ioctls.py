@@ -120,6 +120,15 @@ def test_intx_automask_unmask_and_resample_eventfd(drive: Path, mount: Path) -> 
     assert "intx 0 trigger - signalled 6 dropped 1" in text  # the raise after disable
 
 
+def test_a_caller_that_exits_with_msix_on_releases_its_eventfds(drive: Path, mount: Path) -> None:
+    """Closing the last device fd (here: the caller exits) disables every index, as
+    vfio_pci_core_disable does, so the mount holds no copies of gone eventfds."""
+    assert pairs(run(drive, mount, "leave"))["leave_enable"] == "0"
+    text = (mount / "devices" / "gpu0" / "irqs").read_text()
+    assert text.startswith("active -\n"), text
+    assert not re.search(r"trigger \d+:\d+", text), text
+
+
 def test_msix_and_msi_vectors_reach_the_right_eventfds(drive: Path, mount: Path) -> None:
     lines = run(drive, mount, "msi")
     r = pairs(lines)
