@@ -19,6 +19,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from fakevfio.guest import (
     newc_archive,
 )
 from fakevfio.pytest_plugin import guest_missing_reason
-from tests.conftest import MountFactory
+from tests.conftest import MountFactory, MountHandle
 
 pytest_plugins = ["pytester"]
 
@@ -201,6 +202,13 @@ def test_failing_guest_reports_its_console_tail(session: GuestSession) -> None:
     assert lines.index(READY_LINE) < lines.index(f"{EXIT_PREFIX}3")
 
 
+def _await_state(mount: MountHandle, name: str, state: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (now := mount.info(name)["state"]) != state:
+        assert time.monotonic() < deadline, f"{name} is {now} after {timeout} s, expected {state}"
+        time.sleep(0.05)
+
+
 def _assert_guest_lists(guest: Guest, config: bytes) -> None:
     """The guest kernel's sysfs shows the device with its config space's IDs, once."""
     vendor = int.from_bytes(config[0:2], "little")
@@ -260,8 +268,10 @@ def test_guest_with_a_device_migrates_and_runs_on(
         assert stats.transferred > 0
         assert 0 < stats.downtime_ms <= stats.total_time_ms
         assert src.status() == "postmigrate"
-        assert src_mnt.info("gpu0")["state"] == "STOP"
-        assert dst_mnt.info("gpu0")["state"] == "RUNNING"
+        # QEMU reports "completed" before its cleanup takes the source device
+        # from STOP_COPY to STOP, so the device states are awaited, not sampled.
+        _await_state(src_mnt, "gpu0", "STOP")
+        _await_state(dst_mnt, "gpu0", "RUNNING")
         assert dst_mnt.info("gpu0")["state_digest"] == src_mnt.info("gpu0")["state_digest"]
         last = max(
             int(m.group(1))
