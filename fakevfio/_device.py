@@ -458,10 +458,16 @@ class Device:
 
     # -- workload and lifetime -------------------------------------------------
     def advance(self, seconds: float) -> None:
-        """Run the workload for ``seconds`` if the device is running."""
+        """Run the workload for ``seconds`` if the device is running.
+
+        In RUNNING_P2P and PRE_COPY_P2P a device still masters DMA (it is only
+        quiesced towards its peers), so only the driver's DMA workload runs there.
+        """
         with self.lock:
             if self._state in RUNNING_STATES:
                 self.driver.advance(seconds)
+            elif self._state in (State.RUNNING_P2P, State.PRE_COPY_P2P):
+                self.driver.advance_dma(seconds)
 
     def check_removable(self) -> None:
         with self.lock:

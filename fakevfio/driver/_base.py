@@ -231,6 +231,9 @@ class ArcDriver(abc.ABC):
     def advance(self, seconds: float) -> None:
         """Run the device's workload for ``seconds`` (only called while running)."""
 
+    def advance_dma(self, seconds: float) -> None:
+        """The DMA part of the workload in RUNNING_P2P and PRE_COPY_P2P (default: none)."""
+
     def session_ended(self) -> None:
         """The live migration session ended (any reason: arc, reset, ERROR, removal)."""
 
