@@ -13,9 +13,8 @@ prefetchable bit the device declares, at the address SeaBIOS assigned, and
 the destination QEMU, which restores config space itself, leaves the same BAR
 registers and command register in the destination device.
 
-For now the devices need ``enable-migration=on`` (device and IOMMU dirty
-tracking come from the DMA work); switching to QEMU's default is the one-line
-change of ``MIGRATION`` below to ``"enable-migration=auto"``.
+The devices run with QEMU's default ``enable-migration=auto``: every device
+offers DMA logging, so QEMU needs no ``enable-migration=on``.
 """
 
 from __future__ import annotations
@@ -40,9 +39,8 @@ from tests.conftest import MountFactory, MountHandle
 pytestmark = [pytest.mark.fuse, pytest.mark.qemu, pytest.mark.slow, pytest.mark.deadline(300)]
 
 QEMU = os.environ.get("FAKEVFIO_QEMU", "qemu-system-x86_64")
-#: QEMU's vfio-pci migration option for these devices ("enable-migration=auto" once
-#: the devices offer dirty tracking).
-MIGRATION = "enable-migration=on"
+#: QEMU's vfio-pci migration option for these devices: its default.
+MIGRATION = "enable-migration=auto"
 EXAMPLES = Path(__file__).resolve().parent.parent.parent / "examples"
 FLAGS = "STOP_COPY+P2P+PRE_COPY"
 
