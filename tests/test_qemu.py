@@ -113,7 +113,7 @@ def qemu_command(qmp: Path, multifd: str, *extra: str) -> list[str]:
         "-object",
         "iommufd,id=iommufd0,fd=4",
         "-device",
-        "vfio-pci,id=gpu0,iommufd=iommufd0,fd=3,rombar=0,enable-migration=on,"
+        "vfio-pci,id=gpu0,iommufd=iommufd0,fd=3,rombar=0,"  # QEMU's default enable-migration=auto
         f"x-migration-multifd-transfer={multifd}",
         "-qmp",
         f"unix:{qmp},server=on,wait=off",
