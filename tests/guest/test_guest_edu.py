@@ -64,7 +64,7 @@ MSI_DOORBELL = 0x00040000
 MMIO_IRQ_RAISE = 0x60
 #: The vector the guest programs into edu0's MSI data (no handler: the kernel says so).
 MSI_VECTOR = 0xD0
-#: What QEMU logs when its SET_IRQS for MSI fails (see the xfail below).
+#: What QEMU logs when its SET_IRQS for MSI fails.
 SET_IRQS_FROM_A_THREAD_FAILS = "Failed to setup MSI fds"
 
 #: The guest's helpers: the 1234:11e8 devices ($D, $BAR; a second one as $D1, $BAR1), bus
@@ -348,12 +348,9 @@ def test_guest_drives_edu_and_its_dma_buffer_survives_a_live_migration(
         dst.wait_for_line(r"^EDU msi enabled at capability \d+$", timeout=30)
         dst.wait_for_line(r"^EDU msi raised$", timeout=30)
         dst.expect_success(timeout=30)
-        if SET_IRQS_FROM_A_THREAD_FAILS in dst.log_path.read_text(errors="replace"):
-            pytest.xfail(
-                "QEMU's MSI enable (SET_IRQS from its vCPU thread) fails under fakevfio run: "
-                "fakevfio/_run/_irq_ioctls.py names the eventfds with the caller's thread id "
-                "(call.pid) instead of its thread group (call.tgid), so pidfd_open fails"
-            )
+        # QEMU enables MSI with SET_IRQS from a vCPU thread: the eventfds are named by
+        # the caller's thread group, or pidfd_open of the thread id fails.
+        assert SET_IRQS_FROM_A_THREAD_FAILS not in dst.log_path.read_text(errors="replace")
         kernel = [line for line in dst.console_lines() if "No irq handler for vector" in line]
         assert len(kernel) == 1, kernel
         assert f".{MSI_VECTOR} No irq handler" in kernel[0]
