@@ -214,7 +214,7 @@ def test_guest_mtty_lines_go_on_across_live_migration(
         assert stats.vfio_transferred > 0, stats.raw  # the device's state went over
         seen = [int(m) for m in re.findall(r"^MTTY seq (\d+)$", src.console(), ML)]
         last = seen[-1]
-        dst.wait_for_line(rf"^MTTY seq {last + 5 * EVERY}$", timeout=60)
+        dst.wait_for_line(rf"^MTTY seq {last + 3 * EVERY}$", timeout=90)
         no_bad_line(src)
         no_bad_line(dst)
         after = [int(m) for m in re.findall(r"^MTTY seq (\d+)$", dst.console(), ML)]
