@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import importlib.metadata
 import json
 import logging
 import os
@@ -108,58 +109,141 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"migrator {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p: argparse.ArgumentParser) -> None:
+    def common(p: argparse.ArgumentParser, live: bool) -> None:
         p.add_argument("devices", nargs="+", metavar="DEVICE", help="DEVICE[,id=IDSTR]")
-        p.add_argument("--multifd-channels", type=int, default=2, metavar="N")
-        p.add_argument("--multifd-transfer", choices=["on", "off", "auto"], default="auto")
-        p.add_argument("--switchover-ack", choices=["on", "off"], default="on")
-        p.add_argument("--downtime-limit", type=int, default=300, metavar="MS")
+        # Options that only a live migration has get None as their default, so that
+        # save/load can refuse them when given (_refuse_inapplicable).
+        p.add_argument(
+            "--multifd-channels",
+            type=int,
+            default=2 if live else None,
+            metavar="N",
+            help="multifd channels (default: 2; live migration only)",
+        )
+        p.add_argument(
+            "--multifd-transfer",
+            choices=["on", "off", "auto"],
+            default="auto",
+            help="device state over the multifd channels: auto = on when channels > 0 "
+            "and not a file (default: auto)",
+        )
+        p.add_argument(
+            "--switchover-ack",
+            choices=["on", "off"],
+            default="on" if live else None,
+            help="wait for the destination's switchover-ack (default: on; live only)",
+        )
+        p.add_argument(
+            "--downtime-limit",
+            type=int,
+            default=300,
+            metavar="MS",
+            help="switch over once the pending bytes fit this downtime (default: 300)",
+        )
         p.add_argument(
             "--max-queued-bytes",
             default="64M",
             metavar="BYTES",
-            help="destination bound on queued multifd bytes per device (default 64M)",
+            help="destination bound on queued multifd bytes (default: 64M)",
         )
         p.add_argument(
             "--max-bandwidth",
             default="0",
             metavar="BYTES_PER_S",
-            help="source send rate limit (0 = unlimited)",
+            help="source send rate limit (default: 0 = unlimited)",
         )
-        p.add_argument("--max-precopy-iterations", type=int, default=100_000, metavar="N")
-        p.add_argument("--precopy-time-limit", type=float, default=60.0, metavar="SECONDS")
-        p.add_argument("--peer-timeout", type=float, default=30.0, metavar="SECONDS")
+        p.add_argument(
+            "--max-precopy-iterations",
+            type=int,
+            default=100_000,
+            metavar="N",
+            help="switch over after N pre-copy iterations (default: 100000)",
+        )
+        p.add_argument(
+            "--precopy-time-limit",
+            type=float,
+            default=60.0,
+            metavar="SECONDS",
+            help="switch over after this much pre-copy (default: 60)",
+        )
+        p.add_argument(
+            "--peer-timeout",
+            type=float,
+            default=30.0 if live else None,
+            metavar="SECONDS",
+            help="give up on a peer silent this long (default: 30; live only)",
+        )
         p.add_argument(
             "--uuid", default=None, help="migration UUID checked in the multifd handshake"
         )
         p.add_argument("--json", action="store_true", help="print statistics as one JSON object")
         p.add_argument("--debug", action="store_true", help="debug logging and full tracebacks")
 
-    for name, helptext, addr_opt in (
-        ("migrate", "live source side", "--to"),
-        ("incoming", "destination side: accept one migration, then exit", "--listen"),
-        ("save", "save device state to a file (no multifd)", "-o"),
-        ("load", "load device state from a file", "-i"),
+    for name, helptext, addr_opts in (
+        ("migrate", "live source side", ("--to",)),
+        ("incoming", "destination side: accept one migration, then exit", ("--listen",)),
+        ("save", "save device state to a file (no multifd)", ("-o", "--output")),
+        ("load", "load device state from a file", ("-i", "--input")),
     ):
         p = sub.add_parser(
             name, help=helptext, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
         )
+        live = name in ("migrate", "incoming")
         p.add_argument(
-            addr_opt,
+            *addr_opts,
             dest="target",
             required=True,
-            metavar="FILE" if name in ("save", "load") else "ADDR",
+            metavar="ADDR" if live else "FILE",
+            help="tcp:HOST:PORT or unix:PATH" if live else "the state file",
         )
-        common(p)
+        common(p, live)
     return parser
 
 
-async def _watch_signals(scope: trio.CancelScope, hit: list[str]) -> None:
+def _version() -> str:
+    try:
+        return importlib.metadata.version("fakevfio")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+#: Options of a live migration that a file save or load cannot honour.
+_LIVE_ONLY = (
+    ("multifd_channels", "--multifd-channels"),
+    ("switchover_ack", "--switchover-ack"),
+    ("peer_timeout", "--peer-timeout"),
+)
+
+
+def _refuse_inapplicable(args: argparse.Namespace) -> None:
+    """save/load write or read a file: refuse the options only a live migration has."""
+    if args.command in ("migrate", "incoming"):
+        return
+    given = [flag for attr, flag in _LIVE_ONLY if getattr(args, attr) is not None]
+    if given:
+        raise ConfigurationError(
+            f"{args.command} works on a file: {', '.join(given)} "
+            f"{'applies' if len(given) == 1 else 'apply'} only to a live migration "
+            "(migrate/incoming); remove it"
+        )
+    args.multifd_channels, args.switchover_ack, args.peer_timeout = 0, "off", 30.0
+
+
+class Interrupted(MigrationError):
+    """SIGINT or SIGTERM cancelled the migration; the exit status is 128 + the signal."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"cancelled by {signal.Signals(signum).name}")
+
+
+async def _watch_signals(scope: trio.CancelScope, hit: list[int]) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
-            hit.append(signal.Signals(signum).name)
+            hit.append(signum)
             scope.cancel()
             return
 
@@ -168,7 +252,7 @@ async def _amain(
     args: argparse.Namespace, config: MigrationConfig, devices: list[DeviceBackend]
 ) -> Stats:
     progress = Progress()
-    interrupted: list[str] = []
+    interrupted: list[int] = []
     stats: Stats | None = None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_signals, nursery.cancel_scope, interrupted)
@@ -176,7 +260,7 @@ async def _amain(
         nursery.cancel_scope.cancel()
     progress.done()
     if interrupted:
-        raise MigrationError(f"cancelled by {interrupted[0] if interrupted else 'a signal'}")
+        raise Interrupted(interrupted[0])
     return stats
 
 
@@ -240,7 +324,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     devices: list[DeviceBackend] = []
     stats: Stats | None = None
     error: str | None = None
+    status = 1
     try:
+        _refuse_inapplicable(args)
         config = _config(args)
         devices = [open_device(d) for d in args.devices]
         stats = trio.run(_amain, args, config, devices)
@@ -251,8 +337,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         first = next((e for e in leaves if isinstance(e, MigrationError)), leaves[0])
         if isinstance(first, KeyboardInterrupt):
             error = "cancelled by SIGINT"
+            status = 128 + signal.SIGINT
         elif isinstance(first, MigrationError):
             error = str(first)
+            if isinstance(first, Interrupted):
+                status = 128 + first.signum
         else:
             error = f"unexpected {type(first).__name__}: {first}"
     finally:
@@ -264,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.json:
             failed = Stats(status="failed", error=error)
             print(json.dumps(failed.to_json()))
-        return 1
+        return status
     assert stats is not None
     if args.json:
         print(json.dumps(stats.to_json()))

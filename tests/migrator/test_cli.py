@@ -1,0 +1,76 @@
+"""The migrator's command-line conventions: --version, help with defaults, long options,
+refusal of options that do not apply (issue 20); exit codes 130/143 are in test_cancel.py."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import MountFactory, MountHandle
+from tests.migrator.helpers import digest, run_migrator
+
+pytestmark = [pytest.mark.fuse]
+
+
+@pytest.fixture(scope="module")
+def mounts(fakevfio_mount_module: MountFactory) -> Iterator[tuple[MountHandle, MountHandle]]:
+    with (
+        fakevfio_mount_module(["d0=ram:size=1M,seed=3,flags=STOP_COPY+P2P"]) as src,
+        fakevfio_mount_module(["d0=ram:size=1M,flags=STOP_COPY+P2P"]) as dst,
+    ):
+        yield src, dst
+
+
+def test_version_names_the_installed_distribution() -> None:
+    result = run_migrator("--version")
+    assert result.returncode == 0
+    assert result.stdout == f"migrator {importlib.metadata.version('fakevfio')}\n"
+
+
+@pytest.mark.parametrize("command", ["migrate", "incoming", "save", "load"])
+def test_help_shows_every_option_with_its_default(command: str) -> None:
+    result = run_migrator(command, "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for needle in ("(default: 300)", "(default: 64M)", "(default: auto)", "(default: 60)"):
+        assert needle in text, needle
+    if command in ("save", "load"):
+        assert ("--output FILE" if command == "save" else "--input FILE") in text
+
+
+@pytest.mark.parametrize(
+    "option", [("--multifd-channels", "3"), ("--switchover-ack", "off"), ("--peer-timeout", "5")]
+)
+@pytest.mark.parametrize("command", ["save", "load"])
+def test_file_commands_refuse_live_only_options_and_touch_nothing(
+    mounts: tuple[MountHandle, MountHandle], tmp_path: Path, command: str, option: tuple[str, str]
+) -> None:
+    src, _dst = mounts
+    path = tmp_path / "state.bin"
+    flag = "-o" if command == "save" else "-i"
+    if command == "load":
+        path.write_bytes(b"not read")
+    log = src.log_lines("d0")
+    result = run_migrator(command, flag, str(path), *option, str(src.device("d0")))
+    assert result.returncode == 1
+    assert f"{option[0]} applies only to a live migration" in result.stderr
+    assert src.log_lines("d0") == log  # the device was never touched
+    assert src.state("d0") == "RUNNING"
+    if command == "save":
+        assert not path.exists()
+
+
+def test_long_forms_of_output_and_input(
+    mounts: tuple[MountHandle, MountHandle], tmp_path: Path
+) -> None:
+    src, dst = mounts
+    path = tmp_path / "state.bin"
+    saved = run_migrator("save", "--output", str(path), str(src.device("d0")))
+    assert saved.returncode == 0, saved.stderr
+    src.set_state("d0", "RUNNING")
+    loaded = run_migrator("load", "--input", str(path), str(dst.device("d0")))
+    assert loaded.returncode == 0, loaded.stderr
+    assert digest(dst, "d0") == digest(src, "d0")
