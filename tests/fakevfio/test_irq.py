@@ -91,7 +91,8 @@ def host() -> FakeHost:
 
 def make(host: FakeHost, driver: str = "ram") -> Device:
     reg = Registry({"ram": RamDriver, "pcie": PcieRam, "nopin": NoPinRam}, host=host)
-    return reg.create(DeviceSpec.from_cli(f"d0={driver}:size=4K"))
+    extra = ",config_size=4096" if driver == "pcie" else ""  # PCIe: extended config space
+    return reg.create(DeviceSpec.from_cli(f"d0={driver}:size=4K{extra}"))
 
 
 def cmd(dev: Device, text: str) -> None:
