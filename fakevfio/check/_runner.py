@@ -1,0 +1,167 @@
+"""Running checks against devices, and the three report formats.
+
+Rules:
+
+* Each check runs in a daemon worker thread joined with a timeout: a driver
+  that hangs is a failed check (``timeout``), never a hung tool. A timed-out
+  device is not driven again (its worker may still hold it); its later checks
+  fail as ``not run``.
+* A check's verdict is ``pass``, ``fail`` or ``skip``; an unexpected exception in
+  a check (an errno the rule did not foresee) is a ``fail`` naming the operation.
+* The reports are pure functions of the results: :func:`table`, :func:`to_json`,
+  :func:`to_junit_xml`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import threading
+import time
+import traceback
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterable, Sequence
+
+import attrs
+
+from fakevfio.check._access import Device, open_device
+from fakevfio.check._checks import CHECKS, SLOW_ARC_S, Check, CheckFailed, CheckSkipped, Context
+
+DEFAULT_TIMEOUT_S = 60.0
+
+
+@attrs.frozen
+class CheckResult:
+    """One check on one device."""
+
+    check: str
+    device: str
+    status: str  # "pass" | "fail" | "skip"
+    detail: str
+    seconds: float
+    rule: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "fail"
+
+
+def select(pattern: str | None = None, *, destructive: bool = False) -> list[Check]:
+    """The checks to run: ``-k`` glob or substring, destructive ones only if asked."""
+    chosen = []
+    for check in CHECKS:
+        if check.destructive and not destructive:
+            continue
+        if pattern and not (pattern in check.name or fnmatch.fnmatchcase(check.name, pattern)):
+            continue
+        chosen.append(check)
+    return chosen
+
+
+def _run_one(check: Check, ctx: Context, timeout: float) -> tuple[str, str, bool]:
+    box: list[tuple[str, str]] = []
+
+    def work() -> None:
+        try:
+            box.append(("pass", check.fn(ctx)))
+        except CheckFailed as exc:
+            box.append(("fail", str(exc)))
+        except CheckSkipped as exc:
+            box.append(("skip", str(exc)))
+        except OSError as exc:
+            box.append(("fail", f"unexpected error: {exc}"))
+        except Exception as exc:  # noqa: BLE001 - any crash of a check is its failure
+            line = traceback.format_exception_only(exc)[-1].strip()
+            box.append(("fail", f"check crashed: {line}"))
+
+    worker = threading.Thread(target=work, name=f"check {check.name}", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive() or not box:
+        return "fail", f"timeout: no answer within {timeout:g} s (a hung driver?)", True
+    status, detail = box[0]
+    return status, detail, False
+
+
+def run_checks(
+    devices: Iterable[str | Device],
+    *,
+    destructive: bool = False,
+    pattern: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    slow_arc_s: float = SLOW_ARC_S,
+    progress: Callable[[CheckResult], None] | None = None,
+) -> list[CheckResult]:
+    """Run the selected checks on each device (a path or an opened :class:`Device`)."""
+    results: list[CheckResult] = []
+    checks = select(pattern, destructive=destructive)
+    for spec in devices:
+        name = spec if isinstance(spec, str) else spec.name
+        try:
+            dev = open_device(spec) if isinstance(spec, str) else spec
+        except OSError as exc:
+            results.append(CheckResult("open", name, "fail", str(exc), 0.0))
+            continue
+        ctx = Context(dev, slow_arc_s=slow_arc_s, destructive=destructive)
+        hung = False
+        for check in checks:
+            start = time.monotonic()
+            if hung:
+                status, detail = "fail", "not run: an earlier check on this device hung"
+            else:
+                status, detail, hung = _run_one(check, ctx, timeout)
+            result = CheckResult(
+                check.name, name, status, detail, time.monotonic() - start, check.rule
+            )
+            results.append(result)
+            if progress is not None:
+                progress(result)
+        if not hung and isinstance(spec, str):
+            dev.close()
+    return results
+
+
+def table(results: Sequence[CheckResult]) -> str:
+    rows = [("CHECK", "DEVICE", "RESULT", "TIME", "DETAIL")]
+    rows += [(r.check, r.device, r.status.upper(), f"{r.seconds:.2f}s", r.detail) for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip()
+        + "  "
+        + row[4]
+        for row in rows
+    ]
+    failed = sum(not r.ok for r in results)
+    lines.append(f"{len(results) - failed} passed or skipped, {failed} failed")
+    return "\n".join(lines)
+
+
+def to_json(results: Sequence[CheckResult]) -> str:
+    return json.dumps(
+        {
+            "ok": all(r.ok for r in results),
+            "results": [attrs.asdict(r) for r in results],
+        },
+        indent=2,
+    )
+
+
+def to_junit_xml(results: Sequence[CheckResult]) -> str:
+    suite = ET.Element(
+        "testsuite",
+        name="fakevfio check",
+        tests=str(len(results)),
+        failures=str(sum(r.status == "fail" for r in results)),
+        skipped=str(sum(r.status == "skip" for r in results)),
+        time=f"{sum(r.seconds for r in results):.3f}",
+    )
+    for r in results:
+        case = ET.SubElement(
+            suite, "testcase", classname=r.device, name=r.check, time=f"{r.seconds:.3f}"
+        )
+        if r.status == "fail":
+            ET.SubElement(case, "failure", message=r.detail).text = f"{r.detail}\nrule: {r.rule}"
+        elif r.status == "skip":
+            ET.SubElement(case, "skipped", message=r.detail)
+    text: str = ET.tostring(suite, encoding="unicode", xml_declaration=True)
+    return text
