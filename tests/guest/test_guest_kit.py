@@ -239,7 +239,7 @@ def test_guest_with_a_device_migrates_and_runs_on(
     return_path: bool,
 ) -> None:
     transfer = "on" if multifd else "off"
-    options = f"rombar=0,enable-migration=on,x-migration-multifd-transfer={transfer}"
+    options = f"rombar=0,x-migration-multifd-transfer={transfer}"
     with (
         fakevfio_mount([f"gpu0=ram:size=16M,flags={FLAGS},seed=5"]) as src_mnt,
         fakevfio_mount([f"gpu0=ram:size=16M,flags={FLAGS}"]) as dst_mnt,

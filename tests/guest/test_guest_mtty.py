@@ -197,7 +197,7 @@ def test_guest_mtty_lines_go_on_across_live_migration(
     """Both INTx models of the driver, each across one migration (the loop-back test
     above runs the default, edge)."""
     transfer = "on" if multifd else "off"
-    vfio_options = f"rombar=0,enable-migration=on,x-migration-multifd-transfer={transfer}"
+    vfio_options = f"rombar=0,x-migration-multifd-transfer={transfer}"
     spec = f"{SPEC},intx={intx}"
     with (
         fakevfio_mount([spec], extra_args=DRIVER_ARGS) as src_mount,
