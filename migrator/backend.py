@@ -20,6 +20,12 @@ import errno
 import os
 from pathlib import Path
 
+from migrator._wire.pci_config import (
+    ConfigLayout,
+    decode_qemu_config,
+    encode_qemu_config,
+    restore_writes,
+)
 from migrator.errors import DeviceOpError, NoDataNow
 from vfio_uapi.fsm import MigFlags, State, parse_flags, session_change
 
@@ -68,7 +74,28 @@ class DeviceBackend(abc.ABC):
         """The device's PCI config space."""
 
     @abc.abstractmethod
-    def write_config(self, data: bytes) -> None: ...
+    def write_config_at(self, offset: int, data: bytes) -> None:
+        """Write ``data`` at ``offset`` of the device's PCI config space."""
+
+    def save_config(self) -> bytes:
+        """QEMU's ``vmstate_vfio_pci_config`` blob for this device (see :mod:`.pci_config`)."""
+        return encode_qemu_config(self.read_config())
+
+    def config_layout(self) -> ConfigLayout:
+        """The layout of the blobs this device saves and loads (its own config space)."""
+        return ConfigLayout.of(self.read_config())
+
+    def write_config(self, blob: bytes) -> None:
+        """Restore a QEMU config blob as QEMU's ``vfio_pci_load_config`` does.
+
+        Only PCI_COMMAND, the BARs and the MSI/MSI-X enable bits are written
+        (:func:`restore_writes`); raises FramingError for a blob that does not
+        fit this device.
+        """
+        current = self.read_config()
+        saved = decode_qemu_config(blob, ConfigLayout.of(current))
+        for offset, data in restore_writes(current, saved.config):
+            self.write_config_at(offset, data)
 
     @abc.abstractmethod
     def reset(self) -> None:
@@ -208,11 +235,12 @@ class FakeVfioBackend(DataFdBackend):
         except OSError as exc:
             raise self._fail("read config", exc) from None
 
-    def write_config(self, data: bytes) -> None:
+    def write_config_at(self, offset: int, data: bytes) -> None:
         try:
             fd = os.open(self.dir / "config", os.O_WRONLY)
             try:
-                os.pwrite(fd, data, 0)
+                if os.pwrite(fd, data, offset) != len(data):
+                    raise OSError(errno.EIO, f"short write of {len(data)} bytes at {offset}")
             finally:
                 os.close(fd)
         except OSError as exc:

@@ -219,11 +219,17 @@ class Destination:
                 return
 
     async def _load(self, main: trio.abc.Stream, first: bytes) -> None:
+        # QEMU's config blob has no length: size it from each local device.
+        sizes = {}
+        for dev in self.devs:
+            layout = await call(self.phase, dev, dev.backend.config_layout)
+            sizes[dev.idstr] = layout.blob_size
         settings = DestinationSettings(
             idstrs=list(self.by_idstr),
             uuid=self.config.uuid,
             switchover_ack=self.config.switchover_ack,
             multifd=self.multifd,
+            config_sizes=sizes,
         )
         proto = DestinationProtocol(settings, max_data_chunk=WRITE_BATCH_BYTES)
         if first:  # bytes the caller read to tell a file's format: they arrived too

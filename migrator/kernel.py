@@ -324,13 +324,20 @@ class KernelBackend(DataFdBackend):
             raise self._fail("read config", exc) from None
         return bytes(out)
 
-    def write_config(self, data: bytes) -> None:
-        offset, size = self._config_region()
-        view = memoryview(data)[:size]
+    def write_config_at(self, offset: int, data: bytes) -> None:
+        base, size = self._config_region()
+        if offset + len(data) > size:
+            raise DeviceOpError(
+                self.location,
+                "write config",
+                errno.EINVAL,
+                f"{len(data)} bytes at 0x{offset:x} pass the {size}-byte config region",
+            )
+        view = memoryview(data)
         done = 0
         try:
             while done < len(view):
-                done += os.pwrite(self._fd, view[done:], offset + done)
+                done += os.pwrite(self._fd, view[done:], base + offset + done)
         except OSError as exc:
             raise self._fail("write config", exc) from None
 

@@ -222,18 +222,13 @@ def decode_vfio_packet(payload: bytes | bytearray | memoryview) -> VfioPacket:
     return VfioPacket(idx, flags, view[VFIO_PACKET_HEADER_SIZE:])
 
 
-def encode_config_packet_data(config: bytes) -> bytes:
-    """The data of a config packet: be64 DEV_CONFIG_STATE, be32 length, config, be64 EOS.
+def encode_config_packet_data(blob: bytes) -> bytes:
+    """The data of a config packet: be64 DEV_CONFIG_STATE, QEMU's config blob, be64 EOS.
 
-    It is what non-multifd ``save_state`` writes after the section header,
-    with this project's config blob framing (be32 length + bytes).
+    ``blob`` is QEMU's ``vmstate_vfio_pci_config`` (``_wire.pci_config``), as
+    QEMU's vfio_multifd_save_complete_precopy_config writes it.
     """
-    return (
-        _BE64.pack(Marker.DEV_CONFIG_STATE)
-        + _BE32.pack(len(config))
-        + config
-        + _BE64.pack(Marker.END_OF_STATE)
-    )
+    return _BE64.pack(Marker.DEV_CONFIG_STATE) + blob + _BE64.pack(Marker.END_OF_STATE)
 
 
 def decode_config_packet_data(
@@ -242,25 +237,22 @@ def decode_config_packet_data(
     """The config blob inside a config packet's data (see encode_config_packet_data).
 
     Raises:
-        FramingError: no leading DEV_CONFIG_STATE, a blob over the bound or cut
-            short, or anything but exactly one EOS after it ("end flag incorrect").
+        FramingError: no leading DEV_CONFIG_STATE, no trailing EOS, or a blob
+            over the bound. The blob's size is checked against the device when
+            it is loaded (``pci_config.decode_qemu_config``).
     """
     view = memoryview(data)
-    if len(view) < 8:
+    if len(view) < 16:
         raise FramingError(f"config packet too short at {len(view)} bytes")
     first = _BE64.unpack_from(view)[0]
     if first != Marker.DEV_CONFIG_STATE:
         raise FramingError(f"expected FLAG_DEV_CONFIG_STATE but got 0x{first:x}")
-    if len(view) < 12:
-        raise FramingError(f"config packet too short at {len(view)} bytes")
-    length = _BE32.unpack_from(view, 8)[0]
+    length = len(view) - 16
     if length > max_config_bytes:
         raise FramingError(
             f"config blob of {length} bytes exceeds the maximum of {max_config_bytes}"
         )
-    if len(view) < 12 + length:
-        raise FramingError(f"config packet truncated: blob of {length} bytes is cut short")
-    tail = view[12 + length :]
-    if len(tail) != 8 or _BE64.unpack_from(tail)[0] != Marker.END_OF_STATE:
-        raise FramingError("config state: end flag incorrect")
-    return bytes(view[12 : 12 + length])
+    last = _BE64.unpack_from(view, len(view) - 8)[0]
+    if last != Marker.END_OF_STATE:
+        raise FramingError(f"config state: end flag incorrect (got 0x{last:x})")
+    return bytes(view[8:-8])

@@ -22,7 +22,7 @@ Phases, in order (names appear in error messages and ``--json``):
                idle, then the config packet); then every device's SECTION_END
                carries a lone EOS. Without multifd: SECTION_END carries the data
                blocks until a read returns 0, then EOS.
-``config``     SECTION_FULL per device: ``[DEV_CONFIG_STATE][be32 n][config][EOS]``
+``config``     SECTION_FULL per device: ``[DEV_CONFIG_STATE][QEMU's config blob][EOS]``
                (multifd: a lone EOS), then QEMU_VM_EOF.
 ``complete``   wait for the destination's SHUT on the return path; devices go
                STOP_COPY -> STOP and are left there.
@@ -184,7 +184,7 @@ class Source:
             if dev.multifd:
                 events.append(ev.MarkerEvent(sid, Marker.END_OF_STATE))
             else:
-                config = bytes(await call("config", dev, dev.backend.read_config))
+                config = bytes(await call("config", dev, dev.backend.save_config))
                 events += [
                     ev.MarkerEvent(sid, Marker.DEV_CONFIG_STATE),
                     ev.ConfigBlob(sid, config),

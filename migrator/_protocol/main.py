@@ -354,12 +354,15 @@ class DestinationSettings:
         uuid: the migration UUID to insist on (all zero: none).
         switchover_ack: the switchover-ack capability is on.
         multifd: device state comes on multifd channels.
+        config_sizes: each device's config blob size, by idstr (the blob
+            carries no length; see ``MainStreamDecoder``).
     """
 
     idstrs: Collection[str]
     uuid: bytes = bytes(16)
     switchover_ack: bool = False
     multifd: bool = False
+    config_sizes: Mapping[str, int] = attrs.field(factory=dict)
 
 
 class DestinationProtocol:
@@ -373,7 +376,9 @@ class DestinationProtocol:
     def __init__(self, settings: DestinationSettings, *, max_data_chunk: int = 1 << 20) -> None:
         self.settings = settings
         self._t = _Tracker()
-        self._decoder = wire.MainStreamDecoder(max_data_chunk=max_data_chunk)
+        self._decoder = wire.MainStreamDecoder(
+            max_data_chunk=max_data_chunk, config_sizes=settings.config_sizes
+        )
         self._precopy: frozenset[str] | None = None
         self._ack_pending = 0
         self._ack_due = False

@@ -37,6 +37,7 @@ from collections.abc import Iterable
 import attrs
 
 from migrator import multifd_wire
+from migrator._wire.pci_config import encode_qemu_config
 from migrator.errors import ChannelBrokenError, ReassemblyError, RemoteProtocolError
 from migrator.reassembly import Buffer, Reassembler
 
@@ -322,11 +323,18 @@ class PacketPlanner:
         return out
 
     def config_packet(self, config: bytes) -> bytes:
-        """The whole config packet (headers and data); it is the last one."""
+        """The config packet for a device whose config space is ``config`` (the last one).
+
+        The packet carries QEMU's blob for it (``_wire.pci_config.encode_qemu_config``).
+        """
+        return self.config_packet_blob(encode_qemu_config(config))
+
+    def config_packet_blob(self, blob: bytes) -> bytes:
+        """The whole config packet (headers and data) carrying QEMU's config ``blob``."""
         if self.finished:
             raise ValueError("the config packet was already planned")
         self.finished = True
-        data = multifd_wire.encode_config_packet_data(config)
+        data = multifd_wire.encode_config_packet_data(blob)
         return (
             multifd_wire.encode_packet_headers(
                 self.idstr, self.next_idx, multifd_wire.VFIO_DEVICE_STATE_CONFIG_STATE, len(data)

@@ -38,6 +38,7 @@ engine's business, since it depends on negotiated settings.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 
 from migrator._wire.buffer import _Buffer
 from migrator._wire.savevm import (
@@ -113,6 +114,10 @@ class MainStreamDecoder:
         max_data_chunk: largest DataChunk handed out (and so held in memory).
         max_data_size: largest DATA block accepted.
         max_config_bytes: largest config blob accepted.
+        config_sizes: the size of each device's config blob (QEMU's
+            ``vmstate_vfio_pci_config`` carries no length: a destination sizes
+            it from its own device, ``pci_config.ConfigLayout.blob_size``), by
+            idstr; a config blob of a device not in it is a FramingError.
         max_vmdesc_bytes: largest trailing VM description accepted (skipped).
     """
 
@@ -123,6 +128,7 @@ class MainStreamDecoder:
         max_data_size: int = 1 << 30,
         max_config_bytes: int = 65536,
         max_vmdesc_bytes: int = 1 << 24,
+        config_sizes: Mapping[str, int] | None = None,
     ) -> None:
         if max_data_chunk <= 0:
             raise ValueError("max_data_chunk must be positive")
@@ -130,6 +136,8 @@ class MainStreamDecoder:
         self._max_data_size = max_data_size
         self._max_config_bytes = max_config_bytes
         self._max_vmdesc_bytes = max_vmdesc_bytes
+        self._config_sizes: Mapping[str, int] = {} if config_sizes is None else config_sizes
+        self._idstrs: dict[int, str] = {}  # section id -> idstr, from SECTION_START/FULL
         self._buf = _Buffer()
         self._state = _S.FILE_HEADER
         self._error: FramingError | None = None
@@ -250,6 +258,7 @@ class MainStreamDecoder:
     def _long_section(self, kind: int) -> Event | NeedData:
         event = _parse_long_section(self._buf, kind)
         if not isinstance(event, NeedData):
+            self._idstrs[event.section_id] = event.idstr
             self._enter_section(event.section_id)
         return event
 
@@ -325,18 +334,20 @@ class MainStreamDecoder:
         return DataChunk(self._section_id, data)
 
     def _config_blob(self) -> Event | NeedData:
-        if not self._have(4, "config blob length"):
-            return NEED_DATA
-        buf = self._buf
-        length = _BE32.unpack_from(buf.data, buf.pos)[0]
+        idstr = self._idstrs.get(self._section_id, "")
+        length = self._config_sizes.get(idstr)
+        if length is None:
+            raise FramingError(
+                f"config blob in section {self._section_id} ({idstr!r}): no local device of "
+                "that idstr to size it by (QEMU's config blob carries no length)"
+            )
         if length > self._max_config_bytes:
             raise FramingError(
                 f"config blob of {length} bytes exceeds the maximum of {self._max_config_bytes}"
             )
-        if not self._have(4 + length, "config blob"):
+        if not self._have(length, "config blob"):
             return NEED_DATA
-        buf.pos += 4
-        data = buf.take(length)
+        data = self._buf.take(length)
         self._state = _S.CONFIG_EOS
         return ConfigBlob(self._section_id, data)
 

@@ -2,8 +2,9 @@
 
 Reference ``qemu-vfio-multifd.md`` section 1.2: a section's VFIO payload is a
 run of ``VFIO_MIG_FLAG_*`` markers (be64), a DEV_DATA_STATE marker carries a be64
-size and that many bytes, and this project frames the device config blob as a
-be32 length plus bytes. Pure encoders only; decoding is the main decoder's.
+size and that many bytes, and DEV_CONFIG_STATE is followed by QEMU's own config
+blob (:mod:`.pci_config`; no length: the destination sizes it from its device).
+Pure encoders only; decoding is the main decoder's.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ class Marker(enum.IntEnum):
     DEV_CONFIG_LOAD_READY = 0xFFFFFFFFEF100006
 
 
-_BE32 = struct.Struct(">I")
 _BE64 = struct.Struct(">Q")
 _MARKER_AND_SIZE = struct.Struct(">QQ")
 
@@ -41,6 +41,6 @@ def encode_data_header(size: int) -> bytes:
     return _MARKER_AND_SIZE.pack(Marker.DEV_DATA_STATE, size)
 
 
-def encode_config_blob(config: bytes) -> bytes:
-    """The device config blob as this project frames it: be32 length + bytes."""
-    return _BE32.pack(len(config)) + config
+def encode_config_blob(blob: bytes) -> bytes:
+    """A config blob on the wire: QEMU's ``vmstate_vfio_pci_config`` as it is (no length)."""
+    return bytes(blob)

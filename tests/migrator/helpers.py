@@ -133,9 +133,34 @@ def config_bytes(mount: MountHandle, name: str) -> bytes:
     return mount.read_bytes(mount.file(name, "config"))
 
 
+#: What write_config_marker programs as a guest would: PCI_COMMAND memory
+#: space + bus master, and BAR0 at 0xe0000000 (aligned for any BAR up to 512 MiB).
+PROGRAMMED_COMMAND = 0x0006
+PROGRAMMED_BAR0 = 0xE0000000
+
+
 def write_config_marker(mount: MountHandle, name: str, marker: bytes) -> None:
+    """Program COMMAND and BAR0 (restored by a destination) and a marker at 0x40 (not)."""
     fd = os.open(mount.file(name, "config"), os.O_WRONLY)
     try:
         os.pwrite(fd, marker, 0x40)
+        os.pwrite(fd, PROGRAMMED_COMMAND.to_bytes(2, "little"), 0x04)
+        os.pwrite(fd, PROGRAMMED_BAR0.to_bytes(4, "little"), 0x10)
     finally:
         os.close(fd)
+    config = config_bytes(mount, name)
+    assert config[4:6] != bytes(2), config[:0x28].hex()
+    assert config[0x10:0x14] != bytes(4), config[:0x28].hex()
+
+
+def check_config_restored(src: bytes, dst_before: bytes, dst: bytes) -> None:
+    """The destination got what QEMU's vfio_pci_load_config writes, and nothing else.
+
+    PCI_COMMAND (0x04) and the BARs (0x10-0x27) are the source's; every other
+    byte is the destination device's own (MSI/MSI-X enable bits, the rest of
+    what QEMU writes, are clear on both sides here).
+    """
+    assert dst[0x04:0x06] == src[0x04:0x06]
+    assert dst[0x10:0x28] == src[0x10:0x28]
+    rest = [i for i in range(len(dst)) if not (4 <= i < 6 or 0x10 <= i < 0x28)]
+    assert [dst[i] for i in rest] == [dst_before[i] for i in rest]

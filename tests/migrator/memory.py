@@ -19,6 +19,19 @@ from migrator.errors import DeviceOpError, NoDataNow
 from vfio_uapi.fsm import PRECOPY_STATES, MigFlags, State
 
 
+def config_space(bars: bytes) -> bytes:
+    """A 256-byte type-0 config space (virtio's ids) whose BARs hold ``bars`` (<= 24 bytes).
+
+    The BARs are among what a destination restores (migrator._wire.pci_config
+    Rule 3), so a tag there travels from a source to a destination device.
+    """
+    assert len(bars) <= 24, bars
+    space = bytearray(256)
+    space[0:4] = b"\xf4\x1a\x00\x10"
+    space[0x10 : 0x10 + len(bars)] = bars
+    return bytes(space)
+
+
 class MemoryDevice(DeviceBackend):
     """A device whose migration state is ``state`` (source) or what was written (destination)."""
 
@@ -33,7 +46,7 @@ class MemoryDevice(DeviceBackend):
         self.idstr = idstr
         self.location = f"memory:{idstr}"
         self.state_bytes = state
-        self.config = config
+        self.config = config_space(config)
         self.flags = flags
         self.state = State.RUNNING
         self.arcs: list[tuple[State, State]] = []
@@ -81,8 +94,14 @@ class MemoryDevice(DeviceBackend):
     def read_config(self) -> bytes:
         return self.config
 
-    def write_config(self, data: bytes) -> None:
-        self.loaded_config = data
+    def write_config_at(self, offset: int, data: bytes) -> None:
+        space = bytearray(self.config)
+        space[offset : offset + len(data)] = data
+        self.config = bytes(space)
+
+    def write_config(self, blob: bytes) -> None:
+        super().write_config(blob)
+        self.loaded_config = self.config
 
     def reset(self) -> None:
         self.state = State.RUNNING

@@ -82,8 +82,38 @@ class Cursor:
 # --- main stream --------------------------------------------------------------
 
 
-def parse_stream(data: bytes) -> list[Record]:
-    """Parse a whole main-channel stream that ends with QEMU_VM_EOF."""
+def pci_config_blob_size(config_size: int, msix_vectors: int) -> int:
+    """Bytes of QEMU's vmstate_vfio_pci_config (hw/vfio/pci.c) for such a device.
+
+    hw/pci/pci.c vmstate_pci_device: int32 version_id, the config space
+    (config_size bytes), irq_state (PCI_NUM_PINS = 4 int32); hw/pci/msix.c
+    msix_save, with MSI-X only: the table (PCI_MSIX_ENTRY_SIZE = 16 a vector),
+    then the PBA (a bit a vector, whole bytes).
+    """
+    msix = msix_vectors * 16 + -(-msix_vectors // 8)
+    return 4 + config_size + 4 * 4 + msix
+
+
+def parse_pci_config_blob(blob: bytes, config_size: int, msix_vectors: int) -> dict[str, Any]:
+    """Split QEMU's config blob into its vmstate fields (see pci_config_blob_size)."""
+    if len(blob) != pci_config_blob_size(config_size, msix_vectors):
+        raise ReferenceError_(f"config blob of {len(blob)} bytes")
+    c = Cursor(blob)
+    out: dict[str, Any] = {"version_id": c.uint(4), "config": c.bytes_(config_size)}
+    out["irq_state"] = [c.uint(4) for _ in range(4)]
+    out["msix_table"] = c.bytes_(16 * msix_vectors)
+    out["msix_pba"] = c.bytes_(c.left())
+    return out
+
+
+def parse_stream(data: bytes, config_sizes: dict[str, int] | None = None) -> list[Record]:
+    """Parse a whole main-channel stream that ends with QEMU_VM_EOF.
+
+    QEMU's config blob has no length: ``config_sizes`` gives each idstr's
+    (``pci_config_blob_size``), as QEMU's destination knows it from its device.
+    """
+    sizes = {} if config_sizes is None else config_sizes
+    idstrs: dict[int, str] = {}
     c = Cursor(data)
     out: list[Record] = []
     if c.uint(4) != MAGIC_QEVM:
@@ -112,11 +142,12 @@ def parse_stream(data: bytes) -> list[Record]:
             out.append(
                 ("start" if kind == T_START else "full", sid, idstr, instance_id, version_id)
             )
-            _parse_vfio_payload(c, sid, out)
+            idstrs[sid] = idstr
+            _parse_vfio_payload(c, sid, out, sizes.get(idstr))
         elif kind in (T_PART, T_END):
             sid = c.uint(4)
             out.append(("part" if kind == T_PART else "end", sid))
-            _parse_vfio_payload(c, sid, out)
+            _parse_vfio_payload(c, sid, out, sizes.get(idstrs.get(sid, "")))
         else:
             raise ReferenceError_(f"unknown section type {kind}")
     if c.left():
@@ -124,7 +155,7 @@ def parse_stream(data: bytes) -> list[Record]:
     return out
 
 
-def _parse_vfio_payload(c: Cursor, sid: int, out: list[Record]) -> None:
+def _parse_vfio_payload(c: Cursor, sid: int, out: list[Record], config_size: int | None) -> None:
     # vfio_load_state: read markers until one that ends the payload.
     while True:
         value = c.uint(8)
@@ -141,8 +172,9 @@ def _parse_vfio_payload(c: Cursor, sid: int, out: list[Record]) -> None:
                 raise ReferenceError_("SETUP not followed by EOS")
             out.append(("marker", sid, "EOS"))
         elif name == "CONFIG_STATE":
-            blob_len = c.uint(4)
-            out.append(("config", sid, c.bytes_(blob_len)))
+            if config_size is None:
+                raise ReferenceError_(f"config blob of section {sid}: size unknown")
+            out.append(("config", sid, c.bytes_(config_size)))
             if c.uint(8) != MARKERS["EOS"]:
                 raise ReferenceError_("config not followed by EOS")
             out.append(("marker", sid, "EOS"))
@@ -186,7 +218,7 @@ def build_stream(records: Iterable[Record]) -> bytes:
             out += be(MARKERS["DATA"], 8) + be(len(data), 8) + data
         elif tag == "config":
             blob = bytes(rec[2])
-            out += be(len(blob), 4) + blob
+            out += blob
         elif tag == "footer":
             out += be(T_FOOTER, 1) + be(int(rec[1]), 4)
         elif tag == "eof":

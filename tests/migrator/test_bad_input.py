@@ -23,7 +23,15 @@ import pytest
 from tests.conftest import MountFactory, MountHandle
 from tests.migrator import qemu_reference as ref
 from tests.migrator import wire_sender as ws
-from tests.migrator.helpers import Result, digest, finish, migrate, run_migrator, start_incoming
+from tests.migrator.helpers import (
+    Result,
+    config_bytes,
+    digest,
+    finish,
+    migrate,
+    run_migrator,
+    start_incoming,
+)
 
 pytestmark = [pytest.mark.fuse, pytest.mark.deadline(60)]
 _names = itertools.count()
@@ -46,7 +54,10 @@ def saved(mounts: Mounts, tmp_path_factory: pytest.TempPathFactory) -> list[ref.
     result = run_migrator("save", "-o", str(path), str(src.device("saved")))
     assert result.returncode == 0, result.stderr
     data = path.read_bytes()
-    records = ref.parse_stream(data)
+    blob = ws.qemu_config_blob(config_bytes(src, "saved"))
+    records = ref.parse_stream(data, {"saved/vfio": len(blob)})
+    # The save file's config blob is QEMU's, as the independent model builds it.
+    assert [r[2] for r in records if r[0] == "config"] == [blob]
     assert ref.build_stream(records) == data
     assert [r[0] for r in records].count("data") >= 2
     return records

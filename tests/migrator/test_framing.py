@@ -15,7 +15,12 @@ from hypothesis import strategies as st
 
 from migrator import _wire as f
 from migrator.errors import FramingError, RemoteProtocolError
-from tests.migrator.qemu_reference import build_stream, parse_rp, parse_stream
+from tests.migrator.qemu_reference import (
+    build_stream,
+    parse_rp,
+    parse_stream,
+    pci_config_blob_size,
+)
 
 M = f.Marker
 MARKER_NAME = {
@@ -40,8 +45,15 @@ def drain(dec: f.MainStreamDecoder) -> list[f.Event]:
         out.append(ev)
 
 
-def decode(data: bytes, cuts: list[int] | None = None, **kw: int) -> list[f.Event]:
+#: Config blob sizes by idstr (QEMU's blob has no length: the destination sizes
+#: it from its device): a 256-byte device without MSI-X, a PCIe one with 3 vectors.
+DEV_A, DEV_B = "0000:00:04.0/vfio", "fake1/vfio"
+SIZES = {DEV_A: pci_config_blob_size(256, 0), DEV_B: pci_config_blob_size(4096, 3), "x/vfio": 3}
+
+
+def decode(data: bytes, cuts: list[int] | None = None, **kw: Any) -> list[f.Event]:
     """Decode ``data`` split at ``cuts``, then EOF; returns all events."""
+    kw.setdefault("config_sizes", SIZES)
     dec = f.MainStreamDecoder(**kw)
     events: list[f.Event] = []
     prev = 0
@@ -98,9 +110,9 @@ def to_records(events: list[f.Event]) -> list[tuple[Any, ...]]:
 def realistic_stream(blocks: int = 3, block: int = 1000) -> tuple[bytes, list[tuple[Any, ...]]]:
     """A two-device stream built with migrator's encoders, and what it should parse to."""
     rnd = random.Random(7)
-    a, b = "0000:00:04.0/vfio", "fake1/vfio"
+    a, b = DEV_A, DEV_B
     data_a = [rnd.randbytes(block) for _ in range(blocks)]
-    cfg = rnd.randbytes(256)
+    cfg = rnd.randbytes(SIZES[a])
     eos = f.encode_marker(M.END_OF_STATE)
     parts = [
         f.encode_file_header(),
@@ -170,7 +182,8 @@ def realistic_stream(blocks: int = 3, block: int = 1000) -> tuple[bytes, list[tu
     return b"".join(parts), exp
 
 
-def decode_error(data: bytes, **kw: int) -> FramingError:
+def decode_error(data: bytes, **kw: Any) -> FramingError:
+    kw.setdefault("config_sizes", SIZES)
     dec = f.MainStreamDecoder(**kw)
     dec.receive_data(data)
     dec.receive_data(b"")
@@ -250,7 +263,7 @@ def test_rp_message_types_match_qemu() -> None:
             f.encode_data_header(0x100000),
             "ff ff ff ff ef 10 00 04 00 00 00 00 00 10 00 00",
         ),
-        (f.encode_config_blob(b"\xaa\xbb"), "00 00 00 02 aa bb"),
+        (f.encode_config_blob(b"\xaa\xbb"), "aa bb"),  # QEMU's blob as it is
         (f.encode_rp_message(f.RpMsg.PONG, b"\0\0\0\1"), "00 02 00 04 00 00 00 01"),
         (f.encode_rp_shut(0), "00 01 00 04 00 00 00 00"),
         (f.encode_rp_shut(1), "00 01 00 04 00 00 00 01"),
@@ -282,7 +295,7 @@ def test_encoders_reject_bad_arguments() -> None:
 
 def test_reference_parser_accepts_realistic_stream() -> None:
     stream, expected = realistic_stream()
-    assert parse_stream(stream) == expected
+    assert parse_stream(stream, SIZES) == expected
 
 
 def test_decoder_matches_reference_on_realistic_stream() -> None:
@@ -325,7 +338,7 @@ def test_decoder_zero_size_data_block() -> None:
 
 def test_decoder_never_half_consumes() -> None:
     stream, _ = realistic_stream(blocks=2, block=50)
-    dec = f.MainStreamDecoder()
+    dec = f.MainStreamDecoder(config_sizes=SIZES)
     for i in range(len(stream)):
         dec.receive_data(stream[i : i + 1])
         before = dec.buffered_bytes
@@ -458,6 +471,7 @@ def test_return_path_payload_bound() -> None:
 
 
 PART1 = f.encode_section_part(1)
+FULL1 = f.encode_section_full(1, "x/vfio", 0, 1)  # SIZES: a 3-byte config blob
 
 
 @pytest.mark.parametrize(
@@ -483,7 +497,7 @@ PART1 = f.encode_section_part(1)
         ),
         (
             HEADER
-            + PART1
+            + FULL1
             + f.encode_marker(M.DEV_CONFIG_STATE)
             + f.encode_config_blob(b"abc")
             + f.encode_marker(M.DEV_SETUP_STATE),
@@ -494,8 +508,8 @@ PART1 = f.encode_section_part(1)
             "DATA block of 1073741825 bytes exceeds the maximum of 1073741824",
         ),
         (
-            HEADER + PART1 + f.encode_marker(M.DEV_CONFIG_STATE) + struct.pack(">I", 65537),
-            "config blob of 65537 bytes exceeds the maximum of 65536",
+            HEADER + PART1 + f.encode_marker(M.DEV_CONFIG_STATE) + bytes(300),
+            "config blob in section 1 (''): no local device of that idstr to size it",
         ),
         (HEADER + PART1 + EOS + f.encode_section_part(1), "missing section footer for section 1"),
         (HEADER + PART1 + EOS + f.encode_footer(2), "mismatched section footer: got section 2"),
@@ -545,7 +559,10 @@ def test_decoder_errors(stream: bytes, message: str) -> None:
         (HEADER + PART1 + f.encode_data_header(9)[:12], "truncated stream: EOF in DATA block hea"),
         (HEADER + PART1 + f.encode_data_header(9) + b"abc", "truncated stream: EOF in DATA block"),
         (HEADER + PART1 + f.encode_marker(M.DEV_SETUP_STATE), "truncated stream: EOF in VFIO mark"),
-        (HEADER + PART1 + f.encode_marker(M.DEV_CONFIG_STATE) + b"\0\0\0\4ab", "in config blob"),
+        (
+            HEADER + FULL1 + f.encode_marker(M.DEV_CONFIG_STATE) + b"ab",
+            "EOF in config blob (2 of 3",
+        ),
         (HEADER + PART1 + EOS + b"\x7e\0", "truncated stream: EOF in section footer"),
         (HEADER + b"\x07\0\0\0\5ab", "truncated stream: EOF in CONFIGURATION record"),
         (HEADER + f.encode_eof() + b"\x06\0\0\0\x10abc", "truncated stream: EOF in VM description"),
@@ -582,8 +599,10 @@ def test_receive_data_after_eof_is_misuse() -> None:
 def test_decoder_data_limits_are_configurable() -> None:
     stream = HEADER + PART1 + f.encode_data_header(100)
     assert "exceeds the maximum of 99" in str(decode_error(stream, max_data_size=99))
-    stream = HEADER + PART1 + f.encode_marker(M.DEV_CONFIG_STATE) + f.encode_config_blob(b"abc")
-    assert "exceeds the maximum of 2" in str(decode_error(stream, max_config_bytes=2))
+    stream = HEADER + FULL1 + f.encode_marker(M.DEV_CONFIG_STATE) + f.encode_config_blob(b"abc")
+    assert "config blob of 3 bytes exceeds the maximum of 2" in str(
+        decode_error(stream, max_config_bytes=2)
+    )
 
 
 def test_decoder_memory_stays_bounded_for_a_huge_data_block() -> None:
@@ -601,6 +620,24 @@ def test_decoder_memory_stays_bounded_for_a_huge_data_block() -> None:
 
 
 # --- properties ---------------------------------------------------------------
+
+
+def blob_size_of(idstr: str) -> int:
+    """The config blob size of an idstr in generated streams (any fixed function will do)."""
+    return len(idstr.encode()) % 41
+
+
+class SizeOf(dict[str, int]):
+    """config_sizes for generated streams: every idstr has its blob_size_of."""
+
+    def __missing__(self, idstr: str) -> int:
+        return blob_size_of(idstr)
+
+    def get(self, idstr: str, default: Any = None) -> Any:
+        return blob_size_of(idstr)
+
+
+GEN_SIZES = SizeOf()
 
 
 @st.composite
@@ -621,11 +658,14 @@ def stream_records(draw: st.DrawFn) -> list[tuple[Any, ...]]:
             recs.append((kind, sid, idstr, draw(st.integers(0, 3)), draw(st.integers(0, 3))))
         else:
             recs.append((kind, sid))
-        body = draw(st.sampled_from(["setup", "data", "config", "load_ready", "init_sent"]))
+        # Config blobs only in FULL sections, as QEMU sends them, sized by idstr.
+        bodies = ["setup", "data", "load_ready", "init_sent"] + ["config"] * (kind == "full")
+        body = draw(st.sampled_from(bodies))
         if body == "setup":
             recs += [("marker", sid, "SETUP"), ("marker", sid, "EOS")]
         elif body == "config":
-            blob = draw(st.binary(max_size=40))
+            n = blob_size_of(recs[-1][2])
+            blob = draw(st.binary(min_size=n, max_size=n))
             recs += [("marker", sid, "CONFIG_STATE"), ("config", sid, blob), ("marker", sid, "EOS")]
         else:
             for d in draw(st.lists(st.binary(max_size=40), max_size=3)):
@@ -643,11 +683,11 @@ def test_any_chunking_gives_the_same_events(
     recs: list[tuple[Any, ...]], data: st.DataObject
 ) -> None:
     stream = build_stream(recs)
-    assert parse_stream(stream) == recs
-    whole = decode(stream, max_data_chunk=16)
+    assert parse_stream(stream, GEN_SIZES) == recs
+    whole = decode(stream, max_data_chunk=16, config_sizes=GEN_SIZES)
     assert to_records(whole) == recs
     cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=30))
-    assert decode(stream, cuts, max_data_chunk=16) == whole
+    assert decode(stream, cuts, max_data_chunk=16, config_sizes=GEN_SIZES) == whole
 
 
 @settings(max_examples=300)
@@ -672,14 +712,14 @@ def test_truncation_and_bit_flips_end_in_framing_error(
     stream = build_stream(recs)
     cut = data.draw(st.integers(0, len(stream) - 1))
     with pytest.raises(FramingError, match="truncated"):
-        decode(stream[:cut])
+        decode(stream[:cut], config_sizes=GEN_SIZES)
     pos = data.draw(st.integers(0, len(stream) - 1))
     bit = data.draw(st.integers(0, 7))
     flipped = bytearray(stream)
     flipped[pos] ^= 1 << bit
     # A flip in data bytes, ids or lengths may still parse; nothing else may escape.
     with contextlib.suppress(FramingError):
-        decode(bytes(flipped), max_data_chunk=16)
+        decode(bytes(flipped), max_data_chunk=16, config_sizes=GEN_SIZES)
 
 
 # --- throughput -----------------------------------------------------------------

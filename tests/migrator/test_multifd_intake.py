@@ -30,6 +30,8 @@ from migrator.errors import (
     ReassemblyError,
     RemoteProtocolError,
 )
+from tests.migrator import wire_sender as ws
+from tests.migrator.memory import config_space
 
 UUID = bytes(range(16))
 KIB = 1024
@@ -62,10 +64,13 @@ def wire_packet(m: MultifdIntake, raw: bytes) -> Packet:
 
 
 def device_packets(idstr: str, chunks: list[bytes], config: bytes) -> list[bytes]:
-    """What a source's save task sends for one device, in send order."""
+    """What a source's save task sends for one device, in send order.
+
+    ``config`` (up to 24 bytes) goes into the BARs of a config space (memory.config_space).
+    """
     plan = PacketPlanner(idstr, PacketLayout(data_offset=4096, buf_size=1 << 20))
     out = [plan.data_headers(len(c)) + c for c in chunks]
-    out.append(plan.config_packet(config))
+    out.append(plan.config_packet(config_space(config)))
     return out
 
 
@@ -280,8 +285,8 @@ _CFG = struct.pack(">Q", framing.Marker.DEV_CONFIG_STATE)
     ("data", "message"),
     [
         (b"", "config packet too short"),
-        (_CFG + b"\0\0\0\x05ab", "config packet truncated"),
-        (_CFG + b"\0\0\0\x02ab", "end flag incorrect"),
+        (_CFG + b"ab", "config packet too short at 10 bytes"),
+        (_CFG + b"abcdefgh", "end flag incorrect"),
     ],
 )
 def test_intake_rejects_bad_config_packet(data: bytes, message: str) -> None:
@@ -311,11 +316,11 @@ def test_planner_golden_bytes() -> None:
     payload = (
         multifd_wire.encode_vfio_packet_header(1, multifd_wire.VFIO_DEVICE_STATE_CONFIG_STATE)
         + framing.encode_marker(framing.Marker.DEV_CONFIG_STATE)
-        + framing.encode_config_blob(b"cfg")
+        + ws.qemu_config_blob(config_space(b"cfg"))  # the independent sender's blob
         + framing.encode_marker(framing.Marker.END_OF_STATE)
     )
     header = multifd_wire.encode_device_state_header("gpu0/vfio", 0, len(payload))
-    assert plan.config_packet(b"cfg") == header + payload
+    assert plan.config_packet(config_space(b"cfg")) == header + payload
     with pytest.raises(ValueError, match="already planned"):
         plan.data_headers(1)
 
@@ -341,7 +346,7 @@ def migrations(draw: st.DrawFn) -> tuple[dict[str, tuple[list[bytes], bytes]], i
     for d in range(n_devices):
         sizes = draw(st.lists(st.integers(1, 3 * KIB), max_size=8))
         chunks = [bytes([d + 1, i % 256]) * (s // 2) + b"z" * (s % 2) for i, s in enumerate(sizes)]
-        config = draw(st.binary(max_size=64))
+        config = draw(st.binary(max_size=24))
         devices[f"dev{d}"] = (chunks, config)
     return devices, draw(st.integers(1, 4))
 
@@ -403,7 +408,7 @@ def test_intake_reassembles_any_spread_and_interleaving(
         assert before + len(packet.data) <= budget or let_through
     for name, (chunks, config) in devices.items():
         assert got[name] == chunks
-        assert configs[name] == config
+        assert configs[name] == ws.qemu_config_blob(config_space(config))
         assert m.done(name)
     assert m.queued_bytes == 0
 

@@ -33,6 +33,8 @@ from migrator.errors import FramingError, LocalProtocolError, RemoteProtocolErro
 from tests.migrator import qemu_reference as ref
 
 UUID = bytes(range(16))
+#: QEMU's config blob has no length: the destination sizes it (here b"cfg").
+CFG_SIZES = {"dev0": 3}
 
 
 class MigrationPair:
@@ -40,7 +42,9 @@ class MigrationPair:
 
     def __init__(self, settings: DestinationSettings | None = None) -> None:
         self.src = SourceProtocol()
-        self.dst = DestinationProtocol(settings or DestinationSettings(idstrs=["dev0"]))
+        self.dst = DestinationProtocol(
+            settings or DestinationSettings(idstrs=["dev0"], config_sizes=CFG_SIZES)
+        )
         self.main_bytes = bytearray()
         self.rp_bytes = bytearray()
 
@@ -113,7 +117,9 @@ def precopy_stream(uuid: bytes | None = UUID) -> list[ev.MainEvent]:
 
 
 def ack_settings(uuid: bytes = UUID) -> DestinationSettings:
-    return DestinationSettings(idstrs=["dev0"], uuid=uuid, switchover_ack=True)
+    return DestinationSettings(
+        idstrs=["dev0"], config_sizes=CFG_SIZES, uuid=uuid, switchover_ack=True
+    )
 
 
 def test_pair_precopy_switchover_ack_and_shut() -> None:
@@ -158,7 +164,7 @@ def test_pair_bytes_match_the_encoders_and_the_reference_parser() -> None:
     )
     assert bytes(pair.main_bytes).startswith(expected)
     assert bytes(pair.main_bytes[:8]) == b"QEVM\x00\x00\x00\x03"
-    records = ref.parse_stream(bytes(pair.main_bytes))
+    records = ref.parse_stream(bytes(pair.main_bytes), CFG_SIZES)
     assert records[0] == ("header", 3)
     assert ("command", ref.CMD_OPEN_RETURN_PATH, b"") in records
     assert records[-1] == ("eof",)
@@ -318,7 +324,7 @@ def test_return_path_message_before_open_is_refused_on_both_sides(
     event: ev.SwitchoverAck | ev.Pong | ev.Shut,
 ) -> None:
     assert (RpPhase.CLOSED, type(event)) not in RP_TRANSITIONS
-    dst = DestinationProtocol(DestinationSettings(idstrs=["dev0"]))
+    dst = DestinationProtocol(DestinationSettings(idstrs=["dev0"], config_sizes=CFG_SIZES))
     with pytest.raises(LocalProtocolError, match="in phase CLOSED"):
         dst.send(event)
     assert dst.rp_phase is RpPhase.ERROR
@@ -346,7 +352,9 @@ def test_nothing_after_shut_and_eof_before_shut() -> None:
 
 
 def test_switchover_ack_only_when_due() -> None:
-    pair = MigrationPair(DestinationSettings(idstrs=["dev0"], switchover_ack=True))
+    pair = MigrationPair(
+        DestinationSettings(idstrs=["dev0"], config_sizes=CFG_SIZES, switchover_ack=True)
+    )
     pair.dst.devices_ready([])
     pair.send(ev.FileHeader(3), ev.OpenReturnPath())
     assert pair.dst.ack_due  # no pre-copy device: due at once
@@ -370,27 +378,27 @@ def _fed(settings: DestinationSettings, *events: ev.MainEvent) -> DestinationPro
     ("settings", "events", "message"),
     [
         (
-            DestinationSettings(idstrs=["dev0"], uuid=UUID),
+            DestinationSettings(idstrs=["dev0"], config_sizes=CFG_SIZES, uuid=UUID),
             [ev.FileHeader(3), ev.Configuration("x", uuid=bytes(16)), ev.OpenReturnPath()],
             "does not match --uuid",
         ),
         (
-            DestinationSettings(idstrs=["dev0"], uuid=UUID),
+            DestinationSettings(idstrs=["dev0"], config_sizes=CFG_SIZES, uuid=UUID),
             [ev.FileHeader(3), ev.OpenReturnPath()],
             "carries no migration UUID",
         ),
         (
-            DestinationSettings(idstrs=["dev0"]),
+            DestinationSettings(idstrs=["dev0"], config_sizes=CFG_SIZES),
             [ev.FileHeader(3), ev.SectionStart(1, "other", 0, 1)],
             "Unknown savevm section or instance 'other' 0",
         ),
         (
-            DestinationSettings(idstrs=["dev0"]),
+            DestinationSettings(idstrs=["dev0"], config_sizes=CFG_SIZES),
             [ev.FileHeader(3), ev.SectionStart(1, "dev0", 0, 2)],
             "unsupported version 2",
         ),
         (
-            DestinationSettings(idstrs=["dev0"]),
+            DestinationSettings(idstrs=["dev0"], config_sizes=CFG_SIZES),
             [
                 ev.FileHeader(3),
                 ev.SectionStart(1, "dev0", 0, 1),
@@ -399,7 +407,7 @@ def _fed(settings: DestinationSettings, *events: ev.MainEvent) -> DestinationPro
             "switchover ack is not used",
         ),
         (
-            DestinationSettings(idstrs=["dev0"], multifd=True),
+            DestinationSettings(idstrs=["dev0"], config_sizes=CFG_SIZES, multifd=True),
             [
                 ev.FileHeader(3),
                 ev.SectionFull(1, "dev0", 0, 1),
@@ -408,7 +416,7 @@ def _fed(settings: DestinationSettings, *events: ev.MainEvent) -> DestinationPro
             "DEV_CONFIG_STATE in main migration channel but doing multifd",
         ),
         (
-            DestinationSettings(idstrs=["dev0"]),
+            DestinationSettings(idstrs=["dev0"], config_sizes=CFG_SIZES),
             [
                 ev.FileHeader(3),
                 ev.SectionFull(1, "dev0", 0, 1),
@@ -422,7 +430,7 @@ def _fed(settings: DestinationSettings, *events: ev.MainEvent) -> DestinationPro
             r"no state for destination device\(s\) dev1",
         ),
         (
-            DestinationSettings(idstrs=["dev0"], multifd=True),
+            DestinationSettings(idstrs=["dev0"], config_sizes=CFG_SIZES, multifd=True),
             [ev.FileHeader(3), *section(ev.SectionStart, 1, eos(1)), ev.EndOfFile()],
             "without MIG_CMD_SWITCHOVER_START",
         ),
@@ -441,7 +449,9 @@ def test_destination_init_data_sent_twice_is_refused() -> None:
     events: list[ev.MainEvent] = [ev.FileHeader(3)]
     for _ in range(2):
         events += section(ev.SectionStart, 1, ev.MarkerEvent(1, Marker.DEV_INIT_DATA_SENT))
-    dst = _fed(DestinationSettings(idstrs=["dev0"], switchover_ack=True), *events)
+    dst = _fed(
+        DestinationSettings(idstrs=["dev0"], config_sizes=CFG_SIZES, switchover_ack=True), *events
+    )
     with pytest.raises(RemoteProtocolError, match="approved more times than needed"):
         drain(dst)
 
@@ -463,7 +473,7 @@ def test_section_rules_on_both_sides() -> None:
 
 
 def test_framing_errors_are_remote_and_sticky() -> None:
-    dst = DestinationProtocol(DestinationSettings(idstrs=["dev0"]))
+    dst = DestinationProtocol(DestinationSettings(idstrs=["dev0"], config_sizes=CFG_SIZES))
     dst.receive_data(b"XXXXXXXX")
     with pytest.raises(FramingError):
         dst.next_event()

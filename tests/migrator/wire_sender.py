@@ -80,20 +80,52 @@ def packet(idstr: str, payload: bytes, **header: object) -> bytes:
     return device_state_header(idstr, len(payload), **header) + payload  # type: ignore[arg-type]
 
 
-def config_packet_data(config: bytes) -> bytes:
-    """Config packet data: [DEV_CONFIG_STATE][be32 n][config][EOS] (INTERFACES 7)."""
+def _capability(config: bytes, cap_id: int) -> int | None:
+    """The offset of standard capability ``cap_id`` (PCI 3.0 6.7), or None."""
+    if not config[6] & 0x10:  # PCI_STATUS_CAP_LIST
+        return None
+    pos, seen = config[0x34] & 0xFC, 0
+    while pos and seen < 48:
+        if config[pos] == cap_id:
+            return pos
+        pos, seen = config[pos + 1] & 0xFC, seen + 1
+    return None
+
+
+def qemu_config_blob(config: bytes) -> bytes:
+    """QEMU's vmstate_vfio_pci_config for a device with config space ``config``.
+
+    hw/pci/pci.c vmstate_pci_device: int32 version_id 2, the config space
+    (4096 bytes for PCI Express, else 256), irq_state (4 int32, none asserted);
+    hw/pci/msix.c msix_save: with MSI-X, the table as msix_init leaves it
+    (every vector masked: vector control 1), then the PBA (nothing pending).
+    """
+    express = _capability(config, 0x10) is not None and len(config) == 4096
+    out = (2).to_bytes(4, "big") + config[: 4096 if express else 256] + bytes(16)
+    msix = _capability(config, 0x11)
+    if msix is not None:
+        n = (int.from_bytes(config[msix + 2 : msix + 4], "little") & 0x7FF) + 1
+        out += (bytes(12) + (1).to_bytes(4, "little")) * n + bytes((n + 7) // 8)
+    return out
+
+
+def config_packet_data(blob: bytes) -> bytes:
+    """Config packet data: [DEV_CONFIG_STATE][QEMU's config blob][EOS] (INTERFACES 7)."""
     return (
         struct.pack(">Q", ref.MARKERS["CONFIG_STATE"])
-        + struct.pack(">I", len(config))
-        + config
+        + blob
         + struct.pack(">Q", ref.MARKERS["EOS"])
     )
 
 
 def device_packets(idstr: str, chunks: Sequence[bytes], config: bytes) -> list[bytes]:
-    """What QEMU's save thread queues for one device: data idx 0..n-1, then config idx n."""
+    """What QEMU's save thread queues for one device: data idx 0..n-1, then config idx n.
+
+    ``config`` is the device's config space; the config packet carries its QEMU blob.
+    """
     out = [packet(idstr, vfio_payload(i, c)) for i, c in enumerate(chunks)]
-    out.append(packet(idstr, vfio_payload(len(chunks), config_packet_data(config), config=True)))
+    blob = qemu_config_blob(config)
+    out.append(packet(idstr, vfio_payload(len(chunks), config_packet_data(blob), config=True)))
     return out
 
 
