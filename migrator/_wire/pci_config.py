@@ -79,8 +79,9 @@ def find_capability(config: bytes, cap_id: int) -> int | None:
     if len(config) < 0x40 or not _LE16.unpack_from(config, PCI_STATUS)[0] & PCI_STATUS_CAP_LIST:
         return None
     pos = config[PCI_CAPABILITY_LIST] & ~3
+    end = min(len(config), PCI_CONFIG_SPACE_SIZE)
     for _ in range(_MAX_CAPS):
-        if pos < 0x40 or pos + 2 > PCI_CONFIG_SPACE_SIZE:
+        if pos < 0x40 or pos + 4 > end:
             return None
         if config[pos] == cap_id:
             return pos
