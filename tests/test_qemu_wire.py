@@ -46,6 +46,7 @@ from fakevfio._stream import StateSaveStream
 from migrator import multifd_wire as wire
 from migrator._wire import QEMU_VM_FILE_MAGIC, Marker
 from tests.conftest import MountFactory, MountHandle
+from tests.migrator import qemu_reference, wire_sender
 from tests.migrator.helpers import (
     DEST_ARCS,
     SOURCE_ARCS,
@@ -262,7 +263,9 @@ def check_device_packets(capture: Capture, stream: bytes) -> list[DevicePacket]:
     return packets
 
 
-def qemu_migrate_through_proxy(src: MountHandle, dst: MountHandle, tmp: Path) -> list[bytes]:
+def qemu_migrate_through_proxy(
+    src: MountHandle, dst: MountHandle, tmp: Path, *, multifd: bool = True
+) -> list[bytes]:
     """Migrate gpu0 with two QEMUs through a Proxy; the recorded streams.
 
     As ``test_qemu.qemu_migrate`` but without switchover-ack: QEMU 10.0.2 never
@@ -272,16 +275,19 @@ def qemu_migrate_through_proxy(src: MountHandle, dst: MountHandle, tmp: Path) ->
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    caps = [{"capability": c, "state": True} for c in ("multifd", "return-path")]
+    names = ("multifd", "return-path") if multifd else ("return-path",)
+    caps = [{"capability": c, "state": True} for c in names]
+    mode = "on" if multifd else "off"
     proxy: Proxy | None = None
     try:
         with (
-            qemu_under_run(src, tmp, "src", "on") as sq,
-            qemu_under_run(dst, tmp, "dst", "on", "-incoming", "defer") as dq,
+            qemu_under_run(src, tmp, "src", mode) as sq,
+            qemu_under_run(dst, tmp, "dst", mode, "-incoming", "defer") as dq,
         ):
             for q in (sq, dq):
                 q.cmd("migrate-set-capabilities", capabilities=caps)
-                q.cmd("migrate-set-parameters", **{"multifd-channels": 2})
+                if multifd:
+                    q.cmd("migrate-set-parameters", **{"multifd-channels": 2})
             sq.cmd("migrate-set-parameters", **{"max-bandwidth": 8 << 30, "downtime-limit": 1000})
             sq.cmd("cont")
             dq.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
@@ -385,3 +391,57 @@ def test_qemu_multifd_device_state_packets_match_ours(
     assert blob == qemu_cfg[8:-8]
     # Both spread packets over both channels.
     assert {p.channel for p in theirs} == {p.channel for p in mine} == {0, 1}
+
+
+def main_channel_config(main: bytes, size: int) -> bytes:
+    """The config blob of the (one) VFIO device in a main channel, and check its framing.
+
+    QEMU's stream holds RAM and other devices' sections we do not parse; the
+    device's DATA is a seeded stream, so the last DEV_CONFIG_STATE marker is the
+    config's: the blob follows it, then EOS and the FULL section's footer.
+    """
+    at = main.rfind(_BE64.pack(Marker.DEV_CONFIG_STATE))
+    assert at > 0, "no DEV_CONFIG_STATE in the main channel"
+    blob = main[at + 8 : at + 8 + size]
+    assert _BE64.unpack_from(main, at + 8 + size)[0] == Marker.END_OF_STATE
+    assert main[at + 16 + size] == 0x7E  # QEMU_VM_SECTION_FOOTER
+    return blob
+
+
+def test_qemu_main_channel_config_section_matches_ours(
+    fakevfio_mount: MountFactory, tmp_path: Path
+) -> None:
+    """Without multifd: the config blob in the FULL section is QEMU's, byte for byte."""
+    with fakevfio_mount([SPEC]) as src, fakevfio_mount(["gpu0=ram:size=16M"]) as dst:
+        streams = qemu_migrate_through_proxy(src, dst, tmp_path, multifd=False)
+        guest_config = config_bytes(src, "gpu0")
+    assert [wire.sniff_channel(s[:4]) for s in streams] == ["main"]
+    size = len(wire_sender.qemu_config_blob(guest_config))
+    theirs = main_channel_config(streams[0], size)
+
+    with fakevfio_mount([SPEC]) as src, fakevfio_mount(["gpu0=ram:size=16M"]) as dst:
+        program_as_guest(src, guest_config)
+        dst_before = config_bytes(dst, "gpu0")
+        off = ("--multifd-channels", "0")
+        incoming, addr = start_incoming("tcp:127.0.0.1:0", [str(dst.device("gpu0"))], *off)
+        proxy = Proxy(int(addr.rsplit(":", 1)[1]))
+        try:
+            source = run_migrator(
+                "migrate", "--to", f"tcp:127.0.0.1:{proxy.port}", *off, str(src.device("gpu0"))
+            )
+        finally:
+            dest = finish(incoming)
+            ours_streams = proxy.close()
+        assert source.returncode == 0, source.stderr
+        assert dest.returncode == 0, dest.stderr
+        assert digest(dst, "gpu0") == digest(src, "gpu0")
+        check_config_restored(guest_config, dst_before, config_bytes(dst, "gpu0"))
+    kinds = [wire.sniff_channel(s[:4]) if s else "empty" for s in ours_streams]
+    assert kinds.count("main") == 1, kinds
+    assert "multifd" not in kinds, kinds
+    main = ours_streams[kinds.index("main")]
+    records = qemu_reference.parse_stream(main, {"gpu0/vfio": size})
+    ours = [r[2] for r in records if r[0] == "config"]
+    assert ours == [main_channel_config(main, size)]
+    assert struct.unpack_from(">i", theirs)[0] == 2
+    assert ours[0] == theirs
