@@ -213,13 +213,17 @@ class Source:
     async def _setup(self, sender: _Sender, multifd: bool) -> None:
         proto = self._proto
         await sender.send(proto.send(ev.FileHeader(framing.QEMU_VM_FILE_VERSION)))
-        if self.config.uuid != bytes(16):
-            # QEMU's configuration section can carry the migration UUID; a
-            # destination started with --uuid refuses a stream without it.
-            await sender.send(proto.send(ev.Configuration("fakevfio", uuid=self.config.uuid)))
+        # QEMU always sends its configuration section (qemu_savevm_state_header;
+        # its destination requires one), with the migration UUID when there is
+        # one: a destination started with --uuid refuses a stream without it.
+        uuid = self.config.uuid if self.config.uuid != bytes(16) else None
+        await sender.send(proto.send(ev.Configuration("fakevfio", uuid=uuid)))
         if self.return_path:
             # The protocol knows the return path is open before the bytes go out.
             await sender.send(proto.send(ev.OpenReturnPath()))
+            # As QEMU's migration_thread: PING 1 right after OPEN_RETURN_PATH
+            # (the destination answers PONG 1 on the return path).
+            await sender.send(proto.send(ev.Ping(b"\0\0\0\1")))
         for dev in self.devs:
             dev.flags = await call("setup", dev, dev.backend.migration_flags)
             dev.state = await call("setup", dev, dev.backend.get_state)

@@ -393,6 +393,11 @@ def test_qemu_multifd_device_state_packets_match_ours(
     assert {p.channel for p in theirs} == {p.channel for p in mine} == {0, 1}
 
 
+#: The first bytes of QEMU 10.0.2's main channel (q35, return-path on): header,
+#: CONFIGURATION "pc-q35-10.0" (no subsection), OPEN_RETURN_PATH, PING 1.
+PROLOGUE = Path(__file__).parent / "data" / "qemu-10.0-main-prologue.bin"
+
+
 def main_channel_config(main: bytes, size: int) -> bytes:
     """The config blob of the (one) VFIO device in a main channel, and check its framing.
 
@@ -445,3 +450,10 @@ def test_qemu_main_channel_config_section_matches_ours(
     assert ours == [main_channel_config(main, size)]
     assert struct.unpack_from(">i", theirs)[0] == 2
     assert ours[0] == theirs
+    # The prologue: the header, QEMU's configuration section (always sent; the
+    # machine name differs by design), OPEN_RETURN_PATH, then PING 1.
+    recorded = PROLOGUE.read_bytes()
+    assert streams[0].startswith(recorded)  # QEMU still sends what was recorded
+    name = b"fakevfio"
+    ours_prologue = recorded.replace(b"\0\0\0\x0bpc-q35-10.0", struct.pack(">I", len(name)) + name)
+    assert main.startswith(ours_prologue), main[: len(ours_prologue)].hex(" ")

@@ -227,8 +227,11 @@ def test_incoming_refuses_a_broken_stream(
     _, dst = mounts
     breaker, message, touched = CASES[case]
     name = _dest_device(mounts)
-    # A live stream: OPEN_RETURN_PATH right after the header, as QEMU sends it.
-    live = [saved[0], ("command", ref.CMD_OPEN_RETURN_PATH, b""), *saved[1:]]
+    # A live stream: the header, the configuration, then OPEN_RETURN_PATH and
+    # PING 1, as QEMU 10.0 sends them (tests/data/qemu-10.0-main-prologue.bin).
+    assert saved[1][0] == "configuration"
+    rp_open = [("command", ref.CMD_OPEN_RETURN_PATH, b""), ("command", 2, b"\0\0\0\1")]
+    live = [*saved[:2], *rp_open, *saved[2:]]
     data = breaker(live) if case not in ("wrong magic", "wrong version") else breaker(saved)
     incoming, addr = start_incoming(
         f"unix:{tmp_path}/in.sock",
