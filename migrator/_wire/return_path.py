@@ -2,8 +2,15 @@
 
 The destination talks back on the main connection with return-path messages
 (be16 type, be16 length, payload; ``enum mig_rp_message_type`` in QEMU's
-migration.c), of which we use ``SWITCHOVER_ACK`` and ``SHUT``. Pure: encoders
-return bytes, :class:`ReturnPathDecoder` is fed and drained h11 style.
+migration.c), of which we use ``SWITCHOVER_ACK``, ``PONG`` and ``SHUT``. Pure:
+encoders return bytes, :class:`ReturnPathDecoder` is fed and drained h11 style.
+
+As QEMU's ``source_return_path_thread``: a type that is INVALID (0) or past the
+last one QEMU knows fails ("Received invalid message ..."), and so does a
+known fixed-size type with another length or any payload over QEMU's 512-byte
+buffer ("Received '...' message ... with incorrect length ..."). Types QEMU
+knows but we never use (the postcopy ones) are returned as events; the
+protocol refuses them.
 """
 
 from __future__ import annotations
@@ -30,6 +37,12 @@ class RpMsg(enum.IntEnum):
     RECV_BITMAP = 5
     RESUME_ACK = 6
     SWITCHOVER_ACK = 7
+
+
+#: MIG_RP_MSG_MAX in QEMU 10.0: the first type it does not know.
+RP_MSG_MAX: Final = 8
+#: The size of QEMU's return-path buffer (``uint8_t buf[512]``): no payload is longer.
+RP_MAX_PAYLOAD: Final = 512
 
 
 # Fixed payload lengths of return-path messages (None = variable), as the
@@ -76,12 +89,12 @@ class RpEvent:
 class ReturnPathDecoder:
     """Sans-IO decoder of return-path messages (destination to source).
 
-    Known fixed-size types with a wrong length raise FramingError, as QEMU's
-    source does; unknown types are returned as events for the caller to judge.
+    Invalid types, wrong lengths and payloads over ``max_payload`` (QEMU's 512
+    by default) raise FramingError, as QEMU's source does (module docstring).
     ``closed`` is True once the peer closed the channel at a message boundary.
     """
 
-    def __init__(self, *, max_payload: int = 0xFFFF) -> None:
+    def __init__(self, *, max_payload: int = RP_MAX_PAYLOAD) -> None:
         self._max_payload = max_payload
         self._buf = _Buffer()
         self._error: FramingError | None = None
@@ -114,6 +127,11 @@ class ReturnPathDecoder:
                 raise FramingError(f"truncated return path: EOF in message header ({avail} of 4)")
             return NEED_DATA
         msg_type, length = _RP_HEADER.unpack_from(buf.data, buf.pos)
+        if msg_type == RpMsg.INVALID or msg_type >= RP_MSG_MAX:
+            raise FramingError(
+                f"Received invalid message 0x{msg_type:04x} length 0x{length:04x} "
+                "on the return path (QEMU knows types 1 to 7)"
+            )
         if length > self._max_payload:
             raise FramingError(
                 f"return-path message 0x{msg_type:04x} of {length} bytes exceeds the maximum "

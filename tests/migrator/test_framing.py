@@ -411,10 +411,10 @@ def test_return_path_round_trip_with_reference() -> None:
     wire = (
         f.encode_rp_switchover_ack()
         + f.encode_rp_message(f.RpMsg.PONG, b"\0\0\0\1")
-        + f.encode_rp_message(0x99, b"hello")
+        + f.encode_rp_message(f.RpMsg.REQ_PAGES_ID, b"hello")  # known, variable length
         + f.encode_rp_shut(0)
     )
-    assert parse_rp(wire) == [(7, b""), (2, b"\0\0\0\1"), (0x99, b"hello"), (1, b"\0\0\0\0")]
+    assert parse_rp(wire) == [(7, b""), (2, b"\0\0\0\1"), (3, b"hello"), (1, b"\0\0\0\0")]
     for step in (1, 3, len(wire)):
         dec = f.ReturnPathDecoder()
         events = []
@@ -445,7 +445,13 @@ def test_rp_shut_status_rejects_other_messages() -> None:
         (f.encode_rp_message(f.RpMsg.SHUT, b"\0"), "SHUT has length 1, expected 4"),
         (f.encode_rp_message(f.RpMsg.SWITCHOVER_ACK, b"\0"), "SWITCHOVER_ACK has length 1"),
         (b"\x00\x07\x00", "truncated return path: EOF in message header"),
-        (b"\x00\x99\x00\x05abc", "truncated return path: EOF in message 0x0099"),
+        (b"\x00\x03\x00\x05abc", "truncated return path: EOF in message 0x0003"),
+        # QEMU's source_return_path_thread: INVALID and types past MIG_RP_MSG_MAX
+        # fail, and no payload is longer than its 512-byte buffer.
+        (b"\x00\x00\x00\x00", "Received invalid message 0x0000 length 0x0000"),
+        (b"\x00\x08\x00\x00", "Received invalid message 0x0008 length 0x0000"),
+        (b"\x00\x99\x00\x05abcde", "Received invalid message 0x0099 length 0x0005"),
+        (f.encode_rp_message(f.RpMsg.REQ_PAGES_ID, bytes(513)), "513 bytes exceeds the maximum"),
     ],
 )
 def test_return_path_errors(wire: bytes, message: str) -> None:
@@ -462,7 +468,7 @@ def test_return_path_errors(wire: bytes, message: str) -> None:
 
 def test_return_path_payload_bound() -> None:
     dec = f.ReturnPathDecoder(max_payload=8)
-    dec.receive_data(f.encode_rp_message(0x20, bytes(9)))
+    dec.receive_data(f.encode_rp_message(f.RpMsg.RECV_BITMAP, bytes(9)))
     with pytest.raises(FramingError, match="of 9 bytes exceeds the maximum of 8"):
         dec.next_event()
 

@@ -479,3 +479,26 @@ def test_framing_errors_are_remote_and_sticky() -> None:
         dst.next_event()
     with pytest.raises(RemoteProtocolError, match="protocol is in ERROR"):
         dst.next_event()
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        # QEMU's source fails on the postcopy messages outside postcopy ...
+        (wire.encode_rp_message(wire.RpMsg.REQ_PAGES, bytes(12)), "REQ_PAGES \\(0x0004\\)"),
+        (wire.encode_rp_message(wire.RpMsg.RESUME_ACK, bytes(4)), "RESUME_ACK \\(0x0006\\)"),
+        (wire.encode_rp_message(wire.RpMsg.RECV_BITMAP, b"x"), "postcopy is not in use"),
+        # ... and on a type it does not know (QEMU 10.0: MIG_RP_MSG_MAX is 8).
+        (wire.encode_rp_message(8), "Received invalid message 0x0008 length 0x0000"),
+    ],
+)
+def test_source_fails_on_return_path_messages_qemu_fails_on(raw: bytes, message: str) -> None:
+    src = SourceProtocol()
+    src.send(ev.FileHeader(3))
+    src.send(ev.OpenReturnPath())
+    src.receive_data(wire.encode_rp_message(wire.RpMsg.PONG, b"\0\0\0\1") + raw)
+    assert src.next_event() == ev.Pong(b"\0\0\0\1")
+    with pytest.raises(RemoteProtocolError, match=message):
+        src.next_event()
+    with pytest.raises(RemoteProtocolError, match="protocol is in ERROR"):
+        src.receive_data(b"")
