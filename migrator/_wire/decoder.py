@@ -19,7 +19,9 @@ Rule 2: a CONFIGURATION record is only accepted directly after the header.
 Rule 3: every section (START/PART/END/FULL) carries one VFIO payload: a run of
         markers ending in EOS, or in INIT_DATA_SENT / CONFIG_LOAD_READY (which
         replace the EOS), or SETUP+EOS, or CONFIG_STATE+blob+EOS; then a footer
-        with the same section id.
+        with the same section id. The blob is QEMU's vmstate_vfio_pci_config,
+        which has no length: it is as long as ``config_sizes`` says for the
+        idstr of its SECTION_START/FULL (the local device's layout).
 Rule 4: DATA bytes are never buffered whole: they are handed out as DataChunk
         events of exactly ``min(remaining, max_data_chunk)`` bytes each, so the
         events do not depend on how the input was split (only up to
@@ -195,7 +197,11 @@ class MainStreamDecoder:
         if state is _S.CONFIG_BLOB:
             return self._config_blob()
         if state is _S.CONFIG_EOS:
-            return self._eos_after("config state: end flag incorrect")
+            return self._eos_after(
+                "config state: end flag incorrect after a config blob of the local device's "
+                "size (is it the same device model? streams of migrators before QEMU's "
+                "config blob, which framed config as be32 length + bytes, do not load)"
+            )
         if state is _S.DONE or state is _S.CLOSED:
             return self._after_eof()
         if state is _S.VMDESC:
