@@ -127,9 +127,16 @@ def decode_init(data: bytes, *, expected_uuid: bytes, channels: int) -> int:
             f"multifd channel {channel_id} has uuid {_uuid_text(uuid)}, "
             f"expected {_uuid_text(expected_uuid)}"
         )
-    if channel_id >= channels:
+    if channel_id > channels:  # QEMU's multifd_recv_initial_packet, its words
         raise FramingError(
-            f"multifd channel id {channel_id} is out of range (channels: {channels})"
+            f"multifd: received channel id {channel_id} is greater than number of "
+            f"channels {channels}"
+        )
+    if channel_id == channels:  # QEMU lets it through, then indexes past its array
+        raise FramingError(
+            f"multifd: received channel id {channel_id}, but channels are numbered "
+            f"0 to {channels - 1} (QEMU's check lets id {channels} through and then "
+            "indexes one past its channel array)"
         )
     return int(channel_id)
 

@@ -76,8 +76,11 @@ def test_init_rejects_bad_arguments() -> None:
             "multifd channel 1 has uuid 00000000-0000-0000-0000-000000000000, "
             "expected 01020304-0506-0708-090a-0b0c0d0e0f10",
         ),
-        (build_init(UUID, 2), "multifd channel id 2 is out of range (channels: 2)"),
-        (build_init(UUID, 255), "multifd channel id 255 is out of range (channels: 2)"),
+        (build_init(UUID, 2), "received channel id 2, but channels are numbered 0 to 1"),
+        (
+            build_init(UUID, 255),
+            "multifd: received channel id 255 is greater than number of channels 2",
+        ),
     ],
 )
 def test_init_errors(raw: bytes, message: str) -> None:
