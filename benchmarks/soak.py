@@ -18,9 +18,11 @@ After each round exactly one of these holds, or the soak counts a violation:
   source's digest from before the migration;
 * **failed-clean**: both sides exited non-zero within their deadline (the
   killed one by its signal) and every source device is RUNNING with its
-  digest from before (when the source mount itself was killed, its state is
-  gone by definition: the round counts as failed-clean if the destination
-  failed in time);
+  digest from before (a SIGKILLed source migrator cannot restore its devices,
+  as a killed VMM cannot: there the device must still hold its digest, and a
+  reset must bring it back to RUNNING with it; when the source mount itself
+  was killed, its state is gone by definition: the round counts as
+  failed-clean if the destination failed in time);
 * **lost source state** (a source device not RUNNING or with another digest
   after a failed migration) and **hang** (a side still running at its
   deadline: it is killed) are the two violations; both must stay at 0.
@@ -157,6 +159,7 @@ class Tally:
     faults: Counter[str] = attrs.Factory(Counter)
     violations: list[str] = attrs.Factory(list)
     slowest_failure_s: float = 0.0
+    reset_after_kill: int = 0  # source devices a killed source migrator left stopped
     samples: list[tuple[int, int, int]] = attrs.Factory(list)  # fds, threads, rss KiB
 
 
@@ -313,6 +316,13 @@ def run_round(plan: Plan, src: Mount, dst: Mount, workdir: Path, tally: Tally) -
     if src_alive:
         for dev in plan.devices:
             state, digest = src.state(dev.name), src.digest(dev.name)
+            if plan.fault == "kill-source" and state != "RUNNING" and digest == before[dev.name]:
+                # A SIGKILLed migrator cannot restore its devices (as a killed VMM
+                # cannot): they stay where it left them with their state, and a reset
+                # brings them back to RUNNING with that state.
+                src.reset(dev.name)
+                state, digest = src.state(dev.name), src.digest(dev.name)
+                tally.reset_after_kill += 1
             if state != "RUNNING" or digest != before[dev.name]:
                 if src_code == 0:
                     continue  # the source completed (the destination was killed later)
@@ -451,6 +461,10 @@ def _report(tally: Tally, elapsed: float, seed: int, out: list[str] | None) -> N
         ("failed-clean", str(tally.outcomes["failed-clean"])),
         ("lost source states (must be 0)", str(tally.outcomes["lost-state"])),
         ("hangs (must be 0)", str(tally.outcomes["hang"])),
+        (
+            "source devices a SIGKILLed source left stopped (state intact, reset)",
+            str(tally.reset_after_kill),
+        ),
         ("slowest failed migration", f"{tally.slowest_failure_s:.1f} s"),
         ("mount A samples (since its last remount)", str(len(tally.samples))),
         ("mount A fds first/last", f"{first[0]} / {last[0]}"),
