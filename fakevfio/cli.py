@@ -132,7 +132,64 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--mount", required=True, metavar="MOUNTPOINT", dest="mount")
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
     _add_guest_verb(add)
+    _add_check_verb(add)
     return parser
+
+
+# -- check (the conformance suite: fakevfio.check) --------------------------------------
+
+_CHECK_EPILOG = (
+    "examples:\n"
+    "  fakevfio check /tmp/fv/devices/gpu0\n"
+    "  fakevfio check --destructive --junit-xml out.xml /dev/vfio/devices/vfio0\n"
+    "  fakevfio run --mount /tmp/fv -- fakevfio check /dev/vfio/devices/vfio0\n"
+    "exit status: 0 only when every selected check passes; see docs/check.md\n"
+)
+
+
+def _add_check_verb(add: Callable[[str, str, str], argparse.ArgumentParser]) -> None:
+    p = add("check", "run the VFIO migration uAPI conformance checks on devices", _CHECK_EPILOG)
+    p.add_argument("devices", nargs="*", metavar="DEVICE", help="device dir or VFIO cdev")
+    p.add_argument("--destructive", action="store_true", help="also resets and bad resume input")
+    p.add_argument("--list", action="store_true", help="list the checks and exit")
+    p.add_argument("-k", dest="pattern", metavar="PATTERN", help="only checks matching this")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per check (60)")
+    p.add_argument("--slow-arc", type=float, default=1.0, help="an arc slower is a failure (1 s)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--junit-xml", metavar="FILE", help="also write a JUnit XML report")
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from fakevfio import check  # lazily: only this verb needs it
+
+    if args.list:
+        for c in check.select(args.pattern, destructive=True):
+            mark = " (destructive)" if c.destructive else ""
+            print(f"{c.name:28} {c.description}{mark}\n{'':28} rule: {c.rule}")
+        return 0
+    if not args.devices:
+        print("fakevfio check: give at least one DEVICE (or --list)", file=sys.stderr)
+        return 2
+    tty = sys.stderr.isatty()
+
+    def progress(r: check.CheckResult) -> None:
+        if tty:
+            print(f"\r\033[K{r.device} {r.check}: {r.status}", end="", file=sys.stderr)
+
+    results = check.run_checks_detached(
+        args.devices,
+        destructive=args.destructive,
+        pattern=args.pattern,
+        timeout=args.timeout,
+        slow_arc_s=args.slow_arc,
+        progress=progress,
+    )
+    if tty:
+        print("\r\033[K", end="", file=sys.stderr)
+    print(check.to_json(results) if args.json else check.table(results), flush=True)
+    if args.junit_xml:
+        Path(args.junit_xml).write_text(check.to_junit_xml(results))
+    return 0 if results and all(r.ok for r in results) else 1
 
 
 # -- guest (the guest kit: fakevfio.guest) --------------------------------------------
@@ -277,6 +334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_run(args.mount, list(args.argv))
         if args.command == "guest":
             return _cmd_guest(args)
+        if args.command == "check":
+            return _cmd_check(args)
     except FakeVfioError as exc:
         if debug:
             logger.exception("failed")

@@ -14,13 +14,16 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
+import os
 import threading
 import time
 import traceback
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import attrs
 
@@ -165,3 +168,56 @@ def to_junit_xml(results: Sequence[CheckResult]) -> str:
             ET.SubElement(case, "skipped", message=r.detail)
     text: str = ET.tostring(suite, encoding="unicode", xml_declaration=True)
     return text
+
+
+def run_checks_detached(devices: Sequence[str], **kwargs: Any) -> list[CheckResult]:
+    """:func:`run_checks` in a forked child that the caller never waits for.
+
+    A check that timed out leaves a thread blocked in the driver, and closing that
+    device's files at exit can block too (a FUSE flush queued behind the hung
+    request). The child sends its results as one length-prefixed JSON message
+    and exits; if its exit hangs, only the child hangs, never the tool.
+    """
+    progress = kwargs.pop("progress", None)
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        os.close(rfd)
+        status = 1
+        try:
+            results = run_checks(devices, **kwargs)
+            data = json.dumps([attrs.asdict(r) for r in results]).encode()
+            os.write(wfd, len(data).to_bytes(8, "little"))
+            view = memoryview(data)
+            while view:
+                view = view[os.write(wfd, view) :]
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(wfd)
+    try:
+        head = _read_exactly(rfd, 8)
+        if len(head) < 8:
+            os.waitpid(pid, 0)
+            raise RuntimeError("fakevfio check: the worker process died without results")
+        body = _read_exactly(rfd, int.from_bytes(head, "little"))
+    finally:
+        os.close(rfd)
+    results = [CheckResult(**r) for r in json.loads(body)]
+    if progress is not None:
+        for r in results:
+            progress(r)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+    return results
+
+
+def _read_exactly(fd: int, n: int) -> bytes:
+    parts = []
+    while n > 0:
+        data = os.read(fd, min(n, 1 << 20))
+        if not data:
+            break
+        parts.append(data)
+        n -= len(data)
+    return b"".join(parts)
