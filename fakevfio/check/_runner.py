@@ -183,6 +183,10 @@ def run_checks_detached(devices: Sequence[str], **kwargs: Any) -> list[CheckResu
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
         os.close(rfd)
+        # Never keep the caller's stdout/stderr open: a reader waits for their EOF.
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, 1)
+        os.dup2(null, 2)
         status = 1
         try:
             results = run_checks(devices, **kwargs)
