@@ -202,3 +202,25 @@ def test_checks_pass_over_the_ioctl_path_under_fakevfio_run(
         log = (m.path / "devices" / "gpu0" / "migration" / "log").read_text().splitlines()
         assert "RESET" in log
         assert "RUNNING PRE_COPY" in log
+
+
+class _KeepsSession(check.FileDevice):
+    """Broken on purpose: its data_fds never die (a pipe stands in for the stream)."""
+
+    def open_data(self, write: bool) -> int:
+        os.close(super().open_data(write))  # the real session must still be live
+        rfd, wfd = os.pipe()
+        os.write(wfd, b"x" * 64)
+        if write:
+            os.close(rfd)
+            return wfd
+        os.close(wfd)
+        return rfd
+
+
+def test_reset_that_keeps_the_session_is_reported(fakevfio_mount: MountFactory) -> None:
+    with fakevfio_mount(["k=ram:size=16K,flags=STOP_COPY"]) as m:
+        dev = _KeepsSession(m.path / "devices" / "k")
+        results = _by_check(check.run_checks([dev], destructive=True, pattern="reset", timeout=20))
+        assert results["reset.every-state"].status == "fail"
+        assert "survived the reset" in results["reset.every-state"].detail
