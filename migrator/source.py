@@ -69,6 +69,8 @@ from migrator.transport import call
 from vfio_uapi.fsm import PRECOPY_STATES, MigFlags, State
 
 logger = logging.getLogger(__name__)
+#: The pause after a pre-copy iteration that had nothing to send.
+IDLE_ITERATION_S = 0.005
 
 
 def _migration_errors(exc: BaseException) -> list[MigrationError]:
@@ -283,8 +285,9 @@ class Source:
                 return
             if self.phase == "pre-copy":
                 self._rp.check(self.phase)
+            sent = 0  # device data bytes (each iteration sends its section framing anyway)
             for dev in active:
-                await self._iterate_device(sender, dev, buffers[id(dev)])
+                sent += await self._iterate_device(sender, dev, buffers[id(dev)])
             self.stats.precopy_iterations += 1
             now = trio.current_time()
             bandwidth = policy.observe(now, self.stats.transferred_bytes)
@@ -303,12 +306,16 @@ class Source:
                     if dev.state in PRECOPY_STATES:
                         await self._refresh_precopy(dev)
                 self.stats.pending_bytes = pending
+            idle = not sent and all(
+                d.init_size + d.dirty_size == 0 for d in self.devs if d.state in PRECOPY_STATES
+            )
             decision = policy.decide(
                 now=now,
                 iterations=self.stats.precopy_iterations,
                 pending=pending,
                 exact=exact,
                 acked=acked,
+                idle=idle,
             )
             if decision is Decision.CONVERGED:
                 return
@@ -316,9 +323,13 @@ class Source:
                 logger.info("pre-copy bound reached; switching over with %d bytes pending", pending)
                 self.stats.forced_switchover = True
                 return
-            await trio.lowlevel.checkpoint()
+            if sent:
+                await trio.lowlevel.checkpoint()
+            else:  # nothing to send (yet): do not spin on the devices' files
+                await trio.sleep(IDLE_ITERATION_S)
 
-    async def _iterate_device(self, sender: _Sender, dev: Dev, view: memoryview) -> None:
+    async def _iterate_device(self, sender: _Sender, dev: Dev, view: memoryview) -> int:
+        """One pre-copy section of ``dev``; returns the data bytes it carried."""
         try:
             n = int(await call("pre-copy", dev, dev.backend.read_data, view))
         except NoDataNow:
@@ -345,6 +356,7 @@ class Source:
             events.append(ev.MarkerEvent(sid, Marker.END_OF_STATE))
         events.append(ev.SectionFooter(sid))
         await sender.emit(*events)
+        return n
 
     async def _stop_devices(self) -> None:
         for dev in self.devs:

@@ -15,6 +15,12 @@ Rule 2: the cheap estimate (pre-copy info) only decides whether to ask the
 Rule 3: nothing switches over before the destination acked (switchover-ack);
         once it has, the iteration bound or the time bound forces a switchover
         even when pre-copy has not converged.
+Rule 4: an idle iteration (it sent nothing, and no pre-copy device has
+        initial or dirty bytes left) cannot bring the pending bytes down:
+        what remains is stop-copy data only, so once acked the source switches
+        over. (Without this, a stop-copy-only device next to a finished
+        pre-copy device kept the source iterating until the time bound, since
+        an idle window measures no bandwidth: found by the soak.)
 """
 
 from __future__ import annotations
@@ -66,10 +72,20 @@ class Convergence:
         return pending_estimate <= self.threshold or not self.bandwidth
 
     def decide(
-        self, *, now: float, iterations: int, pending: int, exact: bool, acked: bool
+        self,
+        *,
+        now: float,
+        iterations: int,
+        pending: int,
+        exact: bool,
+        acked: bool,
+        idle: bool = False,
     ) -> Decision:
-        """Switch over now? ``exact`` says ``pending`` is the devices' stop-copy size."""
+        """Switch over now? ``exact`` says ``pending`` is the devices' stop-copy size;
+        ``idle`` that the iteration sent nothing and pre-copy has nothing left (Rule 4)."""
         if exact and acked and self.bandwidth and pending <= self.threshold:
+            return Decision.CONVERGED
+        if idle and acked:
             return Decision.CONVERGED
         bounded = iterations >= self.max_iterations or now - self.start >= self.time_limit_s
         if bounded and acked:

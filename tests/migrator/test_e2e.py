@@ -9,6 +9,7 @@ arc log is the sequence QEMU requests (tests/migrator/helpers.py).
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -127,6 +128,31 @@ def test_save_and_load_through_a_file(
     assert loaded.json()["transferred_bytes"] == path.stat().st_size
     assert loaded.json()["devices"] == saved.json()["devices"]
     _check(mounts, [name], [flags])
+
+
+def test_stop_copy_device_next_to_a_finished_precopy_device_switches_over(
+    mounts: tuple[MountHandle, MountHandle],
+) -> None:
+    """Found by the soak: with nothing left for pre-copy, the source iterated (idle,
+    measuring no bandwidth) until --precopy-time-limit instead of switching over."""
+    src, dst = mounts
+    pre = "STOP_COPY+PRE_COPY"
+    names = [_pair(mounts, "STOP_COPY+P2P", dirty="0")[0], _pair(mounts, pre, dirty="0")[0]]
+    started = time.monotonic()
+    source, dest = migrate(
+        "tcp:127.0.0.1:0",
+        [str(src.device(n)) for n in names],
+        [str(dst.device(n)) for n in names],
+        "--multifd-transfer",
+        "off",
+        "--precopy-time-limit",
+        "30",
+    )
+    assert source.returncode == 0, source.stderr
+    assert dest.returncode == 0, dest.stderr
+    assert time.monotonic() - started < 15
+    assert source.json()["forced_switchover"] is False
+    _check(mounts, names, ["STOP_COPY+P2P", pre])
 
 
 def test_many_devices_multifd_four_channels(
