@@ -84,9 +84,11 @@ class MultifdSend:
                 view[layout.head : layout.data_offset] = plan.data_headers(n)
                 await out.send((view[layout.frame(n)], view))
                 counters.stopcopy_bytes += n
-            config = bytes(await call("config", dev, dev.backend.read_config))
-            counters.config_bytes += len(config)
-            await out.send((memoryview(plan.config_packet(config)), None))
+            # QEMU's vmstate_vfio_pci_config blob, counted as it travels (as the
+            # destination counts it once decoded).
+            blob = bytes(await call("config", dev, dev.backend.save_config))
+            counters.config_bytes += len(blob)
+            await out.send((memoryview(plan.config_packet_blob(blob)), None))
 
     def _packet_buffer(self, size: int) -> memoryview:
         while self._buffers:

@@ -115,7 +115,10 @@ def test_convergence_an_idle_iteration_switches_over_once_acked() -> None:
     """Rule 4: nothing left for pre-copy and nothing sent: waiting cannot help."""
     p = policy(start=0.0)
     p.observe(1.0, 0)  # an idle window: no bandwidth measured
-    kw = {"now": 1.0, "iterations": 3, "pending": 4 << 20, "exact": True}
-    assert p.decide(**kw, acked=True, idle=False) is Decision.CONTINUE
-    assert p.decide(**kw, acked=False, idle=True) is Decision.CONTINUE
-    assert p.decide(**kw, acked=True, idle=True) is Decision.CONVERGED
+
+    def decide(acked: bool, idle: bool) -> Decision:
+        return p.decide(now=1.0, iterations=3, pending=4 << 20, exact=True, acked=acked, idle=idle)
+
+    assert decide(acked=True, idle=False) is Decision.CONTINUE
+    assert decide(acked=False, idle=True) is Decision.CONTINUE
+    assert decide(acked=True, idle=True) is Decision.CONVERGED

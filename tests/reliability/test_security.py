@@ -307,10 +307,12 @@ HUGE_BLOCKS: dict[str, tuple[list[ref.Record], bytes, str]] = {
         _be(ref.MARKERS["DATA"], 8) + _be(1 << 62, 8),
         f"DATA block of {1 << 62} bytes exceeds the maximum",
     ),
-    "config blob of 2^31 bytes": (
+    # QEMU's config blob carries no length: the flood's 0x5a bytes become its version
+    # field, which is refused before anything is read past it.
+    "config blob with no length": (
         [("full", 1, "{idstr}", 0, 1), ("marker", 1, "CONFIG_STATE")],
-        _be(1 << 31, 4),
-        f"config blob of {1 << 31} bytes exceeds the maximum",
+        b"",
+        "config blob: PCIDevice version_id 1515870810, expected 1 or 2",
     ),
 }
 
@@ -348,7 +350,8 @@ def test_huge_sizes_on_the_main_channel_fail_before_allocating(
     assert result.returncode != 0
     line = error_line(result.stderr)
     assert message in line, line
-    assert phase_of(line) == "load", line
+    # QEMU's blob has no length: it is parsed where it is restored, in the config phase.
+    assert phase_of(line) == ("config" if message.startswith("config blob") else "load"), line
     peak_kib = peak.join()
     assert 0 < peak_kib < 128 << 10, f"destination peaked at {peak_kib} KiB"
     assert_reset(dst, name)
