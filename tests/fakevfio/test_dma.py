@@ -371,7 +371,7 @@ def test_ram_dma_rate_writes_writable_mappings_only_while_dma_is_allowed(mem: Me
     assert dev.dma.info()["bytes_written"] == info["bytes_written"]
     # RUNNING_P2P and PRE_COPY_P2P still master DMA (INTERFACES section 9).
     for state in (State.RUNNING_P2P, State.PRE_COPY_P2P):
-        before = dev.dma.info()["bytes_written"]
+        before = int(str(dev.dma.info()["bytes_written"]))
         dev.set_state(state)
         dev.advance(0.1)
         assert dev.dma.info()["bytes_written"] == before + 10 * K4, state
