@@ -1,7 +1,8 @@
 """Whether FUSE mounts can work on this machine, and what to fix when they cannot.
 
-``fakevfio mount`` prints :func:`fuse_problems` after a failed mount; the
-testing toolkit (:mod:`fakevfio.testing`) and the pytest plugin use
+``fakevfio mount`` prints :func:`fuse_problems` after a failed mount;
+``fakevfio doctor`` prints :func:`doctor` (mounting, ``fakevfio run``, the QEMU
+tests, the guest kit); the testing toolkit (:mod:`fakevfio.testing`) and the pytest plugin use
 :func:`fuse_missing_reason` and :func:`fuse_required` to skip or fail tests.
 Plain standard library: nothing here imports pyfuse3, trio or pytest.
 """
@@ -10,8 +11,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import platform
+import re
 import shutil
 import stat
+import subprocess
 
 #: CAP_SYS_ADMIN's bit in /proc/self/status capability masks.
 _CAP_SYS_ADMIN_BIT = 21
@@ -154,4 +158,88 @@ def fuse_required() -> bool:
     return os.environ.get("CI", "").strip().lower() == "true"
 
 
-__all__ = ["find_fusermount", "fuse_missing_reason", "fuse_problems", "fuse_required"]
+#: The oldest kernel ``fakevfio run`` works on: seccomp ADDFD (5.9), pidfd_getfd (5.6).
+RUN_MIN_KERNEL = (5, 9)
+#: The oldest QEMU whose VFIO migration the QEMU tests drive.
+QEMU_MIN = (10, 0)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    found = re.search(r"(\d+)\.(\d+)", text)
+    return (int(found.group(1)), int(found.group(2))) if found else (0, 0)
+
+
+def run_problems(*, euid: int | None = None, machine: str = "", release: str = "") -> list[str]:
+    """Say why ``fakevfio run`` cannot work here (empty: it should)."""
+    problems: list[str] = []
+    machine = machine or platform.machine()
+    release = release or platform.release()
+    if machine != "x86_64":
+        problems.append(f"fakevfio run supports x86-64 only (this machine is {machine})")
+    if _version(release) < RUN_MIN_KERNEL:
+        problems.append(
+            f"fakevfio run needs Linux >= {RUN_MIN_KERNEL[0]}.{RUN_MIN_KERNEL[1]} "
+            f"(seccomp ADDFD, pidfd_getfd); this kernel is {release}"
+        )
+    if (os.geteuid() if euid is None else euid) != 0:
+        problems.append(
+            "fakevfio run needs root (a private mount namespace, and pidfd_getfd/"
+            "process_vm_writev on the program it runs): run it with sudo"
+        )
+    return problems
+
+
+def qemu_problems(qemu: str = "qemu-system-x86_64") -> list[str]:
+    """Say why the QEMU tests cannot run here (empty: they can)."""
+    path = shutil.which(qemu)
+    if path is None:
+        return [
+            f"{qemu} is not installed: bash .ci/setup-qemu installs QEMU >= 10 "
+            "(Debian 12: bookworm-backports; Debian 13: its own archive)"
+        ]
+    try:
+        out = subprocess.run(
+            [path, "--version"], capture_output=True, text=True, timeout=30, check=False
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        return [f"{path} --version failed: {exc}"]
+    if _version(out) < QEMU_MIN:
+        return [
+            f"{path} is {out.splitlines()[0] if out else 'of unknown version'}; the QEMU "
+            f"tests need >= {QEMU_MIN[0]}.{QEMU_MIN[1]} (bash .ci/setup-qemu)"
+        ]
+    return []
+
+
+def guest_problems() -> list[str]:
+    """Say why the guest kit cannot build a guest here (empty: it can)."""
+    missing = [tool for tool in ("apt-get", "dpkg-deb") if shutil.which(tool) is None]
+    if missing:
+        return [
+            f"the guest kit fetches Debian's kernel and busybox-static with apt-get and "
+            f"unpacks them with dpkg-deb: {', '.join(missing)} not found (a Debian or "
+            "Ubuntu machine has both)"
+        ]
+    return []
+
+
+def doctor() -> dict[str, list[str]]:
+    """Every area ``fakevfio doctor`` reports, each with its problems (empty: fine)."""
+    return {
+        "mount": fuse_problems(),
+        "run": run_problems(),
+        "qemu": qemu_problems(os.environ.get("FAKEVFIO_QEMU", "qemu-system-x86_64")),
+        "guest": guest_problems(),
+    }
+
+
+__all__ = [
+    "doctor",
+    "find_fusermount",
+    "fuse_missing_reason",
+    "fuse_problems",
+    "fuse_required",
+    "guest_problems",
+    "qemu_problems",
+    "run_problems",
+]

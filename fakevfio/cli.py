@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import importlib.metadata
+import json
 import logging
 import os
 import shutil
@@ -75,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="DEBUG logging and full tracebacks")
+    parser.add_argument("--version", action="version", version=f"fakevfio {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, help_: str, epilog: str) -> argparse.ArgumentParser:
@@ -133,6 +136,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
     _add_guest_verb(add)
     _add_check_verb(add)
+    doctor = add(
+        "doctor",
+        "say what this machine lacks for mounting, fakevfio run, the QEMU tests and guests",
+        "example:\n  fakevfio doctor --json\n",
+    )
+    doctor.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
 
 
@@ -305,6 +314,38 @@ def _cmd_guest(args: argparse.Namespace) -> int:
         return 1
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("fakevfio")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+_DOCTOR_AREAS = {
+    "mount": "fakevfio mount (FUSE)",
+    "run": "fakevfio run (VFIO ioctls for QEMU)",
+    "qemu": "the QEMU tests",
+    "guest": "the guest kit",
+}
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    """One line per area: ok, or each problem with its fix; exit 1 if any."""
+    from fakevfio._environment import doctor
+
+    report = doctor()
+    if args.json:
+        print(json.dumps(report, sort_keys=True))
+    else:
+        for area, problems in report.items():
+            label = _DOCTOR_AREAS[area]
+            if not problems:
+                print(f"ok       {label}")
+            for problem in problems:
+                print(f"MISSING  {label}: {problem}")
+    return 1 if any(report.values()) else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fakevfio``; returns the exit status."""
     parser = _parser()
@@ -336,6 +377,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_guest(args)
         if args.command == "check":
             return _cmd_check(args)
+        if args.command == "doctor":
+            return _cmd_doctor(args)
     except FakeVfioError as exc:
         if debug:
             logger.exception("failed")
