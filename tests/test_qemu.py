@@ -85,6 +85,12 @@ class Qmp:
         except (QMPError, EOFError) as exc:
             raise ConnectionError(f"QMP failed during {name}: {exc!r}") from None
 
+    def hmp(self, line: str) -> str:
+        """One HMP command (``human-monitor-command``); its output."""
+        out = self.cmd("human-monitor-command", **{"command-line": line})
+        assert isinstance(out, str)
+        return out
+
     @property
     def events(self) -> list[dict[str, Any]]:
         """The events QEMU sent so far (taken, not interpreted)."""

@@ -30,7 +30,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -43,10 +42,10 @@ from typing import Any
 import pytest
 
 from tests.conftest import MountFactory, MountHandle
+from tests.test_qemu import QEMU, Qmp, _need_qemu  # noqa: F401  (_need_qemu: autouse)
 
 pytestmark = [pytest.mark.fuse, pytest.mark.qemu, pytest.mark.slow, pytest.mark.deadline(240)]
 
-QEMU = os.environ.get("FAKEVFIO_QEMU", "qemu-system-x86_64")
 GUEST_MB = 64
 FLAGS = "STOP_COPY+P2P+PRE_COPY"
 # DMA into guest RAM 16M..48M, away from SeaBIOS's low memory and its tables at the top,
@@ -57,60 +56,6 @@ SRC = (
 )
 DST = f"gpu0=ram:size=1M,flags={FLAGS}"
 WARNING = re.compile(r"warning:.*(dirty|error recovery|migrat)", re.IGNORECASE)
-
-
-@pytest.fixture(autouse=True)
-def _need_qemu() -> None:
-    if shutil.which(QEMU):
-        return
-    reason = f"{QEMU} is not installed (apt-get install -t bookworm-backports qemu-system-x86)"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"QEMU tests must run in CI, but {reason}", pytrace=False)
-    pytest.skip(reason)
-
-
-class Qmp:
-    """A minimal synchronous QMP client."""
-
-    def __init__(self, path: Path, proc: subprocess.Popen[bytes], log: Path) -> None:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"QEMU exited with {proc.returncode}:\n{log.read_text()}")
-            try:
-                self.sock = socket.socket(socket.AF_UNIX)
-                self.sock.connect(str(path))
-                break
-            except OSError:
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"no QMP socket {path}:\n{log.read_text()}") from None
-                time.sleep(0.05)
-        self.sock.settimeout(60)
-        self.file = self.sock.makefile("rwb")
-        self.events: list[dict[str, Any]] = []
-        json.loads(self.file.readline())  # greeting
-        self.cmd("qmp_capabilities")
-
-    def cmd(self, name: str, **arguments: Any) -> Any:
-        msg: dict[str, Any] = {"execute": name}
-        if arguments:
-            msg["arguments"] = arguments
-        self.file.write(json.dumps(msg).encode() + b"\n")
-        self.file.flush()
-        while True:
-            reply = json.loads(self.file.readline())
-            if "event" in reply:
-                self.events.append(reply)
-                continue
-            if "error" in reply:
-                raise RuntimeError(f"{name}: {reply['error']}")
-            return reply["return"]
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.file.close()
-        self.sock.close()
 
 
 class Vm:

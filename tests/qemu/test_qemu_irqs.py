@@ -27,12 +27,9 @@ refuses a cdev that is not a kernel VFIO file (KVM_DEV_VFIO_FILE_ADD: EINVAL).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -43,71 +40,9 @@ from typing import Any
 import pytest
 
 from tests.conftest import MountFactory, MountHandle
+from tests.test_qemu import QEMU, Qmp, _need_qemu  # noqa: F401  (_need_qemu: autouse)
 
 pytestmark = [pytest.mark.fuse, pytest.mark.qemu, pytest.mark.slow, pytest.mark.deadline(240)]
-
-QEMU = os.environ.get("FAKEVFIO_QEMU", "qemu-system-x86_64")
-
-
-@pytest.fixture(autouse=True)
-def _need_qemu() -> None:
-    if shutil.which(QEMU):
-        return
-    reason = f"{QEMU} is not installed (apt-get install -t bookworm-backports qemu-system-x86)"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"QEMU tests must run in CI, but {reason}", pytrace=False)
-    pytest.skip(reason)
-
-
-class Qmp:
-    """A minimal synchronous QMP client."""
-
-    def __init__(self, path: Path, proc: subprocess.Popen[bytes], log: Path) -> None:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"QEMU exited with {proc.returncode}:\n{log.read_text()}")
-            try:
-                self.sock = socket.socket(socket.AF_UNIX)
-                self.sock.connect(str(path))
-                break
-            except OSError:
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"no QMP socket {path}:\n{log.read_text()}") from None
-                time.sleep(0.05)
-        self.sock.settimeout(60)
-        self.file = self.sock.makefile("rwb")
-        try:
-            json.loads(self.file.readline())  # greeting
-            self.cmd("qmp_capabilities")
-        except BaseException:
-            self.close()
-            raise
-
-    def cmd(self, name: str, **arguments: Any) -> Any:
-        msg: dict[str, Any] = {"execute": name}
-        if arguments:
-            msg["arguments"] = arguments
-        self.file.write(json.dumps(msg).encode() + b"\n")
-        self.file.flush()
-        while True:
-            reply = json.loads(self.file.readline())
-            if "event" in reply:
-                continue
-            if "error" in reply:
-                raise RuntimeError(f"{name}: {reply['error']}")
-            return reply["return"]
-
-    def hmp(self, line: str) -> str:
-        out = self.cmd("human-monitor-command", **{"command-line": line})
-        assert isinstance(out, str)
-        return out
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.file.close()
-        self.sock.close()
 
 
 @contextlib.contextmanager

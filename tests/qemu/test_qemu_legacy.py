@@ -20,9 +20,7 @@ they fail.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -36,64 +34,13 @@ import pytest
 
 from tests.conftest import MountFactory, MountHandle
 from tests.migrator.helpers import DEST_ARCS, SOURCE_ARCS, digest
+from tests.test_qemu import QEMU, Qmp, _need_qemu  # noqa: F401  (_need_qemu: autouse)
 
 pytestmark = [pytest.mark.fuse, pytest.mark.qemu, pytest.mark.slow, pytest.mark.deadline(300)]
 
-QEMU = os.environ.get("FAKEVFIO_QEMU", "qemu-system-x86_64")
 FLAGS = "STOP_COPY+P2P+PRE_COPY"
 SRC_ADDRESS = "0000:02:00.0"
 DST_ADDRESS = "0000:f0:00.0"  # the destination mount's default for its first device
-
-
-@pytest.fixture(autouse=True)
-def _need_qemu() -> None:
-    if shutil.which(QEMU):
-        return
-    reason = f"{QEMU} is not installed (apt-get install -t bookworm-backports qemu-system-x86)"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"QEMU tests must run in CI, but {reason}", pytrace=False)
-    pytest.skip(reason)
-
-
-class Qmp:
-    """Just enough QMP: connect once QEMU listens, run commands, skip events."""
-
-    def __init__(self, path: Path, proc: subprocess.Popen[bytes], log: Path) -> None:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"QEMU exited with {proc.returncode}:\n{log.read_text()}")
-            self.sock = socket.socket(socket.AF_UNIX)
-            try:
-                self.sock.connect(str(path))
-                break
-            except OSError:
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"no QMP socket {path}:\n{log.read_text()}") from None
-                time.sleep(0.05)
-        self.sock.settimeout(60)
-        self.file = self.sock.makefile("rwb")
-        json.loads(self.file.readline())  # the greeting
-        self.cmd("qmp_capabilities")
-
-    def cmd(self, name: str, **arguments: Any) -> Any:
-        self.file.write(json.dumps({"execute": name, "arguments": arguments}).encode() + b"\n")
-        self.file.flush()
-        while True:
-            line = self.file.readline()
-            if not line:
-                raise ConnectionError(f"QMP closed during {name}")
-            reply = json.loads(line)
-            if "error" in reply:
-                raise RuntimeError(f"{name}: {reply['error']}")
-            if "return" in reply:
-                return reply["return"]
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.file.close()
-        self.sock.close()
 
 
 def wait_migration(qmp: Qmp, timeout: float = 120) -> dict[str, Any]:
