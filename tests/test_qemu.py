@@ -148,6 +148,17 @@ def qemu_under_run(
         "sh",
         *qemu_command(qmp_path, multifd, *extra),
     ]
+    with qemu_session(argv, qmp_path, log) as qmp:
+        yield qmp
+
+
+@contextlib.contextmanager
+def qemu_session(argv: list[str], qmp_path: Path, log: Path) -> Iterator[Qmp]:
+    """Start ``argv`` (QEMU, under ``fakevfio run``; output to ``log``) and yield its QMP.
+
+    Leaving normally quits QEMU, which must then exit 0; any way out kills what is
+    left of its process group.
+    """
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     qmp: Qmp | None = None

@@ -27,10 +27,7 @@ refuses a cdev that is not a kernel VFIO file (KVM_DEV_VFIO_FILE_ADD: EINVAL).
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -40,7 +37,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import MountFactory, MountHandle
-from tests.test_qemu import QEMU, Qmp, _need_qemu  # noqa: F401  (_need_qemu: autouse)
+from tests.test_qemu import QEMU, Qmp, _need_qemu, qemu_session  # noqa: F401  (_need_qemu: autouse)
 
 pytestmark = [pytest.mark.fuse, pytest.mark.qemu, pytest.mark.slow, pytest.mark.deadline(240)]
 
@@ -57,22 +54,8 @@ def qemu(mount: MountHandle, tmp: Path, accel: str, *extra: str) -> Iterator[Qmp
     cmd += ["-qmp", f"unix:{qmp_path},server=on,wait=off", *extra]
     argv = [sys.executable, "-m", "fakevfio", "run", "--mount", str(mount.path), "--"]
     argv += ["sh", "-c", script, "sh", *cmd]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    qmp: Qmp | None = None
-    try:
-        qmp = Qmp(qmp_path, proc, log)
+    with qemu_session(argv, qmp_path, log) as qmp:
         yield qmp
-        with contextlib.suppress(OSError, RuntimeError):
-            qmp.cmd("quit")
-        assert proc.wait(timeout=30) == 0, log.read_text()
-    finally:
-        if qmp is not None:
-            qmp.close()
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def irqs(mount: MountHandle) -> dict[str, dict[str, str]]:

@@ -20,10 +20,7 @@ they fail.
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -34,7 +31,7 @@ import pytest
 
 from tests.conftest import MountFactory, MountHandle
 from tests.migrator.helpers import DEST_ARCS, SOURCE_ARCS, digest
-from tests.test_qemu import QEMU, Qmp, _need_qemu  # noqa: F401  (_need_qemu: autouse)
+from tests.test_qemu import QEMU, Qmp, _need_qemu, qemu_session  # noqa: F401  (_need_qemu: autouse)
 
 pytestmark = [pytest.mark.fuse, pytest.mark.qemu, pytest.mark.slow, pytest.mark.deadline(300)]
 
@@ -70,22 +67,8 @@ def _command(qmp: Path, device: str, migration: str, multifd: str, *extra: str) 
 def _qemu(mount: MountHandle, tmp: Path, tag: str, argv: list[str]) -> Iterator[tuple[Qmp, Path]]:
     log = tmp / f"{tag}.log"
     cmd = [sys.executable, "-m", "fakevfio", "run", "--mount", str(mount.path), "--", *argv]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    qmp: Qmp | None = None
-    try:
-        qmp = Qmp(tmp / f"{tag}.qmp", proc, log)
+    with qemu_session(cmd, tmp / f"{tag}.qmp", log) as qmp:
         yield qmp, log
-        with contextlib.suppress(OSError, RuntimeError):
-            qmp.cmd("quit")
-        assert proc.wait(timeout=30) == 0, log.read_text()
-    finally:
-        if qmp is not None:
-            qmp.close()
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def _arcs(mount: MountHandle) -> list[str]:

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -33,7 +31,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import MountFactory, MountHandle
-from tests.test_qemu import QEMU, Qmp, _need_qemu  # noqa: F401  (_need_qemu: autouse)
+from tests.test_qemu import QEMU, Qmp, _need_qemu, qemu_session  # noqa: F401  (_need_qemu: autouse)
 
 pytestmark = [pytest.mark.fuse, pytest.mark.qemu, pytest.mark.slow, pytest.mark.deadline(300)]
 
@@ -83,22 +81,8 @@ def _qemu(mount: MountHandle, tmp: Path, tag: str, ids: list[str], *extra: str) 
     script = f'exec 3<>/dev/iommu {opens} && exec "$@"'
     argv = [sys.executable, "-m", "fakevfio", "run", "--mount", str(mount.path), "--"]
     argv += ["sh", "-c", script, "sh", *_command(qmp_path, ids, *extra)]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    qmp: Qmp | None = None
-    try:
-        qmp = Qmp(qmp_path, proc, log)
+    with qemu_session(argv, qmp_path, log) as qmp:
         yield qmp
-        with contextlib.suppress(OSError, RuntimeError):
-            qmp.cmd("quit")
-        assert proc.wait(timeout=30) == 0, log.read_text()
-    finally:
-        if qmp is not None:
-            qmp.close()
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def _qemu_bars(qmp: Qmp, qdev_id: str) -> dict[int, dict[str, Any]]:
