@@ -15,9 +15,12 @@ $(VENV)/.installed: pyproject.toml .ci/setup
 demo: setup
 	$(PY) -m fakevfio.demo
 
+# -n auto: one pytest-xdist worker per core (the suite is mostly waiting on mounts, QEMU
+# and guests; on 2 cores this halves its time). PYTEST_ARGS adds options, e.g. -n 0.
+PYTEST_ARGS ?=
 test: setup
 	bash .ci/setup-qemu
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .
