@@ -10,6 +10,14 @@ The semantics are the kernel's: ``set_state`` is one
 data_fd the backend keeps it, and it drops the data_fd when the session ends
 or after any failed SET (the kernel may have ended the session). After a
 failed SET the backend re-reads the device state.
+
+Pre-copy info v2 (Linux 7.1): a caller that opts in with
+:meth:`DeviceBackend.enable_precopy_v2` (``SET
+VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2``) reads :meth:`~DeviceBackend.precopy_info_v2`,
+whose ``reinit`` is ``VFIO_PRECOPY_INFO_REINIT``: the device has new initial
+data (initial_bytes started again from a new value, dirty_bytes from 0).
+Without the opt-in ``reinit`` is always False (older kernels echo the caller's
+flags, so the field means nothing there) and initial_bytes never grows.
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ import errno
 import os
 from pathlib import Path
 
+import attrs
+
 from migrator._wire.pci_config import (
     ConfigLayout,
     decode_qemu_config,
@@ -27,12 +37,25 @@ from migrator._wire.pci_config import (
     restore_writes,
 )
 from migrator.errors import DeviceOpError, NoDataNow
+from vfio_uapi.abi import VFIO_PRECOPY_INFO_REINIT
 from vfio_uapi.fsm import MigFlags, State, parse_flags, session_change
 
 CONFIG_READ_MAX = 4096
+#: A device's v2 pre-copy query file (``initial_bytes``, ``dirty_bytes``, ``flags`` lines).
+PRECOPY_V2_FILE = "precopy_info_v2"
 #: What file operations on a FUSE mount whose server died return: ENOTCONN for
 #: new lookups and opens, ECONNABORTED on files that were already open.
 _DEAD_MOUNT_ERRNOS = frozenset({errno.ENOTCONN, errno.ECONNABORTED})
+
+
+@attrs.frozen
+class PrecopyInfo:
+    """``struct vfio_precopy_info`` as a caller that opted in to v2 reads it."""
+
+    initial_bytes: int
+    dirty_bytes: int
+    #: ``VFIO_PRECOPY_INFO_REINIT``: new initial data is on the stream (only after the opt-in).
+    reinit: bool = False
 
 
 class DeviceBackend(abc.ABC):
@@ -64,6 +87,20 @@ class DeviceBackend(abc.ABC):
     @abc.abstractmethod
     def precopy_info(self) -> tuple[int, int]:
         """VFIO_MIG_GET_PRECOPY_INFO: (initial_bytes, dirty_bytes)."""
+
+    def enable_precopy_v2(self) -> bool:
+        """Opt in to PRECOPY_INFOv2 (``SET VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2``).
+
+        Returns whether the device took it: False for a device without
+        PRE_COPY (the kernel's EINVAL) or one that predates the feature
+        (ENOTTY). Idempotent; the opt-in lasts while the device stays open.
+        """
+        return False
+
+    def precopy_info_v2(self) -> PrecopyInfo:
+        """VFIO_MIG_GET_PRECOPY_INFO with its flags: ``reinit`` only after the opt-in."""
+        initial, dirty = self.precopy_info()
+        return PrecopyInfo(initial_bytes=initial, dirty_bytes=dirty)
 
     @abc.abstractmethod
     def data_size(self) -> int:
@@ -171,6 +208,7 @@ class FakeVfioBackend(DataFdBackend):
         self._flags = parse_flags(self._read_text("migration/flags"))
         self._data_fd: int | None = None
         self._data_writable = False
+        self._precopy_v2 = False
 
     def _fail(self, op: str, exc: OSError) -> DeviceOpError:
         err = exc.errno or errno.EIO
@@ -220,10 +258,29 @@ class FakeVfioBackend(DataFdBackend):
             self._drop_data_fd()
 
     def precopy_info(self) -> tuple[int, int]:
-        fields = dict(
-            line.split() for line in self._read_text("migration/precopy_info").splitlines()
-        )
+        fields = _fields(self._read_text("migration/precopy_info"))
         return int(fields["initial_bytes"]), int(fields["dirty_bytes"])
+
+    def enable_precopy_v2(self) -> bool:
+        """The device's ``migration/precopy_info_v2`` file is the v2 query (Linux 7.1)."""
+        if not self._flags & MigFlags.PRE_COPY:
+            return False
+        try:
+            present = (self.dir / "migration" / PRECOPY_V2_FILE).exists()
+        except OSError as exc:
+            raise self._fail(f"look up migration/{PRECOPY_V2_FILE}", exc) from None
+        self._precopy_v2 = present
+        return present
+
+    def precopy_info_v2(self) -> PrecopyInfo:
+        if not self._precopy_v2:
+            return super().precopy_info_v2()
+        fields = _fields(self._read_text(f"migration/{PRECOPY_V2_FILE}"))
+        return PrecopyInfo(
+            initial_bytes=int(fields["initial_bytes"]),
+            dirty_bytes=int(fields["dirty_bytes"]),
+            reinit=bool(int(fields.get("flags", "0"), 0) & VFIO_PRECOPY_INFO_REINIT),
+        )
 
     def data_size(self) -> int:
         return int(self._read_text("migration/data_size"))
@@ -259,3 +316,8 @@ class FakeVfioBackend(DataFdBackend):
 
     def close(self) -> None:
         self._drop_data_fd()
+
+
+def _fields(text: str) -> dict[str, str]:
+    """``NAME VALUE`` lines as a dict (blank lines ignored)."""
+    return dict(line.split(None, 1) for line in text.splitlines() if line.strip())

@@ -22,6 +22,9 @@ Safety rules this backend keeps (section 7 of the reference):
 3. The data_fd is dropped on session-ending arcs and on reset; a new data_fd
    returned while one is held (or on an arc that does not open a session) is
    an error: "data_fd out of sync".
+4. PRECOPY_INFO's flags are sent as 0 and read only after the PRECOPY_INFOv2
+   opt-in succeeded (``SET VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2``, Linux 7.1):
+   before 7.1, and without the opt-in, every driver echoes them back.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from migrator.backend import DataFdBackend, DeviceBackend
+from migrator.backend import DataFdBackend, DeviceBackend, PrecopyInfo
 from migrator.errors import DeviceOpError
 from vfio_uapi import abi as uapi
 from vfio_uapi.errors import IllegalTransition
@@ -85,6 +88,7 @@ class KernelBackend(DataFdBackend):
         self._data_fd: int | None = None
         self._config: tuple[int, int] | None = None  # (offset, size) of the CONFIG region
         self._last_state: State | None = None
+        self._precopy_v2 = False
         try:
             self._flags = self._read_flags()
         except BaseException:
@@ -277,16 +281,46 @@ class KernelBackend(DataFdBackend):
         except DeviceOpError:
             return None
 
-    def precopy_info(self) -> tuple[int, int]:
+    def _get_precopy_info(self) -> tuple[int, int, int]:
         fd = self._data("VFIO_MIG_GET_PRECOPY_INFO")
-        # flags = 0 in: current drivers echo it back, so it is ignored on return.
+        # flags = 0 in (Rule 4): drivers without the v2 opt-in echo it back.
         buf = bytearray(uapi.PRECOPY_INFO.pack(uapi.PRECOPY_INFO.size, 0, 0, 0))
         try:
             _ioctl_buf(fd, uapi.VFIO_MIG_GET_PRECOPY_INFO, buf)
         except OSError as exc:
             raise self._fail("VFIO_MIG_GET_PRECOPY_INFO", exc) from None
-        _argsz, _flags, initial, dirty = uapi.PRECOPY_INFO.unpack(buf)
+        _argsz, flags, initial, dirty = uapi.PRECOPY_INFO.unpack(buf)
+        return flags, initial, dirty
+
+    def precopy_info(self) -> tuple[int, int]:
+        _flags, initial, dirty = self._get_precopy_info()
         return initial, dirty
+
+    def enable_precopy_v2(self) -> bool:
+        """``SET VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2`` (no payload, argsz 8).
+
+        EINVAL (the device has no PRE_COPY) and ENOTTY (a kernel before 7.1)
+        mean "not enabled"; any other errno is raised.
+        """
+        if self._precopy_v2:
+            return True
+        try:
+            self._feature(
+                "SET VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2",
+                uapi.VFIO_DEVICE_FEATURE_SET | uapi.VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOV2,
+                b"",
+            )
+        except DeviceOpError as exc:
+            if exc.errno in (errno.EINVAL, errno.ENOTTY):
+                return False
+            raise
+        self._precopy_v2 = True
+        return True
+
+    def precopy_info_v2(self) -> PrecopyInfo:
+        flags, initial, dirty = self._get_precopy_info()
+        reinit = self._precopy_v2 and bool(flags & uapi.VFIO_PRECOPY_INFO_REINIT)
+        return PrecopyInfo(initial_bytes=initial, dirty_bytes=dirty, reinit=reinit)
 
     def data_size(self) -> int:
         out = self._feature(
