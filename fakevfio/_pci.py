@@ -46,18 +46,32 @@ Rule 5: a BAR register reads ``written & ~(size - 1) | type bits`` (a sizing
         probe of all-ones reads the size mask); the upper register of a 64-bit
         BAR reads ``written & upper half of the mask``; BARs the device does not
         implement read 0.
+Rule 6: config loads are placed relative to the data stream. Every config write
+        while the device is RESUMING is counted in :attr:`PciSpace.resume_writes`
+        with the resuming session's byte position and whether the loading
+        stream had reached its END record (known for ``StateDriver`` streams;
+        an ``ArcDriver``'s stream has no END the core can see). A write that
+        lands before END -- a VMM that loads config before the data, which QEMU
+        never does -- is also one line in ``migration/log``:
+        ``CONFIG-EARLY OFFSET SIZE at POSITION`` (offset in hex, position = data
+        bytes written in this session so far). Loads after END log nothing, so
+        a correct migration's log stays one line per arc.
 """
 
 from __future__ import annotations
 
+import collections
 import errno
+import functools
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import attrs
 
-from fakevfio.driver._base import ArcDriver, Bar, BarKind
+from fakevfio._stream import StateLoadStream
+from fakevfio.driver._base import ArcDriver, Bar, BarKind, LoadStream
 from fakevfio.errors import DeviceError
+from vfio_uapi.fsm import State
 
 if TYPE_CHECKING:
     from fakevfio._device import Device
@@ -330,8 +344,31 @@ def _put(data: bytearray, offset: int, size: int, value: int) -> None:
     data[offset : offset + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
 
 
+@attrs.frozen(kw_only=True)
+class ResumeWrite:
+    """One config write while RESUMING (Rule 6)."""
+
+    offset: int
+    size: int
+    #: Data bytes written to the resuming session before this write.
+    position: int
+    #: Whether the loading stream had reached END (None: the stream cannot tell).
+    after_end: bool | None
+
+
+#: How many RESUMING config writes a device remembers (the oldest go first).
+RESUME_WRITES_KEPT = 256
+
+
+def stream_complete(stream: LoadStream) -> bool | None:
+    """Whether a loading stream has taken its END record (None: it cannot tell)."""
+    if isinstance(stream, StateLoadStream):
+        return stream._phase == "done"
+    return None
+
+
 class PciSpace:
-    """The config space of one device, and the MSI-X table (Rules 3-5).
+    """The config space of one device, and the MSI-X table (Rules 3-6).
 
     Called with the device lock held; :meth:`read` and :meth:`write` take
     offsets already checked against ``config_size`` by the caller.
@@ -373,6 +410,12 @@ class PciSpace:
         if layout.msix is not None:
             self._msix_table = bytearray(layout.msix.table_size)
             self.reset_msix()
+        #: Config writes while RESUMING, oldest first (Rule 6).
+        self.resume_writes: collections.deque[ResumeWrite] = collections.deque(
+            maxlen=RESUME_WRITES_KEPT
+        )
+        #: Called after each write with its offset and size (set by :func:`pci_space`).
+        self.observer: Callable[[int, int], None] | None = None
 
     # -- building -------------------------------------------------------------------
     def _header(self, cfg: bytearray) -> None:
@@ -445,6 +488,18 @@ class PciSpace:
         for cap in self.layout.capabilities:
             if offset < cap.offset + cap.length and end > cap.offset:
                 self._fix_capability(cap)
+        if self.observer is not None:
+            self.observer(offset, len(data))
+
+    def resume_writes_info(self) -> dict[str, object]:
+        """Rule 6 as an ``info`` object: counts and the last position."""
+        writes = list(self.resume_writes)
+        return {
+            "after_end": sum(1 for w in writes if w.after_end is True),
+            "before_end": sum(1 for w in writes if w.after_end is False),
+            "unknown": sum(1 for w in writes if w.after_end is None),
+            "positions": sorted({w.position for w in writes}),
+        }
 
     def _fix_bars(self) -> None:
         cfg = self._cfg
@@ -551,5 +606,20 @@ def pci_space(device: Device) -> PciSpace:
         return space
     layout = PciLayout.from_driver(device.driver, len(device._config))
     space = PciSpace(layout, bytes(device._config), device=device.name)
+    space.observer = functools.partial(_note_resume_write, device, space)
     device._pci_space = space  # type: ignore[attr-defined]
     return space
+
+
+def _note_resume_write(device: Device, space: PciSpace, offset: int, size: int) -> None:
+    """Rule 6: place a config write relative to the resuming data stream (lock held)."""
+    session = device._session
+    if device.state is not State.RESUMING or session is None or session.saving:
+        return
+    assert isinstance(session.stream, LoadStream)
+    after_end = stream_complete(session.stream)
+    space.resume_writes.append(
+        ResumeWrite(offset=offset, size=size, position=session.position, after_end=after_end)
+    )
+    if after_end is False:
+        device._log.append(f"CONFIG-EARLY {offset:#x} {size} at {session.position}")
