@@ -20,7 +20,9 @@ Rule 4: fault rules are checked before the driver is called, so an injected
         arc failure never half-runs a driver arc.
 
 The core never reads a clock: emulated bandwidth and injected delays are
-returned to the caller as seconds to wait.
+returned to the caller as seconds after the request's arrival (the ``now`` it
+passes) at which the reply is due; the caller waits until then, so the
+processing time is part of the wait, not added to it (see :class:`Bandwidth`).
 """
 
 from __future__ import annotations
@@ -76,19 +78,36 @@ class SetStateResult:
     delay_s: float
 
 
+#: How far behind its schedule a paced stream may fall and still keep it: the gap
+#: between one reply and the next request (a FUSE round trip, a network send) is
+#: made up instead of pushing every later byte back. A longer gap is idleness.
+PACE_SLACK_S = 0.1
+
+
 class Bandwidth:
-    """Token-bucket pacing of one direction of the data stream (pure: caller passes time)."""
+    """Deadline pacing of one direction of a device's data stream (pure: caller passes time).
+
+    Rule 1: byte ``k`` of a stream that is read back to back is due at ``t0 + k / rate``,
+            ``t0`` being the first request's arrival; :meth:`delay` returns how long after
+            ``now`` (the request's arrival) the reply is due, so the caller waits out the
+            deadline *including* its processing time, not processing plus a delay.
+    Rule 2: a request arriving within :data:`PACE_SLACK_S` after the previous deadline
+            keeps the schedule (the round-trip gap is made up); one arriving later starts
+            a new schedule at ``now``: idleness earns no credit, so no burst follows it.
+    Rule 3: each device has its own two instances, so devices are paced independently.
+    """
 
     def __init__(self, rate: int | None) -> None:
         self.rate = rate
-        self._next = 0.0
+        self._next = float("-inf")
 
     def delay(self, nbytes: int, now: float) -> float:
+        """Seconds after ``now`` at which the reply carrying ``nbytes`` is due (>= 0)."""
         if not self.rate:
             return 0.0
-        start = max(now, self._next)
+        start = self._next if now <= self._next + PACE_SLACK_S else now
         self._next = start + nbytes / self.rate
-        return self._next - now
+        return max(0.0, self._next - now)
 
 
 class DriverHost(Protocol):
@@ -353,8 +372,12 @@ class Device:
             delay = self.write_bw.delay(len(data), now) + self.faults.delay_ms("write") / 1000.0
             return len(data), delay
 
-    def precopy_info(self) -> PrecopyInfo:
-        """``VFIO_MIG_GET_PRECOPY_INFO``: EINVAL outside PRE_COPY*."""
+    def precopy_info(self, *, v2: bool = False) -> PrecopyInfo:
+        """``VFIO_MIG_GET_PRECOPY_INFO``: EINVAL outside PRE_COPY*.
+
+        ``v2``: the query of a caller that opted in to PRECOPY_INFOv2, the only
+        one whose answer may carry REINIT (a v1 answer never does).
+        """
         with self.lock:
             if self._state not in PRECOPY_STATES:
                 raise self._err(
@@ -364,7 +387,10 @@ class Device:
             session = self._session
             if session is None or not isinstance(session.stream, SaveStream):
                 raise self._err(errno.ENODEV, "no live saving session")
-            return session.stream.precopy_info()
+            if v2:
+                return session.stream.precopy_info_v2()
+            info = session.stream.precopy_info()
+            return attrs.evolve(info, reinit=False) if info.reinit else info
 
     def data_size(self) -> int:
         """``VFIO_DEVICE_FEATURE_MIG_DATA_SIZE`` (any state)."""

@@ -3,8 +3,9 @@
 This is the only module that imports pyfuse3. Handlers resolve the inode or
 handle, run the tree's synchronous method in a worker thread (device locks may
 be held for a long time, e.g. while ``info`` hashes gigabytes), wait out the
-delay the core asks for (emulated bandwidth, injected delays) with
-``trio.sleep``, and translate errors: only :class:`pyfuse3.FUSEError` ever
+time the core asks for (``migration/data``: until the reply's deadline counted
+from the request's arrival, so emulated bandwidth is a pace; control files: an
+injected delay after the work), and translate errors: only :class:`pyfuse3.FUSEError` ever
 leaves a handler, and anything unexpected is logged and becomes EIO.
 
 Known shortcoming: pyfuse3 exposes no ``FOPEN_STREAM``; ``migration/data`` is
@@ -206,18 +207,15 @@ class VfioFs(pyfuse3.Operations):
         self, fh: pyfuse3.FileHandleT, off: int, size: int
     ) -> bytes | bytearray:
         handle = self._handle(fh)
-        data, delay = await self._run(
-            "read", self.tree.read, handle, off, size, trio.current_time()
-        )
-        if delay > 0:
-            await trio.sleep(delay)
+        arrival = trio.current_time()
+        data, delay = await self._run("read", self.tree.read, handle, off, size, arrival)
+        await self._wait(handle, arrival, delay)
         return data
 
     async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
         handle = self._handle(fh)
-        count, delay = await self._run(
-            "write", self.tree.write, handle, off, buf, trio.current_time()
-        )
+        arrival = trio.current_time()
+        count, delay = await self._run("write", self.tree.write, handle, off, buf, arrival)
         if handle.node.kind in (Kind.DRIVER_CREATE, Kind.REMOVE):
             self.resize_limiter()
             for parent, name in self.tree.take_invalidations():
@@ -226,9 +224,24 @@ class VfioFs(pyfuse3.Operations):
                     pyfuse3.FileNameT(os.fsencode(name)),
                     ignore_enoent=True,
                 )
-        if delay > 0:
-            await trio.sleep(delay)
+        await self._wait(handle, arrival, delay)
         return count
+
+    @staticmethod
+    async def _wait(handle: Handle, arrival: float, delay: float) -> None:
+        """Wait out what the core asked for: a deadline for data, a delay for the rest.
+
+        ``migration/data`` replies are due ``delay`` after the request's arrival,
+        so the processing time is inside the emulated device time (a pace, see
+        :class:`fakevfio._device.Bandwidth`); a control file's delay (an injected
+        arc delay) is added after the work, as INTERFACES says.
+        """
+        if delay <= 0:
+            return
+        if handle.node.kind is Kind.DATA:
+            await trio.sleep_until(arrival + delay)
+        else:
+            await trio.sleep(delay)
 
     async def flush(self, fh: pyfuse3.FileHandleT) -> None:
         return
