@@ -13,12 +13,22 @@ Rules:
   resets it (destructive checks only); a non-destructive check never resets.
 * Stream reads are bounded (:data:`MAX_STREAM`): a device that never ends its
   stream fails the check instead of filling memory.
+* A check may also end with :class:`CheckWarning`: the rule held, but something
+  the uAPI allows and a user should know about happened (a bit-flipped payload
+  that loaded, on a stream without integrity checks); it is reported, not a
+  failure.
+* Checks that need a second device (the two-device round trip, a stream from
+  another configuration) take it from :attr:`Context.peers`, the other devices
+  of the same run; they never load a foreign stream into a device without
+  ``--destructive``, and a peer always gets its own state back.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
+import mmap
 import os
 import time
 from collections.abc import Callable
@@ -46,6 +56,14 @@ class CheckSkipped(Exception):
     """The check does not apply to this device; the message says why."""
 
 
+class CheckWarning(Exception):
+    """The rule held, with something worth reporting; the message says what."""
+
+
+#: The magic of fakevfio's stream format, which ends with a CRC-32 of every byte.
+INTEGRITY_MAGIC = b"FVIOSTRM"
+
+
 @attrs.define
 class Context:
     """One device under test and what the checks learn about it."""
@@ -55,12 +73,25 @@ class Context:
     destructive: bool = False
     _stream: bytes | None = None
     arc_times: dict[tuple[State, State], float] = attrs.field(factory=dict)
+    #: The other devices of the run (for the checks that need a second device).
+    peers: list[Context] = attrs.field(factory=list)
+    #: Set when a check on this device timed out: peers leave it alone.
+    hung: bool = False
+    _config: str | None = None
 
     def stream(self) -> bytes:
         """A valid stream of this device (saved once, in STOP)."""
         if self._stream is None:
             self._stream = save(self)
         return self._stream
+
+    def configuration(self) -> str:
+        if self._config is None:
+            self._config = f"{self.dev.identity()} {self.dev.configuration()}"
+        return self._config
+
+    def usable_peers(self) -> list[Context]:
+        return [p for p in self.peers if p is not self and not p.hung]
 
 
 def _err(exc: OSError) -> str:
@@ -542,10 +573,25 @@ def bad_streams(stream: bytes) -> list[tuple[str, bytes]]:
     return cases
 
 
+def _foreign(ctx: Context) -> tuple[str, bytes] | None:
+    """A stream of a peer of another configuration (another driver or size), if any."""
+    mine = ctx.configuration()
+    for peer in ctx.usable_peers():
+        if peer.configuration() != mine:
+            return peer.dev.name, peer.stream()
+    return None
+
+
 def check_resume_hardening(ctx: Context) -> str:
     dev = ctx.dev
     stream = ctx.stream()
     cases = bad_streams(stream)
+    foreign = _foreign(ctx)
+    if foreign is not None:
+        cases.append((f"the stream of {foreign[0]} (another configuration)", foreign[1]))
+    go(ctx, State.RUNNING)
+    # fakevfio's format ends with a CRC-32 of every byte: there, every flip must fail.
+    strict = stream.startswith(INTEGRITY_MAGIC)
     loaded: list[str] = []
     for what, data in cases:
         dev.reset()
@@ -561,12 +607,15 @@ def check_resume_hardening(ctx: Context) -> str:
         except OSError as exc:
             refused = refused or f"RESUMING -> STOP {_err(exc)}"
         if not refused:
-            if what.startswith("bit flip") and what != "bit flip at 0":
+            if what.startswith("bit flip") and what != "bit flip at 0" and not strict:
                 # A flip inside the payload may be a valid image of another state
                 # (the uAPI asks no checksum): loading it is allowed, hanging is not.
-                loaded.append(what)
+                loaded.append(what.removeprefix("bit flip at "))
             else:
-                raise CheckFailed(f"{what}: the device accepted the stream ({len(data)} bytes)")
+                why = " (the stream has a CRC: every flip must fail)" if strict else ""
+                raise CheckFailed(
+                    f"{what}: the device accepted the stream ({len(data)} bytes){why}"
+                )
         dev.reset()
         if dev.state() is not State.RUNNING:
             raise CheckFailed(f"{what}: reset left the device in {dev.state().name}")
@@ -576,8 +625,274 @@ def check_resume_hardening(ctx: Context) -> str:
             "after the bad streams and a reset, the device's own stream no longer loads"
         )
     go(ctx, State.RUNNING)
-    extra = f" ({len(loaded)} payload bit flips loaded as other states)" if loaded else ""
-    return f"{len(cases) - len(loaded)} bad streams refused{extra}, the device works after reset"
+    note = "" if foreign else " (no stream of another configuration: give such a device too)"
+    summary = f"{len(cases) - len(loaded)} bad streams refused, the device works after reset"
+    if loaded:
+        raise CheckWarning(
+            f"{summary}; payload bit flips at offsets {', '.join(loaded)} of {len(stream)} "
+            f"LOADED (no integrity check in the stream){note}"
+        )
+    return summary + note
+
+
+def _read_until_enomsg(fd: int, limit: int) -> tuple[bytes, bool]:
+    """Read up to ``limit`` bytes of a pre-copy stream; (data, reached the temporary end)."""
+    parts: list[bytes] = []
+    total = 0
+    while total < limit:
+        try:
+            data = os.read(fd, min(CHUNK, limit - total))
+        except OSError as exc:
+            if exc.errno == errno.ENOMSG:
+                return b"".join(parts), True
+            raise CheckFailed(f"a PRE_COPY read failed with {_err(exc)}") from None
+        if not data:
+            raise CheckFailed("a PRE_COPY read returned EOF; expected ENOMSG at the end")
+        parts.append(data)
+        total += len(data)
+    return b"".join(parts), False
+
+
+def check_shared_stream(ctx: Context) -> str:
+    dev = ctx.dev
+    if not dev.flags & MigFlags.PRE_COPY:
+        raise CheckSkipped("no PRE_COPY flag")
+    go(ctx, State.RUNNING)
+    if not _timed_set(ctx, State.PRE_COPY):
+        raise CheckFailed("RUNNING -> PRE_COPY handed out no data_fd")
+    fd = dev.open_data(write=False)
+    parts: list[bytes] = []
+    arcs = ["PRE_COPY"]
+    try:
+        parts.append(_read_until_enomsg(fd, 4096)[0])
+        targets = [State.PRE_COPY_P2P] if dev.flags & MigFlags.P2P else []
+        for target in [*targets, State.STOP_COPY]:
+            if _timed_set(ctx, target):
+                raise CheckFailed(
+                    f"{arcs[-1]} -> {target.name} handed out a new data_fd; the saving "
+                    "group PRE_COPY, PRE_COPY_P2P, STOP_COPY shares one stream"
+                )
+            arcs.append(target.name)
+            if target is State.PRE_COPY_P2P:
+                parts.append(_read_until_enomsg(fd, 4096)[0])
+        total = sum(map(len, parts))
+        while True:
+            try:
+                data = os.read(fd, CHUNK)
+            except OSError as exc:
+                raise CheckFailed(
+                    f"the data_fd of RUNNING -> PRE_COPY, read in {' -> '.join(arcs)}, failed "
+                    f"with {_err(exc)} after {total} bytes: the session must go on"
+                ) from None
+            if not data:
+                break
+            parts.append(data)
+            total += len(data)
+            if total > MAX_STREAM:
+                raise CheckFailed(f"the stream did not end within {MAX_STREAM} bytes")
+    finally:
+        os.close(fd)
+    _timed_set(ctx, State.STOP)
+    digest = dev.digest()
+    stream = b"".join(parts)
+    try:
+        load(ctx, stream)
+    except OSError as exc:
+        raise CheckFailed(
+            f"the {len(stream)} bytes read on one data_fd across {' -> '.join(arcs)} do not "
+            f"load: {exc}"
+        ) from None
+    if dev.digest() != digest:
+        raise CheckFailed("the stream read across the saving group loaded another state")
+    go(ctx, State.RUNNING)
+    return f"one data_fd across {' -> '.join(arcs)}, {len(stream)} bytes that load"
+
+
+#: Rounds of "info says data, read it" after the first temporary end.
+DIRTY_ROUNDS = 64
+
+
+def check_dirty_bytes(ctx: Context) -> str:
+    dev = ctx.dev
+    if not dev.flags & MigFlags.PRE_COPY:
+        raise CheckSkipped("no PRE_COPY flag")
+    go(ctx, State.RUNNING)
+    dev.set_state(State.PRE_COPY)
+    fd = dev.open_data(write=False)
+    try:
+        initial, dirty = dev.precopy_info(fd)
+        if dirty != 0:
+            raise CheckFailed(
+                f"dirty_bytes {dirty} (initial_bytes {initial}) before anything was read: "
+                "dirty_bytes starts at zero and counts only changes to data already read"
+            )
+        total = 0
+        ends = 0
+        for _ in range(DIRTY_ROUNDS):
+            data, end = _read_until_enomsg(fd, MAX_STREAM - total)
+            total += len(data)
+            if not end:
+                raise CheckFailed(f"PRE_COPY did not reach its end within {MAX_STREAM} bytes")
+            ends += 1
+            initial, dirty = dev.precopy_info(fd)
+            if initial != 0:
+                raise CheckFailed(f"ENOMSG after {total} bytes while initial_bytes is {initial}")
+            if dirty == 0:
+                break
+            # The device changed state since the end (or its counter is wrong): the
+            # data it reports must be there to read.
+            try:
+                more = os.read(fd, CHUNK)
+            except OSError as exc:
+                if exc.errno != errno.ENOMSG:
+                    raise CheckFailed(f"a PRE_COPY read failed with {_err(exc)}") from None
+                raise CheckFailed(
+                    f"ENOMSG while PRECOPY_INFO says dirty_bytes {dirty}: the temporary end "
+                    "is reached only when initial_bytes and dirty_bytes are both zero"
+                ) from None
+            total += len(more)
+    finally:
+        os.close(fd)
+    go(ctx, State.RUNNING)
+    return f"dirty_bytes 0 at the start, both 0 at each of {ends} temporary ends ({total} bytes)"
+
+
+def check_two_devices(ctx: Context) -> str:
+    dev = ctx.dev
+    mine = ctx.configuration()
+    partner = next((p for p in ctx.usable_peers() if p.configuration() == mine), None)
+    if partner is None:
+        raise CheckSkipped("no second device of the same driver and configuration given")
+    first = save(ctx)
+    digest = dev.digest()
+    own = save(partner)
+    try:
+        try:
+            load(partner, first)
+        except OSError as exc:
+            raise CheckFailed(f"{partner.dev.name} refused {dev.name}'s stream: {exc}") from None
+        if partner.dev.digest() != digest:
+            raise CheckFailed(f"{partner.dev.name} loaded {dev.name}'s stream into another state")
+        again = save(partner)
+    finally:
+        load(partner, own)
+        go(partner, State.RUNNING)
+    a, b = hashlib.sha256(first).hexdigest(), hashlib.sha256(again).hexdigest()
+    if a != b:
+        raise CheckFailed(
+            f"save {dev.name} ({len(first)} bytes, sha256 {a[:12]}) -> load into "
+            f"{partner.dev.name} -> save gave {len(again)} bytes, sha256 {b[:12]}"
+        )
+    go(ctx, State.RUNNING)
+    return f"into {partner.dev.name} and back out: the same {len(first)} bytes"
+
+
+#: The DMA logging check's buffer: pages, the page size, and the IOVA it is mapped at.
+DMA_PAGES = 64
+DMA_PAGE = 4096
+DMA_IOVA = 1 << 32
+#: How long the device may DMA while logging (it runs in RUNNING).
+DMA_WORK_S = 0.3
+_FILL = 0x5A
+
+
+def _expect_errno(what: str, errs: tuple[int, ...], fn: Callable[[], object]) -> None:
+    try:
+        fn()
+    except OSError as exc:
+        if exc.errno not in errs:
+            want = "/".join(errno.errorcode[e] for e in errs)
+            raise CheckFailed(f"{what}: {_err(exc)}, expected {want}") from None
+        return
+    raise CheckFailed(f"{what} succeeded, expected {errno.errorcode[errs[0]]}")
+
+
+def _bits(bitmap: bytes) -> set[int]:
+    value = int.from_bytes(bitmap, "little")
+    return {i for i in range(len(bitmap) * 8) if value >> i & 1}
+
+
+def _written(buf: mmap.mmap) -> set[int]:
+    clean = bytes([_FILL]) * DMA_PAGE
+    return {i for i in range(DMA_PAGES) if buf[i * DMA_PAGE : (i + 1) * DMA_PAGE] != clean}
+
+
+def check_dma_logging(ctx: Context) -> str:
+    dev = ctx.dev
+    if not dev.dma_logging():
+        raise CheckSkipped("the device does not support VFIO_DEVICE_FEATURE_DMA_LOGGING")
+    size = DMA_PAGES * DMA_PAGE
+    iova = DMA_IOVA
+    buf = mmap.mmap(-1, size)
+    buf.write(bytes([_FILL]) * size)
+    anchor = ctypes.c_char.from_buffer(buf)
+    go(ctx, State.RUNNING)
+    dev.dma_map(iova, ctypes.addressof(anchor), size)
+    started = False
+    try:
+        _expect_errno(
+            "REPORT before START", (errno.EINVAL,), lambda: dev.log_report(iova, size, 4096)
+        )
+        _expect_errno("START with no ranges", (errno.EINVAL,), lambda: dev.log_start(4096, []))
+        _expect_errno(
+            "START with a range not aligned to the page size",
+            (errno.EINVAL,),
+            lambda: dev.log_start(4096, [(iova + 512, size)]),
+        )
+        page = dev.log_start(DMA_PAGE, [(iova, size)])
+        started = True
+        if page < DMA_PAGE or page & (page - 1):
+            raise CheckFailed(f"START gave back page size {page}: not a power of two >= 4 KiB")
+        _expect_errno(
+            "a second START while logging",
+            (errno.EINVAL, errno.EBUSY),
+            lambda: dev.log_start(DMA_PAGE, [(iova, size)]),
+        )
+        for bad in (DMA_PAGE + 1, 2048):
+            _expect_errno(
+                f"REPORT with page size {bad}",
+                (errno.EINVAL,),
+                lambda bad=bad: dev.log_report(iova, size, bad),  # type: ignore[misc]
+            )
+        _expect_errno(
+            "REPORT of a range that wraps past 2^64",
+            (errno.EOVERFLOW,),
+            lambda: dev.log_report(iova, (1 << 64) - iova + DMA_PAGE, DMA_PAGE),
+        )
+        time.sleep(DMA_WORK_S)
+        go(ctx, State.STOP)  # no DMA in STOP: what is written now stays written
+        reported = _bits(dev.log_report(iova, size, DMA_PAGE))
+        written = _written(buf)
+        missing = sorted(written - reported)
+        if missing:
+            raise CheckFailed(
+                f"{len(missing)} of {len(written)} pages the device wrote are not in the "
+                f"REPORT bitmap (first page {missing[0]}, iova {iova + missing[0] * DMA_PAGE:#x})"
+            )
+        time.sleep(0.05)
+        again = _bits(dev.log_report(iova, size, DMA_PAGE))
+        if _written(buf) != written:
+            raise CheckFailed("the device DMA-wrote while in STOP")
+        if again:
+            raise CheckFailed(
+                f"a second REPORT in STOP has {len(again)} pages: a report clears what it "
+                "returned, and a stopped device writes nothing"
+            )
+        dev.log_stop()
+        started = False
+        _expect_errno(
+            "REPORT after STOP", (errno.EINVAL,), lambda: dev.log_report(iova, size, 4096)
+        )
+        dev.log_stop()  # a second STOP is harmless
+    finally:
+        if started:
+            dev.log_stop()
+        dev.dma_unmap(iova, size)
+        del anchor
+        buf.close()
+    go(ctx, State.RUNNING)
+    extra = f"{len(written)} pages written, all reported" if written else "no page written"
+    return f"START/REPORT/STOP rules hold, page size {page}; {extra}"
 
 
 def check_arc_times(ctx: Context) -> str:
@@ -650,6 +965,13 @@ CHECKS: tuple[Check, ...] = (
         check_direction,
     ),
     Check(
+        "data_fd.shared-stream",
+        "PRE_COPY -> PRE_COPY_P2P -> STOP_COPY keep the data_fd of RUNNING -> PRE_COPY: no new "
+        "data_fd, the stream goes on and loads",
+        "struct vfio_device_feature_mig_state; vfio_mig_get_next_state() saving group",
+        check_shared_stream,
+    ),
+    Check(
         "precopy_info.states",
         "PRECOPY_INFO works in PRE_COPY*, fails EINVAL elsewhere",
         "VFIO_MIG_GET_PRECOPY_INFO in include/uapi/linux/vfio.h",
@@ -662,6 +984,13 @@ CHECKS: tuple[Check, ...] = (
         check_precopy_info_initial,
     ),
     Check(
+        "precopy_info.dirty-bytes",
+        "dirty_bytes is 0 before anything is read; ENOMSG only when initial_bytes and "
+        "dirty_bytes are both 0",
+        "VFIO_MIG_GET_PRECOPY_INFO comment in include/uapi/linux/vfio.h (mlx5's dirty_bytes fix)",
+        check_dirty_bytes,
+    ),
+    Check(
         "data_size.every-state",
         "MIG_DATA_SIZE answers in every state",
         "VFIO_DEVICE_FEATURE_MIG_DATA_SIZE, vfio_ioctl_device_feature_migration_data_size()",
@@ -672,6 +1001,21 @@ CHECKS: tuple[Check, ...] = (
         "save -> load into the same device -> save gives the same bytes",
         "VFIO_DEVICE_STATE_RESUMING in include/uapi/linux/vfio.h",
         check_repeat,
+    ),
+    Check(
+        "migration.two-device",
+        "save A -> load into B (same driver and configuration) -> save B: the same bytes and "
+        "state; B gets its own state back",
+        "VFIO_DEVICE_STATE_RESUMING in include/uapi/linux/vfio.h",
+        check_two_devices,
+    ),
+    Check(
+        "dma_logging.rules",
+        "DMA_LOGGING START/REPORT/STOP: errnos of bad requests, every page the device wrote is "
+        "reported, a report clears, nothing is written in STOP",
+        "vfio_ioctl_device_feature_logging_*() in drivers/vfio/vfio_main.c; "
+        "mlx5vf_start_page_tracker()",
+        check_dma_logging,
     ),
     Check(
         "arc.time",
@@ -688,7 +1032,8 @@ CHECKS: tuple[Check, ...] = (
     ),
     Check(
         "resume.hardening",
-        "empty, truncated, bit-flipped and over-long streams fail the write or RESUMING -> STOP",
+        "empty, truncated, bit-flipped, over-long and foreign-configuration streams fail the "
+        "write or RESUMING -> STOP",
         "VFIO_DEVICE_STATE_RESUMING in include/uapi/linux/vfio.h",
         check_resume_hardening,
         destructive=True,
@@ -700,4 +1045,12 @@ def by_name() -> dict[str, Check]:
     return {c.name: c for c in CHECKS}
 
 
-__all__ = ["CHECKS", "AccessError", "Check", "CheckFailed", "CheckSkipped", "Context"]
+__all__ = [
+    "CHECKS",
+    "AccessError",
+    "Check",
+    "CheckFailed",
+    "CheckSkipped",
+    "CheckWarning",
+    "Context",
+]

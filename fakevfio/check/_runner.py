@@ -6,8 +6,12 @@ Rules:
   that hangs is a failed check (``timeout``), never a hung tool. A timed-out
   device is not driven again (its worker may still hold it); its later checks
   fail as ``not run``.
-* A check's verdict is ``pass``, ``fail`` or ``skip``; an unexpected exception in
-  a check (an errno the rule did not foresee) is a ``fail`` naming the operation.
+* A check's verdict is ``pass``, ``warn`` (the rule held; something to know,
+  e.g. a flipped payload that loaded), ``fail`` or ``skip``; an unexpected
+  exception in a check (an errno the rule did not foresee) is a ``fail`` naming
+  the operation. Only ``fail`` makes the run fail.
+* All devices are opened first; each device's checks see the others as peers
+  (the two-device round trip, a stream of another configuration).
 * The reports are pure functions of the results: :func:`table`, :func:`to_json`,
   :func:`to_junit_xml`.
 """
@@ -28,7 +32,15 @@ from typing import Any
 import attrs
 
 from fakevfio.check._access import Device, open_device
-from fakevfio.check._checks import CHECKS, SLOW_ARC_S, Check, CheckFailed, CheckSkipped, Context
+from fakevfio.check._checks import (
+    CHECKS,
+    SLOW_ARC_S,
+    Check,
+    CheckFailed,
+    CheckSkipped,
+    CheckWarning,
+    Context,
+)
 
 DEFAULT_TIMEOUT_S = 60.0
 
@@ -39,7 +51,7 @@ class CheckResult:
 
     check: str
     device: str
-    status: str  # "pass" | "fail" | "skip"
+    status: str  # "pass" | "warn" | "fail" | "skip"
     detail: str
     seconds: float
     rule: str = ""
@@ -71,6 +83,8 @@ def _run_one(check: Check, ctx: Context, timeout: float) -> tuple[str, str, bool
             box.append(("fail", str(exc)))
         except CheckSkipped as exc:
             box.append(("skip", str(exc)))
+        except CheckWarning as exc:
+            box.append(("warn", str(exc)))
         except OSError as exc:
             box.append(("fail", f"unexpected error: {exc}"))
         except Exception as exc:  # noqa: BLE001 - any crash of a check is its failure
@@ -98,6 +112,7 @@ def run_checks(
     """Run the selected checks on each device (a path or an opened :class:`Device`)."""
     results: list[CheckResult] = []
     checks = select(pattern, destructive=destructive)
+    opened: list[tuple[str | Device, Context, str]] = []
     for spec in devices:
         name = spec if isinstance(spec, str) else spec.name
         try:
@@ -105,22 +120,27 @@ def run_checks(
         except OSError as exc:
             results.append(CheckResult("open", name, "fail", str(exc), 0.0))
             continue
-        ctx = Context(dev, slow_arc_s=slow_arc_s, destructive=destructive)
-        hung = False
+        opened.append((spec, Context(dev, slow_arc_s=slow_arc_s, destructive=destructive), name))
+    contexts = [ctx for _, ctx, _ in opened]
+    for ctx in contexts:
+        ctx.peers = contexts
+    for _spec, ctx, name in opened:
         for check in checks:
             start = time.monotonic()
-            if hung:
+            if ctx.hung:
                 status, detail = "fail", "not run: an earlier check on this device hung"
             else:
                 status, detail, hung = _run_one(check, ctx, timeout)
+                ctx.hung = hung
             result = CheckResult(
                 check.name, name, status, detail, time.monotonic() - start, check.rule
             )
             results.append(result)
             if progress is not None:
                 progress(result)
-        if not hung and isinstance(spec, str):
-            dev.close()
+    for spec, ctx, _ in opened:
+        if not ctx.hung and isinstance(spec, str):
+            ctx.dev.close()
     return results
 
 
@@ -135,7 +155,11 @@ def table(results: Sequence[CheckResult]) -> str:
         for row in rows
     ]
     failed = sum(not r.ok for r in results)
-    lines.append(f"{len(results) - failed} passed or skipped, {failed} failed")
+    counts = {k: sum(r.status == k for r in results) for k in ("pass", "warn", "skip")}
+    lines.append(
+        f"{counts['pass']} passed, {counts['warn']} passed with a warning, "
+        f"{counts['skip']} skipped, {failed} failed"
+    )
     return "\n".join(lines)
 
 
@@ -166,6 +190,8 @@ def to_junit_xml(results: Sequence[CheckResult]) -> str:
             ET.SubElement(case, "failure", message=r.detail).text = f"{r.detail}\nrule: {r.rule}"
         elif r.status == "skip":
             ET.SubElement(case, "skipped", message=r.detail)
+        elif r.status == "warn":
+            ET.SubElement(case, "system-out").text = f"WARNING: {r.detail}"
     text: str = ET.tostring(suite, encoding="unicode", xml_declaration=True)
     return text
 
