@@ -9,17 +9,19 @@ the way a user would, and times them from here. Mounts and migrator runs are
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from fakevfio import testing
-from fakevfio.testing import HarnessError, MigrationResult, Mount, mount
+from fakevfio.testing import HarnessError, MigrationResult, Mount, force_unmount, mount
+from fakevfio.testing._process import read_line
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -96,6 +98,136 @@ def dd_direct(src_data: Path, dst_data: Path, *, timeout: float = 600.0) -> tupl
     if proc.returncode != 0:
         raise BenchError(f"dd failed: {proc.stderr.strip()}")
     return _dd_bytes(proc.stderr), elapsed
+
+
+def _dd(cmd: str, timeout: float) -> tuple[int, float]:
+    """Run a shell line whose last stage is a ``dd``; (bytes that dd reports, seconds)."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        ["sh", "-c", cmd], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    elapsed = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise BenchError(f"{cmd!r} failed: {proc.stderr.strip()}")
+    # With a pipeline both dds report; the last line set is the writer's.
+    found = re.findall(r"^(\d+) bytes", proc.stderr, re.MULTILINE)
+    if not found:
+        raise BenchError(f"cannot parse dd output of {cmd!r}: {proc.stderr!r}")
+    return int(found[-1]), elapsed
+
+
+def dd_read(
+    src: Path, *, count_mib: int | None = None, timeout: float = 600.0
+) -> tuple[int, float]:
+    """``dd if=src of=/dev/null bs=1M``: the read-alone rate."""
+    count = f" count={count_mib}" if count_mib is not None else ""
+    return _dd(f"dd if={src} of=/dev/null bs=1M{count}", timeout)
+
+
+def dd_write(
+    src: Path | str, dst: Path, *, count_mib: int | None = None, timeout: float = 600.0
+) -> tuple[int, float]:
+    """``dd if=src of=dst bs=1M`` from a file in memory (or /dev/zero): the write-alone rate."""
+    count = f" count={count_mib}" if count_mib is not None else ""
+    return _dd(f"dd if={src} of={dst} bs=1M{count}", timeout)
+
+
+def dd_pipe(src: Path, dst: Path, *, timeout: float = 600.0) -> tuple[int, float]:
+    """``dd if=src bs=1M | dd of=dst bs=1M iflag=fullblock``: read and write overlapped.
+
+    ``iflag=fullblock`` makes the writer issue 1 MiB writes (without it, it writes
+    the pipe's 64 KiB pieces, a much slower and unfair baseline).
+    """
+    return _dd(f"dd if={src} bs=1M | dd of={dst} bs=1M iflag=fullblock", timeout)
+
+
+def rate(op: Callable[[], object], seconds: float) -> float:
+    """Calls of ``op`` per second, over at least ``seconds`` (batches of 32)."""
+    n = 0
+    t0 = time.perf_counter()
+    while True:
+        for _ in range(32):
+            op()
+        n += 32
+        elapsed = time.perf_counter() - t0
+        if elapsed >= seconds:
+            return n / elapsed
+
+
+def pread_op(path: Path) -> tuple[Callable[[], object], Callable[[], None]]:
+    """(a 4-byte ``pread`` at offset 0 of ``path`` kept open, its closer)."""
+    fd = os.open(path, os.O_RDWR)
+
+    def op() -> None:
+        if len(os.pread(fd, 4, 0)) != 4:
+            raise BenchError(f"4-byte pread of {path} returned less")
+
+    return op, lambda: os.close(fd)
+
+
+def open_read_close(path: Path) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.read(fd, 4096)
+    finally:
+        os.close(fd)
+
+
+_floors = itertools.count()
+
+
+@contextlib.contextmanager
+def floor_mounted(base: Path, size: int, *, ready_timeout: float = 60.0) -> Iterator[Path]:
+    """The FUSE floor (:class:`fakevfio._fuse.FloorFs`) on a new mountpoint: ``data``, ``small``."""
+    mnt = base / f"floor{next(_floors)}"
+    mnt.mkdir(parents=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.floor", str(mnt), str(size)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        line = read_line(proc.stdout, time.monotonic() + ready_timeout)
+        if not line or not line.startswith(b"fakevfio-floor: mounted"):
+            raise BenchError(f"the FUSE floor did not mount at {mnt}: {line!r}")
+        yield mnt
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        force_unmount(mnt)
+
+
+IOCTL_RATE_SOURCE = Path(__file__).resolve().parent / "c" / "ioctl_rate.c"
+
+
+def build_ioctl_rate(base: Path) -> Path | None:
+    """Compile benchmarks/c/ioctl_rate.c; None (with a log line) when gcc is missing."""
+    if shutil.which("gcc") is None:
+        log("gcc is missing: the ioctl rates are skipped (apt-get install -y gcc)")
+        return None
+    exe = base / "ioctl_rate"
+    subprocess.run(["gcc", "-O2", "-o", str(exe), str(IOCTL_RATE_SOURCE)], check=True)
+    return exe
+
+
+def ioctl_rates(exe: Path, mnt: Mount, cdev: str, seconds: float) -> dict[str, float]:
+    """``ioctl_rate`` under ``fakevfio run --mount``: name -> operations per second."""
+    cmd = [sys.executable, "-m", "fakevfio", "run", "--mount", str(mnt.path), "--"]
+    proc = subprocess.run(
+        [*cmd, str(exe), f"/dev/vfio/devices/{cdev}", str(seconds)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise BenchError(f"ioctl_rate under fakevfio run failed: {proc.stderr.strip()[-600:]}")
+    return {k: float(v) for k, v in (line.split() for line in proc.stdout.splitlines())}
 
 
 def _dd_bytes(stderr: str) -> int:

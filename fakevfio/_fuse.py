@@ -304,4 +304,109 @@ async def serve(
         pyfuse3.close(unmount=True)
 
 
-__all__ = ["VfioFs", "serve"]
+# -- the FUSE floor (benchmarks) ------------------------------------------------------------
+#: The floor's files: a data file served from one preallocated buffer, a 4-byte file.
+FLOOR_DATA_INO, FLOOR_SMALL_INO = 2, 3
+FLOOR_NAMES = {b"data": FLOOR_DATA_INO, b"small": FLOOR_SMALL_INO}
+FLOOR_BUFFER = 1 << 20
+
+
+class FloorFs(pyfuse3.Operations):
+    """The least a pyfuse3 file system does per request: the benchmarks' FUSE floor.
+
+    Rule 1: ``data`` (``size`` bytes) answers a read with a slice of one 1 MiB
+            buffer made once, and a write by counting it; ``small`` holds 4 bytes.
+    Rule 2: both open ``direct_io`` like the device files, and handlers run in the
+            trio task (no worker thread, no lock): what is left is pyfuse3, trio
+            and the kernel, which :class:`VfioFs` cannot go below.
+    """
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+        self.buffer = memoryview(bytes(range(256)) * (FLOOR_BUFFER // 256))
+        self.written = 0
+        self._mtime_ns = time.time_ns()
+
+    def _attr(self, ino: int) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = pyfuse3.InodeT(ino)
+        entry.entry_timeout = CACHE_TIMEOUT_S
+        entry.attr_timeout = CACHE_TIMEOUT_S
+        if ino == pyfuse3.ROOT_INODE:
+            entry.st_mode = pyfuse3.ModeT(0o40755)
+            entry.st_nlink = 2
+        else:
+            entry.st_mode = pyfuse3.ModeT(0o100666)
+            entry.st_nlink = 1
+            entry.st_size = self.size if ino == FLOOR_DATA_INO else 4
+        entry.st_uid, entry.st_gid = os.getuid(), os.getgid()
+        entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = self._mtime_ns
+        return entry
+
+    async def lookup(
+        self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        ino = FLOOR_NAMES.get(bytes(name)) if parent_inode == pyfuse3.ROOT_INODE else None
+        if ino is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attr(ino)
+
+    async def getattr(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return self._attr(inode)
+
+    async def setattr(
+        self,
+        inode: pyfuse3.InodeT,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: pyfuse3.FileHandleT | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        return self._attr(inode)
+
+    async def open(
+        self, inode: pyfuse3.InodeT, flags: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileInfo:
+        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(inode), direct_io=True, keep_cache=False)
+
+    async def read(  # type: ignore[override]
+        self, fh: pyfuse3.FileHandleT, off: int, size: int
+    ) -> bytes | memoryview:
+        if fh == FLOOR_SMALL_INO:
+            return b"RUN\n"[off : off + size]
+        size = max(0, min(size, self.size - off, FLOOR_BUFFER))
+        return self.buffer[:size]
+
+    async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
+        self.written += len(buf)
+        return len(buf)
+
+
+def serve_floor(mountpoint: str, size: int) -> None:
+    """Mount :class:`FloorFs` at ``mountpoint``; print a ready line; serve until SIGTERM/SIGINT."""
+    import signal
+
+    async def main() -> None:
+        pyfuse3.init(FloorFs(size), mountpoint, {"fsname=fakevfio-floor"})
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def stop_on_signal() -> None:
+                    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                        async for _ in signals:
+                            nursery.cancel_scope.cancel()
+
+                nursery.start_soon(stop_on_signal)
+                print(f"fakevfio-floor: mounted {mountpoint}", flush=True)
+                await pyfuse3.main(min_tasks=MIN_TASKS, max_tasks=MAX_TASKS)
+                nursery.cancel_scope.cancel()
+        finally:
+            pyfuse3.close(unmount=True)
+
+    trio.run(main)
+
+
+__all__ = ["FloorFs", "VfioFs", "serve", "serve_floor"]
