@@ -16,7 +16,9 @@ they fail (CI installs QEMU 10 from bookworm-backports).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import re
 import shutil
 import signal
 import socket
@@ -27,6 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 from qemu.qmp import ConnectError, ExecuteError, QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
@@ -37,19 +40,106 @@ from tests.migrator.helpers import DEST_ARCS, SOURCE_ARCS, digest, migrate
 pytestmark = [pytest.mark.fuse, pytest.mark.qemu, pytest.mark.slow, pytest.mark.deadline(240)]
 
 #: Your own QEMU build: FAKEVFIO_QEMU=/path/to/build/qemu-system-x86_64 pytest -m qemu
+#: (then the matrix is that one build). Also the default for helpers not given a binary.
 QEMU = os.environ.get("FAKEVFIO_QEMU", "qemu-system-x86_64")
 FLAGS = "STOP_COPY+P2P+PRE_COPY"
 SIZE = "64M"
+#: Where .ci/setup-qemu-11 puts QEMU 11.1 (a root filesystem and a wrapper that behaves
+#: like the binary).
+QEMU_CACHE = Path(os.environ.get("FAKEVFIO_QEMU_CACHE", "/var/cache/fakevfio-qemu"))
+_VERSION = re.compile(r"QEMU emulator version (\d+)\.(\d+)")
+
+
+@attrs.frozen
+class QemuBuild:
+    """One QEMU of the test matrix: the binary to run and what it must report."""
+
+    binary: str
+    #: the major.minor its ``--version`` must report ("11.1"); None: any from 10 on
+    expected: str | None
+    #: how to get it, for the skip or failure message
+    setup: str
+    #: the id while the binary is absent
+    absent_id: str
+
+    @property
+    def id(self) -> str:
+        """The test id, from what the binary reports: ``qemu10.0``, ``qemu11.1``."""
+        found = version_of(self.binary) if shutil.which(self.binary) else None
+        return f"qemu{found}" if found else self.absent_id
+
+    def problem(self) -> str | None:
+        """Why this build cannot run the tests here, or None."""
+        if shutil.which(self.binary) is None:
+            return f"{self.binary} is not installed ({self.setup})"
+        found = version_of(self.binary)
+        if found is None:
+            return f"{self.binary} --version does not say 'QEMU emulator version X.Y'"
+        if self.expected is not None and found != self.expected:
+            return f"{self.binary} is QEMU {found}, not {self.expected} ({self.setup})"
+        if int(found.split(".")[0]) < 10:
+            return f"{self.binary} is QEMU {found}; these tests need QEMU >= 10 ({self.setup})"
+        return None
+
+
+@functools.cache
+def version_of(binary: str) -> str | None:
+    """``major.minor`` from ``BINARY --version``, or None when it does not run or say so."""
+    try:
+        out = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=30, check=False
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    found = _VERSION.search(out)
+    return f"{found[1]}.{found[2]}" if found else None
+
+
+def matrix() -> list[QemuBuild]:
+    """The QEMUs every QEMU test runs against.
+
+    ``$FAKEVFIO_QEMU`` set: that build only. Otherwise the system's
+    ``qemu-system-x86_64`` (QEMU 10.0: Debian 13, Debian 12's bookworm-backports) and
+    QEMU 11.1 from Debian 13's trixie-backports in its own root filesystem.
+    """
+    if "FAKEVFIO_QEMU" in os.environ:
+        return [QemuBuild(os.environ["FAKEVFIO_QEMU"], None, "FAKEVFIO_QEMU names it", "qemu")]
+    return [
+        QemuBuild("qemu-system-x86_64", None, "sudo bash .ci/setup-qemu", "qemu10.0"),
+        QemuBuild(
+            str(QEMU_CACHE / "trixie-11.1" / "qemu-system-x86_64"),
+            "11.1",
+            "sudo bash .ci/setup-qemu-11",
+            "qemu11.1",
+        ),
+    ]
+
+
+def require(build: QemuBuild) -> str:
+    """The binary of ``build``; skips the test when it cannot run (fails under CI=true)."""
+    reason = build.problem()
+    if reason is None:
+        return build.binary
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"QEMU tests must run in CI on {build.id}, but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+_MATRIX = matrix()
+
+
+@pytest.fixture(params=_MATRIX, ids=[build.id for build in _MATRIX])
+def qemu(request: pytest.FixtureRequest) -> str:
+    """The QEMU binary of this run of the test: every matrix entry in turn."""
+    build: QemuBuild = request.param
+    return require(build)
 
 
 @pytest.fixture(autouse=True)
-def _need_qemu() -> None:
-    if shutil.which(QEMU):
-        return
-    reason = f"{QEMU} is not installed (apt-get install -t bookworm-backports qemu-system-x86)"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"QEMU tests must run in CI, but {reason}", pytrace=False)
-    pytest.skip(reason)
+def _need_qemu(request: pytest.FixtureRequest) -> None:
+    """For tests that do not take ``qemu``: the default QEMU (``QEMU``) must be there."""
+    if "qemu" not in request.fixturenames:
+        require(_MATRIX[0])
 
 
 class Qmp:
@@ -102,10 +192,10 @@ class Qmp:
             self.monitor.close()
 
 
-def qemu_command(qmp: Path, multifd: str, *extra: str) -> list[str]:
+def qemu_command(qmp: Path, multifd: str, *extra: str, qemu: str = QEMU) -> list[str]:
     """QEMU's command line inside ``fakevfio run`` (fd 3: the cdev, fd 4: /dev/iommu)."""
     return [
-        QEMU,
+        qemu,
         "-accel",
         "tcg",
         "-machine",
@@ -129,7 +219,7 @@ def qemu_command(qmp: Path, multifd: str, *extra: str) -> list[str]:
 
 @contextlib.contextmanager
 def qemu_under_run(
-    mount: MountHandle, tmp: Path, tag: str, multifd: str, *extra: str
+    mount: MountHandle, tmp: Path, tag: str, multifd: str, *extra: str, qemu: str = QEMU
 ) -> Iterator[Qmp]:
     qmp_path = tmp / f"{tag}.qmp"
     log = tmp / f"{tag}.log"
@@ -146,7 +236,7 @@ def qemu_under_run(
         "-c",
         script,
         "sh",
-        *qemu_command(qmp_path, multifd, *extra),
+        *qemu_command(qmp_path, multifd, *extra, qemu=qemu),
     ]
     with qemu_session(argv, qmp_path, log) as qmp:
         yield qmp
@@ -206,7 +296,7 @@ def wait_migration(qmp: Qmp, timeout: float = 120) -> dict[str, Any]:
 
 
 def qemu_migrate(
-    src: MountHandle, dst: MountHandle, tmp: Path, multifd: str
+    src: MountHandle, dst: MountHandle, tmp: Path, multifd: str, qemu: str = QEMU
 ) -> tuple[list[str], list[str], dict[str, Any]]:
     """Migrate gpu0 from ``src`` to ``dst`` with two QEMUs; returns both migration arc lists."""
     with socket.socket() as s:
@@ -214,8 +304,8 @@ def qemu_migrate(
         port = s.getsockname()[1]
     caps = [{"capability": c, "state": True} for c in ("multifd", "return-path", "switchover-ack")]
     with (
-        qemu_under_run(src, tmp, "src", multifd) as sq,
-        qemu_under_run(dst, tmp, "dst", multifd, "-incoming", "defer") as dq,
+        qemu_under_run(src, tmp, "src", multifd, qemu=qemu) as sq,
+        qemu_under_run(dst, tmp, "dst", multifd, "-incoming", "defer", qemu=qemu) as dq,
     ):
         for q in (sq, dq):
             q.cmd("migrate-set-capabilities", capabilities=caps)
@@ -244,13 +334,13 @@ def qemu_migrate(
     ("multifd", "dirty"), [("on", "0"), ("off", "0"), ("on", "4M"), ("off", "4M")]
 )
 def test_qemu_migrates_a_fakevfio_device(
-    fakevfio_mount: MountFactory, tmp_path: Path, multifd: str, dirty: str
+    fakevfio_mount: MountFactory, tmp_path: Path, qemu: str, multifd: str, dirty: str
 ) -> None:
     with (
         fakevfio_mount([f"gpu0=ram:size={SIZE},flags={FLAGS},seed=7,dirty_rate={dirty}"]) as src,
         fakevfio_mount([f"gpu0=ram:size={SIZE},flags={FLAGS}"]) as dst,
     ):
-        src_arcs, dst_arcs, info = qemu_migrate(src, dst, tmp_path, multifd)
+        src_arcs, dst_arcs, info = qemu_migrate(src, dst, tmp_path, multifd, qemu)
         assert src_arcs == SOURCE_ARCS[FLAGS]
         assert dst_arcs == DEST_ARCS[True]
         assert info["vfio"]["transferred"] >= 64 << 20
@@ -260,11 +350,11 @@ def test_qemu_migrates_a_fakevfio_device(
 
 @pytest.mark.parametrize("multifd", ["on", "off"])
 def test_migrator_requests_the_same_arcs_as_qemu(
-    fakevfio_mount: MountFactory, tmp_path: Path, multifd: str
+    fakevfio_mount: MountFactory, tmp_path: Path, qemu: str, multifd: str
 ) -> None:
     spec = f"gpu0=ram:size=16M,flags={FLAGS},seed=3"
     with fakevfio_mount([spec]) as src, fakevfio_mount(["gpu0=ram:size=16M"]) as dst:
-        qemu_src, qemu_dst, _ = qemu_migrate(src, dst, tmp_path, multifd)
+        qemu_src, qemu_dst, _ = qemu_migrate(src, dst, tmp_path, multifd, qemu)
         qemu_reads = src.info("gpu0")["read_sizes"]
     with fakevfio_mount([spec]) as src, fakevfio_mount(["gpu0=ram:size=16M"]) as dst:
         source, dest = migrate(
