@@ -11,7 +11,13 @@ IOVA mappings of the device (guest RAM under QEMU), or only those inside
 and with ``dma_bus_master=required`` only while the PCI command register has
 Bus Master Enable set, as hardware (a firmware expects power-on RAM untouched
 until a driver enables the device);
-with nothing mapped it does nothing and builds up no backlog. The stream, sessions
+with nothing mapped it does nothing and builds up no backlog. With
+``reinit_after=BYTES`` (a PRE_COPY device) a pre-copy session re-initialises once
+after that many bytes were read, as a device reconfigured during migration
+does: the first PRECOPY_INFOv2 query past that point raises initial_bytes to
+the whole state again and answers ``VFIO_PRECOPY_INFO_REINIT``; a caller that
+did not opt in (``VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2``) never sees it
+(:mod:`fakevfio._stream` Rule 5). The stream, sessions
 and validation come from the core (:mod:`fakevfio._stream`); the driver header
 names the driver, its stream version and its size, so a stream from another
 version or another size is refused on resume.
@@ -128,6 +134,12 @@ class RamDriver(StateDriver):
             help="'required': DMA only while Bus Master Enable is set in the PCI command "
             "register, as on hardware (a guest driver sets it); 'ignored' (default)",
         ),
+        "reinit_after": OptionSpec(
+            kind="size",
+            default=None,
+            help="PRE_COPY devices: re-initialise once per session after this many bytes "
+            "read (REINIT, for callers that opted in to PRECOPY_INFOv2)",
+        ),
         "page_size": OptionSpec(kind="size", default="4K", help="dirty-tracking granularity"),
         "config_size": OptionSpec(
             kind="int", default="256", help="PCI config space size: 256 or 4096"
@@ -156,6 +168,12 @@ class RamDriver(StateDriver):
         if cfg not in (256, 4096):
             raise ConfigError(f"device {name}: config_size must be 256 or 4096")
         self.config_size = cfg
+        self.reinit_after = self.size_option("reinit_after")
+        if self.reinit_after is not None and not self._flags & MigFlags.PRE_COPY:
+            raise ConfigError(
+                f"device {name}: reinit_after needs PRE_COPY in flags (it re-initialises "
+                "a pre-copy session); add +PRE_COPY or drop the option"
+            )
         self.read_bandwidth = self.size_option("read_bandwidth") or None
         self.write_bandwidth = self.size_option("write_bandwidth") or None
         self._dirty_rate = self.size_option("dirty_rate") or 0

@@ -40,6 +40,12 @@ Rule 3: the loader checks the header before it applies any byte of state:
 Rule 4: RESUMING -> STOP succeeds only when END arrived, every page was
         loaded at least once and END's byte count matches; otherwise EINVAL
         and the device stays in RESUMING.
+Rule 5: with ``reinit_after`` set on the driver, the first PRECOPY_INFOv2
+        query of a pre-copy session after that many bytes were read starts the
+        initial part again (every page, in offset order, after the bytes
+        already queued; dirty pages dropped) and answers REINIT. A v1 query
+        never does: initial_bytes only decreases for a caller that did not
+        opt in (``VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2``, Linux 7.1).
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ import errno
 import struct
 import zlib
 from typing import TYPE_CHECKING
+
+import attrs
 
 from fakevfio.driver._base import LoadStream, PrecopyInfo, SaveStream
 from fakevfio.errors import DeviceError
@@ -114,6 +122,7 @@ class StateSaveStream(SaveStream):
         self._pending = len(header)  # bytes in _segments
         self._data_bytes = 0  # PAGES payload bytes produced
         self._end_written = False
+        self._reinitialised = False
         self.precopy = precopy
 
     # -- accounting -------------------------------------------------------
@@ -128,6 +137,28 @@ class StateSaveStream(SaveStream):
         per_page = self._driver.page_size + RECORD.size
         dirty = max(0, produced_dirty) + self._driver.dirty_pages() * per_page
         return PrecopyInfo(initial_bytes=initial, dirty_bytes=dirty)
+
+    def precopy_info_v2(self) -> PrecopyInfo:
+        """Rule 5: the first v2 query after ``reinit_after`` bytes read re-initialises."""
+        after = self._driver.reinit_after
+        if after is None or self._reinitialised or self._emitted < after:
+            return self.precopy_info()
+        self._reinitialised = True
+        self._reinit()
+        return attrs.evolve(self.precopy_info(), reinit=True)
+
+    def _reinit(self) -> None:
+        """New initial data: the whole state again, after what is already queued.
+
+        Bytes produced but not yet read count as initial too (the caller must
+        read them first); dirty pages are dropped, the new initial part
+        carries them.
+        """
+        driver = self._driver
+        while driver.take_dirty_run(max(1, self._run // driver.page_size)) is not None:
+            pass
+        self._cursor = 0
+        self._initial_total = self._emitted + self._pending + _records_bytes(self._size, self._run)
 
     def remaining(self) -> int:
         if self._end_written:

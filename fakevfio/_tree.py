@@ -647,9 +647,17 @@ def _node_io(device: Device, off: int, size: int, data: memoryview | None) -> by
     raise _fail(errno.EINVAL, f"device {device.name} has no region with index {index}")
 
 
-def _precopy_text(device: Device) -> str:
-    info = device.precopy_info()
-    return f"initial_bytes {info.initial_bytes}\ndirty_bytes {info.dirty_bytes}\n"
+def _precopy_text(device: Device, *, v2: bool = False) -> str:
+    """``migration/precopy_info``; with ``v2`` the PRECOPY_INFOv2 query, with a flags line.
+
+    ``flags`` is ``struct vfio_precopy_info``'s as a Linux 7.1 driver returns
+    it to a caller that opted in: 0, or 1 (``VFIO_PRECOPY_INFO_REINIT``).
+    """
+    info = device.precopy_info(v2=v2)
+    text = f"initial_bytes {info.initial_bytes}\ndirty_bytes {info.dirty_bytes}\n"
+    if v2:
+        text += f"flags {int(info.reinit)}\n"  # bit 0: VFIO_PRECOPY_INFO_REINIT
+    return text
 
 
 __all__ = [

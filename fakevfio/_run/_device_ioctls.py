@@ -8,6 +8,15 @@ the session's data_fd on the mount (installed in the caller with ADDFD). A
 data_fd answers only VFIO_MIG_GET_PRECOPY_INFO; its reads and writes never
 reach the supervisor. The interrupt ioctls are in :mod:`._irq_ioctls`, the
 DMA logging features in :mod:`._dma_ioctls`.
+
+PRECOPY_INFOv2 (Linux 7.1, ``vfio_ioctl_device_feature_migration_precopy_info_v2``
+and ``vfio_check_precopy_ioctl``): feature 12 is SET-only with no payload
+(GET: EINVAL; PROBE: 0), and EINVAL on a device without PRE_COPY. The opt-in
+belongs to the device and lasts until its last device fd is closed (the
+kernel clears it in ``vfio_df_device_last_close``). After it, PRECOPY_INFO's
+flags are output (0 or REINIT, from the device's ``migration/precopy_info_v2``
+query); without it they are the caller's, echoed, as every kernel does for
+compatibility.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ import contextlib
 import errno
 import os
 import struct
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -32,6 +42,10 @@ if TYPE_CHECKING:
 
 _U32 = struct.Struct("<I")
 _Handler = Callable[["Vfio", "Call", DeviceInfo], int]
+#: The device fds open when their device opted in to PRECOPY_INFOv2 (gone with the fds).
+_PRECOPY_V2: weakref.WeakSet[OpenFile] = weakref.WeakSet()
+#: The device's v2 pre-copy query file (``initial_bytes``, ``dirty_bytes``, ``flags``).
+PRECOPY_V2_FILE = "precopy_info_v2"
 
 
 def device_ioctl(vfio: Vfio, call: Call, dev: DeviceInfo) -> int:
@@ -120,6 +134,8 @@ def _feature(vfio: Vfio, call: Call, dev: DeviceInfo) -> int:
     index = flags & uapi.VFIO_DEVICE_FEATURE_MASK
     if index in _dma_ioctls.LOGGING_FEATURES:
         return _dma_ioctls.logging_feature(vfio, call, dev, index, flags, argsz)
+    if index == uapi.VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOV2:
+        return _precopy_info_v2(vfio, call, dev, flags)
     ops = {
         uapi.VFIO_DEVICE_FEATURE_MIGRATION: get,
         uapi.VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE: get | set_,
@@ -151,6 +167,28 @@ def _feature(vfio: Vfio, call: Call, dev: DeviceInfo) -> int:
         call.mem.write(payload, uapi.FEATURE_MIG_STATE.pack(int(state), -1))
         return 0
     return _set_state(vfio, call, dev, raw)
+
+
+def _precopy_info_v2(vfio: Vfio, call: Call, dev: DeviceInfo, flags: int) -> int:
+    """Feature 12: PRE_COPY check, then ``vfio_check_feature(SET, minsz 0)``, then opt in."""
+    if not dev.flags & uapi.VFIO_MIGRATION_PRE_COPY:
+        raise IoctlError(errno.EINVAL, "PRECOPY_INFOv2 on a device without PRE_COPY")
+    if flags & uapi.VFIO_DEVICE_FEATURE_GET:
+        raise IoctlError(errno.EINVAL, "PRECOPY_INFOv2 is SET only")
+    if flags & uapi.VFIO_DEVICE_FEATURE_PROBE:
+        return 0
+    if not flags & uapi.VFIO_DEVICE_FEATURE_SET:
+        raise IoctlError(errno.EINVAL, "neither GET nor SET")
+    # The flag is the device's: every device fd of it open now carries it.
+    for f in vfio.files.files:
+        if f.kind is NodeKind.CDEV and f.bound and f.device == dev.name:
+            _PRECOPY_V2.add(f)
+    return 0
+
+
+def precopy_v2(vfio: Vfio, device: str) -> bool:
+    """Whether a device fd of ``device`` still open opted in to PRECOPY_INFOv2."""
+    return any(f.device == device for f in vfio.files.files if f in _PRECOPY_V2)
 
 
 def _set_state(vfio: Vfio, call: Call, dev: DeviceInfo, raw: bytes) -> int:
@@ -222,8 +260,20 @@ def data_ioctl(vfio: Vfio, call: Call, ino: int, device: str | None) -> int:
     entry = vfio.find(call, call.fd, ino)
     if entry is not None and entry.generation != vfio.nodes.generation.get(dev.name, 0):
         raise IoctlError(errno.ENODEV, "the session of this data_fd has ended")
-    text = vfio.nodes.read_text(dev.name, "migration", "precopy_info")
-    fields = dict(line.split() for line in text.splitlines() if line.strip())
+    if precopy_v2(vfio, dev.name):
+        flags = 0  # an output field from here on
+        try:
+            text = vfio.nodes.read_text(dev.name, "migration", PRECOPY_V2_FILE)
+        except IoctlError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            # A mount without the v2 query: the device never re-initialises.
+            text = vfio.nodes.read_text(dev.name, "migration", "precopy_info")
+    else:
+        text = vfio.nodes.read_text(dev.name, "migration", "precopy_info")
+    fields = dict(line.split(None, 1) for line in text.splitlines() if line.strip())
+    if "flags" in fields:
+        flags = int(fields["flags"]) & uapi.VFIO_PRECOPY_INFO_REINIT
     out = uapi.PRECOPY_INFO.pack(
         argsz, flags, int(fields["initial_bytes"]), int(fields["dirty_bytes"])
     )

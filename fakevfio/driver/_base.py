@@ -62,10 +62,18 @@ class OptionSpec:
 
 @attrs.frozen(kw_only=True)
 class PrecopyInfo:
-    """``struct vfio_precopy_info`` output."""
+    """``struct vfio_precopy_info`` output.
+
+    ``reinit`` is ``VFIO_PRECOPY_INFO_REINIT`` (Linux 7.1): new initial data is
+    on the stream, initial_bytes started again from a new value and
+    dirty_bytes from 0. A stream may set it only in answer to
+    :meth:`SaveStream.precopy_info_v2`, the query of a caller that opted in
+    with ``VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2``.
+    """
 
     initial_bytes: int
     dirty_bytes: int
+    reinit: bool = False
 
 
 class SaveStream(abc.ABC):
@@ -81,7 +89,18 @@ class SaveStream(abc.ABC):
 
     @abc.abstractmethod
     def precopy_info(self) -> PrecopyInfo:
-        """Current pre-copy estimates (only called in PRE_COPY*)."""
+        """Current pre-copy estimates (only called in PRE_COPY*); ``reinit`` stays False.
+
+        initial_bytes never grows here: a v1 caller cannot be told of new initial data.
+        """
+
+    def precopy_info_v2(self) -> PrecopyInfo:
+        """The estimates for a caller that opted in to PRECOPY_INFOv2 (only in PRE_COPY*).
+
+        The one place a stream may start its initial data again (and say so
+        with ``reinit``). Default: :meth:`precopy_info`.
+        """
+        return self.precopy_info()
 
     @abc.abstractmethod
     def remaining(self) -> int:
@@ -152,6 +171,9 @@ class ArcDriver(abc.ABC):
     config_size: int = 256
     #: Dirty pages are counted in units of this size (bytes).
     page_size: int = 4096
+    #: StateDriver streams: after this many bytes read, the first PRECOPY_INFOv2
+    #: query of the session starts the initial data again (REINIT); None: never.
+    reinit_after: int | None = None
     #: Emulated device speed on the data stream, bytes per second (None: unlimited).
     read_bandwidth: int | None = None
     write_bandwidth: int | None = None
