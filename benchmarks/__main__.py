@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         log(
             f"missing tools: {', '.join(missing)}; scenarios that need them report 'skipped' "
-            "(Debian/Ubuntu: apt-get install -y socat coreutils)"
+            "(Debian/Ubuntu: apt-get install -y coreutils)"
         )
     base = Path(tempfile.mkdtemp(prefix="fakevfio-bench-"))
     figures: list[Figure] = []

@@ -1,7 +1,7 @@
 """Mounts, migrator runs, raw copies and timing for the benchmark scenarios.
 
 Everything runs the real command lines (``python -m fakevfio mount``,
-``python -m migrator incoming|migrate``, ``dd``, ``socat``) as subprocesses,
+``python -m migrator incoming|migrate``, ``dd``, the FUSE floor, a C ioctl probe) as subprocesses,
 the way a user would, and times them from here. Mounts and migrator runs are
 :mod:`fakevfio.testing`'s (one lifecycle for tests, benchmarks and the demo).
 """
@@ -84,22 +84,6 @@ def migrate(
 
 
 # -- raw copies -------------------------------------------------------------------------
-def dd_direct(src_data: Path, dst_data: Path, *, timeout: float = 600.0) -> tuple[int, float]:
-    """``dd bs=1M`` from one data file to the other; (bytes, seconds)."""
-    t0 = time.perf_counter()
-    proc = subprocess.run(
-        ["dd", f"if={src_data}", f"of={dst_data}", "bs=1M"],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    elapsed = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise BenchError(f"dd failed: {proc.stderr.strip()}")
-    return _dd_bytes(proc.stderr), elapsed
-
-
 def _dd(cmd: str, timeout: float) -> tuple[int, float]:
     """Run a shell line whose last stage is a ``dd``; (bytes that dd reports, seconds)."""
     t0 = time.perf_counter()
@@ -226,79 +210,12 @@ def ioctl_rates(exe: Path, mnt: Mount, cdev: str, seconds: float) -> dict[str, f
         check=False,
     )
     if proc.returncode != 0:
-        raise BenchError(f"ioctl_rate under fakevfio run failed: {proc.stderr.strip()[-600:]}")
+        raise BenchError(f"ioctl_rate under fakevfio run failed: {proc.stderr.strip()[-1500:]}")
     return {k: float(v) for k, v in (line.split() for line in proc.stdout.splitlines())}
 
 
-def _dd_bytes(stderr: str) -> int:
-    m = re.search(r"^(\d+) bytes", stderr, re.MULTILINE)
-    if not m:
-        raise BenchError(f"cannot parse dd output: {stderr!r}")
-    return int(m.group(1))
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def dd_socat(src_data: Path, dst_data: Path, *, timeout: float = 600.0) -> tuple[int, float]:
-    """``dd | socat`` -> tcp loopback -> ``socat | dd``; (bytes, seconds)."""
-    port = _free_port()
-    recv = subprocess.Popen(
-        [
-            "sh",
-            "-c",
-            f"socat -u TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr STDOUT"
-            f" | dd of={dst_data} bs=1M iflag=fullblock",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while not _port_listening(port):
-            if time.monotonic() > deadline or recv.poll() is not None:
-                raise BenchError("socat receiver did not start listening")
-            time.sleep(0.01)
-        t0 = time.perf_counter()
-        send = subprocess.run(
-            ["sh", "-c", f"dd if={src_data} bs=1M | socat -u STDIN TCP:127.0.0.1:{port}"],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        _, err = recv.communicate(timeout=timeout)
-        elapsed = time.perf_counter() - t0
-    finally:
-        if recv.poll() is None:
-            recv.kill()
-            recv.wait()
-    if send.returncode != 0 or recv.returncode != 0:
-        raise BenchError(f"dd|socat failed: {send.stderr.strip()} / {err.strip()}")
-    return _dd_bytes(err), elapsed
-
-
-def _port_listening(port: int) -> bool:
-    hexport = f":{port:04X}"
-    try:
-        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[1].endswith(hexport) and fields[3] == "0A":
-                return True
-    except OSError:
-        pass
-    return False
-
-
 def missing_tools() -> list[str]:
-    return [tool for tool in ("dd", "socat") if shutil.which(tool) is None]
+    return [tool for tool in ("dd",) if shutil.which(tool) is None]
 
 
 # -- machine details --------------------------------------------------------------------
