@@ -104,6 +104,9 @@ def test_any_permutation_reassembles_in_order(sizes: list[int], data: st.DataObj
         ([(3, True, b"c")], (5, True, b"c"), "second config packet (idx 5; the config was idx 3)"),
         ([(3, True, b"c")], (4, False, b"d"), "data packet idx 4 is at or after the config packet"),
         ([(5, False, b"d")], (2, True, b"c"), "config packet idx 2 is before data packet idx 5"),
+        # The boundaries: the config one below the highest data idx, data one above it.
+        ([(3, False, b"d")], (2, True, b"c"), "config packet idx 2 is before data packet idx 3"),
+        ([(2, True, b"c")], (3, False, b"d"), "data packet idx 3 is at or after the config packet"),
     ],
 )
 def test_reassembler_rejects(
