@@ -9,8 +9,14 @@ capabilities, and migrate over TCP loopback. The device's state, the arc logs
 (QEMU's requests as the device executed them) and the migrator's arcs for the
 same set-up are compared.
 
-Without ``qemu-system-x86_64`` the tests skip, except under ``CI=true`` where
-they fail (CI installs QEMU 10 from bookworm-backports).
+Every test runs once per QEMU of the matrix (the ``qemu`` fixture, ids
+``qemu10.0`` and ``qemu11.1``): the system's ``qemu-system-x86_64`` (QEMU 10:
+Debian 13's own, Debian 12's bookworm-backports; ``.ci/setup-qemu``) and QEMU 11.1
+from Debian 13's trixie-backports in a cached root filesystem
+(``.ci/setup-qemu-11``; docs/qemu-versions.md). ``$FAKEVFIO_QEMU`` replaces the
+matrix with that one build. A version that is not set up skips with the reason,
+except under ``CI=true`` where it fails. Tests that take no ``qemu`` (other files'
+helpers) run on the default QEMU only.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""QEMU 10 migrates a VM whose fakevfio device DMA-writes guest RAM all through pre-copy.
+"""Each QEMU migrates a VM whose fakevfio device DMA-writes guest RAM all through pre-copy.
 
 Two QEMUs run under ``fakevfio run`` with the device as ``-device vfio-pci`` on
 the iommufd cdev path and QEMU's default ``enable-migration=auto``: QEMU
@@ -42,7 +42,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import MountFactory, MountHandle
-from tests.test_qemu import QEMU, Qmp, _need_qemu  # noqa: F401  (_need_qemu: autouse)
+from tests.test_qemu import Qmp
 
 pytestmark = [pytest.mark.fuse, pytest.mark.qemu, pytest.mark.slow, pytest.mark.deadline(240)]
 
@@ -69,10 +69,12 @@ class Vm:
 
 
 @contextlib.contextmanager
-def qemu_vm(mount: MountHandle, tmp: Path, tag: str, device_opts: str, *extra: str) -> Iterator[Vm]:
+def qemu_vm(
+    qemu: str, mount: MountHandle, tmp: Path, tag: str, device_opts: str, *extra: str
+) -> Iterator[Vm]:
     qmp_path, log = tmp / f"{tag}.qmp", tmp / f"{tag}.log"
     script = 'exec 3<>/dev/vfio/devices/vfio0 4<>/dev/iommu && exec "$@"'
-    cmd = [QEMU, "-accel", "tcg", "-machine", "q35", "-nodefaults"]
+    cmd = [qemu, "-accel", "tcg", "-machine", "q35", "-nodefaults"]
     cmd += ["-display", "none", "-S", "-m", f"{GUEST_MB}M"]
     cmd += ["-object", "iommufd,id=iommufd0,fd=4"]
     cmd += ["-device", f"vfio-pci,id=gpu0,iommufd=iommufd0,fd=3,rombar=0{device_opts}"]
@@ -134,7 +136,7 @@ def enable_bus_master(mount: MountHandle) -> None:
 
 
 def migrate_with_dma(
-    src: MountHandle, dst: MountHandle, tmp: Path, device_opts: str
+    qemu: str, src: MountHandle, dst: MountHandle, tmp: Path, device_opts: str
 ) -> tuple[bytes, bytes, dict[str, Any], str]:
     """Migrate a DMA-ing VM; (source RAM, destination RAM, query-migrate, both QEMU logs)."""
     with socket.socket() as s:
@@ -142,8 +144,8 @@ def migrate_with_dma(
         port = s.getsockname()[1]
     caps = [{"capability": c, "state": True} for c in ("return-path", "switchover-ack")]
     with (
-        qemu_vm(src, tmp, "src", device_opts) as sv,
-        qemu_vm(dst, tmp, "dst", device_opts, "-incoming", "defer") as dv,
+        qemu_vm(qemu, src, tmp, "src", device_opts) as sv,
+        qemu_vm(qemu, dst, tmp, "dst", device_opts, "-incoming", "defer") as dv,
     ):
         sq, dq = sv.qmp, dv.qmp
         for q in (sq, dq):
@@ -190,11 +192,11 @@ def differing_pages(a: bytes, b: bytes) -> int:
     "tracking", ["device", "iommu"], ids=["device-dma-logging", "iommufd-dirty-tracking"]
 )
 def test_qemu_migrates_a_dma_ing_device_with_enable_migration_auto(
-    fakevfio_mount: MountFactory, tmp_path: Path, tracking: str
+    fakevfio_mount: MountFactory, tmp_path: Path, qemu: str, tracking: str
 ) -> None:
     opts = "" if tracking == "device" else ",x-device-dirty-page-tracking=off"
     with fakevfio_mount([SRC]) as src, fakevfio_mount([DST]) as dst:
-        src_ram, dst_ram, info, logs = migrate_with_dma(src, dst, tmp_path, opts)
+        src_ram, dst_ram, info, logs = migrate_with_dma(qemu, src, dst, tmp_path, opts)
         assert info["status"] == "completed", (info, logs)
         dma = src.info("gpu0")["dma"]
         assert dma["bytes_written"] > 0
@@ -212,12 +214,12 @@ def test_qemu_migrates_a_dma_ing_device_with_enable_migration_auto(
     "tracking", ["device", "iommu"], ids=["device-dma-logging", "iommufd-dirty-tracking"]
 )
 def test_qemu_migration_shows_the_pages_a_dirty_lose_100_device_did_not_report(
-    fakevfio_mount: MountFactory, tmp_path: Path, tracking: str
+    fakevfio_mount: MountFactory, tmp_path: Path, qemu: str, tracking: str
 ) -> None:
     opts = "" if tracking == "device" else ",x-device-dirty-page-tracking=off"
     with fakevfio_mount([SRC]) as src, fakevfio_mount([DST]) as dst:
         assert src.write("gpu0", "faults", "dirty lose 100\n") is None
-        src_ram, dst_ram, info, logs = migrate_with_dma(src, dst, tmp_path, opts)
+        src_ram, dst_ram, info, logs = migrate_with_dma(qemu, src, dst, tmp_path, opts)
         assert info["status"] == "completed", (info, logs)
         assert src.info("gpu0")["dma"]["pages_lost"] > 0
         # the pages written after QEMU had sent them and never reported: they differ

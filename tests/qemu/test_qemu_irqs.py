@@ -1,4 +1,4 @@
-"""An unmodified QEMU 10 sets up a fakevfio device's interrupts and receives its INTx.
+"""Each QEMU of the matrix sets up a fakevfio device's interrupts and receives its INTx.
 
 QEMU runs under ``fakevfio run`` with the device as ``-device vfio-pci`` on
 the iommufd cdev path (fds opened inside the private namespace, as in
@@ -37,17 +37,17 @@ from typing import Any
 import pytest
 
 from tests.conftest import MountFactory, MountHandle
-from tests.test_qemu import QEMU, Qmp, _need_qemu, qemu_session  # noqa: F401  (_need_qemu: autouse)
+from tests.test_qemu import Qmp, qemu_session
 
 pytestmark = [pytest.mark.fuse, pytest.mark.qemu, pytest.mark.slow, pytest.mark.deadline(240)]
 
 
 @contextlib.contextmanager
-def qemu(mount: MountHandle, tmp: Path, accel: str, *extra: str) -> Iterator[Qmp]:
+def run_qemu(qemu: str, mount: MountHandle, tmp: Path, accel: str, *extra: str) -> Iterator[Qmp]:
     """QEMU under ``fakevfio run`` (fd 3: the cdev, fd 4: /dev/iommu), trace to tmp/trace."""
     qmp_path, log, trace = tmp / "qmp", tmp / "qemu.log", tmp / "trace"
     script = 'exec 3<>/dev/vfio/devices/vfio0 4<>/dev/iommu && exec "$@"'
-    cmd = [QEMU, "-accel", accel, "-machine", "q35", "-nodefaults", "-display", "none"]
+    cmd = [qemu, "-accel", accel, "-machine", "q35", "-nodefaults", "-display", "none"]
     cmd += ["-m", "64M", "-object", "iommufd,id=iommufd0,fd=4"]
     cmd += ["-device", "vfio-pci,id=gpu0,iommufd=iommufd0,fd=3,rombar=0"]
     cmd += ["-S", "-trace", f"vfio_intx_*,file={trace}"]
@@ -91,9 +91,11 @@ def mount(fakevfio_mount: MountFactory) -> Iterator[MountHandle]:
         yield m
 
 
-def test_qemu_realize_sets_up_intx_and_receives_it(mount: MountHandle, tmp_path: Path) -> None:
+def test_qemu_realize_sets_up_intx_and_receives_it(
+    mount: MountHandle, tmp_path: Path, qemu: str
+) -> None:
     trace = tmp_path / "trace"
-    with qemu(mount, tmp_path, "tcg") as qmp:
+    with run_qemu(qemu, mount, tmp_path, "tcg") as qmp:
         state = irqs(mount)
         assert state["active"]["index"] == "intx", state
         assert state["intx"]["enabled"] == "1", state

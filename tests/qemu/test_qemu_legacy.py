@@ -1,4 +1,4 @@
-"""QEMU 10 reaches fakevfio devices by PCI address on the legacy group path, and migrates them.
+"""Each QEMU reaches fakevfio devices by PCI address on the legacy group path, and migrates them.
 
 The source QEMU gets its device as ``-device vfio-pci,host=ADDR``, the destination as
 ``-device vfio-pci,sysfsdev=/sys/bus/pci/devices/ADDR``, each under ``fakevfio run``
@@ -31,7 +31,7 @@ import pytest
 
 from tests.conftest import MountFactory, MountHandle
 from tests.migrator.helpers import DEST_ARCS, SOURCE_ARCS, digest
-from tests.test_qemu import QEMU, Qmp, _need_qemu, qemu_session  # noqa: F401  (_need_qemu: autouse)
+from tests.test_qemu import Qmp, qemu_session
 
 pytestmark = [pytest.mark.fuse, pytest.mark.qemu, pytest.mark.slow, pytest.mark.deadline(300)]
 
@@ -51,9 +51,11 @@ def wait_migration(qmp: Qmp, timeout: float = 120) -> dict[str, Any]:
         time.sleep(0.1)
 
 
-def _command(qmp: Path, device: str, migration: str, multifd: str, *extra: str) -> list[str]:
+def _command(
+    qemu: str, qmp: Path, device: str, migration: str, multifd: str, *extra: str
+) -> list[str]:
     return [
-        QEMU,
+        qemu,
         *("-accel", "tcg", "-machine", "q35", "-nodefaults", "-display", "none", "-S"),
         *("-m", "64M"),
         "-device",
@@ -87,7 +89,7 @@ def _arcs(mount: MountHandle) -> list[str]:
     ],
 )
 def test_qemu_host_and_sysfsdev_devices_migrate(
-    fakevfio_mount: MountFactory, tmp_path: Path, migration: str, multifd: str
+    fakevfio_mount: MountFactory, tmp_path: Path, qemu: str, migration: str, multifd: str
 ) -> None:
     with (
         fakevfio_mount(
@@ -100,8 +102,9 @@ def test_qemu_host_and_sysfsdev_devices_migrate(
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        src_argv = _command(tmp_path / "src.qmp", f"host={SRC_ADDRESS}", migration, multifd)
+        src_argv = _command(qemu, tmp_path / "src.qmp", f"host={SRC_ADDRESS}", migration, multifd)
         dst_argv = _command(
+            qemu,
             tmp_path / "dst.qmp",
             f"sysfsdev=/sys/bus/pci/devices/{DST_ADDRESS}",
             migration,
