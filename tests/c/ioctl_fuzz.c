@@ -6,7 +6,8 @@
  * printed first). It opens the container, the group, /dev/iommu and the cdev, walks them
  * to a working set-up (bind, IOAS, attach; group -> container -> type1v2 -> device fd)
  * and then issues COUNT ioctls, each with a random fd of that pool, a random request
- * (mostly the known VFIO/iommufd ones, sometimes any number the supervisor traps), and
+ * (mostly the ones that kind of fd answers, then any known VFIO/iommufd one, sometimes
+ * any number the supervisor traps), and
  * a random argument: a struct with random argsz, flags and contents (object ids,
  * eventfds, states and pointers sprinkled in), NULL, an unmapped address, a read-only
  * page, a struct straddling the end of a page into a PROT_NONE page, or a plain integer.
@@ -78,6 +79,21 @@ static const unsigned long KNOWN[] = {
     IOMMUFD(7), IOMMUFD(8), IOMMUFD(9), IOMMUFD(10), IOMMUFD(11), IOMMUFD(12),
 };
 #define N_KNOWN (sizeof KNOWN / sizeof KNOWN[0])
+
+/* The requests each kind of fd answers (the kernel's dispatchers), drawn more often. */
+static const unsigned long OWN_CONTAINER[] = {VIO(0), VIO(1), VIO(2), VIO(12), VIO(13), VIO(14), VIO(17)};
+static const unsigned long OWN_GROUP[] = {VIO(3), VIO(4), VIO(5), VIO(6)};
+static const unsigned long OWN_IOMMU[] = {
+    IOMMUFD(0), IOMMUFD(1), IOMMUFD(2), IOMMUFD(3), IOMMUFD(4), IOMMUFD(5), IOMMUFD(6),
+    IOMMUFD(7), IOMMUFD(9), IOMMUFD(10), IOMMUFD(11), IOMMUFD(12)};
+static const unsigned long OWN_DEVICE[] = {
+    VIO(7), VIO(8), VIO(9), VIO(10), VIO(11), VIO(17), VIO(17), VIO(17), VIO(18), VIO(19), VIO(20)};
+static const unsigned long OWN_DATA[] = {VIO(21)};
+#define OWN(a) a, sizeof a / sizeof a[0]
+static const struct { const unsigned long *reqs; size_t n; } OWN_REQUESTS[K_COUNT] = {
+    {OWN(OWN_CONTAINER)}, {OWN(OWN_GROUP)}, {OWN(OWN_IOMMU)}, {OWN(OWN_DEVICE)},
+    {OWN(OWN_DEVICE)}, {OWN(OWN_DATA)},
+};
 
 /* The histogram: kind x request low byte x errno (0..133). */
 #define N_ERRNO 134
@@ -242,7 +258,10 @@ int main(int argc, char **argv) {
             int w = (int)below(100);
             for (k = 0; k < K_COUNT - 1 && w >= weights[k]; k++) w -= weights[k];
         } while (fds[k] < 0);
-        unsigned long req = chance(90) ? KNOWN[below(N_KNOWN)] : 0x3b64 + below(0x100 - 0x64);
+        unsigned long req;
+        if (chance(60)) req = OWN_REQUESTS[k].reqs[below(OWN_REQUESTS[k].n)];
+        else if (chance(75)) req = KNOWN[below(N_KNOWN)];
+        else req = 0x3b64 + below(0x100 - 0x64);
         unsigned long arg = make_arg(req);
         current_iteration = i;
         current_kind = k;
