@@ -202,7 +202,8 @@ class FileDevice:
 
     def configuration(self) -> str:
         info = self._info()
-        keys = ("driver", "migration_flags", "config_size", "regions")
+        # Not the flags: a stream moves between devices whose flag sets differ.
+        keys = ("driver", "config_size", "regions")
         return json.dumps({k: info.get(k) for k in keys}, sort_keys=True)
 
     def dma_logging(self) -> bool:
@@ -443,7 +444,7 @@ class KernelDevice:
                 bars.append(self._region(index)[0])
             except AccessError:
                 bars.append(-1)
-        return f"{self.identity()} flags {int(self.flags)} bars {bars}"
+        return f"{self.identity()} bars {bars}"
 
     def dma_logging(self) -> bool:
         flags = (
