@@ -28,15 +28,21 @@ lint: setup
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports --no-cache --no-logo
 
+# The table goes to stdout and, with the plot (matplotlib: pip install -e '.[bench]'),
+# to BENCH_OUT/table.txt and BENCH_OUT/plot.png.
+BENCH_OUT ?= bench-results
 bench: setup
-	$(PY) -m benchmarks
+	$(PY) -m benchmarks --out $(BENCH_OUT)
 
 # The chaos soak (issue 18): up to SOAK_ROUNDS migrations with random faults, bounded
-# in time; prints the outcome table and fails on a lost source state or a hang.
+# in time, then SOAK_FUZZ fuzzed VFIO/iommufd ioctls under fakevfio run; prints both
+# tables and fails on a lost source state, a hang, a supervisor crash or an errno
+# outside the kernel's set.
 SOAK_ROUNDS ?= 300
 SOAK_TIME ?= 2400
+SOAK_FUZZ ?= 100000
 soak: setup
-	$(PY) -m benchmarks.soak --rounds $(SOAK_ROUNDS) --time-limit $(SOAK_TIME)
+	$(PY) -m benchmarks.soak --rounds $(SOAK_ROUNDS) --time-limit $(SOAK_TIME) --fuzz-ioctls $(SOAK_FUZZ)
 
 # Not part of .ci/run: debootstraps clean Debian 12 and 13 root filesystems (cached under
 # /var/cache/fakevfio-rootfs) and runs `make demo` in each (FRESH_ARGS="--test" adds
