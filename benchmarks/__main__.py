@@ -1,4 +1,4 @@
-"""``python -m benchmarks [--size-scale tiny|full] [--only NAME]``."""
+"""``python -m benchmarks [--size-scale tiny|full] [--only NAME] [--out DIR]``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import traceback
 from pathlib import Path
 
 from benchmarks.harness import FAILURES, log, machine_details, missing_tools
+from benchmarks.plot import write_plot
 from benchmarks.report import Figure, render
 from benchmarks.scenarios import SCALES, SCENARIOS
 from fakevfio.testing import HarnessError
@@ -34,6 +35,13 @@ def main(argv: list[str] | None = None) -> int:
         choices=list(SCENARIOS),
         metavar="NAME",
         help=f"run only this scenario (repeatable): {', '.join(SCENARIOS)}",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also write the table to DIR/table.txt and the plot to DIR/plot.png",
     )
     args = parser.parse_args(argv)
     scale = SCALES[args.size_scale]
@@ -75,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         text += f"\n\nmigrations that failed and were retried ({len(FAILURES)}):"
         text += "".join(f"\n  {what}: {err[-600:]}" for what, err in FAILURES)
     print(text, flush=True)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "table.txt").write_text(text + "\n")
+        log(f"table: {args.out / 'table.txt'}")
+        log(write_plot(figures, args.out / "plot.png"))
     return 1 if failed else 0
 
 

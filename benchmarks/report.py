@@ -18,6 +18,8 @@ class Figure:
     target: str = ""  # e.g. ">= 0.8x", "< 256 MiB"
     ok: bool | None = None  # target met? None when there is no target
     note: str = ""
+    #: (chart, series, x) when the figure is a point of a plot (see benchmarks.plot)
+    point: tuple[str, str, float] | None = None
 
 
 def _num(value: float | None, unit: str) -> str:
@@ -29,6 +31,8 @@ def _num(value: float | None, unit: str) -> str:
 
 
 def render(figures: list[Figure], machine: list[tuple[str, str]], header: str) -> str:
+    """The table; figures without a name are plot points only and are left out."""
+    figures = [f for f in figures if f.name]
     rows = [("scenario", "figure", "value", "baseline (same run)", "ratio", "target", "met")]
     rows.extend(
         (

@@ -199,6 +199,13 @@ def stopcopy(base: Path, scale: Scale) -> list[Figure]:
         )
         for label in ("dd | dd", "migrator 1ch", "migrator multifd 2", "migrator multifd 4")
     )
+    for fig in figs:
+        if fig.name.startswith("migrator"):
+            fig.point = ("throughput", "migrator", 1 if "1ch" in fig.name else int(fig.name[-1]))
+    figs.extend(
+        Figure(sc, "", alone, "MB/s", point=("throughput", "min(read, write alone)", x))
+        for x in (1, 2, 4)
+    )
     return figs
 
 
@@ -272,9 +279,13 @@ def downtime(base: Path, scale: Scale) -> list[Figure]:
                     note=f"source mount CPU {statistics.median(cpu[mode]):.2f} s per migration "
                     f"({k} x {size_text(size)} at read_bandwidth {size_text(bw)}/s, "
                     f"{os.cpu_count()} cores)",
+                    point=("downtime", label.replace(f" {k} ch", ""), k),
                 )
             )
-    return figs
+            figs.append(
+                Figure(sc, "", ideal, "ms", point=("downtime", f"model {label.split()[0]}", k))
+            )
+    return [f for f in figs if f.name] + [f for f in figs if not f.name]
 
 
 # -- 3. destination memory ------------------------------------------------------------------
