@@ -39,7 +39,11 @@ Rule 4: an unmap removes whole areas; one that would cut an area, or hits
 Rule 5: a mapping belongs to the mapping process (its thread group id, the
         ``mm`` the kernel pins from) at its user address: the device's DMA
         reads and writes that memory.
-Rule 6: IOMMU_GET_HW_INFO reports IOMMU_HW_CAP_DIRTY_TRACKING; a HWPT
+Rule 6: IOMMU_GET_HW_INFO reports IOMMU_HW_CAP_DIRTY_TRACKING, no vendor data
+        and out_max_pasid_log2 0 (no PASID); it takes the 32-byte struct of
+        6.7, the 40-byte one of 6.8 and later (and a larger zero-tailed one), and
+        refuses any flag (IOMMU_HW_INFO_FLAG_INPUT_TYPE of 6.17 too) and a
+        non-zero byte of ``__reserved[3]`` with EOPNOTSUPP; a HWPT
         allocated with IOMMU_HWPT_ALLOC_DIRTY_TRACKING accepts
         SET_DIRTY_TRACKING (enabling starts from a clean snapshot), one without
         it answers EOPNOTSUPP, as ``iopt_set_dirty_tracking`` does for a domain
@@ -95,23 +99,22 @@ IOAS_UNMAP = uapi.IOMMU_IOAS_UNMAP_STRUCT
 IOAS_COPY = uapi.IOMMU_IOAS_COPY_STRUCT
 IOAS_IOVA_RANGES = uapi.IOMMU_IOAS_IOVA_RANGES_STRUCT
 IOVA_RANGE = uapi.IOMMU_IOVA_RANGE
-#: size, ioas_id, num_iovas, __reserved, allowed_iovas
-ALLOW_IOVAS = struct.Struct("<IIIIQ")
+ALLOW_IOVAS = uapi.IOMMU_IOAS_ALLOW_IOVAS_STRUCT
 #: Ranges one IOMMU_IOAS_ALLOW_IOVAS may give (bounded outside input; beyond: ENOMEM).
 MAX_ALLOWED_IOVAS = 4096
 #: size, flags, dev_id, pt_id, out_hwpt_id, __reserved, data_type, data_len, data_uptr,
-#: fault_id, __reserved2 (48 bytes since 6.11; the kernel requires 24)
-HWPT_ALLOC = struct.Struct("<IIIIIIIIQII")
+#: fault_id, __reserved2 (48 bytes since 6.11, 40 before; the kernel requires 24)
+HWPT_ALLOC = uapi.IOMMU_HWPT_ALLOC_STRUCT
+HWPT_ALLOC_MINSZ = uapi.IOMMU_HWPT_ALLOC_MINSZ
 HW_INFO = uapi.IOMMU_HW_INFO_STRUCT
 HW_INFO_MINSZ = uapi.IOMMU_HW_INFO_MINSZ
 SET_DIRTY = uapi.IOMMU_HWPT_SET_DIRTY_TRACKING_STRUCT
 GET_DIRTY = uapi.IOMMU_HWPT_GET_DIRTY_BITMAP_STRUCT
-#: size, option_id, op, reserved, object_id, val64
-OPTION = struct.Struct("<IIHHIQ")
-IOMMU_OPTION_RLIMIT_MODE = 0
-IOMMU_OPTION_HUGE_PAGES = 1
-IOMMU_OPTION_OP_SET = 0
-IOMMU_OPTION_OP_GET = 1
+OPTION = uapi.IOMMU_OPTION_STRUCT
+IOMMU_OPTION_RLIMIT_MODE = uapi.IOMMU_OPTION_RLIMIT_MODE
+IOMMU_OPTION_HUGE_PAGES = uapi.IOMMU_OPTION_HUGE_PAGES
+IOMMU_OPTION_OP_SET = uapi.IOMMU_OPTION_OP_SET
+IOMMU_OPTION_OP_GET = uapi.IOMMU_OPTION_OP_GET
 
 #: The IOVA space an emulated device can reach (a 64-bit device behind no IOMMU limits).
 IOVA_LAST = (1 << 64) - 1
@@ -550,7 +553,7 @@ class Context:
 
     # -- HWPT ioctls -------------------------------------------------------------------------
     def hwpt_alloc(self, mem: Memory, arg: int, dev_ids: set[int], new_id: int) -> int:
-        size, raw = read_struct(mem, arg, HWPT_ALLOC, 24)
+        size, raw = read_struct(mem, arg, HWPT_ALLOC, HWPT_ALLOC_MINSZ)
         fields = HWPT_ALLOC.unpack(raw)
         _s, flags, dev_id, pt_id, _out, reserved, data_type, data_len, _uptr, _fault, _r2 = fields
         if reserved:
@@ -752,15 +755,26 @@ def _quiet_send(port: DmaPort, device: str, command: str) -> None:
 def hw_info(mem: Memory, arg: int, dev_ids: set[int]) -> int:
     """IOMMU_GET_HW_INFO: no vendor data, the dirty-tracking capability."""
     size, raw = read_struct(mem, arg, HW_INFO, HW_INFO_MINSZ)
-    _s, flags, dev_id, data_len, uptr, _type, _res, _caps = HW_INFO.unpack(raw)
-    if flags:
+    _s, flags, dev_id, data_len, uptr, _type, _pasid, _caps = HW_INFO.unpack(raw)
+    if flags:  # IOMMU_HW_INFO_FLAG_INPUT_TYPE (6.17) is refused, as before 6.17
         raise IoctlError(errno.EOPNOTSUPP, f"GET_HW_INFO: flags 0x{flags:x}")
+    reserved = HW_INFO.offsets()["__reserved"]
+    if any(raw[reserved[0] : reserved[0] + reserved[1]]):
+        raise IoctlError(errno.EOPNOTSUPP, "GET_HW_INFO: __reserved (bytes 29..31) set")
     if dev_id not in dev_ids:
         raise IoctlError(errno.ENOENT, f"GET_HW_INFO: no device {dev_id} bound to this iommufd")
     if data_len:
         mem.write(uptr, bytes(data_len))  # the kernel zero-fills what it does not report
+    # out_max_pasid_log2 0: no PASID support.
     out = HW_INFO.pack(
-        size, flags, dev_id, 0, uptr, IOMMU_HW_INFO_TYPE_NONE, 0, uapi.IOMMU_HW_CAP_DIRTY_TRACKING
+        size,
+        flags,
+        dev_id,
+        0,
+        uptr,
+        IOMMU_HW_INFO_TYPE_NONE,
+        0,
+        uapi.IOMMU_HW_CAP_DIRTY_TRACKING,
     )
     respond(mem, arg, size, out)
     return 0
