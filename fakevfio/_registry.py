@@ -5,6 +5,8 @@ Rule 1: names and PCI addresses are unique within the mount; both are reserved u
 Rule 2: a device whose spec names no PCI address gets ``default_pci_address(number)``,
         or, when a spec took that one, the next free address of the same sequence.
 Rule 3: the PCI address is the core's: it never reaches the driver's options.
+Rule 4: an error from a driver's constructor names the device (``device g: invalid size
+        option 'banana' ...``) and says where the driver's options are listed.
 """
 
 from __future__ import annotations
@@ -28,6 +30,14 @@ def _default_address(index: int) -> str:
     if index < 512:
         return default_pci_address(index)
     return f"0000:{0xF0 + index // 32 % 16:02x}:{index % 32:02x}.{index // 512}"
+
+
+def _option_error(spec: DeviceSpec, problem: str) -> str:
+    """Rule 4: a driver's refusal of a device, naming the device and where its options are."""
+    return (
+        f"device {spec.name}: {problem}; `fakevfio drivers` lists driver {spec.driver}'s "
+        "options with their forms and defaults"
+    )
 
 
 class Registry:
@@ -83,13 +93,18 @@ class Registry:
             device = Device(
                 spec.name, spec.driver, driver, number, host=self.host, pci_address=address
             )
+        except ConfigError as exc:
+            self._drop(spec.name)
+            if str(exc).startswith(f"device {spec.name}"):
+                raise
+            raise ConfigError(_option_error(spec, str(exc))) from exc
         except FakeVfioError:
             self._drop(spec.name)
             raise
         except (ValueError, TypeError, OverflowError, MemoryError) as exc:
             self._drop(spec.name)
             raise ConfigError(
-                f"device {spec.name}: driver {spec.driver} refused it: {exc}"
+                _option_error(spec, f"driver {spec.driver} refused it: {exc}")
             ) from exc
         except BaseException:
             self._drop(spec.name)

@@ -35,6 +35,12 @@ Rule 6: node files for ``fakevfio run`` (``dev/vfio/<group>``,
         0..5 are BARs (driver region ``barN``), 7 is PCI config space, anything
         else EINVAL. ``dev/vfio/vfio`` and ``dev/iommu`` only take ioctls (handled
         by the ``run`` supervisor), so reads and writes there give EINVAL.
+Rule 7: a device-side failure of a device's file (an errno from the device: a refused
+        or failed arc, a stream the driver rejected, an injected fault) is recorded as
+        the device's ``last_error`` in ``info`` (what was attempted, the errno, why, the
+        state, how often in a row) and logged once at WARNING; an identical repeat only
+        counts. ENOMSG from ``migration/data`` (the pre-copy temporary end) is the
+        protocol, not a failure, and is not recorded.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from __future__ import annotations
 import enum
 import errno
 import json
+import logging
 import os
 import stat
 import threading
@@ -58,6 +65,8 @@ from fakevfio.driver import BarKind
 from fakevfio.errors import ConfigError, DeviceError, UnknownDevice
 from vfio_uapi.fsm import flags_text, parse_state
 
+logger = logging.getLogger(__name__)
+
 ROOT_INODE = 1
 #: Upper bound of one write to a control file (state, faults, create, ...).
 MAX_CONTROL_WRITE_BYTES = 64 * 1024
@@ -66,6 +75,8 @@ VFIO_PCI_OFFSET_SHIFT = 40
 _OFFSET_MASK = (1 << VFIO_PCI_OFFSET_SHIFT) - 1
 VFIO_PCI_CONFIG_REGION_INDEX = 7
 _BAR_INDEXES = range(6)
+#: Bound on the ``message`` of a recorded error (Rule 7).
+MAX_ERROR_MESSAGE_CHARS = 500
 
 
 class Kind(enum.Enum):
@@ -256,6 +267,42 @@ def _fail(err: int, message: str) -> DeviceError:
     return DeviceError(err, message)
 
 
+@attrs.frozen(kw_only=True)
+class ErrorRecord:
+    """A device's last failure through its files (Rule 7), shown as ``info``'s ``last_error``."""
+
+    #: What was attempted: ``write migration/data``, ``write migration/state RUNNING``, ...
+    operation: str
+    errno: int
+    message: str
+    #: The device's state when it failed.
+    state: str
+    #: How many times in a row this same failure happened.
+    count: int = 1
+    #: The number of failures recorded for this device so far (tells a new one apart).
+    seq: int = 1
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "operation": self.operation,
+            "errno": errno.errorcode.get(self.errno, str(self.errno)),
+            "message": self.message,
+            "state": self.state,
+            "count": self.count,
+            "seq": self.seq,
+        }
+
+
+def _operation(verb: str, kind: Kind, data: bytes | memoryview | None = None) -> str:
+    """The attempted operation, as ``last_error`` names it (a state write with its target)."""
+    what = f"{verb} {kind.value}"
+    if data is not None and kind in (Kind.STATE, Kind.RESET, Kind.FAULTS, Kind.IRQS, Kind.DMA):
+        text = bytes(data[:80]).decode("utf-8", "replace").strip().splitlines()
+        if text:
+            what += f" {text[0]!r}"
+    return what
+
+
 class Tree:
     """Inodes, lookups and file semantics of one mount over a :class:`Registry`."""
 
@@ -267,6 +314,47 @@ class Tree:
         self._next_inode = ROOT_INODE + 1
         #: (parent inode, name) of directory entries that changed; the adapter drains it.
         self.invalidations: list[tuple[int, str]] = []
+        #: device number -> its last failure (Rule 7)
+        self._errors: dict[int, ErrorRecord] = {}
+
+    # -- device errors (Rule 7) ---------------------------------------------------------
+    def record_error(self, device: Device, operation: str, exc: BaseException) -> None:
+        """Remember ``exc`` as ``device``'s last error and log it once at WARNING."""
+        err = errno_of(exc)
+        if err is None:
+            return
+        message = str(exc)[:MAX_ERROR_MESSAGE_CHARS]
+        with self._lock:
+            last = self._errors.get(device.number)
+            same = last is not None and (last.operation, last.errno, last.message) == (
+                operation,
+                err,
+                message,
+            )
+            record = ErrorRecord(
+                operation=operation,
+                errno=err,
+                message=message,
+                state=device.state.name,
+                count=last.count + 1 if last is not None and same else 1,
+                seq=last.seq + 1 if last is not None else 1,
+            )
+            self._errors[device.number] = record
+        if not same:
+            logger.warning(
+                "device %s: %s failed: %s: %s (state %s; see devices/%s/info last_error)",
+                device.name,
+                operation,
+                errno.errorcode.get(err, err),
+                message.removeprefix(f"device {device.name}: "),
+                record.state,
+                device.name,
+            )
+
+    def last_error(self, device: Device) -> ErrorRecord | None:
+        """The device's last recorded failure (Rule 7), if any."""
+        with self._lock:
+            return self._errors.get(device.number)
 
     # -- inode table ----------------------------------------------------------
     def inode(self, node: Node) -> int:
@@ -311,6 +399,7 @@ class Tree:
 
     def _forget_device(self, number: int) -> None:
         with self._lock:
+            self._errors.pop(number, None)
             for node in [n for n in self._inodes if n.device == number]:
                 del self._nodes[self._inodes.pop(node)]
 
@@ -428,13 +517,40 @@ class Tree:
         handle = Handle(node, device, readable, writable, truncated=bool(flags & os.O_TRUNC))
         if node.kind is Kind.DATA:
             assert device is not None
-            handle.session = device.open_session(read=readable, write=writable)
+            try:
+                handle.session = device.open_session(read=readable, write=writable)
+            except DeviceError as exc:
+                self.record_error(device, f"open {node.kind.value}", exc)
+                raise
         return handle
 
     def read(
         self, handle: Handle, off: int, size: int, now: float = 0.0
     ) -> tuple[bytes | bytearray, float]:
         """Read ``size`` bytes at ``off``; returns (data, seconds the caller should wait)."""
+        try:
+            return self._read(handle, off, size, now)
+        except (DeviceError, ConfigError) as exc:
+            pre_copy_end = handle.node.kind is Kind.DATA and errno_of(exc) == errno.ENOMSG
+            if handle.device is not None and not pre_copy_end:
+                self.record_error(handle.device, _operation("read", handle.node.kind), exc)
+            raise
+
+    def write(
+        self, handle: Handle, off: int, data: bytes | memoryview, now: float = 0.0
+    ) -> tuple[int, float]:
+        """Write at ``off``; returns (bytes accepted, seconds the caller should wait)."""
+        try:
+            return self._write(handle, off, data, now)
+        except (DeviceError, ConfigError) as exc:
+            if handle.device is not None:
+                operation = _operation("write", handle.node.kind, data)
+                self.record_error(handle.device, operation, exc)
+            raise
+
+    def _read(
+        self, handle: Handle, off: int, size: int, now: float = 0.0
+    ) -> tuple[bytes | bytearray, float]:
         node, device = handle.node, handle.device
         kind = node.kind
         if not handle.readable:
@@ -444,7 +560,11 @@ class Tree:
         if kind in _TEXT_KINDS:
             assert device is not None
             if off == 0 or not handle.snapshot:
-                handle.snapshot = _text(kind, device)
+                handle.snapshot = (
+                    _info_text(device, self.last_error(device))
+                    if kind is Kind.INFO
+                    else _text(kind, device)
+                )
             return handle.snapshot[off : off + size], 0.0
         if kind is Kind.DATA:
             assert device is not None
@@ -462,10 +582,9 @@ class Tree:
             return _node_io(device, off, size, None), 0.0
         raise _fail(errno.EINVAL, f"{kind.value} cannot be read")
 
-    def write(
+    def _write(
         self, handle: Handle, off: int, data: bytes | memoryview, now: float = 0.0
     ) -> tuple[int, float]:
-        """Write at ``off``; returns (bytes accepted, seconds the caller should wait)."""
         node, device = handle.node, handle.device
         kind = node.kind
         if not handle.writable:
@@ -592,6 +711,13 @@ def _text(kind: Kind, device: Device) -> bytes:
     return makers[kind]().encode()
 
 
+def _info_text(device: Device, last_error: ErrorRecord | None) -> bytes:
+    """``info``: the device's own fields and ``last_error`` (Rule 7; null: none yet)."""
+    info = dict(device.info())
+    info["last_error"] = None if last_error is None else last_error.to_json()
+    return (json.dumps(info, sort_keys=True) + "\n").encode()
+
+
 def _locked(device: Device, text: Callable[[], str]) -> str:
     with device.lock:
         return text()
@@ -664,6 +790,7 @@ __all__ = [
     "MAX_CONTROL_WRITE_BYTES",
     "ROOT_INODE",
     "Attr",
+    "ErrorRecord",
     "Handle",
     "Kind",
     "Node",

@@ -19,14 +19,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import attrs
 
 from fakevfio._loader import load_drivers
-from fakevfio._options import DeviceSpec, check_device_name
+from fakevfio._options import DeviceSpec
 from fakevfio._process import OsServices
 from fakevfio._registry import Registry
 from fakevfio.errors import ConfigError, FakeVfioError
@@ -61,11 +60,16 @@ config file (--config devices.toml):
   size = "256M"
   seed = 7
 """
-_DRIVERS_EPILOG = "example:\n  fakevfio drivers --driver mine=mypkg.driver:MyDriver\n"
+_DRIVERS_EPILOG = (
+    "example:\n  fakevfio drivers --driver mine=mypkg.driver:MyDriver\n  fakevfio drivers --json\n"
+)
 _UMOUNT_EPILOG = "example:\n  fakevfio umount /tmp/fv\n"
 _RUN_EPILOG = (
     "example:\n  fakevfio run --mount /tmp/fv -- migrator save -o /tmp/s.bin "
     "/dev/vfio/devices/vfio0\n"
+    "exit status: COMMAND's (128 + N if a signal N killed it); 125 when fakevfio run "
+    "itself fails\n(not a fakevfio mount, not enough privilege); 126/127: COMMAND cannot "
+    "run / was not found\n"
 )
 
 
@@ -125,6 +129,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME=module:Class",
         help="also load this driver class (repeatable)",
     )
+    drivers.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object: drivers (description, options with kind, default and "
+        "help) and load errors",
+    )
 
     umount = add("umount", "unmount a fakevfio mount", _UMOUNT_EPILOG)
     umount.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -132,7 +142,16 @@ def _parser() -> argparse.ArgumentParser:
     run = add(
         "run", "run a program that sees the mount's devices as kernel VFIO nodes", _RUN_EPILOG
     )
-    run.add_argument("--mount", required=True, metavar="MOUNTPOINT", dest="mount")
+    run.add_argument(
+        "--mount", required=True, metavar="MOUNTPOINT", dest="mount", help="a fakevfio mount"
+    )
+    run.add_argument(
+        "--map",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="print which /dev/vfio/devices/vfioN is which device on stderr "
+        "(default: when stderr is a terminal)",
+    )
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
     _add_guest_verb(add)
     _add_check_verb(add)
@@ -372,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "umount":
             return _cmd_umount(args.mountpoint)
         if args.command == "run":
-            return _cmd_run(args.mount, list(args.argv))
+            return _cmd_run(args.mount, list(args.argv), show_map=args.map)
         if args.command == "guest":
             return _cmd_guest(args)
         if args.command == "check":
@@ -389,31 +408,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # -- mount ----------------------------------------------------------------------------
 def _devices_from_toml(path: str) -> list[DeviceSpec]:
+    from fakevfio._config import parse_config
+
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise CliError(f"cannot read config {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise CliError(f"config {path}: {exc}") from None
-    table = data.get("devices", {})
-    if not isinstance(table, dict):
-        raise CliError(f"config {path}: [devices] must be a table of [devices.NAME] tables")
-    specs = []
-    for name, entry in table.items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("driver"), str):
-            raise CliError(f'config {path}: [devices.{name}] needs driver = "NAME"')
-        options: dict[str, str] = {}
-        for key, value in entry.items():
-            if key == "driver":
-                continue
-            if isinstance(value, bool) or not isinstance(value, str | int):
-                raise CliError(
-                    f"config {path}: [devices.{name}] {key} must be a string or an integer"
-                )
-            options[key] = str(value)
-        specs.append(DeviceSpec(check_device_name(name), entry["driver"], options))
-    return specs
+    except UnicodeDecodeError:
+        raise CliError(f"config {path} is not UTF-8 text (a TOML file is)") from None
+    return parse_config(text, path)
 
 
 def _fusermount() -> str | None:
@@ -550,6 +553,22 @@ async def _amain_mount(config: MountConfig, registry: Registry) -> None:
 # -- other commands ----------------------------------------------------------------------
 def _cmd_drivers(args: argparse.Namespace) -> int:
     loaded = load_drivers(extra_modules=args.driver)
+    if args.json:
+        report = {
+            "drivers": {
+                name: {
+                    "description": cls.description,
+                    "options": {
+                        key: {"kind": opt.kind, "default": opt.default, "help": opt.help}
+                        for key, opt in cls.options.items()
+                    },
+                }
+                for name, cls in loaded.drivers.items()
+            },
+            "errors": [str(err) for err in loaded.errors],
+        }
+        print(json.dumps(report, indent=2, sort_keys=True))
+        return 0
     for name in sorted(loaded.drivers):
         cls = loaded.drivers[name]
         print(f"{name}: {cls.description or '(no description)'}")
@@ -577,7 +596,7 @@ def _cmd_umount(mountpoint: str) -> int:
     return 0
 
 
-def _cmd_run(mountpoint: str, command: list[str]) -> int:
+def _cmd_run(mountpoint: str, command: list[str], *, show_map: bool | None = None) -> int:
     if command and command[0] == "--":
         command = command[1:]
     if not command:
@@ -589,10 +608,10 @@ def _cmd_run(mountpoint: str, command: list[str]) -> int:
     try:
         # Lazily: optional, Linux-only (seccomp user notification).
         module = importlib.import_module("fakevfio._run")
-        run_command: Callable[[str, list[str]], int] = module.run_command
+        run_command: Callable[..., int] = module.run_command
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"fakevfio run is not available: {exc}") from None
-    return run_command(mountpoint, command)
+    return run_command(mountpoint, command, show_map=show_map)
 
 
 __all__ = ["MountConfig", "main"]

@@ -23,7 +23,7 @@ import trio
 from migrator.backend import DeviceBackend, FakeVfioBackend
 from migrator.config import MigrationConfig, MultifdTransfer
 from migrator.destination import Destination
-from migrator.errors import ConfigurationError, MigrationError
+from migrator.errors import ConfigurationError, DeviceOpError, MigrationError
 from migrator.source import Source, migrate
 from migrator.stats import Progress, Stats
 from migrator.transport import Address, FileStream, listening_on, open_listeners, open_stream
@@ -305,6 +305,20 @@ class _Announce:
         print(f"migrator: listening on {self.where}", file=sys.stderr, flush=True)
 
 
+def _device_error_hint(exc: MigrationError, devices: Sequence[DeviceBackend]) -> str:
+    """Where a fakevfio device says why it failed: its ``info`` file's ``last_error``.
+
+    The errno of a device file (``write data failed: ENOTSUP``) is all the kernel
+    passes back; the mount recorded the reason (fakevfio's ``_tree`` Rule 7).
+    """
+    if not isinstance(exc, DeviceOpError):
+        return ""
+    for dev in devices:
+        if isinstance(dev, FakeVfioBackend) and exc.device in (dev.location, dev.idstr):
+            return f"; the device says why: see {dev.location}/info last_error"
+    return ""
+
+
 def _leaves(exc: BaseException) -> list[BaseException]:
     if isinstance(exc, BaseExceptionGroup):
         out: list[BaseException] = []
@@ -339,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             error = "cancelled by SIGINT"
             status = 128 + signal.SIGINT
         elif isinstance(first, MigrationError):
-            error = str(first)
+            error = str(first) + _device_error_hint(first, devices)
             if isinstance(first, Interrupted):
                 status = 128 + first.signum
         else:

@@ -13,6 +13,15 @@ Rule 4: every request gets an answer; anything unexpected is logged and
         effect that the kernel would not have made either.
 Rule 5: the supervisor returns when COMMAND (the direct child) exits, with its
         exit status (128 + signal number if it was killed).
+Rule 6: what ``fakevfio run`` cannot do itself is said before COMMAND starts, with the
+        fix, and exits :data:`EXIT_RUN_FAILED` (125, as ``env``, ``chroot`` and
+        ``timeout`` do for their own failures; 126/127 stay COMMAND's "cannot execute" /
+        "not found"): a mount that is not a fakevfio mount, and missing privileges
+        (CAP_SYS_ADMIN for the private mount namespace, CAP_SYS_PTRACE for the
+        caller's memory and fds), so nobody meets a bare ``unshare: EPERM``.
+Rule 7: the node map (``/dev/vfio/devices/vfioN`` = device, PCI address, IOMMU group)
+        goes to stderr, never stdout (programs parse COMMAND's stdout), when stderr is a
+        terminal or ``show_map`` asks for it.
 """
 
 from __future__ import annotations
@@ -97,8 +106,66 @@ class Supervisor:
                 self.listener.reply(req.id, value, 0)
 
 
-def run_command(mountpoint: str, argv: list[str]) -> int:
-    """Run ``argv`` with the mount's devices as kernel VFIO nodes; returns its exit status."""
+#: Exit status when ``fakevfio run`` itself fails before COMMAND runs (Rule 6).
+EXIT_RUN_FAILED = 125
+#: Capabilities ``fakevfio run`` needs (Rule 6): bit number, name, what for.
+REQUIRED_CAPABILITIES = (
+    (21, "CAP_SYS_ADMIN", "unshare(CLONE_NEWNS) and mount: COMMAND's private /dev/vfio"),
+    (19, "CAP_SYS_PTRACE", "pidfd_getfd and process_vm_readv/writev on COMMAND"),
+)
+
+
+def missing_capabilities(effective: int | None = None) -> list[str]:
+    """Rule 6: the capabilities of :data:`REQUIRED_CAPABILITIES` this process lacks.
+
+    ``effective`` is a ``CapEff`` mask for tests; by default /proc/self/status's.
+    """
+    if effective is None:
+        try:
+            status = Path("/proc/self/status").read_text()
+        except OSError:
+            return []  # no /proc: let the syscalls say it
+        found = [line.split()[1] for line in status.splitlines() if line.startswith("CapEff:")]
+        if not found:
+            return []
+        effective = int(found[0], 16)
+    return [
+        f"{name} ({why})" for bit, name, why in REQUIRED_CAPABILITIES if not effective >> bit & 1
+    ]
+
+
+def privilege_problem(mountpoint: str, argv: list[str], effective: int | None = None) -> str:
+    """Rule 6: why this process cannot run ``argv`` under the supervisor, with the fix."""
+    missing = missing_capabilities(effective)
+    if not missing:
+        return ""
+    command = " ".join(argv[:1] + (["..."] if len(argv) > 1 else []))
+    return (
+        f"fakevfio run: not enough privilege: missing {'; '.join(missing)}. Run it as root: "
+        f'sudo -E env "PATH=$PATH" fakevfio run --mount {mountpoint} -- {command} '
+        "(in a container: --cap-add SYS_ADMIN --cap-add SYS_PTRACE; see docs/containers.md)"
+    )
+
+
+def node_map(nodes: MountNodes) -> list[str]:
+    """Rule 7: one line per device: its cdev, name, PCI address and IOMMU group."""
+    return [
+        f"fakevfio run: /dev/vfio/devices/{info.cdev} = {name} "
+        f"(PCI {info.pci_address or '?'}, /dev/vfio/{info.group})"
+        for name, info in sorted(nodes.devices.items(), key=lambda item: _number(item[1].cdev))
+    ]
+
+
+def _number(cdev: str) -> int:
+    digits = cdev.removeprefix("vfio")
+    return int(digits) if digits.isdigit() else 1 << 30
+
+
+def run_command(mountpoint: str, argv: list[str], *, show_map: bool | None = None) -> int:
+    """Run ``argv`` with the mount's devices as kernel VFIO nodes; returns its exit status.
+
+    ``show_map``: print the node map on stderr (Rule 7); None: when stderr is a terminal.
+    """
     if not argv:
         print("fakevfio run: no command given", file=sys.stderr)
         return 2
@@ -106,10 +173,17 @@ def run_command(mountpoint: str, argv: list[str]) -> int:
     for rel in ("dev/vfio", "dev/iommu"):
         if not (mount / rel).exists():
             print(
-                f"fakevfio run: {mount / rel} does not exist (not a fakevfio mount?)",
+                f"fakevfio run: {mount / rel} does not exist (is {mount} a fakevfio mount? "
+                f"start one with: fakevfio mount {mount} --device NAME=ram)",
                 file=sys.stderr,
             )
-            return 1
+            return EXIT_RUN_FAILED
+    problem = privilege_problem(mountpoint, argv)
+    if problem:
+        print(problem, file=sys.stderr)
+        return EXIT_RUN_FAILED
+    if show_map is None:
+        show_map = sys.stderr.isatty()
     pid, sock, stage = fork_child(mount, argv)
     old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
     supervisor: Supervisor | None = None
@@ -120,6 +194,11 @@ def run_command(mountpoint: str, argv: list[str]) -> int:
             code = os.waitstatus_to_exitcode(status)
             return code if code >= 0 else 128 - code
         supervisor = Supervisor.open(mount, listener)
+        if show_map:
+            for line in node_map(supervisor.vfio.nodes) or [
+                "fakevfio run: the mount has no devices"
+            ]:
+                print(line, file=sys.stderr, flush=True)
         return supervisor.serve(pid)
     finally:
         if supervisor is not None:

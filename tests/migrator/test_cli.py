@@ -74,3 +74,25 @@ def test_long_forms_of_output_and_input(
     loaded = run_migrator("load", "--input", str(path), str(dst.device("d0")))
     assert loaded.returncode == 0, loaded.stderr
     assert digest(dst, "d0") == digest(src, "d0")
+
+
+def test_a_device_side_load_failure_points_at_the_devices_last_error(
+    fakevfio_mount: MountFactory, tmp_path: Path
+) -> None:
+    path = tmp_path / "state.bin"
+    with (
+        fakevfio_mount(["big=ram:size=64K,seed=2,flags=STOP_COPY"]) as src,
+        fakevfio_mount(["small=ram:size=16K,flags=STOP_COPY"]) as dst,
+    ):
+        saved = run_migrator("save", "-o", str(path), str(src.device("big")))
+        assert saved.returncode == 0, saved.stderr
+        loaded = run_migrator("load", "-i", str(path), str(dst.device("small")) + ",id=big/vfio")
+        record = dst.info("small")["last_error"]
+    assert loaded.returncode == 1
+    line = loaded.stderr.strip().splitlines()[-1]
+    # The errno the kernel passed back to the migrator's write() is the one recorded ...
+    assert f"write data failed: {record['errno']}" in line
+    # ... and the line says where the reason is.
+    assert line.endswith(f"; the device says why: see {dst.device('small')}/info last_error")
+    assert record["operation"] == "write migration/data"
+    assert "65536" in record["message"]
