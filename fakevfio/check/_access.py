@@ -41,6 +41,10 @@ from vfio_uapi.fsm import MigFlags, State, parse_flags, parse_state
 
 #: A read of the log file or the info file never takes more than this.
 _META_LIMIT = 1 << 20
+#: Metadata files are read in chunks of this size; one shorter than it and than
+#: _SMALL_FILE is the whole file (fakevfio serves each read from the file's start).
+_READ_CHUNK = 65536
+_SMALL_FILE = 16384
 #: A DMA logging report's bitmap is at most this many bytes (one bit per page).
 MAX_REPORT_BYTES = 1 << 20
 #: Where the legacy group path finds a PCI device's IOMMU group.
@@ -89,6 +93,9 @@ class Device(Protocol):
     def close(self) -> None: ...
 
 
+_UNKNOWN = object()
+
+
 def _oserror(device: str, op: str, exc: OSError) -> AccessError:
     return AccessError(device, op, exc.errno or errno.EIO, exc.strerror or "")
 
@@ -108,6 +115,8 @@ class FileDevice:
         self.path = Path(path)
         self.name = str(self.path)
         self.flags = parse_flags(self._read("migration/flags"))
+        #: The session id the last set_state saw (ids are never reused); _UNKNOWN: read it.
+        self._session: object = _UNKNOWN
 
     def _read(self, rel: str) -> str:
         try:
@@ -118,11 +127,12 @@ class FileDevice:
             chunks = []
             total = 0
             while total < _META_LIMIT:
-                data = os.read(fd, 65536)
-                if not data:
-                    break
+                data = os.read(fd, _READ_CHUNK)
                 chunks.append(data)
                 total += len(data)
+                # A short read of a small file is its end: one FUSE round trip fewer.
+                if not data or (total < _SMALL_FILE and len(data) < _READ_CHUNK):
+                    break
             return b"".join(chunks).decode("utf-8", "replace")
         except OSError as exc:
             raise _oserror(self.name, f"read {rel}", exc) from None
@@ -165,9 +175,12 @@ class FileDevice:
         return parse_state(self._read("migration/state").strip())
 
     def set_state(self, target: State | int) -> bool:
-        before = self._info().get("session")
+        before = self._session
+        if before is _UNKNOWN:
+            before = self._info().get("session")
+        self._session = _UNKNOWN
         self._write("migration/state", f"{int(target)}\n")
-        after = self._info().get("session")
+        after = self._session = self._info().get("session")
         return after is not None and after != before
 
     def open_data(self, write: bool) -> int:
@@ -185,6 +198,7 @@ class FileDevice:
         return int(self._read("migration/data_size").strip())
 
     def reset(self) -> None:
+        self._session = _UNKNOWN
         self._write("reset", "1\n")
 
     def log(self) -> list[str]:

@@ -102,8 +102,10 @@ def states_of(flags: MigFlags) -> list[State]:
     return [s for s in State if s is not State.ERROR and supported(s, flags)]
 
 
-def _timed_set(ctx: Context, target: State) -> bool:
-    before = ctx.dev.state()
+def _timed_set(ctx: Context, target: State, before: State | None = None) -> bool:
+    """One SET (timed when it is a single arc); ``before``: the state, if known."""
+    if before is None:
+        before = ctx.dev.state()
     start = time.monotonic()
     new = ctx.dev.set_state(target)
     took = time.monotonic() - start
@@ -122,13 +124,14 @@ def go(ctx: Context, target: State) -> None:
         return
     if current is State.RESUMING:
         try:
-            _timed_set(ctx, State.STOP)
+            _timed_set(ctx, State.STOP, current)
         except OSError:
             # The stream written so far (if any) was not the device's: give it that.
             write_all(dev, ctx.stream())
             _timed_set(ctx, State.STOP)
         if target is State.STOP:
             return
+        current = State.STOP
     if target is State.RESUMING:
         stream = ctx.stream()
         go(ctx, State.STOP)
@@ -140,8 +143,9 @@ def go(ctx: Context, target: State) -> None:
         State.PRE_COPY_P2P,
         State.STOP_COPY,
     ):
-        _timed_set(ctx, State.RUNNING)
-    _timed_set(ctx, target)
+        _timed_set(ctx, State.RUNNING, current)
+        current = State.RUNNING
+    _timed_set(ctx, target, current)
 
 
 def read_all(dev: Device, *, limit: int = MAX_STREAM) -> bytes:

@@ -108,12 +108,19 @@ def run_checks(
     timeout: float = DEFAULT_TIMEOUT_S,
     slow_arc_s: float = SLOW_ARC_S,
     progress: Callable[[CheckResult], None] | None = None,
+    peers: Iterable[str | Device] = (),
 ) -> list[CheckResult]:
-    """Run the selected checks on each device (a path or an opened :class:`Device`)."""
+    """Run the selected checks on each device (a path or an opened :class:`Device`).
+
+    ``peers`` are devices that are not checked themselves but serve the checks of
+    the others as a round-trip partner or as a source of a foreign stream.
+    """
     results: list[CheckResult] = []
     checks = select(pattern, destructive=destructive)
     opened: list[tuple[str | Device, Context, str]] = []
-    for spec in devices:
+    checked: list[tuple[str | Device, Context, str]] = []
+    devices = list(devices)
+    for index, spec in enumerate([*devices, *peers]):
         name = spec if isinstance(spec, str) else spec.name
         try:
             dev = open_device(spec) if isinstance(spec, str) else spec
@@ -121,10 +128,12 @@ def run_checks(
             results.append(CheckResult("open", name, "fail", str(exc), 0.0))
             continue
         opened.append((spec, Context(dev, slow_arc_s=slow_arc_s, destructive=destructive), name))
+        if index < len(devices):
+            checked.append(opened[-1])
     contexts = [ctx for _, ctx, _ in opened]
     for ctx in contexts:
         ctx.peers = contexts
-    for _spec, ctx, name in opened:
+    for _spec, ctx, name in checked:
         for check in checks:
             start = time.monotonic()
             if ctx.hung:
