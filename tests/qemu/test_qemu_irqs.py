@@ -3,7 +3,8 @@
 QEMU runs under ``fakevfio run`` with the device as ``-device vfio-pci`` on
 the iommufd cdev path (fds opened inside the private namespace, as in
 tests/test_qemu.py) and QEMU's own trace events written to a file
-(``-trace vfio_intx_*,file=...``). What we check comes from QEMU, not from us:
+(``-trace vfio_intx_*,file=...``, and ``vfio_pci_intx_*``). What we check
+comes from QEMU, not from us:
 
 * realize: QEMU's ``vfio_intx_enable`` asks GET_IRQ_INFO and installs an INTx
   trigger eventfd through SET_IRQS; the ``irqs`` file shows it enabled with
@@ -13,7 +14,8 @@ tests/test_qemu.py) and QEMU's own trace events written to a file
   file signals the trigger; QEMU's handler traces ``vfio_intx_interrupt`` and
   asserts the pin; the line is automasked, so a second raise is only pending.
 * the unmask path QEMU uses without KVM: a guest access to a BAR makes QEMU
-  call ``vfio_intx_eoi`` (trace) and SET_IRQS UNMASK with DATA_NONE; the
+  call its INTx EOI (trace ``vfio_intx_eoi`` in QEMU 10.0, renamed
+  ``vfio_pci_intx_eoi`` by 11.1) and SET_IRQS UNMASK with DATA_NONE; the
   device re-sends the pending interrupt (a second ``vfio_intx_interrupt``).
   The BAR access is HMP ``xp`` at the address SeaBIOS assigned to BAR0
   (HMP ``info pci``).
@@ -50,7 +52,7 @@ def run_qemu(qemu: str, mount: MountHandle, tmp: Path, accel: str, *extra: str) 
     cmd = [qemu, "-accel", accel, "-machine", "q35", "-nodefaults", "-display", "none"]
     cmd += ["-m", "64M", "-object", "iommufd,id=iommufd0,fd=4"]
     cmd += ["-device", "vfio-pci,id=gpu0,iommufd=iommufd0,fd=3,rombar=0"]
-    cmd += ["-S", "-trace", f"vfio_intx_*,file={trace}"]
+    cmd += ["-S", "-trace", f"vfio_intx_*,file={trace}", "-trace", f"vfio_pci_intx_*,file={trace}"]
     cmd += ["-qmp", f"unix:{qmp_path},server=on,wait=off", *extra]
     argv = [sys.executable, "-m", "fakevfio", "run", "--mount", str(mount.path), "--"]
     argv += ["sh", "-c", script, "sh", *cmd]
@@ -72,8 +74,14 @@ def irqs(mount: MountHandle) -> dict[str, dict[str, str]]:
     return out
 
 
-def trace_lines(path: Path, event: str) -> list[str]:
-    return [line for line in path.read_text().splitlines() if f"{event} " in line]
+#: QEMU's INTx EOI trace event: QEMU 10.0's name, QEMU 11.1's.
+EOI = ("vfio_intx_eoi", "vfio_pci_intx_eoi")
+
+
+def trace_lines(path: Path, *events: str) -> list[str]:
+    """The trace lines of any of ``events`` (a line starts with the event's name)."""
+    lines = path.read_text().splitlines()
+    return [line for line in lines if line.split(" ", 1)[0] in events]
 
 
 def wait_for(check: Any, timeout: float = 10) -> Any:
@@ -122,7 +130,7 @@ def test_qemu_realize_sets_up_intx_and_receives_it(
 
         # a BAR access: QEMU's EOI unmasks (SET_IRQS UNMASK DATA_NONE), the pending one is re-sent
         qmp.hmp(f"xp /1wx 0x{address:x}")
-        assert wait_for(lambda: trace_lines(trace, "vfio_intx_eoi")), trace.read_text()
+        assert wait_for(lambda: trace_lines(trace, *EOI)), trace.read_text()
         assert wait_for(lambda: len(trace_lines(trace, "vfio_intx_interrupt")) == 2)
         state = irqs(mount)
         assert int(state["intx"]["unmasks"]) >= 1
