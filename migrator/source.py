@@ -13,7 +13,10 @@ Phases, in order (names appear in error messages and ``--json``):
                INIT_DATA_SENT once the initial bytes are gone (switchover-ack) or
                EOS. Switch over when every pre-copy device's initial data was
                acked and the pending bytes fit bandwidth x downtime-limit, or
-               when the iteration/time bound is reached (once acked).
+               when the iteration/time bound is reached (once acked). Without
+               pre-copy devices nothing iterates, but with switchover-ack the
+               source still waits for the destination's SWITCHOVER_ACK, as
+               QEMU's ``migration_can_switchover`` does (QEMU 10.0 and later).
 ``stop``       the VM stops: P2P devices all go to *_P2P first, then each device
                to STOP_COPY (pre-copy devices) or STOP; MIG_CMD_SWITCHOVER_START.
 ``stop-copy``  multifd: one save task per device is started first (it moves the
@@ -282,6 +285,10 @@ class Source:
         while True:
             active = [d for d in self.devs if d.state in PRECOPY_STATES]
             if not active:
+                # Nothing to iterate, yet QEMU's migration_can_switchover still
+                # holds the switchover until the destination's SWITCHOVER_ACK
+                # (its RAM iterates meanwhile); ours sends nothing while it waits.
+                await self._wait_acked()
                 return
             if self.phase == "pre-copy":
                 self._rp.check(self.phase)
@@ -327,6 +334,15 @@ class Source:
                 await trio.lowlevel.checkpoint()
             else:  # nothing to send (yet): do not spin on the devices' files
                 await trio.sleep(IDLE_ITERATION_S)
+
+    async def _wait_acked(self) -> None:
+        """Wait for SWITCHOVER_ACK (set at once without switchover-ack), failing with the
+        return path: a destination that failed or went away ends the wait."""
+        while not self._rp.acked.is_set():
+            self._rp.check(self.phase)
+            with trio.move_on_after(IDLE_ITERATION_S * 10):
+                await self._rp.acked.wait()
+        self._rp.check(self.phase)
 
     async def _iterate_device(self, sender: _Sender, dev: Dev, view: memoryview) -> int:
         """One pre-copy section of ``dev``; returns the data bytes it carried."""
