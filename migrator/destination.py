@@ -27,6 +27,11 @@ Rule 1: the bytes queued but not yet written are bounded by
         budget, the handshake and packet checks are the pure
         :class:`migrator._protocol.multifd.MultifdIntake`; this module only
         moves bytes and waits where the intake says so.
+        With ``max_queued_buffers_size`` (QEMU 10.1's
+        ``x-migration-max-queued-buffers-size``) the bound is QEMU's instead:
+        per device, no backpressure, and the packet that takes a device over
+        it fails the migration at once with QEMU's message (the intake's
+        Rule 4).
 Rule 2: any failure resets every destination device and reports SHUT(1).
 """
 
@@ -74,7 +79,9 @@ class Destination:
         *,
         is_file: bool = False,
         progress: Progress | None = None,
+        max_queued_buffers_size: int | None = None,
     ) -> None:
+        """``max_queued_buffers_size``: QEMU's per-device bound instead of ours (Rule 1)."""
         self.config = config
         self.is_file = is_file
         self.devs = [Dev(backend=b) for b in devices]
@@ -90,6 +97,7 @@ class Destination:
             uuid=config.uuid,
             max_queued_bytes=config.max_queued_bytes,
             multifd=self.multifd,
+            per_device_max=max_queued_buffers_size,
         )
         self.stats = Stats()
         self.progress = progress or Progress(enabled=False)

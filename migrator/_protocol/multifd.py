@@ -24,6 +24,14 @@ Rule 2: if every live channel holds a packet back, none of those packets fits
         that was woken and has not run yet: not stuck.)
 Rule 3: budget is given back once bytes are in the device, not when they are
         handed to the writer.
+Rule 4 (QEMU's bound, ``per_device_max``): instead of Rules 1-2, QEMU 10.1's
+        ``x-migration-max-queued-buffers-size``: each device counts the payload
+        bytes (after the 12-byte VFIO header) of its packets queued and not yet
+        written, the config packet included and never given back; a packet
+        that takes the count over the bound fails the migration at once, with
+        QEMU's message (``vfio_load_state_buffer_insert``). Nothing is held
+        back: every packet is queued as it arrives, as QEMU's receive threads
+        do.
 
 The source's :class:`PacketPlanner` numbers one device's stop-copy packets
 0, 1, 2, ... and the config packet last, and says where in a reusable buffer
@@ -63,6 +71,8 @@ class _Device:
     writing: bool = False
     done: bool = False
     config_bytes: int = 0
+    #: Rule 4: payload bytes queued and not yet written (the config never leaves).
+    qemu_queued: int = 0
 
 
 class MultifdIntake:
@@ -70,6 +80,8 @@ class MultifdIntake:
 
     ``multifd`` False means this side does not do multifd device transfer:
     channels may still connect (``channels`` > 0), but any packet is refused.
+    ``per_device_max`` selects QEMU's bound (Rule 4) instead of the shared
+    budget; ``max_queued_bytes`` then plays no part.
     """
 
     def __init__(
@@ -81,7 +93,11 @@ class MultifdIntake:
         max_queued_bytes: int,
         multifd: bool = True,
         max_packet_bytes: int = MAX_PACKET_BYTES,
+        per_device_max: int | None = None,
     ) -> None:
+        if per_device_max is not None and per_device_max < 0:
+            raise ValueError(f"per-device queue bound {per_device_max} is negative")
+        self.per_device_max = per_device_max
         self.channels = channels
         self.uuid = uuid
         self.max_queued_bytes = max_queued_bytes
@@ -89,11 +105,13 @@ class MultifdIntake:
         self.multifd = multifd
         self._idstrs = list(idstrs)
         self._devs: dict[str, _Device] = {}
+        # Each reassembler's own bound: Rule 1's budget plus one let-through
+        # packet, or (Rule 4) QEMU's bound, checked here first, plus the packet
+        # that crosses it.
+        hard = (max_queued_bytes if per_device_max is None else per_device_max) + max_packet_bytes
         if multifd:
             for idstr in self._idstrs:
-                self._devs[idstr] = _Device(
-                    Reassembler(idstr, max_queued_bytes=max_queued_bytes + max_packet_bytes)
-                )
+                self._devs[idstr] = _Device(Reassembler(idstr, max_queued_bytes=hard))
         self._channel_ids: set[int] = set()
         self._live_channels = 0
         self._blocked: list[Packet] = []
@@ -153,8 +171,11 @@ class MultifdIntake:
         return Packet(hdr.idstr, packet.idx, packet.is_config, packet.data)
 
     def fits(self, packet: Packet) -> bool:
-        """Whether ``packet`` may be queued now (Rule 1); if not, the channel waits."""
-        if packet.is_config:
+        """Whether ``packet`` may be queued now (Rule 1); if not, the channel waits.
+
+        Under QEMU's bound (Rule 4) every packet may: nothing waits.
+        """
+        if packet.is_config or self.per_device_max is not None:
             return True
         r = self._dev(packet.idstr).reassembler
         return (
@@ -183,8 +204,21 @@ class MultifdIntake:
         self._blocked.remove(packet)
 
     def push(self, packet: Packet) -> None:
-        """Queue ``packet`` in its device's reassembler (duplicates etc. raise there)."""
-        self._dev(packet.idstr).reassembler.push(packet.idx, packet.is_config, packet.data)
+        """Queue ``packet`` in its device's reassembler (duplicates etc. raise there).
+
+        Raises:
+            ReassemblyError: under QEMU's bound (Rule 4), the packet takes its
+                device over it; nothing is queued then.
+        """
+        dev = self._dev(packet.idstr)
+        limit = self.per_device_max
+        if limit is not None and dev.qemu_queued + len(packet.data) > limit:
+            raise ReassemblyError(
+                f"queuing state buffer {packet.idx} would exceed the size max of {limit}",
+                device=packet.idstr,
+            )
+        dev.reassembler.push(packet.idx, packet.is_config, packet.data)
+        dev.qemu_queued += len(packet.data)
         self._queued_total += len(packet.data)
 
     # -- loading ----------------------------------------------------------------
@@ -201,7 +235,9 @@ class MultifdIntake:
 
     def written(self, idstr: str, nbytes: int) -> None:
         """The buffers from :meth:`pop_ready` are in the device: their budget is free."""
-        self._dev(idstr).writing = False
+        dev = self._dev(idstr)
+        dev.writing = False
+        dev.qemu_queued -= nbytes
         self._queued_total -= nbytes
 
     def write_failed(self, idstr: str) -> None:
