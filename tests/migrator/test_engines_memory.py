@@ -20,7 +20,7 @@ from migrator import multifd_wire
 from migrator._wire.pci_config import encode_qemu_config
 from migrator.config import DATA_BUFFER_BYTES, MigrationConfig
 from migrator.destination import Destination
-from migrator.errors import ChannelBrokenError, FramingError
+from migrator.errors import ChannelBrokenError, FramingError, MigrationError, ReassemblyError
 from migrator.source import migrate
 from migrator.stats import Stats
 from tests.migrator.memory import MemoryDevice, MemoryListener
@@ -241,3 +241,72 @@ async def test_source_channel_broken_during_handshake_is_a_setup_error() -> None
     assert len(opened) == 2
     assert getattr(opened[1], "closed", False)
     assert src.arcs == []  # no device was touched
+
+
+async def test_source_without_precopy_devices_waits_for_the_switchover_ack(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """QEMU's migration_can_switchover: no SWITCHOVER_START before the ack, pre-copy or not.
+
+    The destination (ours, over memory streams) acks at OPEN_RETURN_PATH, since it
+    has no pre-copy device; its ack is held back 5 s here. The VM must not stop
+    (the source's ``t_stop``) before the ack went out.
+    """
+    acked_at: list[float] = []
+    send_rp = Destination._send_rp
+    # QEMU's MIG_RP_MSG_SWITCHOVER_ACK (7) with no payload (migration/migration.h).
+    ack = (7).to_bytes(2, "big") + (0).to_bytes(2, "big")
+
+    async def slow_ack(self: Destination, message: bytes) -> None:
+        if message == ack:
+            await trio.sleep(5)
+            acked_at.append(trio.current_time())
+        await send_rp(self, message)
+
+    monkeypatch.setattr(Destination, "_send_rp", slow_ack)
+    src, dst = pair("nic/vfio", 10)
+    with trio.fail_after(GUARD_S):
+        src_stats, dst_stats, _ = await run_both(config(0), [src], [dst])
+    assert src_stats.status == dst_stats.status == "completed"
+    assert len(acked_at) == 1
+    assert src_stats.t_stop is not None
+    assert src_stats.t_stop >= acked_at[0]
+    assert bytes(dst.received) == src.state_bytes
+
+
+async def test_destination_with_qemus_queue_bound_fails_at_once_with_qemus_message() -> None:
+    """``max_queued_buffers_size`` below one 1 MiB packet: QEMU 10.1 fails the first one."""
+    listener = MemoryListener()
+    src, dst = pair("gpu0/vfio", 2 * MIB)
+    dest = Destination(config(2), [dst], max_queued_buffers_size=MIB - 1)
+    failed: list[ReassemblyError] = []
+
+    async def serve() -> None:
+        try:
+            await dest.serve([listener])
+        except* ReassemblyError as group:
+            failed.extend(e for e in group.exceptions if isinstance(e, ReassemblyError))
+
+    with trio.fail_after(GUARD_S):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve)
+            with pytest.RaisesGroup(MigrationError, allow_unwrapped=True, flatten_subgroups=True):
+                await migrate(config(2), [src], listener.connect)
+    assert [(e.message, e.device) for e in failed] in (
+        [(f"queuing state buffer {idx} would exceed the size max of 1048575", "gpu0/vfio")]
+        for idx in (0, 1)
+    )
+    assert dst.state is State.RUNNING  # reset
+    assert src.state is State.RUNNING  # restored
+
+
+async def test_destination_with_qemus_queue_bound_loads_what_fits() -> None:
+    src, dst = pair("gpu0/vfio", 3 * MIB + 7)
+    listener = MemoryListener()
+    dest = Destination(config(3), [dst], max_queued_buffers_size=8 * MIB)
+    with trio.fail_after(GUARD_S):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(dest.serve, [listener])
+            stats = await migrate(config(3), [src], listener.connect)
+    assert stats.status == "completed"
+    assert bytes(dst.received) == src.state_bytes

@@ -425,3 +425,46 @@ def test_intake_handshakes_in_any_order(channels: int, data: st.DataObject) -> N
             with pytest.raises(RemoteProtocolError, match="connected twice"):
                 m.accept_handshake(multifd_wire.encode_init(UUID, again))
     assert m.all_channels_connected
+
+
+# --- QEMU's bound (x-migration-max-queued-buffers-size, Rule 4) ------------------
+
+
+def qemu_bound(limit: int, devices: tuple[str, ...] = ("a", "b")) -> MultifdIntake:
+    return MultifdIntake(
+        devices, channels=2, uuid=UUID, max_queued_bytes=1 << 30, per_device_max=limit
+    )
+
+
+def test_intake_qemu_bound_is_per_device_and_fails_at_once() -> None:
+    """hw/vfio/migration-multifd.c (10.1) vfio_load_state_buffer_insert: count, then compare."""
+    m = qemu_bound(3 * KIB)
+    # Whole packets as on the wire: QEMU counts the payload after the 12-byte
+    # VFIO header, so each 1 KiB chunk counts 1 KiB.
+    a = [wire_packet(m, p) for p in device_packets("a", [b"1" * KIB] * 4, b"cfg-a")]
+    b = [wire_packet(m, p) for p in device_packets("b", [b"2" * KIB] * 2, b"cfg-b")]
+    assert all(m.fits(p) for p in a + b)  # nothing is held back
+    for p in (a[1], a[2], a[3], b[1], b[0]):  # a at exactly 3 KiB is not over
+        m.push(p)
+    with pytest.raises(ReassemblyError) as info:
+        m.push(a[0])
+    assert info.value.message == "queuing state buffer 0 would exceed the size max of 3072"
+    assert info.value.device == "a"
+    assert m.waiting_for("a") == 0  # nothing was queued
+    m.push(b[2])  # b's count is its own: 2 KiB + its config
+
+
+def test_intake_qemu_bound_gives_back_written_bytes_but_not_the_config() -> None:
+    config_len = len(ws.config_packet_data(ws.qemu_config_blob(config_space(b"c"))))
+    m = qemu_bound(2 * KIB, ("a",))
+    a = [wire_packet(m, p) for p in device_packets("a", [b"1" * KIB] * 4, b"c")]
+    assert len(a[4].data) == config_len
+    m.start_loads()
+    m.push(a[0])
+    m.push(a[1])
+    ready = m.pop_ready("a")
+    m.written("a", sum(len(x) for x in ready))
+    m.push(a[4])  # the config: counted from now on
+    m.push(a[2])
+    with pytest.raises(ReassemblyError, match="buffer 3 would exceed the size max of 2048"):
+        m.push(a[3])  # config + 2 KiB > 2 KiB, even though a[2] could be written
