@@ -6,7 +6,9 @@ are told apart by inode; the map is rebuilt when an unknown inode shows up
 (a device created at run time). Devices are driven through their files
 (``migration/state``, ``reset``, ...), with the file's errno passed on, and
 the supervisor counts each device's migration sessions (a data_fd of an ended
-session is dead).
+session is dead). Files read as text, and ``migration/state`` for writing, stay
+open (one FUSE request per operation instead of four); every use checks the
+file's inode, so a removed or re-created device is noticed as by an ``open``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import attrs
 from fakevfio.errors import IoctlError
 from vfio_uapi.fsm import MigFlags, State
 
+STATE_FILE = ("migration", "state")
 #: nodes read by MountNodes.prime, taken by the next MountNodes.open of that path
 _primed: dict[Path, MountNodes] = {}
 
@@ -64,6 +67,8 @@ class MountNodes:
     devices: dict[str, DeviceInfo] = attrs.Factory(dict)
     #: device -> number of sessions ended through the supervisor
     generation: dict[str, int] = attrs.Factory(dict)
+    #: kept-open device files: (device, path, open flags) -> (fd, inode)
+    held: dict[tuple[str, tuple[str, ...], int], tuple[int, int]] = attrs.Factory(dict)
 
     @classmethod
     def open(cls, mountpoint: str | Path) -> MountNodes:
@@ -143,15 +148,52 @@ class MountNodes:
     def dev_path(self, name: str, *rel: str) -> Path:
         return self.path.joinpath("devices", name, *rel)
 
+    def _held(self, name: str, rel: tuple[str, ...], flags: int) -> int:
+        """A kept-open fd of the device file (Rule: one FUSE request per operation).
+
+        The file's inode is checked on every use with ``stat`` (answered from the
+        kernel's dentry and attribute caches, which the mount invalidates when a
+        device is created or removed): a removed device fails as an ``open`` would,
+        and a device re-created under the same name gets a fresh fd.
+        """
+        path = self.dev_path(name, *rel)
+        ino = os.stat(path).st_ino
+        key = (name, rel, flags)
+        held = self.held.get(key)
+        if held is not None:
+            if held[1] == ino:
+                return held[0]
+            del self.held[key]
+            os.close(held[0])
+        fd = os.open(path, flags | os.O_CLOEXEC)
+        self.held[key] = (fd, ino)
+        return fd
+
+    def close_held(self) -> None:
+        """Close every kept-open device file."""
+        for fd, _ in self.held.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.held.clear()
+
     def read_text(self, name: str, *rel: str) -> str:
+        """The text of a device file: one ``pread`` at 0 (a fresh snapshot) of a kept fd."""
         try:
-            with open(self.dev_path(name, *rel), "rb", buffering=0) as f:
-                return f.read(65536).decode()
+            return os.pread(self._held(name, rel, os.O_RDONLY), 65536, 0).decode()
         except OSError as exc:
             raise IoctlError(exc.errno or errno.EIO, f"read {'/'.join(rel)}") from None
 
     def write_text(self, name: str, rel: tuple[str, ...], text: str) -> None:
+        """One write of ``text``; ``migration/state`` through a kept fd, the rest opened anew.
+
+        A control file's write is one command whatever the handle, so the state file
+        (written by every SET MIG_DEVICE_STATE) stays open; ``irqs``, ``dma`` and
+        ``reset`` are opened per write as before (their handles carry replies).
+        """
         try:
+            if rel == STATE_FILE:
+                os.pwrite(self._held(name, rel, os.O_WRONLY), text.encode(), 0)
+                return
             fd = os.open(self.dev_path(name, *rel), os.O_WRONLY)
             try:
                 os.write(fd, text.encode())
@@ -161,7 +203,7 @@ class MountNodes:
             raise IoctlError(exc.errno or errno.EIO, f"write {'/'.join(rel)}") from None
 
     def state(self, name: str) -> State:
-        return State[self.read_text(name, "migration", "state").strip()]
+        return State[self.read_text(name, *STATE_FILE).strip()]
 
     def end_session(self, name: str) -> None:
         self.generation[name] = self.generation.get(name, 0) + 1
