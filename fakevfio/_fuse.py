@@ -51,6 +51,23 @@ MAX_TASKS = 256
 BASE_OPTIONS = frozenset({"fsname=fakevfio", "default_permissions"})
 
 
+#: Reads of these kinds run in the trio task itself when their device's lock is free
+#: (no worker-thread hop: the FUSE floor's cost): small, bounded work, never a hash,
+#: a driver arc or a stream. A held lock sends them to a worker thread as before.
+INLINE_READS = frozenset(
+    {Kind.CONFIG, Kind.REGION, Kind.STATE, Kind.FLAGS, Kind.GROUP_NODE, Kind.CDEV_NODE}
+)
+#: Opens and releases run in the trio task except for these (which take a device lock).
+THREADED_OPENS = frozenset({Kind.DATA, Kind.FAULTS})
+
+
+class _Busy:
+    """The device lock was held: run the operation in a worker thread instead."""
+
+
+BUSY = _Busy()
+
+
 def _fuse_error(exc: Exception, what: str) -> pyfuse3.FUSEError:
     if isinstance(exc, pyfuse3.FUSEError):
         return exc
@@ -87,6 +104,21 @@ class VfioFs(pyfuse3.Operations):
             return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
         except Exception as exc:  # noqa: BLE001 - the FUSE boundary maps everything
             raise _fuse_error(exc, what) from None
+
+    def _inline(
+        self, what: str, device: Device | None, fn: Callable[..., _T], *args: object
+    ) -> _T | _Busy:
+        """``fn(*args)`` in the trio task, holding ``device``'s lock if it is free now."""
+        lock = device.lock if device is not None else None
+        if lock is not None and not lock.acquire(blocking=False):
+            return BUSY
+        try:
+            return fn(*args)
+        except Exception as exc:  # noqa: BLE001 - the FUSE boundary maps everything
+            raise _fuse_error(exc, what) from None
+        finally:
+            if lock is not None:
+                lock.release()
 
     def _entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
         entry = pyfuse3.EntryAttributes()
@@ -191,7 +223,15 @@ class VfioFs(pyfuse3.Operations):
     async def open(
         self, inode: pyfuse3.InodeT, flags: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.FileInfo:
-        handle = await self._run("open", self.tree.open, inode, flags)
+        try:
+            kind: Kind | None = self.tree.node(inode).kind
+        except Exception:  # noqa: BLE001 - tree.open reports it, in a worker thread
+            kind = None
+        handle: Handle | _Busy = BUSY
+        if kind is not None and kind not in THREADED_OPENS:
+            handle = self._inline("open", None, self.tree.open, inode, flags)
+        if isinstance(handle, _Busy):
+            handle = await self._run("open", self.tree.open, inode, flags)
         fh = next(self._next_fh)
         self._handles[fh] = handle
         return pyfuse3.FileInfo(
@@ -207,6 +247,12 @@ class VfioFs(pyfuse3.Operations):
         self, fh: pyfuse3.FileHandleT, off: int, size: int
     ) -> bytes | bytearray:
         handle = self._handle(fh)
+        if handle.node.kind in INLINE_READS:
+            done = self._inline("read", handle.device, self.tree.read, handle, off, size)
+            if not isinstance(done, _Busy):
+                if done[1] > 0:
+                    await trio.sleep(done[1])
+                return done[0]
         arrival = trio.current_time()
         data, delay = await self._run("read", self.tree.read, handle, off, size, arrival)
         await self._wait(handle, arrival, delay)
@@ -248,8 +294,12 @@ class VfioFs(pyfuse3.Operations):
 
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
         handle = self._handles.pop(fh, None)
-        if handle is not None:
+        if handle is None:
+            return
+        if handle.node.kind in THREADED_OPENS:
             await self._run("release", self.tree.release, handle)
+        else:
+            self._inline("release", None, self.tree.release, handle)
 
     # -- background ----------------------------------------------------------------------
     async def run_workloads(self) -> None:
