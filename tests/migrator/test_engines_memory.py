@@ -20,9 +20,16 @@ from migrator import multifd_wire
 from migrator._wire.pci_config import encode_qemu_config
 from migrator.config import DATA_BUFFER_BYTES, MigrationConfig
 from migrator.destination import Destination
-from migrator.errors import ChannelBrokenError, FramingError, MigrationError, ReassemblyError
-from migrator.source import migrate
+from migrator.errors import (
+    ChannelBrokenError,
+    FramingError,
+    MigrationError,
+    NoDataNow,
+    ReassemblyError,
+)
+from migrator.source import _Sender, migrate
 from migrator.stats import Stats
+from tests.migrator import qemu_reference as ref
 from tests.migrator.memory import MemoryDevice, MemoryListener
 from vfio_uapi.fsm import MigFlags, State
 
@@ -310,3 +317,88 @@ async def test_destination_with_qemus_queue_bound_loads_what_fits() -> None:
             stats = await migrate(config(3), [src], listener.connect)
     assert stats.status == "completed"
     assert bytes(dst.received) == src.state_bytes
+
+
+class ScriptedPrecopyDevice(MemoryDevice):
+    """A pre-copy device whose reads return ``reads`` bytes in turn, initial bytes first.
+
+    VFIO_MIG_GET_PRECOPY_INFO reports what is left of ``initial`` and ``dirty``,
+    as a device does (the uAPI: initial_bytes falls as it is read, then dirty).
+    """
+
+    def __init__(self, idstr: str, *, initial: int, dirty: int, reads: list[int]) -> None:
+        super().__init__(idstr, b"s" * 3000, flags=MigFlags.STOP_COPY | MigFlags.PRE_COPY)
+        self.initial, self.dirty, self.reads = initial, dirty, list(reads)
+
+    def read_data(self, buf: memoryview) -> int:
+        if self.state not in (State.PRE_COPY, State.PRE_COPY_P2P):
+            return super().read_data(buf)
+        if not self.reads:
+            raise NoDataNow(self.idstr)
+        n = self.reads.pop(0)
+        buf[:n] = b"p" * n
+        taken = min(self.initial, n)
+        self.initial -= taken
+        self.dirty = max(0, self.dirty - (n - taken))
+        return n
+
+    def precopy_info(self) -> tuple[int, int]:
+        return self.initial, self.dirty
+
+
+def qemu_part_markers(initial: int, dirty: int, reads: list[int]) -> list[str]:
+    """hw/vfio/migration.c vfio_save_iterate with switchover-ack: each PART's end marker.
+
+    vfio_update_estimated_pending_data takes a read from initial first, then
+    dirty; INIT_DATA_SENT goes once, in the first PART after which the cached
+    initial size is 0 (whatever dirty is), EOS otherwise.
+    """
+    out, sent = [], False
+    for n in reads:
+        taken = min(initial, n)
+        initial -= taken
+        dirty -= min(dirty, n - taken)
+        if initial == 0 and not sent:
+            sent = True
+            out.append("INIT_DATA_SENT")
+        else:
+            out.append("EOS")
+    return out
+
+
+async def test_init_data_sent_goes_where_qemus_rule_puts_it(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Initial bytes run out while dirty bytes remain: INIT_DATA_SENT then, not at dirty 0."""
+    initial, dirty, reads = 100, 50, [60, 60, 30]
+    expected = qemu_part_markers(initial, dirty, reads)
+    assert expected == ["EOS", "INIT_DATA_SENT", "EOS"]  # the case this test is about
+    sent: list[bytes] = []
+    send = _Sender.send
+
+    async def record(self: _Sender, *parts: bytes | bytearray | memoryview) -> None:
+        sent.extend(bytes(p) for p in parts)
+        await send(self, *parts)
+
+    monkeypatch.setattr(_Sender, "send", record)
+    src = ScriptedPrecopyDevice("gpu0/vfio", initial=initial, dirty=dirty, reads=reads)
+    dst = MemoryDevice("gpu0/vfio", flags=src.flags)
+    cfg = MigrationConfig(multifd_channels=0, max_precopy_iterations=20)
+    with trio.fail_after(GUARD_S):
+        src_stats, _, _ = await run_both(cfg, [src], [dst])
+    assert src_stats.status == "completed"
+    records = ref.parse_stream(b"".join(sent), {"gpu0/vfio": ref.pci_config_blob_size(256, 0)})
+    parts: list[list[ref.Record]] = []  # each PART section's payload records
+    in_part = False
+    for rec in records:
+        if rec[0] in ("start", "part", "end", "full"):
+            in_part = rec[0] == "part"
+            if in_part:
+                parts.append([])
+        elif in_part and rec[0] in ("data", "marker"):
+            parts[-1].append(rec)
+    with_data = [p for p in parts if p[0][0] == "data"]
+    assert [len(p[0][2]) for p in with_data] == reads
+    assert [p[1][2] for p in with_data] == expected
+    # Idle iterations after the data: lone EOS, and INIT_DATA_SENT never again.
+    assert all(p == [("marker", 1, "EOS")] for p in parts[len(with_data) :]), parts
