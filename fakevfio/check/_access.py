@@ -76,6 +76,9 @@ class Device(Protocol):
     def state(self) -> State: ...
     def set_state(self, target: State | int) -> bool: ...
     def open_data(self, write: bool) -> int: ...
+    def read(self, fd: int, size: int) -> bytes: ...
+    def write(self, fd: int, data: bytes | memoryview) -> int: ...
+    def close_data(self, fd: int) -> None: ...
     def precopy_info(self, fd: int) -> tuple[int, int]: ...
     def data_size(self) -> int: ...
     def reset(self) -> None: ...
@@ -106,7 +109,20 @@ def bitmap_bytes(length: int, page_size: int) -> int:
     return -(-pages // 64) * 8
 
 
-class FileDevice:
+class _DataFds:
+    """The data stream of a real file descriptor (a file or a kernel data_fd)."""
+
+    def read(self, fd: int, size: int) -> bytes:
+        return os.read(fd, size)
+
+    def write(self, fd: int, data: bytes | memoryview) -> int:
+        return os.write(fd, data)
+
+    def close_data(self, fd: int) -> None:
+        os.close(fd)
+
+
+class FileDevice(_DataFds):
     """A fakevfio device directory (``MOUNT/devices/NAME``)."""
 
     has_files = True
@@ -257,7 +273,7 @@ def _address(buf: ctypes.Array[ctypes.c_char]) -> int:
     return ctypes.addressof(buf)
 
 
-class KernelDevice:
+class KernelDevice(_DataFds):
     """A kernel VFIO device: an iommufd cdev, or a PCI address on the legacy group path."""
 
     has_files = False

@@ -29,7 +29,6 @@ import ctypes
 import errno
 import hashlib
 import mmap
-import os
 import time
 from collections.abc import Callable
 
@@ -155,7 +154,7 @@ def read_all(dev: Device, *, limit: int = MAX_STREAM) -> bytes:
         parts: list[bytes] = []
         total = 0
         while True:
-            data = os.read(fd, CHUNK)
+            data = dev.read(fd, CHUNK)
             if not data:
                 return b"".join(parts)
             parts.append(data)
@@ -163,7 +162,7 @@ def read_all(dev: Device, *, limit: int = MAX_STREAM) -> bytes:
             if total > limit:
                 raise CheckFailed(f"the stream did not end within {limit} bytes")
     finally:
-        os.close(fd)
+        dev.close_data(fd)
 
 
 def write_all(dev: Device, data: bytes) -> None:
@@ -171,10 +170,10 @@ def write_all(dev: Device, data: bytes) -> None:
     try:
         view = memoryview(data)
         while view:
-            n = os.write(fd, view[:WRITE_CHUNK])
+            n = dev.write(fd, view[:WRITE_CHUNK])
             view = view[n:]
     finally:
-        os.close(fd)
+        dev.close_data(fd)
 
 
 def save(ctx: Context) -> bytes:
@@ -319,18 +318,18 @@ def check_stop_copy_eof(ctx: Context) -> str:
     try:
         total = 0
         while True:
-            data = os.read(fd, CHUNK)
+            data = dev.read(fd, CHUNK)
             if not data:
                 break
             total += len(data)
             if total > MAX_STREAM:
                 raise CheckFailed(f"STOP_COPY stream did not end within {MAX_STREAM} bytes")
         for n in (1, 4096, CHUNK):
-            more = os.read(fd, n)
+            more = dev.read(fd, n)
             if more:
                 raise CheckFailed(f"read({n}) after EOF returned {len(more)} bytes")
     finally:
-        os.close(fd)
+        dev.close_data(fd)
     _timed_set(ctx, State.STOP)
     return f"{total} bytes, then EOF for good"
 
@@ -346,7 +345,7 @@ def check_precopy_end(ctx: Context) -> str:
     try:
         while True:
             try:
-                data = os.read(fd, CHUNK)
+                data = dev.read(fd, CHUNK)
             except OSError as exc:
                 if exc.errno == errno.ENOMSG:
                     break
@@ -357,7 +356,7 @@ def check_precopy_end(ctx: Context) -> str:
             if total > MAX_STREAM:
                 raise CheckFailed(f"PRE_COPY did not reach its end within {MAX_STREAM} bytes")
     finally:
-        os.close(fd)
+        dev.close_data(fd)
     go(ctx, State.RUNNING)
     return f"ENOMSG after {total} bytes"
 
@@ -370,29 +369,29 @@ def check_dead_session(ctx: Context) -> str:
     try:
         dev.set_state(State.STOP)
         try:
-            os.read(fd, 4096)
+            dev.read(fd, 4096)
         except OSError as exc:
             if exc.errno not in DEAD_ERRNOS:
                 raise CheckFailed(f"read after STOP_COPY -> STOP: {_err(exc)}") from None
         else:
             raise CheckFailed("read of the saving data_fd after STOP_COPY -> STOP succeeded")
     finally:
-        os.close(fd)
+        dev.close_data(fd)
     stream = ctx.stream()
     dev.set_state(State.RESUMING)
     fd = dev.open_data(write=True)
     try:
-        os.write(fd, stream)
+        dev.write(fd, stream)
         dev.set_state(State.STOP)
         try:
-            os.write(fd, b"\0")
+            dev.write(fd, b"\0")
         except OSError as exc:
             if exc.errno not in DEAD_ERRNOS:
                 raise CheckFailed(f"write after RESUMING -> STOP: {_err(exc)}") from None
         else:
             raise CheckFailed("write of the resuming data_fd after RESUMING -> STOP succeeded")
     finally:
-        os.close(fd)
+        dev.close_data(fd)
     go(ctx, State.RUNNING)
     return "ENODEV/EBADF after both sessions ended"
 
@@ -407,13 +406,13 @@ def check_direction(ctx: Context) -> str:
         pass  # the file refuses the wrong mode (EACCES)
     else:
         try:
-            os.write(fd, b"\0")
+            dev.write(fd, b"\0")
         except OSError:
             pass
         else:
             raise CheckFailed("a write to the saving stream succeeded")
         finally:
-            os.close(fd)
+            dev.close_data(fd)
     go(ctx, State.RESUMING)
     try:
         fd = dev.open_data(write=False)
@@ -421,13 +420,13 @@ def check_direction(ctx: Context) -> str:
         pass
     else:
         try:
-            os.read(fd, 1)
+            dev.read(fd, 1)
         except OSError:
             pass
         else:
             raise CheckFailed("a read of the resuming stream succeeded")
         finally:
-            os.close(fd)
+            dev.close_data(fd)
     go(ctx, State.STOP)
     return "saving is read-only, resuming write-only"
 
@@ -457,7 +456,7 @@ def check_precopy_info_states(ctx: Context) -> str:
                     raise CheckFailed(f"PRECOPY_INFO in {st.name} succeeded, expected EINVAL")
         finally:
             if fd >= 0:
-                os.close(fd)
+                dev.close_data(fd)
         checked.append(st.name)
     go(ctx, State.RUNNING)
     return "in " + " ".join(checked)
@@ -477,7 +476,7 @@ def check_precopy_info_initial(ctx: Context) -> str:
         total = 0
         while True:
             try:
-                data = os.read(fd, 65536)
+                data = dev.read(fd, 65536)
             except OSError as exc:
                 if exc.errno == errno.ENOMSG:
                     break
@@ -496,7 +495,7 @@ def check_precopy_info_initial(ctx: Context) -> str:
         if last != 0:
             raise CheckFailed(f"initial_bytes {last} at the pre-copy end, expected 0")
     finally:
-        os.close(fd)
+        dev.close_data(fd)
     go(ctx, State.RUNNING)
     return f"initial_bytes {seen[0]} -> 0, never growing"
 
@@ -531,9 +530,9 @@ def check_reset(ctx: Context) -> str:
             if fd >= 0:
                 try:
                     if st is State.RESUMING:
-                        os.write(fd, b"\0")
+                        dev.write(fd, b"\0")
                     else:
-                        os.read(fd, 1)
+                        dev.read(fd, 1)
                 except OSError as exc:
                     if exc.errno not in DEAD_ERRNOS:
                         raise CheckFailed(
@@ -543,7 +542,7 @@ def check_reset(ctx: Context) -> str:
                     raise CheckFailed(f"the {st.name} session survived the reset")
         finally:
             if fd >= 0:
-                os.close(fd)
+                dev.close_data(fd)
     return "every state -> RUNNING, the session ended"
 
 
@@ -639,13 +638,13 @@ def check_resume_hardening(ctx: Context) -> str:
     return summary + note
 
 
-def _read_until_enomsg(fd: int, limit: int) -> tuple[bytes, bool]:
+def _read_until_enomsg(dev: Device, fd: int, limit: int) -> tuple[bytes, bool]:
     """Read up to ``limit`` bytes of a pre-copy stream; (data, reached the temporary end)."""
     parts: list[bytes] = []
     total = 0
     while total < limit:
         try:
-            data = os.read(fd, min(CHUNK, limit - total))
+            data = dev.read(fd, min(CHUNK, limit - total))
         except OSError as exc:
             if exc.errno == errno.ENOMSG:
                 return b"".join(parts), True
@@ -668,7 +667,7 @@ def check_shared_stream(ctx: Context) -> str:
     parts: list[bytes] = []
     arcs = ["PRE_COPY"]
     try:
-        parts.append(_read_until_enomsg(fd, 4096)[0])
+        parts.append(_read_until_enomsg(dev, fd, 4096)[0])
         targets = [State.PRE_COPY_P2P] if dev.flags & MigFlags.P2P else []
         for target in [*targets, State.STOP_COPY]:
             if _timed_set(ctx, target):
@@ -678,11 +677,11 @@ def check_shared_stream(ctx: Context) -> str:
                 )
             arcs.append(target.name)
             if target is State.PRE_COPY_P2P:
-                parts.append(_read_until_enomsg(fd, 4096)[0])
+                parts.append(_read_until_enomsg(dev, fd, 4096)[0])
         total = sum(map(len, parts))
         while True:
             try:
-                data = os.read(fd, CHUNK)
+                data = dev.read(fd, CHUNK)
             except OSError as exc:
                 raise CheckFailed(
                     f"the data_fd of RUNNING -> PRE_COPY, read in {' -> '.join(arcs)}, failed "
@@ -695,7 +694,7 @@ def check_shared_stream(ctx: Context) -> str:
             if total > MAX_STREAM:
                 raise CheckFailed(f"the stream did not end within {MAX_STREAM} bytes")
     finally:
-        os.close(fd)
+        dev.close_data(fd)
     _timed_set(ctx, State.STOP)
     digest = dev.digest()
     stream = b"".join(parts)
@@ -733,7 +732,7 @@ def check_dirty_bytes(ctx: Context) -> str:
         total = 0
         ends = 0
         for _ in range(DIRTY_ROUNDS):
-            data, end = _read_until_enomsg(fd, MAX_STREAM - total)
+            data, end = _read_until_enomsg(dev, fd, MAX_STREAM - total)
             total += len(data)
             if not end:
                 raise CheckFailed(f"PRE_COPY did not reach its end within {MAX_STREAM} bytes")
@@ -746,7 +745,7 @@ def check_dirty_bytes(ctx: Context) -> str:
             # The device changed state since the end (or its counter is wrong): the
             # data it reports must be there to read.
             try:
-                more = os.read(fd, CHUNK)
+                more = dev.read(fd, CHUNK)
             except OSError as exc:
                 if exc.errno != errno.ENOMSG:
                     raise CheckFailed(f"a PRE_COPY read failed with {_err(exc)}") from None
@@ -756,7 +755,7 @@ def check_dirty_bytes(ctx: Context) -> str:
                 ) from None
             total += len(more)
     finally:
-        os.close(fd)
+        dev.close_data(fd)
     go(ctx, State.RUNNING)
     return f"dirty_bytes 0 at the start, both 0 at each of {ends} temporary ends ({total} bytes)"
 

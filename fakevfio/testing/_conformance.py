@@ -12,6 +12,13 @@ rule of :mod:`fakevfio.driver` and ``docs``' state machine::
             dest_factory=lambda name: MyDriver(name, {}),     # destinations
         )
 
+Rules that are also uAPI rules are not written twice: they run the checks of
+:mod:`fakevfio.check` (``fakevfio check``'s, the same code that drives mounts and
+kernel devices) on the in-process device through :class:`LocalCheckDevice`, an
+adapter from :class:`LocalDevice` to :class:`fakevfio.check.Device`
+("end of stream is final" is ``data_fd.stop-copy-eof``, "reset" is
+``reset.every-state``). :func:`check_uapi` runs every check that way.
+
 ``factory(name)`` returns a new driver; sources come from ``factory`` and
 destinations from ``dest_factory`` (default: the same). Give sources state
 the destinations do not have (a seed, a workload), so that equal digests after
@@ -28,8 +35,9 @@ import json
 import string
 from collections.abc import Callable, Iterable, Mapping
 
-from fakevfio import _stream
-from fakevfio.driver import PCI_CONFIG_SIZES, ArcDriver, StateDriver
+from fakevfio import _stream, check
+from fakevfio._device import Session
+from fakevfio.driver import PCI_CONFIG_SIZES, ArcDriver, PrecopyInfo, StateDriver
 from fakevfio.errors import DeviceError
 from fakevfio.testing._local import (
     LOAD_CHUNK,
@@ -39,6 +47,9 @@ from fakevfio.testing._local import (
     make_device,
 )
 from vfio_uapi.fsm import VALID_FLAGS, MigFlags, State
+
+#: Per-check timeout of the uAPI checks run in process (a hung driver fails its rule).
+UAPI_TIMEOUT_S = 60.0
 
 #: Read/write sizes the round trip is run with: single bytes, odd sizes, the migrator's.
 CHUNKS = (1, 7, LOAD_CHUNK, SAVE_CHUNK)
@@ -184,18 +195,13 @@ def check_round_trip(
 
 
 def check_end_of_stream_is_final(factory: DriverFactory, dest_factory: DriverFactory) -> None:
-    """In STOP_COPY, once a read returned b"" every later read does too."""
-    rule = "end of stream is final"
+    """In STOP_COPY, once a read returned b"" every later read does too.
+
+    The check is ``fakevfio check``'s ``data_fd.stop-copy-eof``.
+    """
     src = make_device(factory)
     _work(src)
-    _expect(src.set_state(State.STOP_COPY), rule, "STOP -> STOP_COPY opened no session")
-    size = src.data_size()
-    _expect(size >= 0, rule, f"data_size() {size} in STOP_COPY")
-    src.drain()
-    for n in (1, 0, SAVE_CHUNK):
-        data = src.read(n)
-        _expect(data == b"", rule, f"read({n}) after the end returned {len(data)} bytes")
-    src.set_state(State.STOP)
+    _run_uapi("end of stream is final", src, None, "data_fd.stop-copy-eof")
 
 
 def check_save_twice(factory: DriverFactory, dest_factory: DriverFactory) -> None:
@@ -236,20 +242,11 @@ def check_incomplete_stream(factory: DriverFactory, dest_factory: DriverFactory)
 
 
 def check_reset(factory: DriverFactory, dest_factory: DriverFactory) -> None:
-    """Reset mid-save and mid-load: RUNNING, the session ended (ENODEV), migrations work again."""
-    rule = "reset"
+    """Reset in every state: RUNNING, the session ended (``reset.every-state``); then a
+    migration works again."""
     src, dst = _pair(factory, dest_factory)
     _work(src)
-    stream = src.save()
-    src.set_state(State.STOP_COPY)
-    src.read(len(stream) // 2 or 1)
-    dst.start_load(stream[: len(stream) // 2])
-    for dev, what in ((src, "mid-save"), (dst, "mid-load")):
-        dev.reset()
-        _expect(dev.state() is State.RUNNING, rule, f"{what}: {dev.state().name} after reset")
-        _expect(not dev.session_alive(), rule, f"{what}: the session survived the reset")
-    _expect_errno(rule, errno.ENODEV, "a read after reset", lambda: src.read(1))
-    _expect_errno(rule, errno.ENODEV, "a write after reset", lambda: dst.write(stream[:1]))
+    _run_uapi("reset", src, None, "reset.every-state")
     round_trip(src, dst)
 
 
@@ -361,6 +358,147 @@ def check_dirty_tracking(factory: DriverFactory, dest_factory: DriverFactory) ->
     src.reset()
 
 
+# -- the uAPI checks of fakevfio.check, in process -----------------------------------------
+class LocalCheckDevice:
+    """:class:`fakevfio.check.Device` over an in-process :class:`LocalDevice`.
+
+    Data "fds" are handles bound to the session live when they were opened, as a
+    ``migration/data`` file handle is; the core's :class:`DeviceError` becomes
+    :class:`fakevfio.check.AccessError` (an ``OSError`` with the same errno).
+    DMA logging needs a VMM's memory: :meth:`dma_logging` says no.
+    """
+
+    has_files = True
+
+    def __init__(self, dev: Dev) -> None:
+        self.local = dev
+        self.name = dev.name
+        self.flags = dev.driver.migration_flags
+        self._handles: dict[int, Session] = {}
+        self._next = 1
+
+    def _call(self, op: str, fn: Callable[[], object]) -> object:
+        try:
+            return fn()
+        except DeviceError as exc:
+            raise check.AccessError(self.name, op, exc.errno, str(exc)) from None
+
+    def state(self) -> State:
+        return self.local.state()
+
+    def set_state(self, target: State | int) -> bool:
+        if int(target) not in {int(s) for s in State}:
+            raise check.AccessError(self.name, f"set state {int(target)}", errno.EINVAL)
+        wanted = State(int(target))
+        return bool(self._call(f"set state {wanted.name}", lambda: self.local.set_state(wanted)))
+
+    def open_data(self, write: bool) -> int:
+        core = self.local._device
+        session = self._call("open data", lambda: core.open_session(read=not write, write=write))
+        assert isinstance(session, Session)
+        handle = self._next
+        self._next += 1
+        self._handles[handle] = session
+        return handle
+
+    def read(self, fd: int, size: int) -> bytes:
+        core, session = self.local._device, self._handles[fd]
+        data = self._call("read", lambda: core.read(session, size)[0])
+        assert isinstance(data, bytes | bytearray | memoryview)
+        return bytes(data)
+
+    def write(self, fd: int, data: bytes | memoryview) -> int:
+        core, session = self.local._device, self._handles[fd]
+        done = self._call("write", lambda: core.write(session, memoryview(data))[0])
+        assert isinstance(done, int)
+        return done
+
+    def close_data(self, fd: int) -> None:
+        self._handles.pop(fd, None)
+
+    def precopy_info(self, fd: int) -> tuple[int, int]:
+        del fd  # the device answers for its live session
+        info = self._call("precopy_info", self.local.precopy_info)
+        assert isinstance(info, PrecopyInfo)
+        return info.initial_bytes, info.dirty_bytes
+
+    def data_size(self) -> int:
+        size = self._call("data_size", self.local.data_size)
+        assert isinstance(size, int)
+        return size
+
+    def reset(self) -> None:
+        self.local.reset()
+
+    def log(self) -> list[str]:
+        return self.local.log()
+
+    def digest(self) -> str | None:
+        return self.local.digest()
+
+    def set_faults(self, rules: str) -> None:
+        self.local.set_faults(rules)
+
+    def identity(self) -> str:
+        return f"driver {type(self.local.driver).__name__}"
+
+    def configuration(self) -> str:
+        regions = dict(self.local.regions())
+        return json.dumps({"config": len(self.local.config()), "regions": regions})
+
+    def dma_logging(self) -> bool:
+        return False
+
+    def _no_dma(self, op: str) -> check.AccessError:
+        return check.AccessError(self.name, op, errno.ENOTTY, "no VMM memory in process")
+
+    def dma_map(self, iova: int, vaddr: int, length: int) -> None:
+        raise self._no_dma("dma map")
+
+    def dma_unmap(self, iova: int, length: int) -> None:
+        raise self._no_dma("dma unmap")
+
+    def log_start(self, page_size: int, ranges: list[tuple[int, int]]) -> int:
+        raise self._no_dma("log start")
+
+    def log_stop(self) -> None:
+        raise self._no_dma("log stop")
+
+    def log_report(self, iova: int, length: int, page_size: int) -> bytes:
+        raise self._no_dma("log report")
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def _run_uapi(rule: str, dev: Dev, peer: Dev | None, pattern: str | None) -> None:
+    """Run fakevfio.check's checks matching ``pattern`` on ``dev``; a failure breaks ``rule``."""
+    peers = [LocalCheckDevice(peer)] if peer is not None else []
+    results = check.run_checks(
+        [LocalCheckDevice(dev)],
+        destructive=True,
+        pattern=pattern,
+        timeout=UAPI_TIMEOUT_S,
+        peers=peers,
+    )
+    failed = [r for r in results if not r.ok]
+    if failed:
+        raise DriverRuleError(rule, "; ".join(f"{r.check}: {r.detail}" for r in failed))
+
+
+def check_uapi(factory: DriverFactory, dest_factory: DriverFactory | None = None) -> None:
+    """Every check of ``fakevfio check`` (:data:`fakevfio.check.CHECKS`) on an in-process
+    device from ``factory``, a device from ``dest_factory`` as its peer.
+
+    Raises:
+        DriverRuleError: rule "uapi", naming each failed check.
+    """
+    src = make_device(factory, "src")
+    dst = make_device(dest_factory or factory, "dst")
+    _work(src)
+    _run_uapi("uapi", src, dst, None)
+
+
 ARC_DRIVER_RULES: Mapping[str, Rule] = {
     "description": check_description,
     "round trip": check_round_trip,
@@ -405,6 +543,7 @@ __all__ = [
     "DRIVER_HEADER_OFFSET",
     "STATE_DRIVER_RULES",
     "DriverRuleError",
+    "LocalCheckDevice",
     "Rule",
     "check_arc_driver",
     "check_description",
@@ -418,6 +557,7 @@ __all__ = [
     "check_save_twice",
     "check_state_description",
     "check_state_driver",
+    "check_uapi",
     "migrate_local",
     "round_trip",
     "state_stream_offset",

@@ -15,20 +15,23 @@ count the initial data). The rules themselves come from the kernel:
 
 from __future__ import annotations
 
+import functools
+import importlib
 import json
 import os
 import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
 
 from fakevfio import check
 from fakevfio._ram import RamDriver
-from fakevfio.driver import LoadStream, PrecopyInfo, SaveStream
+from fakevfio.driver import ArcDriver, LoadStream, PrecopyInfo, SaveStream
+from fakevfio.testing._conformance import DriverRuleError, check_uapi
 from tests.conftest import MountFactory
 from tests.test_run import _seccomp_missing, run_under
 from vfio_uapi.fsm import PRECOPY_STATES, SAVING_STATES, State
@@ -413,3 +416,30 @@ def test_every_driver_passes_over_the_ioctl_path_under_fakevfio_run(
             assert "RESET" in log, name
             assert "STOP STOP_COPY" in log, name
         assert "RUNNING PRE_COPY" in m.log_lines("gpu0")
+
+
+def _make(cls: type[ArcDriver], options: dict[str, str], name: str) -> ArcDriver:
+    return cls(name, options)
+
+
+def test_the_checks_run_in_process_on_every_driver(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``fakevfio.testing.check_uapi``: the same checks on in-process devices (no FUSE),
+    through LocalCheckDevice; a broken plugin is named by the check for its rule."""
+    for name in EXAMPLES:
+        monkeypatch.syspath_prepend(str(ROOT / "examples" / name))
+    factories: dict[str, Callable[[str], ArcDriver]] = {
+        "ram": lambda n: RamDriver(n, {"size": "64K", "seed": "3"}),
+    }
+    for name, (entry, options) in EXAMPLES.items():
+        module, _, cls = entry.partition(":")
+        driver = getattr(importlib.import_module(module), cls)
+        opts = dict(kv.split("=") for kv in options.split(",") if kv)
+        factories[name] = functools.partial(_make, driver, opts)
+    for factory in factories.values():
+        check_uapi(factory)  # raises DriverRuleError naming the failed checks
+    broken = {"size": "256K", "flags": "STOP_COPY+PRE_COPY"}
+    with pytest.raises(DriverRuleError) as info:
+        check_uapi(functools.partial(_make, GrowingInfoDriver, broken))
+    assert info.value.rule == "uapi"
+    assert info.value.detail.startswith("precopy_info.initial-bytes: initial_bytes grew")
+    assert ";" not in info.value.detail  # no other check failed
