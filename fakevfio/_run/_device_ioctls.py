@@ -260,20 +260,20 @@ def data_ioctl(vfio: Vfio, call: Call, ino: int, device: str | None) -> int:
     entry = vfio.find(call, call.fd, ino)
     if entry is not None and entry.generation != vfio.nodes.generation.get(dev.name, 0):
         raise IoctlError(errno.ENODEV, "the session of this data_fd has ended")
-    if precopy_v2(vfio, dev.name):
-        flags = 0  # an output field from here on
+    opted_in = precopy_v2(vfio, dev.name)
+    text = None
+    if opted_in:
         try:
             text = vfio.nodes.read_text(dev.name, "migration", PRECOPY_V2_FILE)
         except IoctlError as exc:
             if exc.errno != errno.ENOENT:
                 raise
             # A mount without the v2 query: the device never re-initialises.
-            text = vfio.nodes.read_text(dev.name, "migration", "precopy_info")
-    else:
+    if text is None:
         text = vfio.nodes.read_text(dev.name, "migration", "precopy_info")
     fields = dict(line.split(None, 1) for line in text.splitlines() if line.strip())
-    if "flags" in fields:
-        flags = int(fields["flags"]) & uapi.VFIO_PRECOPY_INFO_REINIT
+    if opted_in:  # an output field from here on: 0 or REINIT, never the caller's bits
+        flags = int(fields.get("flags", "0")) & uapi.VFIO_PRECOPY_INFO_REINIT
     out = uapi.PRECOPY_INFO.pack(
         argsz, flags, int(fields["initial_bytes"]), int(fields["dirty_bytes"])
     )

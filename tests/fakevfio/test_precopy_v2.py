@@ -80,7 +80,7 @@ def test_v2_caller_sees_reinit_once_and_the_stream_still_migrates() -> None:
 
 
 def test_v1_caller_never_sees_initial_bytes_grow() -> None:
-    src = _ram("src", reinit_after="0")
+    src = _ram("src", reinit_after=str(REINIT_AFTER))
     session = _pre_copy(src)
     last = src.precopy_info()
     while _read(src, session, 4096):
