@@ -30,6 +30,18 @@ Phases, in order (names appear in error messages and ``--json``):
 ``complete``   wait for the destination's SHUT on the return path; devices go
                STOP_COPY -> STOP and are left there.
 
+Pre-copy info v2 (Linux 7.1): a pre-copy device is opted in to
+``VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2`` before RUNNING -> PRE_COPY (older
+kernels and devices refuse it; nothing changes for them). When a query says
+``VFIO_PRECOPY_INFO_REINIT``, the device has new initial data: its cached
+initial size restarts from the reported value and dirty from 0 (the uAPI's
+words), and the source does not switch over, even when forced by the
+iteration or time bound, until that initial data was read again. Before
+every switchover decision the opted-in devices are queried once more, so a
+re-initialisation right at the end is seen (QEMU 11.1 checks REINIT during
+switchover). The stream is unchanged: INIT_DATA_SENT still goes once per
+device, so a QEMU 10.x destination loads it.
+
 Rule: any failure returns every source device to RUNNING (reset if that
 fails), and the error names the phase and device.
 """
@@ -144,6 +156,12 @@ class Source:
         #: (so it checks the order) and the return path is read by it.
         self._proto = SourceProtocol()
         self._rp = ReturnPath(main, self._proto)
+        #: Devices opted in to PRECOPY_INFOv2 (by id), and those with re-initialised
+        #: initial data not read yet.
+        self._precopy_v2: set[int] = set()
+        self._reinit_pending: set[int] = set()
+        #: How many REINITs each device reported (by idstr).
+        self.reinits: dict[str, int] = {}
 
     # -- public -------------------------------------------------------------
     async def run(self) -> Stats:
@@ -251,6 +269,8 @@ class Source:
                     device=dev.idstr,
                 )
             if dev.precopy and dev.state is State.RUNNING:
+                if await call("setup", dev, dev.backend.enable_precopy_v2):
+                    self._precopy_v2.add(id(dev))
                 await set_state("setup", dev, State.PRE_COPY, recover=State.RUNNING)
                 await self._refresh_precopy(dev)
             self.stats.device(dev.idstr)
@@ -267,10 +287,31 @@ class Source:
     async def _refresh_precopy(self, dev: Dev) -> None:
         dev.init_size = dev.dirty_size = 0
         try:
-            init, dirty = await call("pre-copy", dev, dev.backend.precopy_info)
+            if id(dev) in self._precopy_v2:
+                info = await call("pre-copy", dev, dev.backend.precopy_info_v2)
+                init, dirty, reinit = info.initial_bytes, info.dirty_bytes, info.reinit
+            else:
+                init, dirty = await call("pre-copy", dev, dev.backend.precopy_info)
+                reinit = False
         except DeviceOpError:
             return
+        if reinit:
+            # New initial data on the stream: initial restarts, dirty from 0.
+            logger.info("%s: pre-copy re-initialised, %d initial bytes", dev.idstr, init)
+            self.reinits[dev.idstr] = self.reinits.get(dev.idstr, 0) + 1
+            dirty = 0
+            if init:
+                self._reinit_pending.add(id(dev))
         dev.init_size, dev.dirty_size = init, dirty
+        if not init:
+            self._reinit_pending.discard(id(dev))
+
+    async def _reinit_blocks_switchover(self) -> bool:
+        """Query the opted-in devices once more; True while re-initialised data is unread."""
+        for dev in self.devs:
+            if id(dev) in self._precopy_v2 and dev.state in PRECOPY_STATES:
+                await self._refresh_precopy(dev)
+        return bool(self._reinit_pending)
 
     async def _iterate(self, sender: _Sender) -> None:
         cfg = self.config
@@ -324,6 +365,8 @@ class Source:
                 acked=acked,
                 idle=idle,
             )
+            if decision is not Decision.CONTINUE and await self._reinit_blocks_switchover():
+                decision = Decision.CONTINUE
             if decision is Decision.CONVERGED:
                 return
             if decision is Decision.FORCED:
@@ -360,6 +403,8 @@ class Source:
             dev.dirty_size = max(0, dev.dirty_size - (n - taken))
         else:
             dev.init_size = dev.dirty_size = 0
+        if not dev.init_size:
+            self._reinit_pending.discard(id(dev))
         if (
             self.config.switchover_ack
             and self.return_path
