@@ -18,6 +18,7 @@ import trio.testing
 from migrator import _wire as framing
 from migrator import multifd_wire
 from migrator._wire.pci_config import encode_qemu_config
+from migrator.backend import PrecopyInfo
 from migrator.config import DATA_BUFFER_BYTES, MigrationConfig
 from migrator.destination import Destination
 from migrator.errors import (
@@ -402,3 +403,53 @@ async def test_init_data_sent_goes_where_qemus_rule_puts_it(
     assert [p[1][2] for p in with_data] == expected
     # Idle iterations after the data: lone EOS, and INIT_DATA_SENT never again.
     assert all(p == [("marker", 1, "EOS")] for p in parts[len(with_data) :]), parts
+
+
+class ReinitDevice(ScriptedPrecopyDevice):
+    """Opts in to PRECOPY_INFOv2; re-initialises at the ``at``-th query after its
+    first initial data was read.
+
+    The uAPI (Linux 7.1): REINIT in the query's flags, initial_bytes from a new
+    value, dirty_bytes from 0; the new initial data is next on the stream.
+    """
+
+    def __init__(self, idstr: str, *, again: int, at: int) -> None:
+        super().__init__(idstr, initial=100, dirty=0, reads=[100])
+        self.again, self.at = again, at
+        self.opted_in = False
+        self.reinit_reported = 0
+
+    def enable_precopy_v2(self) -> bool:
+        self.opted_in = True
+        return True
+
+    def precopy_info_v2(self) -> PrecopyInfo:
+        assert self.opted_in
+        reinit = False
+        if self.initial == 0 and not self.reads and self.again:
+            self.at -= 1
+            if self.at == 0:
+                self.initial, self.dirty, self.reads = self.again, 0, [self.again]
+                self.again = 0
+                reinit = True
+                self.reinit_reported += 1
+        return PrecopyInfo(initial_bytes=self.initial, dirty_bytes=self.dirty, reinit=reinit)
+
+
+@pytest.mark.parametrize("at", [1, 3])
+async def test_source_reads_reinitialised_initial_data_before_switching_over(
+    autojump_clock: trio.testing.MockClock, at: int
+) -> None:
+    """REINIT after pre-copy's first data (at=1: the next query; at=3: the query
+    made when the source is about to switch over): the new initial bytes still go
+    in pre-copy, and INIT_DATA_SENT only once."""
+    src = ReinitDevice("gpu0/vfio", again=40, at=at)
+    dst = MemoryDevice("gpu0/vfio", flags=src.flags)
+    cfg = MigrationConfig(multifd_channels=0, max_precopy_iterations=50)
+    with trio.fail_after(GUARD_S):
+        src_stats, dst_stats, _ = await run_both(cfg, [src], [dst])
+    assert src_stats.status == dst_stats.status == "completed"
+    assert src.reinit_reported == 1
+    assert src_stats.devices["gpu0/vfio"].precopy_bytes == 100 + 40
+    assert dst_stats.devices["gpu0/vfio"].precopy_bytes == 100 + 40
+    assert bytes(dst.received) == b"p" * 140 + src.state_bytes
