@@ -167,7 +167,8 @@ def find_headers() -> tuple[Headers | None, str]:
         if version is None or not _complete(include):
             return (
                 None,
-                f"FAKEVFIO_UAPI_INCLUDE={override} lacks linux/vfio.h, linux/iommufd.h or linux/version.h",
+                f"FAKEVFIO_UAPI_INCLUDE={override} lacks linux/vfio.h, linux/iommufd.h "
+                "or linux/version.h",
             )
         return Headers(include, f"FAKEVFIO_UAPI_INCLUDE={override}", version), ""
     system = Path("/usr/include")
