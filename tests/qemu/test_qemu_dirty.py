@@ -79,6 +79,9 @@ def qemu_vm(
     cmd += ["-object", "iommufd,id=iommufd0,fd=4"]
     cmd += ["-device", f"vfio-pci,id=gpu0,iommufd=iommufd0,fd=3,rombar=0{device_opts}"]
     cmd += ["-trace", "vfio_pci_reset*", "-trace", "vfio_reset_handler"]  # in the log
+    # SeaBIOS's debug output (port 0x402): enable_bus_master waits for the end of its POST
+    cmd += ["-chardev", f"file,id=bios,path={tmp / tag}.bios"]
+    cmd += ["-device", "isa-debugcon,iobase=0x402,chardev=bios"]
     cmd += ["-qmp", f"unix:{qmp_path},server=on,wait=off", *extra]
     argv = [sys.executable, "-m", "fakevfio", "run", "--mount", str(mount.path), "--"]
     argv += ["sh", "-c", script, "sh", *cmd]
@@ -123,13 +126,20 @@ def guest_ram_mappings(mount: MountHandle) -> list[tuple[int, int, str]]:
     return out
 
 
-def enable_bus_master(mount: MountHandle) -> None:
-    """What a guest driver does: set Bus Master Enable, once SeaBIOS has set up the device."""
+def enable_bus_master(mount: MountHandle, bios: Path) -> None:
+    """What a guest driver does: set Bus Master Enable, once SeaBIOS has finished.
+
+    SeaBIOS enables memory decoding halfway through its POST, while it still uses
+    RAM it expects untouched; DMA then can make it reset the machine (seen with QEMU
+    11.1's SeaBIOS 1.16.3), and a reset during pre-copy ends the device's session.
+    So this waits for the end of the POST: "enter handle_19" (INT 19h, the boot).
+    """
     config = mount.device("gpu0") / "config"
     deadline = time.monotonic() + 30
-    while not config.read_bytes()[4] & 0x02:  # memory decoding: SeaBIOS assigned the BARs
-        assert time.monotonic() < deadline, "SeaBIOS did not enable the device"
+    while b"enter handle_19:" not in (bios.read_bytes() if bios.exists() else b""):
+        assert time.monotonic() < deadline, f"SeaBIOS did not finish: {bios.read_text()}"
         time.sleep(0.05)
+    assert config.read_bytes()[4] & 0x02, "SeaBIOS did not enable memory decoding"
     with open(config, "r+b", buffering=0) as f:
         f.seek(4)
         f.write(bytes([config.read_bytes()[4] | 0x04]))
@@ -157,7 +167,7 @@ def migrate_with_dma(
         assert any(iova == 0 and perm == "rw" for iova, _n, perm in maps), maps
         assert sum(n for _i, n, _p in maps) >= GUEST_MB << 20 >> 1, maps
         sq.cmd("cont")
-        enable_bus_master(src)
+        enable_bus_master(src, tmp / "src.bios")
         time.sleep(0.5)  # the device DMAs into the running VM before migration
         dq.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
         try:
@@ -172,6 +182,10 @@ def migrate_with_dma(
             arcs = src.read("gpu0", "migration/log")
             return b"", b"", info, sv.log.read_text() + dv.log.read_text() + arcs
         assert wait_migration(dq)["status"] == "completed"
+        # A guest reset would clear Bus Master Enable and end the device's DMA (and its
+        # session, if during pre-copy): the DMA ran through the whole migration.
+        resets = [event for event in sq.events if event["event"] == "RESET"]
+        assert not resets, (resets, (tmp / "src.bios").read_text())
         assert sq.cmd("query-status")["status"] == "postmigrate"
         assert dq.cmd("query-status")["status"] != "running"  # -S: never continued
         src_ram, dst_ram = tmp / "src.ram", tmp / "dst.ram"
