@@ -6,8 +6,8 @@ Rules:
    user's own kernel's ``make headers_install`` output); it must hold
    ``linux/vfio.h``, ``linux/iommufd.h`` and ``linux/version.h``.
 2. Otherwise the system's ``/usr/include`` is used when its header is 7.1 or
-   newer; else the newest ``linux-libc-dev`` >= 7.1 of Debian unstable or
-   trixie-backports is fetched with ``apt-get download`` through a temporary
+   newer; else the newest ``linux-libc-dev`` >= 7.1 of Debian trixie-backports
+   (or, failing that, unstable) is fetched with ``apt-get download`` through a temporary
    sources list and apt state directory (nothing is installed, the system's apt
    state is not touched) and unpacked once into
    ``~/.cache/fakevfio/uapi-headers/<version>/`` (``XDG_CACHE_HOME`` is honoured).
@@ -29,12 +29,12 @@ from pathlib import Path
 import attrs
 
 MIN_VERSION = (7, 1)
-#: Archives that carry a new enough linux-libc-dev for a Debian 12 or 13 machine.
-SOURCES = (
-    "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] "
-    "http://deb.debian.org/debian sid main\n"
-    "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] "
-    "http://deb.debian.org/debian trixie-backports main\n"
+#: Archives that carry a new enough linux-libc-dev for a Debian 12 or 13 machine, tried
+#: in order: trixie-backports first (its index is 0.3 MB; unstable's is 11 MB).
+SOURCES = tuple(
+    f"deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] "
+    f"http://deb.debian.org/debian {suite} main\n"
+    for suite in ("trixie-backports", "sid")
 )
 _TIMEOUT_S = 300
 
@@ -139,9 +139,13 @@ def _fetch() -> Headers:
         state = Path(tmp)
         (state / "lists" / "partial").mkdir(parents=True)
         (state / "cache" / "archives" / "partial").mkdir(parents=True)
-        (state / "sources.list").write_text(SOURCES)
-        _apt(state, "apt-get", "update")
-        version = _newest(_apt(state, "apt-cache", "madison", "linux-libc-dev"))
+        version = None
+        for source in SOURCES:
+            (state / "sources.list").write_text(source)
+            _apt(state, "apt-get", "update")
+            version = _newest(_apt(state, "apt-cache", "madison", "linux-libc-dev"))
+            if version is not None:
+                break
         if version is None:
             raise OSError(f"no linux-libc-dev >= {MIN_VERSION[0]}.{MIN_VERSION[1]} in the archives")
         _apt(state, "apt-get", "download", f"linux-libc-dev={version}")
