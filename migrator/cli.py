@@ -20,12 +20,13 @@ from functools import partial
 import attrs
 import trio
 
+from migrator._progress import TerminalProgress
 from migrator.backend import DeviceBackend, FakeVfioBackend
 from migrator.config import MigrationConfig, MultifdTransfer
 from migrator.destination import Destination
 from migrator.errors import ConfigurationError, DeviceOpError, MigrationError
 from migrator.source import Source, migrate
-from migrator.stats import Progress, Stats
+from migrator.stats import Stats
 from migrator.transport import Address, FileStream, listening_on, open_listeners, open_stream
 from vfio_uapi.units import parse_size
 
@@ -251,14 +252,17 @@ async def _watch_signals(scope: trio.CancelScope, hit: list[int]) -> None:
 async def _amain(
     args: argparse.Namespace, config: MigrationConfig, devices: list[DeviceBackend]
 ) -> Stats:
-    progress = Progress()
+    progress = TerminalProgress(args.command)  # draws only on a terminal
     interrupted: list[int] = []
     stats: Stats | None = None
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_watch_signals, nursery.cancel_scope, interrupted)
-        stats = await _run_role(args, config, devices, progress)
-        nursery.cancel_scope.cancel()
-    progress.done()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_watch_signals, nursery.cancel_scope, interrupted)
+            nursery.start_soon(progress.run)
+            stats = await _run_role(args, config, devices, progress)
+            nursery.cancel_scope.cancel()
+    finally:
+        progress.done()  # also on failure: rich gives the terminal back its cursor
     if interrupted:
         raise Interrupted(interrupted[0])
     return stats
@@ -268,7 +272,7 @@ async def _run_role(
     args: argparse.Namespace,
     config: MigrationConfig,
     devices: list[DeviceBackend],
-    progress: Progress,
+    progress: TerminalProgress,
 ) -> Stats:
     if args.command == "migrate":
         addr = Address.parse(args.target)
@@ -286,11 +290,14 @@ async def _run_role(
         config.multifd_for(is_file=True)
         inp = await FileStream.open(args.target, "r")
         try:
-            return await Destination(config, devices, is_file=True, progress=progress).run(inp)
+            loader = Destination(config, devices, is_file=True, progress=progress)
+            progress.watch(loader)
+            return await loader.run(inp)
         finally:
             await inp.aclose()
     addr = Address.parse(args.target)
     dest = Destination(config, devices, progress=progress)
+    progress.watch(dest)
     listeners = await open_listeners(addr)
     return await dest.serve(listeners, task_status=_Announce(listening_on(addr, listeners)))
 

@@ -4,13 +4,18 @@ refusal of options that do not apply (issue 20); exit codes 130/143 are in test_
 from __future__ import annotations
 
 import importlib.metadata
+import json
+import os
+import pty
+import re
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import MountFactory, MountHandle
-from tests.migrator.helpers import digest, run_migrator
+from tests.migrator.helpers import MIGRATOR, digest, run_migrator
 
 pytestmark = [pytest.mark.fuse]
 
@@ -80,19 +85,77 @@ def test_a_device_side_load_failure_points_at_the_devices_last_error(
     fakevfio_mount: MountFactory, tmp_path: Path
 ) -> None:
     path = tmp_path / "state.bin"
-    with (
-        fakevfio_mount(["big=ram:size=64K,seed=2,flags=STOP_COPY"]) as src,
-        fakevfio_mount(["small=ram:size=16K,flags=STOP_COPY"]) as dst,
-    ):
-        saved = run_migrator("save", "-o", str(path), str(src.device("big")))
+    with fakevfio_mount(["big=ram:size=64K,seed=2,flags=STOP_COPY", "small=ram:size=16K"]) as m:
+        saved = run_migrator("save", "-o", str(path), str(m.device("big")))
         assert saved.returncode == 0, saved.stderr
-        loaded = run_migrator("load", "-i", str(path), str(dst.device("small")) + ",id=big/vfio")
-        record = dst.info("small")["last_error"]
+        loaded = run_migrator("load", "-i", str(path), str(m.device("small")) + ",id=big/vfio")
+        record = m.info("small")["last_error"]
+        small = m.device("small")
     assert loaded.returncode == 1
     line = loaded.stderr.strip().splitlines()[-1]
     # The errno the kernel passed back to the migrator's write() is the one recorded ...
     assert f"write data failed: {record['errno']}" in line
     # ... and the line says where the reason is.
-    assert line.endswith(f"; the device says why: see {dst.device('small')}/info last_error")
+    assert line.endswith(f"; the device says why: see {small}/info last_error")
     assert record["operation"] == "write migration/data"
     assert "65536" in record["message"]
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def _on_a_terminal(*args: str) -> tuple[int, str, list[str]]:
+    """Run ``migrator ARGS`` with stderr on a pty (the kernel's terminal): status, stdout,
+    and every frame the terminal received (escape codes removed)."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [*MIGRATOR, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave
+    )
+    os.close(slave)
+    screen = bytearray()
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the last writer closed the pty
+            break
+        if not chunk:
+            break
+        screen += chunk
+    os.close(master)
+    assert proc.stdout is not None
+    out = proc.stdout.read().decode()
+    proc.stdout.close()
+    status = proc.wait(timeout=60)
+    text = _ANSI.sub("", screen.decode(errors="replace"))
+    return status, out, [f.strip() for f in re.split(r"[\r\n]", text) if f.strip()]
+
+
+@pytest.mark.slow
+def test_progress_on_a_terminal_both_sides_and_nothing_when_piped(
+    fakevfio_mount: MountFactory, tmp_path: Path
+) -> None:
+    path = tmp_path / "state.bin"
+    devices = ["g=ram:size=4M,seed=5,read_bandwidth=4M,dirty_rate=256K", "quick=ram:size=4K"]
+    with fakevfio_mount([*devices, "dst=ram:size=4M,write_bandwidth=4M"]) as m:
+        status, out, frames = _on_a_terminal("save", "-o", str(path), "--json", str(m.device("g")))
+        assert status == 0, frames
+        sent = json.loads(out)["transferred_bytes"]
+        pre_copy = [f for f in frames if f.startswith("save") and "pre-copy" in f]
+        assert pre_copy, frames
+        full = r"\d+% [\d.]+/[\d.]+ MiB [\d.]+ MiB/s ETA \d+:\d\d iter \d+$"
+        assert [f for f in pre_copy if re.search(full, f) and " 0.0 MiB/s" not in f], pre_copy
+        last = [f for f in frames if f.startswith("save")][-1]
+        assert last.startswith("save  completed")
+        assert f"100% {sent / 2**20:.1f}/{sent / 2**20:.1f} MiB" in last  # the --json figure
+        status, _out, frames = _on_a_terminal(
+            "load", "-i", str(path), f"{m.device('dst')},id=g/vfio"
+        )
+        assert status == 0, frames
+        loading = [f for f in frames if f.startswith("load") and " load " in f]
+        assert loading, frames
+        # No total on this side: bytes and rate, no percent.
+        assert [f for f in loading if re.search(r"[\d.]+/\? MiB [\d.]+ MiB/s", f)], loading
+        assert not [f for f in loading if "%" in f]
+        piped = run_migrator("save", "-o", str(path), "--json", str(m.device("quick")))
+    assert piped.returncode == 0
+    assert piped.stderr == ""  # not a terminal: not one byte of progress
