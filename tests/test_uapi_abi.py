@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import attrs
@@ -183,7 +183,10 @@ def headers() -> Headers:
 
 
 def test_abi_matches_a_current_header(
-    headers: Headers, tmp_path: Path, request: pytest.FixtureRequest
+    headers: Headers,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    record_property: Callable[[str, object], None],
 ) -> None:
     structs, consts = layouts(), constants()
     try:
@@ -204,7 +207,8 @@ def test_abi_matches_a_current_header(
         f"uAPI ABI: {len(structs)} structs ({nfields} fields) and {nconsts} constants of "
         f"vfio_uapi.abi match Linux {major}.{minor}.{sub} ({headers.origin})"
     )
-    print(report)
+    print(report)  # shown with -rP or -s; also a JUnit property
+    record_property("uapi_abi", report)
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
         reporter.write_line(report)
