@@ -10,7 +10,8 @@ Rules:
   model: paths and session changes come from :mod:`vfio_uapi.fsm` (a transcription
   of ``vfio_mig_get_next_state()``), errnos from ``include/uapi/linux/vfio.h``.
 * Every check leaves the device in a non-ERROR state it can be driven from, or
-  resets it (destructive checks only); a non-destructive check never resets.
+  resets it (destructive checks only); a non-destructive check resets only a
+  device it failed, which a refused load left in RESUMING or ERROR.
 * Stream reads are bounded (:data:`MAX_STREAM`): a device that never ends its
   stream fails the check instead of filling memory.
 * A check may also end with :class:`CheckWarning`: the rule held, but something
@@ -638,6 +639,14 @@ def check_resume_hardening(ctx: Context) -> str:
     return summary + note
 
 
+def _leave_resuming(ctx: Context) -> None:
+    """After a load that failed (the check fails anyway): a device left in RESUMING
+    with a stream it refused can only leave it by reset; do that, so that the other
+    checks are not failed by this one's leftovers."""
+    if ctx.dev.state() in (State.RESUMING, State.ERROR):
+        ctx.dev.reset()
+
+
 def _read_until_enomsg(dev: Device, fd: int, limit: int) -> tuple[bytes, bool]:
     """Read up to ``limit`` bytes of a pre-copy stream; (data, reached the temporary end)."""
     parts: list[bytes] = []
@@ -701,6 +710,7 @@ def check_shared_stream(ctx: Context) -> str:
     try:
         load(ctx, stream)
     except OSError as exc:
+        _leave_resuming(ctx)
         raise CheckFailed(
             f"the {len(stream)} bytes read on one data_fd across {' -> '.join(arcs)} do not "
             f"load: {exc}"
@@ -773,6 +783,7 @@ def check_two_devices(ctx: Context) -> str:
         try:
             load(partner, first)
         except OSError as exc:
+            _leave_resuming(partner)
             raise CheckFailed(f"{partner.dev.name} refused {dev.name}'s stream: {exc}") from None
         if partner.dev.digest() != digest:
             raise CheckFailed(f"{partner.dev.name} loaded {dev.name}'s stream into another state")

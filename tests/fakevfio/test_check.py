@@ -137,7 +137,7 @@ class _Undying(check.FileDevice):
         self._handed.append((fd, st.st_dev, st.st_ino))
         return fd
 
-    def _keep_alive(self) -> None:
+    def _keep_alive(self, stand_in: str = "/dev/zero") -> None:
         for fd, dev, ino in self._handed:
             try:
                 st = os.fstat(fd)
@@ -145,9 +145,9 @@ class _Undying(check.FileDevice):
                 continue  # closed by the check
             if (st.st_dev, st.st_ino) != (dev, ino):
                 continue  # the number now belongs to another file
-            zero = os.open("/dev/zero", os.O_RDWR)
-            os.dup2(zero, fd)
-            os.close(zero)
+            other = os.open(stand_in, os.O_RDWR)
+            os.dup2(other, fd)
+            os.close(other)
         self._handed.clear()
 
     def set_state(self, target: State | int) -> bool:
@@ -168,6 +168,18 @@ class _SurvivesSession(_Undying):
 
 class _SurvivesReset(_Undying):
     on_reset = True
+
+
+class _EndsAtStopCopy(_Undying):
+    """Broken on purpose: the pre-copy data_fd stops at PRE_COPY* -> STOP_COPY (reads
+    EOF, as /dev/null), so the saving group does not share one stream."""
+
+    def set_state(self, target: State | int) -> bool:
+        before = self.state()
+        new = super().set_state(target)
+        if before in PRECOPY_STATES and int(target) == State.STOP_COPY:
+            self._keep_alive("/dev/null")
+        return new
 
 
 class _DirtyCountsInitial(check.FileDevice):
@@ -279,6 +291,12 @@ BROKEN: dict[str, tuple[str, type[check.FileDevice], str, str]] = {
     "detour": ("ram:size=16K,flags=STOP_COPY+P2P", _Detour, "", "fsm.shortest-path"),
     "undying": ("ram:size=16K,flags=STOP_COPY", _SurvivesSession, "", "data_fd.dead-session"),
     "resetkeeps": ("ram:size=16K,flags=STOP_COPY", _SurvivesReset, "", "reset.every-state"),
+    "ends": (
+        "ram:size=16K,flags=STOP_COPY+PRE_COPY",
+        _EndsAtStopCopy,
+        "",
+        "data_fd.shared-stream",
+    ),
     "dirtyinit": (
         "ram:size=16K,flags=STOP_COPY+PRE_COPY",
         _DirtyCountsInitial,
@@ -294,6 +312,7 @@ BROKEN: dict[str, tuple[str, type[check.FileDevice], str, str]] = {
 }
 
 
+@pytest.mark.slow
 def test_each_broken_device_is_reported_by_its_check_only(
     fakevfio_mount: MountFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -373,6 +392,7 @@ def test_cli_json_junit_list_and_exit_status(fakevfio_mount: MountFactory, tmp_p
         assert c.name in listing.stdout
 
 
+@pytest.mark.slow
 def test_every_driver_passes_over_the_ioctl_path_under_fakevfio_run(
     fakevfio_mount: MountFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
