@@ -546,3 +546,54 @@ def test_killed_pytest_leaves_no_server(pytester: pytest.Pytester) -> None:
             proc.communicate()
         for path, _pid in json.loads(record.read_text()) if record.exists() else []:
             testing.force_unmount(path)
+
+
+@pytest.mark.fuse
+@pytest.mark.slow
+@pytest.mark.deadline(180)
+def test_plugin_under_xdist_two_workers_mount_and_migrate_at_once(
+    pytester: pytest.Pytester,
+) -> None:
+    """``-n 2``: each worker mounts and migrates while the other's mounts are up."""
+    pytester.makepyfile(
+        textwrap.dedent(
+            f"""
+            import json, os, time
+            from pathlib import Path
+
+            SHARED = Path({str(pytester.path)!r})
+
+            def meet(me, other, mounts):
+                (SHARED / f"{{me}}.json").write_text(json.dumps(
+                    {{"worker": os.environ["PYTEST_XDIST_WORKER"],
+                      "mounts": [[str(m.path), m.pid] for m in mounts]}}))
+                deadline = time.monotonic() + 60
+                while not (SHARED / f"{{other}}.json").exists():
+                    assert time.monotonic() < deadline, "the other worker never mounted"
+                    time.sleep(0.05)
+                theirs = json.loads((SHARED / f"{{other}}.json").read_text())
+                for path, _pid in theirs["mounts"]:  # up at the same time as ours
+                    assert os.path.isdir(os.path.join(path, "devices"))
+
+            def run(vfio_mount, vfio_migrate, me, other):
+                m = vfio_mount({{"g": "ram:size=1M,seed=7", "h": "ram:size=1M"}})
+                meet(me, other, [m])
+                assert vfio_migrate([m.device("g")], [str(m.device("h")) + ",id=g/vfio"]).ok
+                assert m.digest("h") == m.digest("g")
+
+            def test_a(vfio_mount, vfio_migrate):
+                run(vfio_mount, vfio_migrate, "a", "b")
+
+            def test_b(vfio_mount, vfio_migrate):
+                run(vfio_mount, vfio_migrate, "b", "a")
+            """
+        )
+    )
+    result = _run_inner(pytester, "-n", "2", "-p", "xdist")
+    result.assert_outcomes(passed=2)
+    seen = [json.loads((pytester.path / f"{t}.json").read_text()) for t in "ab"]
+    assert sorted(s["worker"] for s in seen) == ["gw0", "gw1"]
+    for s in seen:  # every worker unmounted its own mounts and stopped their servers
+        for path, pid in s["mounts"]:
+            assert not _mounted(path), f"{path} is still mounted"
+            assert not _alive(pid), f"server {pid} for {path} still runs"
