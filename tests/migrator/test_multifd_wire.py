@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import struct
 
 import pytest
@@ -241,17 +240,57 @@ def test_packet_round_trip(
     assert (pkt.idx, pkt.is_config, bytes(pkt.data)) == (idx, is_config, data)
 
 
+#: VFIO packet payloads: random bytes, and headers near the rules' edges
+#: (version 0 or not, idx 0xffffffff or not, any flags).
+_payloads = st.one_of(
+    st.binary(max_size=40),
+    st.builds(
+        lambda version, idx, flags, data: struct.pack(">III", version, idx, flags) + data,
+        st.sampled_from([0, 1]),
+        st.sampled_from([0, 5, 0xFFFFFFFE, 0xFFFFFFFF]),
+        st.integers(0, 3),
+        st.binary(max_size=8),
+    ),
+)
+
+
 @settings(max_examples=500)
-@given(raw=st.binary(min_size=276, max_size=276), payload=st.binary(max_size=40))
+@given(raw=st.binary(min_size=276, max_size=276), payload=_payloads)
 def test_random_headers_raise_only_framing_error(raw: bytes, payload: bytes) -> None:
+    """Hostile bytes: a FramingError, or exactly what the independent reference reads."""
     # Mostly-valid headers too, so the later checks are reached.
     for blob in (raw, _header(flags=raw[0], idstr=raw[1:256], size=raw[256])):
-        with contextlib.suppress(FramingError):
-            w.decode_device_state_header(blob, max_payload=64)
-    with contextlib.suppress(FramingError):
-        w.decode_vfio_packet(payload)
-    with contextlib.suppress(FramingError):
-        w.decode_init(raw[:64], expected_uuid=UUID, channels=4)
+        try:
+            hdr = w.decode_device_state_header(blob, max_payload=64)
+        except FramingError:
+            continue
+        ref = parse_device_state_packet(blob + bytes(struct.unpack_from(">I", blob, 272)[0]))
+        assert (ref["magic"], ref["version"], ref["flags"]) == (0x11223344, 1, 0x40)
+        assert (hdr.idstr, hdr.instance_id, hdr.size) == (
+            ref["idstr"],
+            ref["instance_id"],
+            ref["size"],
+        )
+        assert hdr.size <= 64  # the bound holds before anything is allocated
+    # QEMU's vfio_multifd_load_state_buffer rules (reference 4.2): too short,
+    # a version other than 0, or idx 0xffffffff fail; anything else is a packet.
+    refused = len(payload) < 12 or payload[:4] != bytes(4) or payload[4:8] == b"\xff" * 4
+    try:
+        pkt = w.decode_vfio_packet(payload)
+    except FramingError:
+        assert refused
+    else:
+        assert not refused
+        _, idx, flags = struct.unpack_from(">III", payload)
+        assert (pkt.idx, pkt.is_config, bytes(pkt.data)) == (idx, bool(flags & 1), payload[12:])
+    try:
+        channel = w.decode_init(raw[:64], expected_uuid=UUID, channels=4)
+    except FramingError:
+        pass
+    else:
+        init = parse_init(raw[:64])
+        assert (init["magic"], init["version"], init["uuid"]) == (0x11223344, 1, UUID)
+        assert channel == init["id"]
 
 
 # --- config packet data ---------------------------------------------------------------
