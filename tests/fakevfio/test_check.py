@@ -182,6 +182,38 @@ class _EndsAtStopCopy(_Undying):
         return new
 
 
+class _LoadsItsOwn(check.FileDevice):
+    """Broken on purpose: a resume loads the device's own last saved stream, whatever
+    was written (a load that ignores another device's state and says nothing)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self._saving = bytearray()
+        self._saved = b""
+        self._written = 0
+
+    def set_state(self, target: State | int) -> bool:
+        before = self.state()
+        new = super().set_state(target)
+        if new:
+            self._saving, self._written = bytearray(), 0
+        if before is State.STOP_COPY:
+            self._saved = bytes(self._saving)
+        return new
+
+    def read(self, fd: int, size: int) -> bytes:
+        data = super().read(fd, size)
+        self._saving += data
+        return data
+
+    def write(self, fd: int, data: bytes | memoryview) -> int:
+        at, n = self._written, len(data)
+        if at + n <= len(self._saved):
+            data = self._saved[at : at + n]
+        self._written += n
+        return super().write(fd, data)
+
+
 class _DirtyCountsInitial(check.FileDevice):
     """Broken on purpose: dirty_bytes includes the initial data (mlx5's bug before its fix)."""
 
@@ -325,6 +357,7 @@ def test_each_broken_device_is_reported_by_its_check_only(
     ]
     devices = [f"{name}={spec}" for name, (spec, _, _, _) in BROKEN.items()]
     devices.append("corrupt=ram:size=16K,flags=STOP_COPY")
+    devices += ["pa=ram:size=16K,flags=STOP_COPY,seed=1", "pb=ram:size=16K,flags=STOP_COPY"]
     with fakevfio_mount(devices, extra_args=extra) as m:
         failed: dict[str, set[str]] = {}
         details: dict[str, str] = {}
@@ -336,6 +369,12 @@ def test_each_broken_device_is_reported_by_its_check_only(
             failed[name] = _failed(results)
             details[name] = check.table([r for r in results if r.status == "fail"])
         assert failed == {name: {want} for name, (_, _, _, want) in BROKEN.items()}, details
+        # a partner that loads its own state instead of A's fails the round trip alone
+        partner = _LoadsItsOwn(m.path / "devices" / "pb")
+        results = check.run_checks(
+            [str(m.path / "devices" / "pa")], destructive=True, timeout=20, peers=[partner]
+        )
+        assert _failed(results) == {"migration.two-device"}, check.table(results)
         # a stream the device corrupts on its way out fails the suite, never hangs it
         m.write("corrupt", "faults", "corrupt after 100\n")
         results = check.run_checks([str(m.path / "devices" / "corrupt")], timeout=20)
