@@ -46,7 +46,9 @@ soak: setup
 
 # Not part of .ci/run: debootstraps clean Debian 12 and 13 root filesystems (cached under
 # /var/cache/fakevfio-rootfs) and runs `make demo` in each (FRESH_ARGS="--test" adds
-# `make test`); needs root and takes minutes. See .ci/fresh-machine.
+# `make test`); needs root and takes minutes. See .ci/fresh-machine. FRESH_ARGS="--podman"
+# does it in podman containers and builds and runs examples/ci/Dockerfile too
+# (.ci/containers, docs/containers.md).
 fresh-machine:
 	bash .ci/fresh-machine $(FRESH_ARGS)
 

@@ -111,7 +111,7 @@ EXIT_RUN_FAILED = 125
 #: Capabilities ``fakevfio run`` needs (Rule 6): bit number, name, what for.
 REQUIRED_CAPABILITIES = (
     (21, "CAP_SYS_ADMIN", "unshare(CLONE_NEWNS) and mount: COMMAND's private /dev/vfio"),
-    (19, "CAP_SYS_PTRACE", "pidfd_getfd and process_vm_readv/writev on COMMAND"),
+    (19, "CAP_SYS_PTRACE", "pidfd_getfd, kcmp and process_vm_readv/writev on COMMAND"),
 )
 
 
