@@ -256,6 +256,7 @@ def test_ram_all_flag_sets_pass_every_check(fakevfio_mount: MountFactory) -> Non
         # the DMA-ing device's writes were all in its DMA logging report
         dma = by[(paths[3], "dma_logging.rules")].detail
         assert "pages written, all reported" in dma, dma
+        assert "; save " in by[(paths[3], "arc.time")].detail
         # the 32K peer's stream was the foreign one, and it was refused
         assert "another configuration" not in by[(paths[0], "resume.hardening")].detail
         assert "19 bad streams refused" in by[(paths[0], "resume.hardening")].detail
@@ -502,3 +503,17 @@ def test_the_checks_run_in_process_on_every_driver(monkeypatch: pytest.MonkeyPat
     assert info.value.rule == "uapi"
     assert info.value.detail.startswith("precopy_info.initial-bytes: initial_bytes grew")
     assert ";" not in info.value.detail  # no other check failed
+
+
+def test_device_arguments_that_are_nothing_say_what_is_expected(tmp_path: Path) -> None:
+    """A PCI address with no such device names the sysfs file it read; an argument that
+    is no device form lists the three forms."""
+    missing = "0000:ff:1f.7"
+    assert not (check._access.SYS_PCI_DEVICES / missing).exists()
+    (result,) = check.run_checks([missing])
+    assert (result.check, result.status) == ("open", "fail")
+    assert f"read /sys/bus/pci/devices/{missing}/iommu_group" in result.detail
+    assert "ENOENT" in result.detail
+    (result,) = check.run_checks([str(tmp_path)])
+    assert "failed with EINVAL" in result.detail
+    assert "a PCI address" in result.detail
