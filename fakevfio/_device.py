@@ -81,7 +81,7 @@ class SetStateResult:
 #: How far behind its schedule a paced stream may fall and still keep it: the gap
 #: between one reply and the next request (a FUSE round trip, a network send) is
 #: made up instead of pushing every later byte back. A longer gap is idleness.
-PACE_SLACK_S = 0.1
+PACE_SLACK_S = 0.25
 
 
 class Bandwidth:

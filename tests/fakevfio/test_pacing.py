@@ -26,7 +26,7 @@ from fakevfio._ram import RamDriver
 from fakevfio._registry import Registry
 from fakevfio._tree import ROOT_INODE, Tree
 from fakevfio.driver import SaveStream
-from fakevfio.testing import mount, read_file
+from fakevfio.testing import Mount, mount, read_file
 from vfio_uapi.fsm import State
 
 MiB = 1 << 20
@@ -123,36 +123,50 @@ def test_three_devices_in_parallel_each_keep_their_own_pace(tmp_path: Path) -> N
         "e=ram:size=24M,seed=3",  # unpaced source of the stream d loads
         f"d=ram:size=24M,write_bandwidth={rates['d'] // MiB}M",
     ]
+    attempts: list[str] = []
     with mount(devices, base_dir=tmp_path) as m:
         m.set_state("e", "STOP")
         reference = m.digest("e")
         m.set_state("e", "STOP_COPY")
         stream = read_file(m.device("e") / "migration" / "data")
-        for name in ("a", "b"):
-            m.set_state(name, "STOP_COPY")
-        m.set_state("d", "RESUMING")
-        out: dict[str, tuple[int, float]] = {}
-        threads = [
-            threading.Thread(target=_timed_read, args=(m.device(n) / "migration" / "data", out, n))
-            for n in ("a", "b")
-        ]
-        threads.append(
-            threading.Thread(
-                target=_timed_write, args=(m.device("d") / "migration" / "data", stream, out, "d")
-            )
+        # A wall-clock figure: a second attempt absorbs one stall of a loaded machine.
+        for _ in range(2):
+            out = _paced_round(m, stream)
+            assert m.digest("d") == reference
+            report = {name: (sec, nbytes / rates[name]) for name, (nbytes, sec) in out.items()}
+            assert set(report) == {"a", "b", "d"}
+            late = [n for n, (sec, model) in report.items() if abs(sec / model - 1) > TOLERANCE]
+            figures = [
+                f"{n} {sec * 1000:.0f}/{mo * 1000:.0f} ms" for n, (sec, mo) in report.items()
+            ]
+            attempts.append(", ".join(figures))
+            if not late:
+                return
+    raise AssertionError(
+        f"not within {TOLERANCE:.0%} of bytes/bandwidth (measured/model): " + "; ".join(attempts)
+    )
+
+
+def _paced_round(m: Mount, stream: bytes) -> dict[str, tuple[int, float]]:
+    """Save a and b and load d at once, each timed; every device back to RUNNING after."""
+    for name in ("a", "b"):
+        m.set_state(name, "STOP_COPY")
+    m.set_state("d", "RESUMING")
+    out: dict[str, tuple[int, float]] = {}
+    threads = [
+        threading.Thread(target=_timed_read, args=(m.device(n) / "migration" / "data", out, n))
+        for n in ("a", "b")
+    ]
+    threads.append(
+        threading.Thread(
+            target=_timed_write, args=(m.device("d") / "migration" / "data", stream, out, "d")
         )
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        m.set_state("d", "RUNNING")  # the paced load is complete and valid
-        assert m.digest("d") == reference
-    report = {
-        name: (seconds, nbytes / rates[name]) for name, (nbytes, seconds) in sorted(out.items())
-    }
-    assert set(report) == {"a", "b", "d"}
-    for name, (seconds, model) in report.items():
-        assert abs(seconds / model - 1) <= TOLERANCE, (
-            f"{name}: {seconds * 1000:.0f} ms for the model's {model * 1000:.0f} ms; all: "
-            + ", ".join(f"{k} {s * 1000:.0f}/{mo * 1000:.0f} ms" for k, (s, mo) in report.items())
-        )
+    )
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    m.set_state("d", "RUNNING")  # the paced load is complete and valid
+    for name in ("a", "b"):
+        m.set_state(name, "RUNNING")
+    return out
