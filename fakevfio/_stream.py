@@ -8,7 +8,7 @@ session parses it back. All integers are little-endian.
 Stream header (32 bytes, then the driver's header)::
 
     0  8  magic b"FVIOSTRM"
-    8  4  format version (1)
+    8  4  format version (2; version 1 had a zlib CRC-32 at END)
     12 4  page size
     16 8  state size in bytes
     24 4  driver header length H (at most 4096)
@@ -22,8 +22,11 @@ Records (16-byte header, then the payload)::
     8  8  offset of the PAGES data in the state (a page boundary); 0 for END
     16 .. payload
 
-    END payload: u64 number of PAGES payload bytes in the stream, u32 CRC-32
-    (zlib) of every stream byte before this payload, u32 reserved (0).
+    END payload: u64 number of PAGES payload bytes in the stream, u32 CRC-32C
+    (Castagnoli, as iSCSI and ext4 use; :func:`stream_checksum`) of every stream
+    byte before this payload, u32 reserved (0). CRC-32C runs on the CPU's CRC
+    instructions (SSE4.2, ARMv8) through the ``crc32c`` package: about 10x
+    zlib's CRC-32, which was most of the per-byte cost of a stream.
 
 Rule 1: the *initial* part of a stream is the header plus PAGES records for
         the whole state, in offset order. In PRE_COPY the device keeps running
@@ -52,10 +55,10 @@ from __future__ import annotations
 
 import errno
 import struct
-import zlib
 from typing import TYPE_CHECKING
 
 import attrs
+import crc32c
 
 from fakevfio.driver._base import LoadStream, PrecopyInfo, SaveStream
 from fakevfio.errors import DeviceError
@@ -65,7 +68,7 @@ if TYPE_CHECKING:
     from fakevfio.driver._state import StateDriver
 
 MAGIC = b"FVIOSTRM"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 HEADER = struct.Struct("<8sIIQII")
 RECORD = struct.Struct("<IIQ")
 TAG_PAGES = 1
@@ -73,6 +76,11 @@ TAG_END = 2
 END_PAYLOAD = struct.Struct("<QII")
 MAX_DRIVER_HEADER_BYTES = 4096
 MAX_RECORD_BYTES = 1 << 20
+
+
+def stream_checksum(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
+    """The END record's checksum: CRC-32C of ``data``, continuing from ``crc``."""
+    return crc32c.crc32c(data, crc)
 
 
 def _stream_header(driver: StateDriver) -> bytes:
@@ -224,7 +232,7 @@ class StateSaveStream(SaveStream):
                 segments[0] = seg
             n = min(len(seg), size - filled)
             out[filled : filled + n] = seg[:n]
-            self._crc = zlib.crc32(memoryview(out)[filled : filled + n], self._crc)
+            self._crc = stream_checksum(memoryview(out)[filled : filled + n], self._crc)
             filled += n
             if n == len(seg):
                 segments.pop(0)
@@ -275,7 +283,7 @@ class StateLoadStream(LoadStream):
             if self._phase == "data":
                 take = min(self._data_left, n - pos)
                 piece = data[pos : pos + take]
-                self._crc = zlib.crc32(piece, self._crc)
+                self._crc = stream_checksum(piece, self._crc)
                 self._driver.load_range(self._data_offset, piece)
                 self._data_offset += take
                 self._data_left -= take
@@ -290,7 +298,7 @@ class StateLoadStream(LoadStream):
             take = min(self._need - len(self._buf), n - pos)
             piece = data[pos : pos + take]
             if self._phase != "end":  # the CRC covers everything before END's payload
-                self._crc = zlib.crc32(piece, self._crc)
+                self._crc = stream_checksum(piece, self._crc)
             self._buf += piece
             pos += take
             self.received += take
