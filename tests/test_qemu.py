@@ -198,14 +198,16 @@ class Qmp:
             self.monitor.close()
 
 
-def qemu_command(qmp: Path, multifd: str, *extra: str, qemu: str = QEMU) -> list[str]:
+def qemu_command(
+    qmp: Path, multifd: str, *extra: str, qemu: str = QEMU, machine: str = "q35"
+) -> list[str]:
     """QEMU's command line inside ``fakevfio run`` (fd 3: the cdev, fd 4: /dev/iommu)."""
     return [
         qemu,
         "-accel",
         "tcg",
         "-machine",
-        "q35",
+        machine,
         "-nodefaults",
         "-display",
         "none",
@@ -225,7 +227,13 @@ def qemu_command(qmp: Path, multifd: str, *extra: str, qemu: str = QEMU) -> list
 
 @contextlib.contextmanager
 def qemu_under_run(
-    mount: MountHandle, tmp: Path, tag: str, multifd: str, *extra: str, qemu: str = QEMU
+    mount: MountHandle,
+    tmp: Path,
+    tag: str,
+    multifd: str,
+    *extra: str,
+    qemu: str = QEMU,
+    machine: str = "q35",
 ) -> Iterator[Qmp]:
     qmp_path = tmp / f"{tag}.qmp"
     log = tmp / f"{tag}.log"
@@ -242,7 +250,7 @@ def qemu_under_run(
         "-c",
         script,
         "sh",
-        *qemu_command(qmp_path, multifd, *extra, qemu=qemu),
+        *qemu_command(qmp_path, multifd, *extra, qemu=qemu, machine=machine),
     ]
     with qemu_session(argv, qmp_path, log) as qmp:
         yield qmp
@@ -302,16 +310,29 @@ def wait_migration(qmp: Qmp, timeout: float = 120) -> dict[str, Any]:
 
 
 def qemu_migrate(
-    src: MountHandle, dst: MountHandle, tmp: Path, multifd: str, qemu: str = QEMU
+    src: MountHandle,
+    dst: MountHandle,
+    tmp: Path,
+    multifd: str,
+    qemu: str = QEMU,
+    *,
+    dest_qemu: str | None = None,
+    machine: str = "q35",
 ) -> tuple[list[str], list[str], dict[str, Any]]:
-    """Migrate gpu0 from ``src`` to ``dst`` with two QEMUs; returns both migration arc lists."""
+    """Migrate gpu0 from ``src`` to ``dst`` with two QEMUs; returns both migration arc lists.
+
+    ``dest_qemu``: another binary for the destination (a migration across versions,
+    with a ``machine`` type both know).
+    """
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     caps = [{"capability": c, "state": True} for c in ("multifd", "return-path", "switchover-ack")]
     with (
-        qemu_under_run(src, tmp, "src", multifd, qemu=qemu) as sq,
-        qemu_under_run(dst, tmp, "dst", multifd, "-incoming", "defer", qemu=qemu) as dq,
+        qemu_under_run(src, tmp, "src", multifd, qemu=qemu, machine=machine) as sq,
+        qemu_under_run(
+            dst, tmp, "dst", multifd, "-incoming", "defer", qemu=dest_qemu or qemu, machine=machine
+        ) as dq,
     ):
         for q in (sq, dq):
             q.cmd("migrate-set-capabilities", capabilities=caps)
@@ -379,3 +400,29 @@ def test_migrator_requests_the_same_arcs_as_qemu(
         # The same read size: min(1 MiB, stop-copy size) on every data_fd read.
         ours = src.info("gpu0")["read_sizes"]
         assert _requested_read_size(ours) == _requested_read_size(qemu_reads) == 1 << 20
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_qemu_migrates_a_fakevfio_device_between_versions(
+    fakevfio_mount: MountFactory, tmp_path: Path, direction: str
+) -> None:
+    """QEMU 10.0 -> 11.1 (forward, what QEMU supports) and 11.1 -> 10.0 (backward).
+
+    Both run the machine type the older one knows (``pc-q35-10.0``), as a
+    cross-version migration must; multifd device-state transfer is on.
+    """
+    if len(_MATRIX) < 2:
+        pytest.skip("FAKEVFIO_QEMU names one build: no second version to migrate to")
+    old, new = (require(build) for build in _MATRIX[:2])
+    source, dest = (old, new) if direction == "forward" else (new, old)
+    machine = f"pc-q35-{version_of(old)}"
+    with (
+        fakevfio_mount([f"gpu0=ram:size=16M,flags={FLAGS},seed=9,dirty_rate=1M"]) as src,
+        fakevfio_mount([f"gpu0=ram:size=16M,flags={FLAGS}"]) as dst,
+    ):
+        src_arcs, dst_arcs, info = qemu_migrate(
+            src, dst, tmp_path, "on", source, dest_qemu=dest, machine=machine
+        )
+        assert src_arcs == SOURCE_ARCS[FLAGS]
+        assert dst_arcs == DEST_ARCS[True]
+        assert info["vfio"]["transferred"] >= 16 << 20
