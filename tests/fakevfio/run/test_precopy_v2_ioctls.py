@@ -85,3 +85,18 @@ def test_feature_12_needs_pre_copy(fakevfio_mount: MountFactory) -> None:
             files.close()
             for fd in c.fds:
                 os.close(fd)
+
+
+def test_the_opt_in_ends_with_the_last_device_fd(env: Env) -> None:
+    c = env.caller
+    dev = _bound_dev(c, env.cdev, env.mount / "dev" / "iommu")
+    assert c.ioctl(dev, FEAT, struct.pack("<II", 8, F_SET | V2)) == 0
+    # Every file of this caller is gone (collect skips our own pid, as a dead caller's):
+    # the kernel clears the flag in vfio_df_device_last_close.
+    c.vfio.files.collect()
+    dev = _bound_dev(c, env.cdev, env.mount / "dev" / "iommu")
+    running = uapi.VFIO_DEVICE_STATE_RUNNING
+    assert c.ioctl(dev, FEAT, struct.pack("<IIIi", 16, F_SET | STATE, running, 0)) == 0
+    data = _data_fd(c, dev)
+    assert c.ioctl(data, PRECOPY, uapi.PRECOPY_INFO.pack(24, 0xABC0, 0, 0)) == 0
+    assert c.out(4, "<I") == (0xABC0,)  # echoed again: not opted in any more
