@@ -7,8 +7,10 @@ packets into the receive :class:`migrator.transport.BufferPool`, queues them
 within the shared budget (waiting for room: backpressure), and, from
 MIG_CMD_SWITCHOVER_START on, runs one load task per device that writes buffers
 strictly in idx order and the config packet last (QEMU's
-vfio_load_bufs_thread). :class:`migrator.destination.Destination` owns it, and
-:class:`Dev`, the destination's per-device record, lives here too.
+vfio_load_bufs_thread; with x-migration-load-config-after-iter, only once the
+device's DEV_CONFIG_LOAD_READY came on the main channel).
+:class:`migrator.destination.Destination` owns it, and :class:`Dev`, the
+destination's per-device record, lives here too.
 """
 
 from __future__ import annotations
@@ -223,7 +225,8 @@ class MultifdLoad:
                     self.space.notify()
                     dev.changed.notify()
                     return
-                intake.check_progress(dev.idstr)
+                if not intake.awaiting_load_ready(dev.idstr):
+                    intake.check_progress(dev.idstr)
                 await dev.changed.wait()
         except MigrationError as exc:
             self.note_failure(exc)

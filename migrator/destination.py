@@ -55,6 +55,7 @@ from migrator._protocol import events as ev
 from migrator._protocol.events import NEED_DATA
 from migrator._protocol.main import DestinationProtocol, DestinationSettings, Phase
 from migrator._protocol.multifd import MultifdIntake
+from migrator._wire import Marker
 from migrator.backend import DeviceBackend
 from migrator.config import DATA_BUFFER_BYTES, MigrationConfig
 from migrator.errors import (
@@ -80,8 +81,16 @@ class Destination:
         is_file: bool = False,
         progress: Progress | None = None,
         max_queued_buffers_size: int | None = None,
+        load_config_after_iter: bool = False,
     ) -> None:
-        """``max_queued_buffers_size``: QEMU's per-device bound instead of ours (Rule 1)."""
+        """``max_queued_buffers_size``: QEMU's per-device bound instead of ours (Rule 1).
+
+        ``load_config_after_iter``: QEMU 10.1's ``x-migration-load-config-after-iter``
+        (off, as QEMU resolves it on x86): in multifd mode each device's config
+        is loaded after its DEV_CONFIG_LOAD_READY, i.e. once the main stream
+        reached the non-iterable sections. Both sides must agree.
+        """
+        self.load_config_after_iter = load_config_after_iter
         self.config = config
         self.is_file = is_file
         self.devs = [Dev(backend=b) for b in devices]
@@ -98,6 +107,7 @@ class Destination:
             max_queued_bytes=config.max_queued_bytes,
             multifd=self.multifd,
             per_device_max=max_queued_buffers_size,
+            load_config_after_iter=load_config_after_iter,
         )
         self.stats = Stats()
         self.progress = progress or Progress(enabled=False)
@@ -238,6 +248,7 @@ class Destination:
             switchover_ack=self.config.switchover_ack,
             multifd=self.multifd,
             config_sizes=sizes,
+            load_config_after_iter=self.load_config_after_iter,
         )
         proto = DestinationProtocol(settings, max_data_chunk=WRITE_BATCH_BYTES)
         if first:  # bytes the caller read to tell a file's format: they arrived too
@@ -312,6 +323,10 @@ class Destination:
                     assert current is not None
                     self.stats.device(current.idstr).config_bytes += len(event.data)
                     await call("config", current, current.backend.write_config, event.data)
+                case ev.MarkerEvent(marker=Marker.DEV_CONFIG_LOAD_READY):
+                    assert current is not None
+                    self.intake.config_load_ready(current.idstr)
+                    current.changed.notify()
                 case ev.SectionFooter():
                     current = None
                 case _:

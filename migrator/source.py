@@ -26,7 +26,9 @@ Phases, in order (names appear in error messages and ``--json``):
                carries a lone EOS. Without multifd: SECTION_END carries the data
                blocks until a read returns 0, then EOS.
 ``config``     SECTION_FULL per device: ``[DEV_CONFIG_STATE][QEMU's config blob][EOS]``
-               (multifd: a lone EOS), then QEMU_VM_EOF.
+               (multifd: a lone EOS, or with ``load_config_after_iter`` a lone
+               DEV_CONFIG_LOAD_READY, as QEMU 10.1's
+               x-migration-load-config-after-iter), then QEMU_VM_EOF.
 ``complete``   wait for the destination's SHUT on the return path; devices go
                STOP_COPY -> STOP and are left there.
 
@@ -142,8 +144,11 @@ class Source:
         return_path: bool = True,
         is_file: bool = False,
         progress: Progress | None = None,
+        load_config_after_iter: bool = False,
     ) -> None:
         self.config = config
+        #: QEMU 10.1's x-migration-load-config-after-iter (off, as on x86).
+        self.load_config_after_iter = load_config_after_iter
         self.devs = [Dev(backend=b, section_id=i + 1) for i, b in enumerate(devices)]
         self.main = main
         self.channels = list(channels)
@@ -205,7 +210,12 @@ class Source:
             sid = dev.section_id
             events: list[ev.MainEvent] = [ev.SectionFull(sid, dev.idstr, 0, 1)]
             if dev.multifd:
-                events.append(ev.MarkerEvent(sid, Marker.END_OF_STATE))
+                last = (
+                    Marker.DEV_CONFIG_LOAD_READY
+                    if self.load_config_after_iter
+                    else Marker.END_OF_STATE
+                )
+                events.append(ev.MarkerEvent(sid, last))
             else:
                 config = bytes(await call("config", dev, dev.backend.save_config))
                 events += [
@@ -471,6 +481,7 @@ async def migrate(
     connect: Callable[[], Awaitable[trio.abc.Stream]],
     *,
     progress: Progress | None = None,
+    load_config_after_iter: bool = False,
 ) -> Stats:
     """Open the main channel and the multifd channels with ``connect``, then migrate.
 
@@ -495,7 +506,14 @@ async def migrate(
             except MigrationError as exc:
                 # (A destination that refused an earlier channel closes its listener.)
                 raise exc.with_context(phase="setup") from None
-            return await Source(config, devices, main, streams[1:], progress=progress).run()
+            return await Source(
+                config,
+                devices,
+                main,
+                streams[1:],
+                progress=progress,
+                load_config_after_iter=load_config_after_iter,
+            ).run()
         except BaseException as exc:
             # A destination that refuses the stream (a --uuid mismatch, a device it
             # does not have) closes every connection: whichever send or connect of

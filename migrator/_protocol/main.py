@@ -34,8 +34,12 @@ Rule 4: the return path is open once OpenReturnPath went by on the main
         only follow it.
 Rule 5 (destination): with a migration UUID the CONFIGURATION record must come
         and carry it; sections name our devices (instance 0, version <= 1);
-        DEV_CONFIG_STATE is refused in multifd mode and DEV_CONFIG_LOAD_READY
-        always; INIT_DATA_SENT needs switchover-ack and a pre-copy device, at
+        DEV_CONFIG_STATE is refused in multifd mode; DEV_CONFIG_LOAD_READY
+        (QEMU 10.1's x-migration-load-config-after-iter) is refused outside
+        multifd mode, when the option is off and the second time, as QEMU's
+        vfio_load_state_config_load_ready does, and with the option on every
+        device must have had one by EndOfFile (where QEMU would wait for ever,
+        this side fails); INIT_DATA_SENT needs switchover-ack and a pre-copy device, at
         most once per such device. SWITCHOVER_ACK is due when the last of them
         arrived (or at OpenReturnPath when there are none): see ``ack_due``.
         The source starts every device's section in its setup phase, so the
@@ -361,6 +365,9 @@ class DestinationSettings:
         multifd: device state comes on multifd channels.
         config_sizes: each device's config blob size, by idstr (the blob
             carries no length; see ``MainStreamDecoder``).
+        load_config_after_iter: QEMU 10.1's ``x-migration-load-config-after-iter``
+            resolved on: in multifd mode each device's config is loaded only
+            after its DEV_CONFIG_LOAD_READY (see ``config_load_ready``).
     """
 
     idstrs: Collection[str]
@@ -368,6 +375,7 @@ class DestinationSettings:
     switchover_ack: bool = False
     multifd: bool = False
     config_sizes: Mapping[str, int] = attrs.field(factory=dict)
+    load_config_after_iter: bool = False
 
 
 class DestinationProtocol:
@@ -390,6 +398,7 @@ class DestinationProtocol:
         self._seen: set[str] = set()
         self._setup_checked = False
         self._switchover_started = False
+        self._load_ready: set[str] = set()
 
     @property
     def phase(self) -> Phase:
@@ -407,6 +416,10 @@ class DestinationProtocol:
     @property
     def switchover_started(self) -> bool:
         return self._switchover_started
+
+    def config_load_ready(self, idstr: str) -> bool:
+        """Whether ``idstr``'s DEV_CONFIG_LOAD_READY arrived (Rule 5)."""
+        return idstr in self._load_ready
 
     def idstr_of(self, section_id: int) -> str:
         """The idstr section ``section_id`` was started with (Rule 3)."""
@@ -510,6 +523,12 @@ class DestinationProtocol:
                 self._check_all_started()
                 if s.multifd and not self._switchover_started:
                     raise RemoteProtocolError("stream ended without MIG_CMD_SWITCHOVER_START")
+                waiting = [i for i in s.idstrs if i not in self._load_ready]
+                if s.multifd and s.load_config_after_iter and waiting:
+                    raise RemoteProtocolError(
+                        f"stream ended without DEV_CONFIG_LOAD_READY for {', '.join(waiting)} "
+                        "(x-migration-load-config-after-iter is on here: is it on at the source?)"
+                    )
             case _:
                 pass
 
@@ -543,5 +562,13 @@ class DestinationProtocol:
             self._ack_pending -= 1
             self._ack_due = self._ack_pending == 0
         if marker is Marker.DEV_CONFIG_LOAD_READY:
-            why = "but was disabled" if multifd else "outside multifd transfer"
+            if not multifd:
+                why = "outside multifd transfer"
+            elif not self.settings.load_config_after_iter:
+                why = "but was disabled"
+            elif idstr in self._load_ready:
+                raise RemoteProtocolError("duplicate DEV_CONFIG_LOAD_READY", device=idstr)
+            else:
+                self._load_ready.add(idstr)
+                return
             raise RemoteProtocolError(f"got DEV_CONFIG_LOAD_READY {why}", device=idstr)

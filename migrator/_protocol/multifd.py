@@ -33,6 +33,13 @@ Rule 4 (QEMU's bound, ``per_device_max``): instead of Rules 1-2, QEMU 10.1's
         back: every packet is queued as it arrives, as QEMU's receive threads
         do.
 
+Rule 5 (``load_config_after_iter``, QEMU 10.1's
+        ``x-migration-load-config-after-iter``): a device's config is released
+        only once its DEV_CONFIG_LOAD_READY came on the main channel
+        (:meth:`MultifdIntake.config_load_ready`), after every data buffer as
+        always; a loader that waits for it is not starving, so closed channels
+        do not fail it.
+
 The source's :class:`PacketPlanner` numbers one device's stop-copy packets
 0, 1, 2, ... and the config packet last, and says where in a reusable buffer
 the headers go so that the data read lands page-aligned.
@@ -73,6 +80,8 @@ class _Device:
     config_bytes: int = 0
     #: Rule 4: payload bytes queued and not yet written (the config never leaves).
     qemu_queued: int = 0
+    #: Rule 5: DEV_CONFIG_LOAD_READY arrived.
+    load_ready: bool = False
 
 
 class MultifdIntake:
@@ -94,7 +103,9 @@ class MultifdIntake:
         multifd: bool = True,
         max_packet_bytes: int = MAX_PACKET_BYTES,
         per_device_max: int | None = None,
+        load_config_after_iter: bool = False,
     ) -> None:
+        self.load_config_after_iter = load_config_after_iter
         if per_device_max is not None and per_device_max < 0:
             raise ValueError(f"per-device queue bound {per_device_max} is negative")
         self.per_device_max = per_device_max
@@ -252,7 +263,7 @@ class MultifdIntake:
         """
         dev = self._dev(idstr)
         raw = dev.reassembler.config
-        if raw is None:
+        if raw is None or self.awaiting_load_ready(idstr):
             return None
         dev.config_bytes = len(raw)
         try:
@@ -261,6 +272,19 @@ class MultifdIntake:
             )
         except RemoteProtocolError as exc:
             raise exc.with_context(device=idstr) from None
+
+    def config_load_ready(self, idstr: str) -> None:
+        """DEV_CONFIG_LOAD_READY for ``idstr`` came on the main channel (Rule 5)."""
+        self._dev(idstr).load_ready = True
+
+    def awaiting_load_ready(self, idstr: str) -> bool:
+        """The config is due but waits for DEV_CONFIG_LOAD_READY (Rule 5)."""
+        dev = self._dev(idstr)
+        return (
+            self.load_config_after_iter
+            and not dev.load_ready
+            and dev.reassembler.config is not None
+        )
 
     def config_loaded(self, idstr: str) -> None:
         """The config is in the device: it is done and its budget is free."""
