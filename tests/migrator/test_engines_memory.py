@@ -453,3 +453,70 @@ async def test_source_reads_reinitialised_initial_data_before_switching_over(
     assert src_stats.devices["gpu0/vfio"].precopy_bytes == 100 + 40
     assert dst_stats.devices["gpu0/vfio"].precopy_bytes == 100 + 40
     assert bytes(dst.received) == b"p" * 140 + src.state_bytes
+
+
+# --- x-migration-load-config-after-iter (QEMU 10.1, hw/vfio/migration-multifd.c) ---
+
+
+async def _run_load_ready(
+    monkeypatch: pytest.MonkeyPatch, *, source: bool, destination: bool
+) -> tuple[list[bytes], list[BaseException], MemoryDevice, MemoryDevice]:
+    """One multifd migration with the option set on each side; the main stream sent."""
+    sent: list[bytes] = []
+    send = _Sender.send
+
+    async def record(self: _Sender, *parts: bytes | bytearray | memoryview) -> None:
+        sent.extend(bytes(p) for p in parts)
+        await send(self, *parts)
+
+    monkeypatch.setattr(_Sender, "send", record)
+    src, dst = pair("gpu0/vfio", 3 * MIB + 3)
+    listener = MemoryListener()
+    dest = Destination(config(2), [dst], load_config_after_iter=destination)
+    failures: list[BaseException] = []
+
+    async def serve() -> None:
+        try:
+            await dest.serve([listener])
+        except* MigrationError as group:
+            failures.extend(group.exceptions)
+
+    with trio.fail_after(GUARD_S):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve)
+            try:
+                await migrate(config(2), [src], listener.connect, load_config_after_iter=source)
+            except* MigrationError:
+                pass
+    return sent, failures, src, dst
+
+
+async def test_load_config_after_iter_on_both_sides(monkeypatch: pytest.MonkeyPatch) -> None:
+    sent, failures, src, dst = await _run_load_ready(monkeypatch, source=True, destination=True)
+    assert not failures
+    assert bytes(dst.received) == src.state_bytes
+    assert dst.loaded_config == src.config
+    records = ref.parse_stream(b"".join(sent))
+    full = records.index(("full", 1, "gpu0/vfio", 0, 1))
+    # QEMU 10.1's save_state in multifd mode: a lone DEV_CONFIG_LOAD_READY, no EOS.
+    assert records[full + 1 : full + 3] == [("marker", 1, "CONFIG_LOAD_READY"), ("footer", 1)]
+
+
+@pytest.mark.parametrize(
+    ("source", "destination", "message"),
+    [
+        # QEMU's vfio_load_state_config_load_ready refuses it when its property is off.
+        (True, False, "got DEV_CONFIG_LOAD_READY but was disabled"),
+        # QEMU's load thread would wait for the marker for ever; this side says why.
+        (False, True, "stream ended without DEV_CONFIG_LOAD_READY for gpu0/vfio"),
+    ],
+)
+async def test_load_config_after_iter_mismatch_fails_cleanly(
+    monkeypatch: pytest.MonkeyPatch, source: bool, destination: bool, message: str
+) -> None:
+    _, failures, src, dst = await _run_load_ready(
+        monkeypatch, source=source, destination=destination
+    )
+    assert any(message in str(f) for f in failures), failures
+    assert dst.state is State.RUNNING  # reset
+    assert src.state is State.RUNNING  # restored

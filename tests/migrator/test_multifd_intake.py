@@ -468,3 +468,25 @@ def test_intake_qemu_bound_gives_back_written_bytes_but_not_the_config() -> None
     m.push(a[2])
     with pytest.raises(ReassemblyError, match="buffer 3 would exceed the size max of 2048"):
         m.push(a[3])  # config + 2 KiB > 2 KiB, even though a[2] could be written
+
+
+def test_intake_with_load_config_after_iter_holds_the_config_for_its_marker() -> None:
+    """QEMU 10.1's vfio_load_bufs_thread: data in order, then wait for load_bufs_iter_done."""
+    m = MultifdIntake(
+        ("a",), channels=1, uuid=UUID, max_queued_bytes=1 << 30, load_config_after_iter=True
+    )
+    m.accept_handshake(multifd_wire.encode_init(UUID, 0))
+    packets = [wire_packet(m, p) for p in device_packets("a", [b"1" * KIB] * 2, b"c")]
+    m.start_loads()
+    for p in reversed(packets):
+        m.push(p)
+    assert not m.awaiting_load_ready("a")  # data still to write
+    assert [bytes(b) for b in m.pop_ready("a")] == [b"1" * KIB] * 2
+    m.written("a", 2 * KIB)
+    m.channel_closed()  # the source is done sending: not a starving loader
+    assert m.awaiting_load_ready("a")
+    assert m.take_config("a") is None
+    m.config_load_ready("a")
+    assert not m.awaiting_load_ready("a")
+    blob = m.take_config("a")
+    assert blob == ws.qemu_config_blob(config_space(b"c"))

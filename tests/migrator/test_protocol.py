@@ -425,6 +425,29 @@ def _fed(settings: DestinationSettings, *events: ev.MainEvent) -> DestinationPro
             "DEV_CONFIG_LOAD_READY outside multifd transfer",
         ),
         (
+            DestinationSettings(idstrs=["dev0"], config_sizes=CFG_SIZES, multifd=True),
+            [
+                ev.FileHeader(3),
+                ev.SectionFull(1, "dev0", 0, 1),
+                ev.MarkerEvent(1, Marker.DEV_CONFIG_LOAD_READY),
+            ],
+            "got DEV_CONFIG_LOAD_READY but was disabled",
+        ),
+        (
+            DestinationSettings(
+                idstrs=["dev0"], config_sizes=CFG_SIZES, multifd=True, load_config_after_iter=True
+            ),
+            [
+                ev.FileHeader(3),
+                ev.SectionFull(1, "dev0", 0, 1),
+                ev.MarkerEvent(1, Marker.DEV_CONFIG_LOAD_READY),
+                ev.SectionFooter(1),
+                ev.SectionFull(1, "dev0", 0, 1),
+                ev.MarkerEvent(1, Marker.DEV_CONFIG_LOAD_READY),
+            ],
+            "duplicate DEV_CONFIG_LOAD_READY",
+        ),
+        (
             DestinationSettings(idstrs=["dev0", "dev1"]),
             [ev.FileHeader(3), *section(ev.SectionStart, 1, eos(1)), ev.EndOfFile()],
             r"no state for destination device\(s\) dev1",
