@@ -31,6 +31,7 @@ from benchmarks.harness import (
     rate,
     size_text,
 )
+from benchmarks.qemu import QEMU, qemu_migration, qemu_missing
 from benchmarks.report import Figure
 from fakevfio.testing import MigrationResult
 
@@ -661,6 +662,65 @@ def control(base: Path, scale: Scale) -> list[Figure]:
     return figs
 
 
+# -- 7. QEMU's own view ------------------------------------------------------------------------
+def qemu_view(base: Path, scale: Scale) -> list[Figure]:
+    """QEMU's ``query-migrate`` downtime and throughput next to the migrator's, same devices.
+
+    One ram device at a ``read_bandwidth`` (device-bound, so both should meet the
+    model), multifd 2 channels on both; QEMU also moves its 64 MiB of (zero) RAM.
+    """
+    sc = "qemu"
+    why = qemu_missing()
+    if why is not None:
+        return [Figure(sc, "QEMU migration", None, "ms", note=f"skipped: {why}")]
+    size = scale.size(256 * MiB)
+    bw = 16 * MiB if scale.tiny else 64 * MiB
+    src_spec = [_ram("q", size, seed=1, flags="STOP_COPY", read_bandwidth=size_text(bw))]
+    dst_spec = [_ram("q", size, flags="STOP_COPY")]
+    res: dict[str, list[tuple[float, float]]] = {"qemu": [], "migrator": []}
+    log(f"qemu: mounting 2 x {size_text(size)} (read {size_text(bw)}/s)")
+    with mounted(base, src_spec) as src, mounted(base, dst_spec) as dst:
+        for rep in range(scale.repeats):
+            log(f"qemu: QEMU -> QEMU (run {rep + 1}/{scale.repeats})")
+            info = qemu_migration(src, dst, base)
+            moved = sum(int(info.get(k, {}).get("transferred", 0)) for k in ("ram", "vfio"))
+            res["qemu"].append((float(info["downtime"]), _mbps(moved, info["total-time"] / 1000)))
+            for m in (src, dst):
+                m.set_state("q", "RUNNING")
+            log(f"qemu: migrator (run {rep + 1}/{scale.repeats})")
+            run = migrate(src, dst, ["q"], _multifd(2))
+            src.set_state("q", "RUNNING")
+            res["migrator"].append(
+                (
+                    float(run.source["downtime_ms"]),
+                    _mbps(_stream_bytes(run), run.source["total_time_ms"] / 1000),
+                )
+            )
+    q_down = statistics.median(d for d, _ in res["qemu"])
+    q_rate = statistics.median(r for _, r in res["qemu"])
+    m_down = statistics.median(d for d, _ in res["migrator"])
+    m_rate = statistics.median(r for _, r in res["migrator"])
+    model = size / bw * 1000
+    note = (
+        f"{size_text(size)} device at read_bandwidth {size_text(bw)}/s, multifd 2, "
+        f"QEMU {QEMU} (TCG, 64 MiB RAM); QEMU's throughput counts its RAM too"
+    )
+    return [
+        Figure(
+            sc,
+            "QEMU downtime (query-migrate)",
+            q_down,
+            "ms",
+            f"model {model:,.0f} ms",
+            q_down / model,
+            note=note,
+        ),
+        _ratio_fig(sc, "migrator downtime", m_down, q_down, "QEMU", unit="ms"),
+        Figure(sc, "QEMU throughput (query-migrate)", q_rate, "MB/s"),
+        _ratio_fig(sc, "migrator throughput", m_rate, q_rate, "QEMU"),
+    ]
+
+
 SCENARIOS: dict[str, Callable[[Path, Scale], list[Figure]]] = {
     "stopcopy": stopcopy,
     "downtime": downtime,
@@ -668,4 +728,5 @@ SCENARIOS: dict[str, Callable[[Path, Scale], list[Figure]]] = {
     "scale": scale_devices,
     "fsm": fsm,
     "control": control,
+    "qemu": qemu_view,
 }
