@@ -103,9 +103,11 @@ def _uuid_text(raw: bytes) -> str:
 def decode_init(data: bytes, *, expected_uuid: bytes, channels: int) -> int:
     """Check a MultiFDInit_t and return its channel id.
 
-    QEMU's receiver accepts ``id <= channels`` (so also ``id == channels``,
-    one past its array of channels); we accept only ``0 <= id < channels``,
-    which every QEMU source satisfies since it numbers channels from 0.
+    Exactly the ids QEMU's ``multifd_recv_initial_packet`` accepts:
+    ``id <= channels``, so ``id == channels`` too (QEMU then indexes one past
+    its array of channels; here the id is only a label, each accepted once,
+    and ``channels`` connections in all make the set complete). A QEMU source
+    numbers its channels 0 to channels - 1.
 
     Raises:
         FramingError: wrong size, bad magic or version, UUID mismatch, or a
@@ -131,12 +133,6 @@ def decode_init(data: bytes, *, expected_uuid: bytes, channels: int) -> int:
         raise FramingError(
             f"multifd: received channel id {channel_id} is greater than number of "
             f"channels {channels}"
-        )
-    if channel_id == channels:  # QEMU lets it through, then indexes past its array
-        raise FramingError(
-            f"multifd: received channel id {channel_id}, but channels are numbered "
-            f"0 to {channels - 1} (QEMU's check lets id {channels} through and then "
-            "indexes one past its channel array)"
         )
     return int(channel_id)
 

@@ -93,7 +93,16 @@ def test_intake_rejects_duplicate_channel_id() -> None:
         m.accept_handshake(multifd_wire.encode_init(UUID, 1))
 
 
-@pytest.mark.parametrize("channel_id", [2, 3, 255])
+def test_intake_takes_channel_ids_up_to_the_count_as_qemu_does() -> None:
+    """Ids 1 and 2 of two channels (QEMU's check is id > channels): the set is complete."""
+    m = intake(channels=2)
+    assert m.accept_handshake(multifd_wire.encode_init(UUID, 2)) == 2
+    assert not m.all_channels_connected
+    assert m.accept_handshake(multifd_wire.encode_init(UUID, 1)) == 1
+    assert m.all_channels_connected
+
+
+@pytest.mark.parametrize("channel_id", [3, 255])
 def test_intake_rejects_channel_id_out_of_range(channel_id: int) -> None:
     m = intake(channels=2)
     with pytest.raises(FramingError, match=f"multifd: received channel id {channel_id}[ ,]"):

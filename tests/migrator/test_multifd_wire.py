@@ -75,7 +75,10 @@ def test_init_rejects_bad_arguments() -> None:
             "multifd channel 1 has uuid 00000000-0000-0000-0000-000000000000, "
             "expected 01020304-0506-0708-090a-0b0c0d0e0f10",
         ),
-        (build_init(UUID, 2), "received channel id 2, but channels are numbered 0 to 1"),
+        (
+            build_init(UUID, 3),
+            "multifd: received channel id 3 is greater than number of channels 2",
+        ),
         (
             build_init(UUID, 255),
             "multifd: received channel id 255 is greater than number of channels 2",
@@ -325,3 +328,14 @@ def test_config_packet_data_errors(raw: bytes, message: str) -> None:
     with pytest.raises(FramingError) as info:
         w.decode_config_packet_data(raw, max_config_bytes=8)
     assert message in str(info.value)
+
+
+def test_init_accepts_the_ids_qemu_accepts() -> None:
+    # migration/multifd.c multifd_recv_initial_packet refuses only id > channels.
+    assert [
+        w.decode_init(build_init(UUID, i), expected_uuid=UUID, channels=2) for i in range(3)
+    ] == [
+        0,
+        1,
+        2,
+    ]
