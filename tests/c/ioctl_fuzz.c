@@ -11,7 +11,8 @@
  * a random argument: a struct with random argsz, flags and contents (object ids,
  * eventfds, states and pointers sprinkled in), NULL, an unmapped address, a read-only
  * page, a struct straddling the end of a page into a PROT_NONE page, or a plain integer.
- * Every 512 ioctls the set-up is walked again, so deeper states stay reachable.
+ * Every 512 ioctls the set-up is walked again, so deeper states stay reachable; about one
+ * iteration in 100 closes an fd of the pool and reopens it, or swaps it for a dup.
  *
  * A watchdog (alarm) guards each ioctl: one that does not return within WATCHDOG_S
  * seconds (default 5) prints "hang ..." and exits 3. At the end it prints one line per
@@ -217,6 +218,31 @@ static int open_or_die(const char *path) {
     return fd;
 }
 
+static char group_path[64];
+static const char *cdev_path;
+
+/* fd lifetimes: close one fd of the pool and open it again, or replace it by a dup (the
+ * same open file description), so the supervisor's per-description state and its
+ * clean-up of closed files are fuzzed too. */
+static void churn(void) {
+    int k = (int)below(K_COUNT);
+    if (fds[k] < 0) return;
+    if (chance(30)) {
+        int d = dup(fds[k]);
+        if (d >= 0) { close(fds[k]); fds[k] = d; }
+        return;
+    }
+    close(fds[k]);
+    fds[k] = -1;
+    switch (k) {
+    case K_CONTAINER: fds[k] = open_or_die("/dev/vfio/vfio"); break;
+    case K_GROUP: fds[k] = open_or_die(group_path); break;
+    case K_IOMMU: fds[k] = open_or_die("/dev/iommu"); break;
+    case K_CDEV: fds[k] = open_or_die(cdev_path); break;
+    default: break; /* the group device fd and the data_fd come back from setup() */
+    }
+}
+
 int main(int argc, char **argv) {
     if (argc < 6) {
         fprintf(stderr, "usage: ioctl_fuzz SEED COUNT GROUP DEVNAME CDEV [WATCHDOG_S]\n");
@@ -239,12 +265,12 @@ int main(int argc, char **argv) {
     eventfds[0] = eventfd(0, EFD_CLOEXEC);
     eventfds[1] = eventfd(0, EFD_CLOEXEC);
 
-    char group[64];
-    snprintf(group, sizeof group, "/dev/vfio/%s", argv[3]);
+    snprintf(group_path, sizeof group_path, "/dev/vfio/%s", argv[3]);
+    cdev_path = argv[5];
     fds[K_CONTAINER] = open_or_die("/dev/vfio/vfio");
-    fds[K_GROUP] = open_or_die(group);
+    fds[K_GROUP] = open_or_die(group_path);
     fds[K_IOMMU] = open_or_die("/dev/iommu");
-    fds[K_CDEV] = open_or_die(argv[5]);
+    fds[K_CDEV] = open_or_die(cdev_path);
     setup();
     signal(SIGALRM, on_alarm);
 
@@ -252,6 +278,7 @@ int main(int argc, char **argv) {
     clock_gettime(CLOCK_MONOTONIC, &t0);
     for (long i = 0; i < count; i++) {
         if (i % 512 == 511) setup();
+        if (chance(1)) churn();
         static const int weights[K_COUNT] = {10, 10, 20, 25, 20, 15};
         int k;
         do {
