@@ -180,7 +180,7 @@ def test_delay_and_loss_complete_with_equal_digests(
     hosts: Hosts, mounts: tuple[Mount, Mount]
 ) -> None:
     src, dst = mounts
-    sizes = {"d0": ("512K", "STOP_COPY+PRE_COPY"), "d1": ("256K", "STOP_COPY")}
+    sizes = {"d0": ("256K", "STOP_COPY+PRE_COPY"), "d1": ("128K", "STOP_COPY")}
     for name, (size, flags) in sizes.items():
         src.create(name, "ram", size=size, flags=flags, seed=11)
         dst.create(name, "ram", size=size, flags=flags)
