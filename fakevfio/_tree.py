@@ -107,6 +107,7 @@ class Kind(enum.Enum):
     STATE = "migration/state"
     DATA = "migration/data"
     PRECOPY_INFO = "migration/precopy_info"
+    PRECOPY_INFO_V2 = "migration/precopy_info_v2"
     DATA_SIZE = "migration/data_size"
     LOG = "migration/log"
     GROUP_NODE = "dev/vfio/<group>"
@@ -142,6 +143,7 @@ _ACCESS: Mapping[Kind, str] = {
     Kind.STATE: "rw",
     Kind.DATA: "rw",
     Kind.PRECOPY_INFO: "r",
+    Kind.PRECOPY_INFO_V2: "r",
     Kind.DATA_SIZE: "r",
     Kind.LOG: "r",
     Kind.DRIVER_CREATE: "w",
@@ -181,6 +183,7 @@ _STATIC_CHILDREN: Mapping[Kind, Mapping[str, Kind]] = {
         "flags": Kind.FLAGS,
         "log": Kind.LOG,
         "precopy_info": Kind.PRECOPY_INFO,
+        "precopy_info_v2": Kind.PRECOPY_INFO_V2,
         "state": Kind.STATE,
     },
 }
@@ -194,6 +197,7 @@ _TEXT_KINDS = frozenset(
         Kind.FLAGS,
         Kind.STATE,
         Kind.PRECOPY_INFO,
+        Kind.PRECOPY_INFO_V2,
         Kind.DATA_SIZE,
         Kind.LOG,
     }
@@ -705,6 +709,7 @@ def _text(kind: Kind, device: Device) -> bytes:
         Kind.FLAGS: lambda: flags_text(device.flags) + "\n",
         Kind.STATE: lambda: device.state.name + "\n",
         Kind.PRECOPY_INFO: lambda: _precopy_text(device),
+        Kind.PRECOPY_INFO_V2: lambda: _precopy_text(device, v2=True),
         Kind.DATA_SIZE: lambda: f"{device.data_size()}\n",
         Kind.LOG: device.log_text,
     }

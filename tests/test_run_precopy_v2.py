@@ -23,7 +23,6 @@ from pathlib import Path
 import attrs
 import pytest
 
-from fakevfio import _tree
 from tests.conftest import MountFactory
 from tests.vfio_uapi.headers import find_headers
 
@@ -32,8 +31,6 @@ pytestmark = pytest.mark.fuse
 SOURCE = Path(__file__).resolve().parent / "c" / "abi_precopy_consumer.c"
 SIZE = 64 * 1024
 REINIT_AFTER = 20 * 1024
-#: The v2 query file the supervisor reads after the opt-in (see the report of issue 17).
-V2_NODE = hasattr(_tree.Kind, "PRECOPY_INFO_V2")
 
 
 @attrs.frozen
@@ -102,11 +99,6 @@ def test_precopy_info_over_ioctls_matches_the_file_and_flags_follow_the_opt_in(r
     assert run.value("end") == [errno.ENOMSG]  # ... where read() answers ENOMSG
 
 
-@pytest.mark.xfail(
-    not V2_NODE,
-    strict=True,
-    reason="needs the migration/precopy_info_v2 node in fakevfio/_tree.py (issue 17 report)",
-)
 def test_reinit_reaches_a_c_consumer_once_and_the_state_is_sent_again(run: Run) -> None:
     queries = run.queries()
     reinits = [q for q in queries if q[0] & 1]

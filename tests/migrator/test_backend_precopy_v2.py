@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from fakevfio import _tree
 from migrator.backend import FakeVfioBackend
 from migrator.errors import NoDataNow
 from tests.conftest import MountFactory
@@ -29,8 +28,6 @@ pytestmark = pytest.mark.fuse
 
 SIZE = 64 * 1024
 REINIT_AFTER = 20 * 1024
-#: The device's v2 query file exists (the _tree.py change of the issue 17 report).
-V2_NODE = hasattr(_tree.Kind, "PRECOPY_INFO_V2")
 
 KERNEL_V2 = """
 import sys
@@ -81,11 +78,11 @@ def _drain(dev: FakeVfioBackend) -> tuple[int, int]:
 def test_fakevfio_backend_opts_in_through_the_v2_file(mount: Path) -> None:
     assert not FakeVfioBackend(mount / "devices" / "s0").enable_precopy_v2()
     dev = FakeVfioBackend(mount / "devices" / "p0")
-    assert dev.enable_precopy_v2() is V2_NODE
+    assert dev.enable_precopy_v2() is True
     dev.set_state(State.PRE_COPY)
     reinits, total = _drain(dev)
-    assert reinits == (1 if V2_NODE else 0)
-    assert total >= (REINIT_AFTER + SIZE if V2_NODE else SIZE)
+    assert reinits == 1
+    assert total >= REINIT_AFTER + SIZE
     dev.close()
 
 
@@ -115,5 +112,5 @@ def test_kernel_backend_opts_in_with_feature_12_under_fakevfio_run(
     r = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines() if line}
     assert r["enable"] == ["1", "1"]
     assert r["enable_no_pre_copy"] == ["0"]  # the kernel's EINVAL: not opted in
-    assert r["reinits"] == [str(1 if V2_NODE else 0)]
-    assert int(r["bytes"][0]) >= (REINIT_AFTER + SIZE if V2_NODE else SIZE)
+    assert r["reinits"] == ["1"]
+    assert int(r["bytes"][0]) >= REINIT_AFTER + SIZE
