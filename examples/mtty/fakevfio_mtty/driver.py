@@ -41,6 +41,19 @@ Rule I3: the image has no separate interrupt state (IER, overrun and the FIFO
         whose FIFO holds bytes interrupts its guest (the sample raises nothing
         there; a spurious interrupt costs a guest one IIR read, a lost one
         stalls its port). A driver not attached to a device raises nothing.
+Rule I4: the first arc into RUNNING after a load signals INTx once even when
+        the loaded registers say nothing is pending (a spurious interrupt,
+        edge or level mode). QEMU migrates the PCI INTx level (``irq_state``
+        in vmstate_vfio_pci_config) but not vfio's ``intx.pending``, and its
+        ``vfio_intx_eoi()`` lowers the level only when ``pending`` is set: a
+        level asserted at the switchover (e.g. by an UNMASK that re-signalled
+        just before the guest's IIR read cleared the cause) stays asserted on
+        the destination for ever, and the guest spins in its interrupt handler
+        with nothing to do until it disables the irq ("nobody cared"). One
+        signal sets ``pending`` again, so the guest's next BAR access lowers
+        the level and unmasks. This is QEMU's behaviour on its non-KVM INTx
+        path (TCG, or ``x-no-kvm-intx``) with any level-triggered device,
+        hardware included; KVM's irqfd path does not use ``irq_state``.
 
 Accesses are split as ``mtty_read()``/``mtty_write()`` split them (4 bytes when
 aligned and at least 4 remain, else 2, else 1); each piece reaches the register
@@ -269,6 +282,8 @@ class MttyDriver(ArcDriver):
         self.intx_mode = intx
         self.ports = [Port() for _ in range(nr_ports)]
         self.intx_line = False
+        #: Rule I4: a load happened and no arc into RUNNING has followed yet
+        self.loaded = False
         #: Interrupts the sample's model raised (``mtty_trigger_interrupt`` calls).
         self.triggers = 0
 
@@ -363,19 +378,25 @@ class MttyDriver(ArcDriver):
                 raise DeviceError(errno.EINVAL, "no resuming stream to load", device=self.name)
             self.ports = stream.finish()
             self.intx_line = False  # this device's line: driven again on RUNNING
+            self.loaded = True
         elif nxt is State.RUNNING:
             self._resync()
         return None
 
     def _resync(self) -> None:
-        """Rule I3: interrupt for what the (loaded) registers say is pending."""
+        """Rules I3 and I4: interrupt for what the (loaded) registers say is pending,
+        and after a load signal INTx at least once."""
+        loaded, self.loaded = self.loaded, False
         if self._host is None:
             return
+        pending = any(port.interrupt_pending() for port in self.ports)
         if self.intx_mode == "level":
             self._drive_line(force=True)
-        elif any(port.interrupt_pending() for port in self.ports):
+        elif pending:
             self.raise_irq(IRQ_MSI)
             self.raise_irq(IRQ_INTX)
+        if loaded and not pending:
+            self.raise_irq(IRQ_INTX)  # Rule I4: give QEMU back its intx.pending
 
     def data_size(self, stream: SaveStream | LoadStream | None) -> int:
         # Like the sample: the fixed image size, whatever the state.

@@ -548,7 +548,29 @@ def test_mtty_destination_interrupts_for_migrated_fifo_bytes_edge() -> None:
     empty.driver._host = host
     empty.load(make(1).save())
     empty.set_state(State.RUNNING)
-    assert host.take() == []  # nothing pending: no trigger
+    assert host.take() == [EDGE]  # Rule I4: nothing pending, still one INTx after a load
+    empty.set_state(State.STOP)
+    empty.set_state(State.RUNNING)
+    assert host.take() == []  # only the first arc into RUNNING after the load
+
+
+@pytest.mark.parametrize("intx", ["level", "edge"])
+def test_mtty_signals_intx_once_after_a_load_with_nothing_pending(intx: str) -> None:
+    """Rule I4: QEMU restores the PCI INTx level but not vfio's intx.pending, so a
+    level asserted at the switchover is only ever lowered after one more signal."""
+    dst = LocalDevice(MttyDriver("dst", {"intx": intx}))
+    host = Recorder()
+    dst.driver._host = host
+    dst.load(make(1).save())
+    assert host.take() == []  # STOP: a stopped device raises nothing
+    dst.set_state(State.RUNNING)
+    assert host.take() == [EDGE]
+    assert dst.driver.info()["intx_line"] is False  # a signal, not a line left asserted
+    fresh = LocalDevice(MttyDriver("fresh", {"intx": intx}))
+    fresh.driver._host = host
+    fresh.set_state(State.STOP)
+    fresh.set_state(State.RUNNING)
+    assert host.take() == []  # no load, no spurious interrupt
 
 
 @pytest.mark.parametrize("level", [2, 4, 8, 14])
