@@ -114,6 +114,7 @@ class Destination:
         self.phase = "load setup"
         self._main: trio.abc.Stream | None = None
         self._rp = False
+        self._proto: DestinationProtocol | None = None
         self._rp_lock = trio.Lock()
         self._load_nursery: trio.Nursery | None = None
         self._touched = False
@@ -210,8 +211,16 @@ class Destination:
             await trio.sleep(min(1.0, limit / 4))
             idle = trio.current_time() - self._last_activity
             if idle > limit:
+                waiting = self._proto.awaiting_init_data() if self._proto is not None else []
+                hint = (
+                    f"; the switchover-ack still waits for INIT_DATA_SENT of {', '.join(waiting)}"
+                    " (PRE_COPY devices here): a source device without PRE_COPY never sends"
+                    " it, so give both sides devices with the same migration flags"
+                    if waiting
+                    else ""
+                )
                 raise ChannelBrokenError(
-                    f"no data from the source for {idle:.0f} s (--peer-timeout {limit:g})"
+                    f"no data from the source for {idle:.0f} s (--peer-timeout {limit:g}){hint}"
                 )
 
     # -- main stream -------------------------------------------------------------
@@ -251,6 +260,7 @@ class Destination:
             load_config_after_iter=self.load_config_after_iter,
         )
         proto = DestinationProtocol(settings, max_data_chunk=WRITE_BATCH_BYTES)
+        self._proto = proto
         if first:  # bytes the caller read to tell a file's format: they arrived too
             self.stats.transferred_bytes += len(first)
             proto.receive_data(first)

@@ -72,6 +72,9 @@ SEED = "3"
 #: No PRE_COPY: every byte of the device's stream travels in multifd packets.
 FLAGS = "STOP_COPY+P2P"
 SPEC = f"gpu0=ram:size={SIZE},flags={FLAGS},seed={SEED}"
+#: The destination device: same size and flags (a destination whose device has
+#: PRE_COPY waits for an INIT_DATA_SENT that a STOP_COPY-only source never sends).
+DST_SPEC = f"gpu0=ram:size={SIZE},flags={FLAGS}"
 DATA_BUFFER = 1 << 20  # VFIO_MIG_DEFAULT_DATA_BUFFER_SIZE, and our read size
 TARGET_PAGE = 4096  # x86
 RAM_PAGES = (512 << 10) // TARGET_PAGE  # MULTIFD_PACKET_SIZE / target page size
@@ -329,7 +332,7 @@ def test_qemu_multifd_device_state_packets_match_ours(
     fakevfio_mount: MountFactory, tmp_path: Path
 ) -> None:
     stream = expected_stream()
-    with fakevfio_mount([SPEC]) as src, fakevfio_mount(["gpu0=ram:size=16M"]) as dst:
+    with fakevfio_mount([SPEC]) as src, fakevfio_mount([DST_SPEC]) as dst:
         qemu = walk(qemu_migrate_through_proxy(src, dst, tmp_path))
         msix = [
             bar["msix"]["vectors"] for bar in src.info("gpu0")["bars"].values() if "msix" in bar
@@ -337,7 +340,7 @@ def test_qemu_multifd_device_state_packets_match_ours(
         # What the guest (SeaBIOS) programmed through QEMU into the device.
         guest_config = config_bytes(src, "gpu0")
 
-    with fakevfio_mount([SPEC]) as src, fakevfio_mount(["gpu0=ram:size=16M"]) as dst:
+    with fakevfio_mount([SPEC]) as src, fakevfio_mount([DST_SPEC]) as dst:
         mflags = ("--multifd-transfer", "on", "--multifd-channels", "2")
         program_as_guest(src, guest_config)
         dst_before = config_bytes(dst, "gpu0")
@@ -417,14 +420,14 @@ def test_qemu_main_channel_config_section_matches_ours(
     fakevfio_mount: MountFactory, tmp_path: Path
 ) -> None:
     """Without multifd: the config blob in the FULL section is QEMU's, byte for byte."""
-    with fakevfio_mount([SPEC]) as src, fakevfio_mount(["gpu0=ram:size=16M"]) as dst:
+    with fakevfio_mount([SPEC]) as src, fakevfio_mount([DST_SPEC]) as dst:
         streams = qemu_migrate_through_proxy(src, dst, tmp_path, multifd=False)
         guest_config = config_bytes(src, "gpu0")
     assert [wire.sniff_channel(s[:4]) for s in streams] == ["main"]
     size = len(wire_sender.qemu_config_blob(guest_config))
     theirs = main_channel_config(streams[0], size)
 
-    with fakevfio_mount([SPEC]) as src, fakevfio_mount(["gpu0=ram:size=16M"]) as dst:
+    with fakevfio_mount([SPEC]) as src, fakevfio_mount([DST_SPEC]) as dst:
         program_as_guest(src, guest_config)
         dst_before = config_bytes(dst, "gpu0")
         off = ("--multifd-channels", "0")

@@ -393,6 +393,7 @@ class DestinationProtocol:
             max_data_chunk=max_data_chunk, config_sizes=settings.config_sizes
         )
         self._precopy: frozenset[str] | None = None
+        self._init_sent: set[str] = set()
         self._ack_pending = 0
         self._ack_due = False
         self._seen: set[str] = set()
@@ -412,6 +413,12 @@ class DestinationProtocol:
     def ack_due(self) -> bool:
         """SWITCHOVER_ACK should be sent now (and is not sent yet)."""
         return self._ack_due
+
+    def awaiting_init_data(self) -> list[str]:
+        """Our pre-copy devices whose INIT_DATA_SENT the switchover-ack still waits for."""
+        if not self.settings.switchover_ack or self._ack_pending <= 0:
+            return []
+        return sorted((self._precopy or frozenset()) - self._init_sent)
 
     @property
     def switchover_started(self) -> bool:
@@ -560,6 +567,7 @@ class DestinationProtocol:
                     "switchover approved more times than needed", device=idstr
                 )
             self._ack_pending -= 1
+            self._init_sent.add(idstr)
             self._ack_due = self._ack_pending == 0
         if marker is Marker.DEV_CONFIG_LOAD_READY:
             if not multifd:
