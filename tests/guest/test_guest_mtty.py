@@ -188,19 +188,7 @@ def test_guest_8250_binds_mtty_and_both_ports_loop_back_with_interrupts(
 
 @pytest.mark.parametrize(
     ("multifd", "intx"),
-    [
-        (False, "edge"),
-        pytest.param(
-            True,
-            "level",
-            marks=pytest.mark.xfail(
-                strict=False,
-                reason="an unexplained stall: now and then the destination guest stops "
-                "after a few lines (seen once in a clean CI run, 1 in 3-6 under load); "
-                "see the closing note of 2026-12-02",
-            ),
-        ),
-    ],
+    [(False, "edge"), (True, "level")],
     ids=["multifd-off-intx-edge", "multifd-on-intx-level"],
 )
 def test_guest_mtty_lines_go_on_across_live_migration(
