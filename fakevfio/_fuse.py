@@ -59,6 +59,9 @@ INLINE_READS = frozenset(
 )
 #: Opens and releases run in the trio task except for these (which take a device lock).
 THREADED_OPENS = frozenset({Kind.DATA, Kind.FAULTS})
+#: getattr runs in the trio task except for these (their size takes a device lock). The
+#: kernel asks again after every write to a file (a write drops its cached attributes).
+THREADED_ATTRS = frozenset({Kind.CONFIG, Kind.REGION})
 
 
 class _Busy:
@@ -157,6 +160,14 @@ class VfioFs(pyfuse3.Operations):
     async def getattr(
         self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        try:
+            kind: Kind | None = self.tree.node(inode).kind
+        except Exception:  # noqa: BLE001 - tree.getattr reports it, in a worker thread
+            kind = None
+        if kind is not None and kind not in THREADED_ATTRS:
+            attr = self._inline("getattr", None, self.tree.getattr, inode)
+            if not isinstance(attr, _Busy):
+                return self._entry(attr)
         return self._entry(await self._run("getattr", self.tree.getattr, inode))
 
     async def setattr(
