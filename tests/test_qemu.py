@@ -357,9 +357,9 @@ def qemu_migrate(
     return arcs(src)[src_start:], arcs(dst)[dst_start:dst_end], info
 
 
-@pytest.mark.parametrize(
-    ("multifd", "dirty"), [("on", "0"), ("off", "0"), ("on", "4M"), ("off", "4M")]
-)
+# Each value of each factor once (pairwise): multifd with a dirtying device, the main
+# channel with an idle one. The other two pairs cost a QEMU migration each per version.
+@pytest.mark.parametrize(("multifd", "dirty"), [("on", "4M"), ("off", "0")])
 def test_qemu_migrates_a_fakevfio_device(
     fakevfio_mount: MountFactory, tmp_path: Path, qemu: str, multifd: str, dirty: str
 ) -> None:
