@@ -27,6 +27,7 @@ import pyfuse3
 import trio
 
 from fakevfio._device import Device
+from fakevfio._ram import RamDriver
 from fakevfio._registry import Registry
 from fakevfio._tree import Attr, Handle, Kind, Tree, errno_of
 
@@ -62,6 +63,21 @@ THREADED_OPENS = frozenset({Kind.DATA, Kind.FAULTS})
 #: getattr runs in the trio task except for these (their size takes a device lock). The
 #: kernel asks again after every write to a file (a write drops its cached attributes).
 THREADED_ATTRS = frozenset({Kind.CONFIG, Kind.REGION})
+
+
+#: Drivers whose stream work is a bounded copy (``save_range``/``load_range`` are a
+#: memoryview of, or a copy into, their memory): their ``migration/data`` reads and
+#: writes run in the trio task too. Exact types only: a subclass may do anything.
+INLINE_DATA_DRIVERS: tuple[type, ...] = (RamDriver,)
+
+
+def _inline_data(handle: Handle) -> bool:
+    device = handle.device
+    return (
+        handle.node.kind is Kind.DATA
+        and device is not None
+        and type(device.driver) in INLINE_DATA_DRIVERS
+    )
 
 
 class _Busy:
@@ -258,13 +274,12 @@ class VfioFs(pyfuse3.Operations):
         self, fh: pyfuse3.FileHandleT, off: int, size: int
     ) -> bytes | bytearray:
         handle = self._handle(fh)
-        if handle.node.kind in INLINE_READS:
-            done = self._inline("read", handle.device, self.tree.read, handle, off, size)
-            if not isinstance(done, _Busy):
-                if done[1] > 0:
-                    await trio.sleep(done[1])
-                return done[0]
         arrival = trio.current_time()
+        if handle.node.kind in INLINE_READS or _inline_data(handle):
+            done = self._inline("read", handle.device, self.tree.read, handle, off, size, arrival)
+            if not isinstance(done, _Busy):
+                await self._wait(handle, arrival, done[1])
+                return done[0]
         data, delay = await self._run("read", self.tree.read, handle, off, size, arrival)
         await self._wait(handle, arrival, delay)
         return data
@@ -272,6 +287,11 @@ class VfioFs(pyfuse3.Operations):
     async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
         handle = self._handle(fh)
         arrival = trio.current_time()
+        if _inline_data(handle):
+            done = self._inline("write", handle.device, self.tree.write, handle, off, buf, arrival)
+            if not isinstance(done, _Busy):
+                await self._wait(handle, arrival, done[1])
+                return done[0]
         count, delay = await self._run("write", self.tree.write, handle, off, buf, arrival)
         if handle.node.kind in (Kind.DRIVER_CREATE, Kind.REMOVE):
             self.resize_limiter()
