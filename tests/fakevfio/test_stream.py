@@ -10,10 +10,10 @@ import errno
 import hashlib
 import itertools
 import struct
-import zlib
 from collections.abc import Callable
 
 import attrs
+import crc32c
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -53,7 +53,7 @@ def parse_stream(data: bytes) -> Parsed:
     assert len(data) >= 32
     magic, version, page, size, hlen, flags = struct.unpack_from("<8sIIQII", data, 0)
     assert magic == b"FVIOSTRM"
-    assert version == 1
+    assert version == 2
     assert flags == 0
     assert hlen <= 4096
     driver_header = data[32 : 32 + hlen]
@@ -82,7 +82,7 @@ def parse_stream(data: bytes) -> Parsed:
             assert offset == 0
             end_count, crc, reserved = struct.unpack_from("<QII", data, pos)
             assert end_count == payload_total
-            assert crc == zlib.crc32(data[:pos]), "END's CRC-32 covers every byte before it"
+            assert crc == crc32c.crc32c(data[:pos]), "END's CRC-32C covers every byte before it"
             assert reserved == 0
         else:
             raise AssertionError(f"unknown tag {tag}")
@@ -382,7 +382,7 @@ def patched(stream: bytes, offset: int, fmt: str, value: int | bytes) -> bytes:
 
 def recrc(stream: bytes) -> bytes:
     """Recompute END's CRC-32 (the stream ends with END), so a later check is reached."""
-    return patched(stream, len(stream) - 8, "<I", zlib.crc32(stream[:-16]))
+    return patched(stream, len(stream) - 8, "<I", crc32c.crc32c(stream[:-16]))
 
 
 def reject_errno(stream: bytes, *, size: str = "20K", page_size: str = "4K") -> int:
@@ -402,7 +402,13 @@ def test_resume_rejects_bad_magic(good_stream: bytes) -> None:
 
 
 def test_resume_rejects_other_format_version(good_stream: bytes) -> None:
-    assert reject_errno(patched(good_stream, 8, "<I", 2)) == errno.EOPNOTSUPP
+    assert reject_errno(patched(good_stream, 8, "<I", 1)) == errno.EOPNOTSUPP  # format 1: zlib CRC
+
+
+def test_the_checksum_is_castagnoli_crc32c() -> None:
+    """The library the stream uses computes CRC-32C (iSCSI, RFC 3720): its standard
+    check value, not a value this project computed."""
+    assert crc32c.crc32c(b"123456789") == 0xE3069283
 
 
 def test_resume_rejects_other_state_or_page_size(good_stream: bytes) -> None:
