@@ -50,6 +50,7 @@ fails), and the error names the phase and device.
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -82,7 +83,7 @@ from migrator.errors import (
     RemoteProtocolError,
 )
 from migrator.stats import Progress, Stats
-from migrator.transport import call
+from migrator.transport import bound_silence, call
 from vfio_uapi.fsm import PRECOPY_STATES, MigFlags, State
 
 logger = logging.getLogger(__name__)
@@ -494,9 +495,11 @@ async def migrate(
             try:
                 main = await connect()
                 streams.append(main)
+                bound_silence(main, config.peer_timeout_s)
                 for i in range(config.multifd_channels):
                     channel = await connect()
                     streams.append(channel)
+                    bound_silence(channel, config.peer_timeout_s)
                     try:
                         await channel.send_all(multifd_wire.encode_init(config.uuid, i))
                     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -527,6 +530,13 @@ async def migrate(
             if broken and not verdict and streams:
                 with trio.CancelScope(shield=True):
                     closed = await _closed_by_peer(streams[0])
+                if closed is None or any(_timed_out(f) for f in broken):
+                    raise ChannelBrokenError(
+                        f"the destination stopped acknowledging for {config.peer_timeout_s:g} s"
+                        f" (--peer-timeout {config.peer_timeout_s:g}): the link is down or its"
+                        " host is gone",
+                        phase=broken[0].phase or "setup",
+                    ) from exc
                 if closed:
                     raise RemoteProtocolError(
                         "the destination refused or failed the migration and closed the "
@@ -541,8 +551,19 @@ async def migrate(
                 await stream.aclose()
 
 
-async def _closed_by_peer(main: trio.abc.Stream) -> bool:
-    """Whether the destination closed the main connection (EOF within a second)."""
+def _timed_out(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is TCP_USER_TIMEOUT's ETIMEDOUT."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ETIMEDOUT:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+async def _closed_by_peer(main: trio.abc.Stream) -> bool | None:
+    """Whether the destination closed the main connection (EOF within a second);
+    None when the connection timed out (the peer stopped acknowledging)."""
     with trio.move_on_after(1.0):
         try:
             while True:
@@ -550,6 +571,6 @@ async def _closed_by_peer(main: trio.abc.Stream) -> bool:
                     return True
         except trio.BusyResourceError:
             return False  # the return-path reader still owns the stream: not closed
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            return True
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            return None if _timed_out(exc) else True
     return False

@@ -51,6 +51,26 @@ class Address:
         return f"tcp:{self.host}:{self.port}" if self.kind == "tcp" else f"unix:{self.path}"
 
 
+def bound_silence(stream: trio.abc.Stream, peer_timeout_s: float) -> None:
+    """A TCP peer that stops acknowledging for ``peer_timeout_s`` breaks ``stream``.
+
+    TCP_USER_TIMEOUT (RFC 5482) ends a connection whose sent data or keepalive
+    probe stays unacknowledged that long (ETIMEDOUT), and keepalive probes every
+    second make it apply to a side that is only waiting: without them a cut link
+    leaves a sender blocked for TCP's own retransmission limit (about 15 minutes).
+    Unix sockets and other streams are left alone (a local peer that dies closes
+    them).
+    """
+    inet = (trio.socket.AF_INET, trio.socket.AF_INET6)
+    if not isinstance(stream, trio.SocketStream) or stream.socket.family not in inet:
+        return
+    tcp = trio.socket.IPPROTO_TCP
+    stream.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_KEEPALIVE, 1)
+    stream.setsockopt(tcp, trio.socket.TCP_KEEPIDLE, 1)
+    stream.setsockopt(tcp, trio.socket.TCP_KEEPINTVL, 1)
+    stream.setsockopt(tcp, trio.socket.TCP_USER_TIMEOUT, max(1, int(peer_timeout_s * 1000)))
+
+
 async def open_stream(addr: Address) -> trio.abc.Stream:
     """Connect to ``addr``."""
     try:
