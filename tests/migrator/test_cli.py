@@ -108,8 +108,10 @@ def _on_a_terminal(*args: str) -> tuple[int, str, list[str]]:
     """Run ``migrator ARGS`` with stderr on a pty (the kernel's terminal): status, stdout,
     and every frame the terminal received (escape codes removed)."""
     master, slave = pty.openpty()
+    # A terminal that can redraw: under TERM=dumb rich draws only the last frame.
+    env = {**os.environ, "TERM": "xterm-256color"}
     proc = subprocess.Popen(
-        [*MIGRATOR, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave
+        [*MIGRATOR, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave, env=env
     )
     os.close(slave)
     screen = bytearray()
