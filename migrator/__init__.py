@@ -19,6 +19,7 @@ from migrator.errors import (
     FramingError,
     LocalProtocolError,
     MigrationError,
+    PeerClosedError,
     ReassemblyError,
     RemoteProtocolError,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "MigrationConfig",
     "MigrationError",
     "MultifdTransfer",
+    "PeerClosedError",
     "Reassembler",
     "ReassemblyError",
     "RemoteProtocolError",

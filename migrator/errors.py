@@ -65,6 +65,11 @@ class RemoteProtocolError(MigrationError):
     """The peer sent something the protocol does not allow."""
 
 
+class PeerClosedError(RemoteProtocolError):
+    """The peer closed the connection where the protocol wanted more (e.g. no SHUT yet):
+    a refusal or a failure on its side, whose reason is in its own log."""
+
+
 class FramingError(RemoteProtocolError):
     """Bytes on a channel do not parse."""
 

@@ -80,6 +80,7 @@ from migrator.errors import (
     DeviceOpError,
     MigrationError,
     NoDataNow,
+    PeerClosedError,
     RemoteProtocolError,
 )
 from migrator.stats import Progress, Stats
@@ -524,12 +525,20 @@ async def migrate(
             # ended it, not only which of our sockets noticed.
             failures = _migration_errors(exc)
             broken = [
-                f for f in failures if isinstance(f, (ChannelBrokenError, ConfigurationError))
+                f
+                for f in failures
+                if isinstance(f, (ChannelBrokenError, ConfigurationError, PeerClosedError))
             ]
-            verdict = [f for f in failures if isinstance(f, RemoteProtocolError)]
+            verdict = [
+                f
+                for f in failures
+                if isinstance(f, RemoteProtocolError) and not isinstance(f, PeerClosedError)
+            ]
             if broken and not verdict and streams:
-                with trio.CancelScope(shield=True):
-                    closed = await _closed_by_peer(streams[0])
+                closed: bool | None = True  # the return path saw the destination close
+                if not any(isinstance(f, PeerClosedError) for f in broken):
+                    with trio.CancelScope(shield=True):
+                        closed = await _closed_by_peer(streams[0])
                 if closed is None or any(_timed_out(f) for f in broken):
                     raise ChannelBrokenError(
                         f"the destination stopped acknowledging for {config.peer_timeout_s:g} s"

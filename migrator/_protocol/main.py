@@ -64,7 +64,7 @@ import attrs
 from migrator import _wire as wire
 from migrator._protocol import events as ev
 from migrator._wire import Marker
-from migrator.errors import LocalProtocolError, RemoteProtocolError
+from migrator.errors import LocalProtocolError, PeerClosedError, RemoteProtocolError
 
 
 class Phase(enum.Enum):
@@ -328,7 +328,7 @@ class SourceProtocol:
                 if not (self._eof and self._rp.closed):
                     return ev.NEED_DATA
                 if self._t.rp_phase is not RpPhase.SHUT:
-                    raise RemoteProtocolError(
+                    raise PeerClosedError(
                         "the destination closed the connection before reporting a result"
                     )
                 return ev.Closed()
