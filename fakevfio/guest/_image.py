@@ -5,7 +5,8 @@ seconds under TCG: the kernel image package that ``linux-image-amd64`` depends
 on (e.g. ``linux-image-6.1.0-57-amd64``) and ``busybox-static``. They are fetched
 with ``apt-get download`` (nothing is installed) into the cache and unpacked
 with ``dpkg-deb --fsys-tarfile``; only ``boot/vmlinuz-*``, ``boot/config-*`` and
-``bin/busybox`` are taken. The initramfs is a newc cpio written by
+``bin/busybox`` (``usr/bin/busybox`` on merged-/usr Debian 13) are taken.
+The initramfs is a newc cpio written by
 :mod:`fakevfio.guest._cpio` (no ``cpio`` binary needed): busybox with its applet
 links, ``/dev/console``, the init of :data:`INIT` and the test's script at
 ``/guest/script``.
@@ -272,8 +273,17 @@ def _kernel(cache: Path, package: Package) -> Path:
 def _busybox(cache: Path, package: Package) -> Path:
     dest = cache / "busybox" / f"{package.name}_{package.version}"
     if not (dest / "busybox").exists():
-        _extract(_deb(cache, package), {"bin/busybox": "busybox"}, dest)
+        extract_busybox(_deb(cache, package), dest)
     return dest / "busybox"
+
+
+def extract_busybox(deb: Path, dest: Path) -> None:
+    """dest/busybox from busybox-static's ``bin/busybox``, or ``usr/bin/busybox`` where
+    the package follows merged /usr (Debian 13)."""
+    try:
+        _extract(deb, {"bin/busybox": "busybox"}, dest)
+    except GuestBuildError:
+        _extract(deb, {"usr/bin/busybox": "busybox"}, dest)
 
 
 def initramfs(busybox: bytes, script: str, files: Mapping[str, bytes] = {}) -> bytes:

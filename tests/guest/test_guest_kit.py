@@ -360,3 +360,23 @@ def test_cli_guest_boot_prints_the_console_and_exits_with_the_script() -> None:
     done = _fakevfio("guest", "boot", "-c", "echo cli says $((6 * 7)); exit 4")
     assert done.returncode == 4, done.stderr
     assert "cli says 42" in done.stdout.splitlines()
+
+
+@pytest.mark.parametrize("layout", ["bin", "usr/bin"])
+def test_busybox_is_found_in_either_debian_layout(tmp_path: Path, layout: str) -> None:
+    """Debian 12's busybox-static ships bin/busybox, Debian 13's (merged /usr)
+    usr/bin/busybox: a package built by dpkg-deb either way gives the same binary."""
+    from fakevfio.guest import _image
+
+    root = tmp_path / "pkg"
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "DEBIAN" / "control").write_text(
+        "Package: busybox-static\nVersion: 1\nArchitecture: amd64\n"
+        "Maintainer: t <t@example.org>\nDescription: t\n"
+    )
+    (root / layout).mkdir(parents=True)
+    (root / layout / "busybox").write_bytes(b"\x7fELF busybox")
+    deb = tmp_path / "busybox-static.deb"
+    subprocess.run(["dpkg-deb", "--build", str(root), str(deb)], check=True, capture_output=True)
+    _image.extract_busybox(deb, tmp_path / "out")
+    assert (tmp_path / "out" / "busybox").read_bytes() == b"\x7fELF busybox"
