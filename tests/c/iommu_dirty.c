@@ -64,11 +64,14 @@ struct iommu_hwpt_get_dirty_bitmap {
     uint32_t size, hwpt_id, flags, __reserved;
     uint64_t iova, length, page_size, data;
 };
-/* ---- from the current include/uapi/linux/vfio.h (Linux 6.6+, absent from 6.1) ---- */
+/* ---- from the current include/uapi/linux/vfio.h (Linux 6.6+, absent from 6.1; a
+ * newer system header has them, e.g. Debian 13's 6.12, and then its own are used) ---- */
+#ifndef VFIO_DEVICE_BIND_IOMMUFD
 #define VFIO_DEVICE_BIND_IOMMUFD _IO(VFIO_TYPE, VFIO_BASE + 18)
 #define VFIO_DEVICE_ATTACH_IOMMUFD_PT _IO(VFIO_TYPE, VFIO_BASE + 19)
 struct vfio_device_bind_iommufd { uint32_t argsz, flags; int32_t iommufd; uint32_t out_devid; };
 struct vfio_device_attach_iommufd_pt { uint32_t argsz, flags, pt_id; };
+#endif
 
 #define PAGES 64
 #define LEN (PAGES * 4096UL)
