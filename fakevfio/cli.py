@@ -177,7 +177,16 @@ _CHECK_EPILOG = (
 
 def _add_check_verb(add: Callable[[str, str, str], argparse.ArgumentParser]) -> None:
     p = add("check", "run the VFIO migration uAPI conformance checks on devices", _CHECK_EPILOG)
-    p.add_argument("devices", nargs="*", metavar="DEVICE", help="device dir or VFIO cdev")
+    p.add_argument(
+        "devices", nargs="*", metavar="DEVICE", help="device dir, VFIO cdev or PCI address"
+    )
+    p.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        metavar="DEVICE",
+        help="a partner for the two-device round trip or a foreign stream, not checked itself",
+    )
     p.add_argument("--destructive", action="store_true", help="also resets and bad resume input")
     p.add_argument("--list", action="store_true", help="list the checks and exit")
     p.add_argument("-k", dest="pattern", metavar="PATTERN", help="only checks matching this")
@@ -211,6 +220,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         slow_arc_s=args.slow_arc,
         progress=progress,
+        peers=args.peer,
     )
     if tty:
         print("\r\033[K", end="", file=sys.stderr)

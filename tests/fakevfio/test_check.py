@@ -529,3 +529,21 @@ def test_device_arguments_that_are_nothing_say_what_is_expected(tmp_path: Path) 
     (result,) = check.run_checks([str(tmp_path)])
     assert "failed with EINVAL" in result.detail
     assert "a PCI address" in result.detail
+
+
+def test_cli_peers_are_partners_not_checked(fakevfio_mount: MountFactory) -> None:
+    """`--peer` devices serve the two-device round trip and the foreign stream; only the
+    DEVICE arguments appear in the results."""
+    devices = ["a=ram:size=16K,seed=3", "b=ram:size=16K", "c=ram:size=8K"]
+    with fakevfio_mount(devices) as m:
+        cmd = [sys.executable, "-m", "fakevfio", "check", "--destructive", "--json"]
+        peers = ["--peer", str(m.device("b")), "--peer", str(m.device("c"))]
+        out = subprocess.run(
+            [*cmd, *peers, str(m.device("a"))], capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        results = json.loads(out.stdout)["results"]
+        assert {r["device"] for r in results} == {str(m.device("a"))}
+        by_check = {r["check"]: r for r in results}
+        assert by_check["migration.two-device"]["status"] == "pass"
+        assert "another configuration" not in by_check["resume.hardening"]["detail"]
