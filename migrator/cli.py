@@ -148,8 +148,24 @@ def _parser() -> argparse.ArgumentParser:
             "--max-queued-bytes",
             default="64M",
             metavar="BYTES",
-            help="destination bound on queued multifd bytes (default: 64M)",
+            help="destination bound on queued multifd bytes, all devices together, with "
+            "backpressure (default: 64M)",
         )
+        if live:
+            p.add_argument(
+                "--max-queued-buffers-size",
+                default=None,
+                metavar="BYTES",
+                help="incoming: QEMU 10.1's x-migration-max-queued-buffers-size instead: per "
+                "device, no backpressure, fails at once (default: off)",
+            )
+            p.add_argument(
+                "--load-config-after-iter",
+                choices=["on", "off"],
+                default="off",
+                help="QEMU 10.1's x-migration-load-config-after-iter: the config loads after "
+                "DEV_CONFIG_LOAD_READY (multifd; both sides must agree; default: off, as on x86)",
+            )
         p.add_argument(
             "--max-bandwidth",
             default="0",
@@ -276,7 +292,13 @@ async def _run_role(
 ) -> Stats:
     if args.command == "migrate":
         addr = Address.parse(args.target)
-        return await migrate(config, devices, partial(open_stream, addr), progress=progress)
+        return await migrate(
+            config,
+            devices,
+            partial(open_stream, addr),
+            progress=progress,
+            load_config_after_iter=args.load_config_after_iter == "on",
+        )
     if args.command == "save":
         config.multifd_for(is_file=True)
         out = await FileStream.open(args.target, "w")
@@ -296,7 +318,16 @@ async def _run_role(
         finally:
             await inp.aclose()
     addr = Address.parse(args.target)
-    dest = Destination(config, devices, progress=progress)
+    bound = args.max_queued_buffers_size
+    dest = Destination(
+        config,
+        devices,
+        progress=progress,
+        max_queued_buffers_size=(
+            parse_size(bound, what="--max-queued-buffers-size") if bound is not None else None
+        ),
+        load_config_after_iter=args.load_config_after_iter == "on",
+    )
     progress.watch(dest)
     listeners = await open_listeners(addr)
     return await dest.serve(listeners, task_status=_Announce(listening_on(addr, listeners)))

@@ -214,8 +214,9 @@ class Destination:
                 waiting = self._proto.awaiting_init_data() if self._proto is not None else []
                 hint = (
                     f"; the switchover-ack still waits for INIT_DATA_SENT of {', '.join(waiting)}"
-                    " (PRE_COPY devices here): a source device without PRE_COPY never sends"
-                    " it, so give both sides devices with the same migration flags"
+                    " (PRE_COPY devices here): a source device without PRE_COPY, or one not"
+                    " RUNNING (nothing to pre-copy), never sends it; give both sides devices"
+                    " with the same migration flags and a running source"
                     if waiting
                     else ""
                 )

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import MountFactory, MountHandle
-from tests.migrator.helpers import MIGRATOR, digest, run_migrator
+from tests.migrator.helpers import MIGRATOR, digest, finish, run_migrator, start_incoming
 
 pytestmark = [pytest.mark.fuse]
 
@@ -161,3 +161,36 @@ def test_progress_on_a_terminal_both_sides_and_nothing_when_piped(
         piped = run_migrator("save", "-o", str(path), "--json", str(m.device("quick")))
     assert piped.returncode == 0
     assert piped.stderr == ""  # not a terminal: not one byte of progress
+
+
+def test_qemu_10_1_options_reach_both_sides(fakevfio_mount: MountFactory) -> None:
+    """--load-config-after-iter on both sides completes (the config waits for QEMU's lone
+    DEV_CONFIG_LOAD_READY marker); on one side only, both fail; a bad
+    --max-queued-buffers-size is refused by name."""
+    spec = ["d0=ram:size=1M,seed=9"]
+    with fakevfio_mount(spec) as src, fakevfio_mount(["d0=ram:size=1M"]) as dst:
+        mf = ("--multifd-transfer", "on", "--multifd-channels", "2")
+        on = ("--load-config-after-iter", "on")
+        incoming, addr = start_incoming("tcp:127.0.0.1:0", [str(dst.device("d0"))], *mf, *on)
+        source = run_migrator("migrate", "--to", addr, *mf, *on, str(src.device("d0")))
+        assert source.returncode == 0, source.stderr
+        assert finish(incoming).returncode == 0
+        assert digest(src, "d0") == digest(dst, "d0")
+    with fakevfio_mount(spec) as src, fakevfio_mount(["d0=ram:size=1M"]) as dst:
+        incoming, addr = start_incoming(
+            "tcp:127.0.0.1:0", [str(dst.device("d0"))], *mf, *on, "--peer-timeout", "5"
+        )
+        source = run_migrator("migrate", "--to", addr, *mf, str(src.device("d0")))
+        assert source.returncode != 0
+        assert finish(incoming).returncode != 0
+        assert src.state("d0") == "RUNNING"
+        bad = run_migrator(
+            "incoming",
+            "--listen",
+            "tcp:127.0.0.1:0",
+            "--max-queued-buffers-size",
+            "banana",
+            str(dst.device("d0")),
+        )
+        assert bad.returncode != 0
+        assert "--max-queued-buffers-size" in bad.stderr, bad.stderr
