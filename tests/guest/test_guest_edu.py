@@ -352,8 +352,13 @@ def test_guest_drives_edu_and_its_dma_buffer_survives_a_live_migration(
         # the caller's thread group, or pidfd_open of the thread id fails.
         assert SET_IRQS_FROM_A_THREAD_FAILS not in dst.log_path.read_text(errors="replace")
         kernel = [line for line in dst.console_lines() if "No irq handler for vector" in line]
-        assert len(kernel) == 1, kernel
-        assert f".{MSI_VECTOR} No irq handler" in kernel[0]
+        if image.kernel_package.name.startswith("linux-image-6.1."):
+            # Debian 12's guest kernel says so (x86 common_interrupt); Debian 13's 6.12
+            # was seen printing nothing here, so there only the device side is checked.
+            assert len(kernel) == 1, kernel
+            assert f".{MSI_VECTOR} No irq handler" in kernel[0]
+        else:
+            assert len(kernel) <= 1, kernel
         irqs = dst_mnt.info("edu0")["irqs"]
         assert irqs["active"] == "msi"
         assert irqs["msi"]["vectors"]["0"]["signalled"] == 1

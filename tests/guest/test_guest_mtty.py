@@ -87,9 +87,18 @@ LOOPBACK = (
 head -c __BYTES__ /dev/urandom > /tmp/in
 echo "MTTY in $(md5sum < /tmp/in)"
 for t in $TTYS; do stty -F /dev/$t raw -echo; done
+# Hold each port open for the whole count: 8250 requests its irq at the first open and
+# frees it at the last close, and a freed irq has no /proc/interrupts line (Linux 6.12).
+holders=
+for t in $TTYS; do
+  sleep 600 < /dev/$t &
+  holders="$holders $!"
+done
+sleep 0.2
 before=$(awk -v irq="$IRQ:" '$1 == irq {print $2}' /proc/interrupts)
 readers=
 for t in $TTYS; do
+  : > /tmp/out.$t
   cat /dev/$t > /tmp/out.$t &
   readers="$readers $!"
 done
@@ -102,13 +111,16 @@ for t in $TTYS; do
   done
 done
 kill $readers
-wait
+wait $readers
 after=$(awk -v irq="$IRQ:" '$1 == irq {print $2}' /proc/interrupts)
 for t in $TTYS; do
   echo "MTTY $t bytes=$(wc -c < /tmp/out.$t) md5=$(md5sum < /tmp/out.$t) irqs=$before..$after"
 done
 grep -i "port:" /proc/tty/driver/serial | sed 's/^/MTTY serial /'
 grep "^ *$IRQ:" /proc/interrupts | sed 's/^/MTTY interrupts /'
+kill $holders
+wait $holders 2>/dev/null
+true
 """
 ).replace("__BYTES__", str(LOOP_BYTES))
 
