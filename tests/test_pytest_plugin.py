@@ -272,6 +272,11 @@ def _stage_imports(stage: Path, code: str, roots: tuple[str, ...]) -> str:
             shutil.copytree(top, dest / top.name, ignore=shutil.ignore_patterns("__pycache__"))
         elif top.is_file():
             shutil.copy2(top, dest / top.name)
+    # Metadata too: some packages ask importlib.metadata for themselves (crc32c does).
+    for root in roots:
+        for info in Path(root).glob("*.dist-info"):
+            if info.is_dir() and not (dest / info.name).exists():
+                shutil.copytree(info, dest / info.name)
     for item in [dest, *dest.rglob("*")]:
         item.chmod(0o755 if item.is_dir() else 0o644)
     return str(dest)
