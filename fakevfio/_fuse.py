@@ -321,7 +321,9 @@ class VfioFs(pyfuse3.Operations):
             await trio.sleep(delay)
 
     async def flush(self, fh: pyfuse3.FileHandleT) -> None:
-        return
+        handle = self._handles.get(fh)
+        if handle is not None and handle.truncated:
+            await self._run("flush", self.tree.flush, handle)
 
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
         handle = self._handles.pop(fh, None)

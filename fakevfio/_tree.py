@@ -627,16 +627,24 @@ class Tree:
             return len(view), self._control(node, device, bytes(view))
         raise _fail(errno.EINVAL, f"{kind.value} cannot be written")
 
-    def release(self, handle: Handle) -> None:
-        """The last close of a handle.
+    def flush(self, handle: Handle) -> None:
+        """A close() of the handle (FUSE FLUSH: the caller's close() waits for it).
 
         A FUSE filesystem never sees an empty ``write()``, so "writing an empty
         file" to ``faults`` (``: > faults``) is an ``O_TRUNC`` open without a
-        write; the rules are cleared when that handle is released.
+        write; the rules are cleared here, before that close() returns. (Not at
+        open: a bad write after an O_TRUNC open must keep the old rules. Not at
+        release: FUSE sends RELEASE after close() has returned, so the caller's
+        next request could still meet the old rules.)
         """
         if handle.truncated and handle.node.kind is Kind.FAULTS and handle.device is not None:
+            handle.truncated = False
             with handle.device.lock:
                 handle.device.faults = FaultRules()
+
+    def release(self, handle: Handle) -> None:
+        """The last close of a handle (asynchronous to the caller's close())."""
+        self.flush(handle)
 
     # -- file semantics ------------------------------------------------------------------
     def _control(self, node: Node, device: Device | None, data: bytes) -> float:
