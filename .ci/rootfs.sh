@@ -19,8 +19,8 @@ rootfs_tarball() {
     if [ ! -s "$tarball" ]; then
         if ! command -v debootstrap >/dev/null; then
             echo "$log_prefix: installing debootstrap (apt-get install debootstrap)"
-            apt-get update -qq
-            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap
+            apt-get -o DPkg::Lock::Timeout=600 update -qq
+            DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq debootstrap
         fi
         local tmp=$cache/$suite.build t0
         rm -rf "$tmp"
