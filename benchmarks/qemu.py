@@ -42,35 +42,26 @@ def qemu_missing() -> str | None:
 
 
 class _Qmp:
-    """A minimal synchronous QMP client (the ``qemu.qmp`` library's legacy one)."""
+    """The guest kit's QMP client with its errors as :class:`BenchError`."""
 
     def __init__(self, path: Path, proc: subprocess.Popen[bytes], log: Path) -> None:
-        from qemu.qmp import ConnectError
-        from qemu.qmp.legacy import QEMUMonitorProtocol
-
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise BenchError(f"QEMU exited with {proc.returncode}: {log.read_text()[-1500:]}")
-            if path.exists():
-                self.monitor = QEMUMonitorProtocol(str(path))
-                try:
-                    self.monitor.connect()
-                    break
-                except (ConnectError, OSError):
-                    self.monitor.close()
-            if time.monotonic() > deadline:
-                raise BenchError(f"no QMP socket at {path}: {log.read_text()[-1500:]}")
-            time.sleep(0.05)
-        self.monitor.settimeout(120)
-
-    def cmd(self, name: str, **arguments: Any) -> Any:
-        from qemu.qmp import QMPError
+        from fakevfio.guest import GuestError, Qmp
 
         try:
-            return self.monitor.cmd(name, **arguments)
-        except (QMPError, EOFError, OSError) as exc:
-            raise BenchError(f"QMP {name} failed: {exc!r}") from None
+            self.qmp = Qmp.connect(path, proc, log, timeout=60, reply_timeout=120)
+        except GuestError as exc:
+            raise BenchError(str(exc)) from None
+
+    def cmd(self, name: str, **arguments: Any) -> Any:
+        from fakevfio.guest import GuestError
+
+        try:
+            return self.qmp.cmd(name, **arguments)
+        except GuestError as exc:
+            raise BenchError(str(exc)) from None
+
+    def close(self) -> None:
+        self.qmp.close()
 
 
 @contextlib.contextmanager
@@ -101,8 +92,7 @@ def _qemu(mount: Mount, base: Path, tag: str, *extra: str) -> Iterator[_Qmp]:
         proc.wait(timeout=30)
     finally:
         if qmp is not None:
-            with contextlib.suppress(Exception):  # after quit: QEMU's hang-up
-                qmp.monitor.close()
+            qmp.close()  # after quit: QEMU's hang-up, which close() accepts
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)

@@ -12,7 +12,8 @@ dpkg-deb, QEMU, ``fakevfio run``); no product module imports it. Three steps:
 * :func:`boot` runs it in QEMU (TCG, or KVM when it works), under ``fakevfio
   run`` with a mount's devices as ``-device vfio-pci``; the :class:`Guest` has
   the console (:meth:`Guest.wait_for_line`, :meth:`Guest.expect_success`) and
-  QMP (:meth:`Guest.cmd`, through ``qemu.qmp``).
+  QMP (:meth:`Guest.cmd`, through :class:`Qmp`, the one QMP client here, on ``qemu.qmp``;
+  the QEMU tests and benchmark use it too).
 * :func:`migrate` live-migrates a guest into a destination booted with
   ``incoming=True`` and returns QEMU's statistics (:class:`MigrationStats`).
 
@@ -39,6 +40,7 @@ end; the pytest plugin's ``vfio_guest`` fixture is one, with the skip rules
 from __future__ import annotations
 
 from fakevfio.guest._cpio import Entry, newc_archive
+from fakevfio.guest._errors import GuestError, GuestTimeout
 from fakevfio.guest._image import (
     BUSYBOX_PACKAGE,
     EXIT_PREFIX,
@@ -56,8 +58,6 @@ from fakevfio.guest._migrate import MigrationError, MigrationStats, migrate
 from fakevfio.guest._qemu import (
     DEFAULT_VFIO_OPTIONS,
     Guest,
-    GuestError,
-    GuestTimeout,
     boot,
     choose_accel,
     kvm_usable,
@@ -65,6 +65,7 @@ from fakevfio.guest._qemu import (
     qemu_binary,
     qemu_missing_reason,
 )
+from fakevfio.guest._qmp import Qmp, QmpCommandError, QmpConnectionError
 from fakevfio.guest._session import GuestSession, MountLike
 
 __all__ = [
@@ -85,6 +86,9 @@ __all__ = [
     "MigrationStats",
     "MountLike",
     "Package",
+    "Qmp",
+    "QmpCommandError",
+    "QmpConnectionError",
     "boot",
     "build_image",
     "choose_accel",

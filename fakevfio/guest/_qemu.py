@@ -9,7 +9,7 @@ iommufd cdev path: a shell inside the namespace opens ``/dev/iommu`` as fd 3 and
 ``/dev/vfio/devices/vfioN`` (the device's ``info`` names N) as fd 4, 5, ..., then
 execs QEMU with ``-object iommufd,fd=3`` and ``-device vfio-pci,id=NAME,fd=4,...``.
 QEMU's and the supervisor's output go to ``WORKDIR/NAME.log``. QMP is the
-``qemu.qmp`` library's synchronous ``QEMUMonitorProtocol``.
+:class:`~fakevfio.guest.Qmp` (on the ``qemu.qmp`` library's synchronous client).
 
 Rule 1: :meth:`Guest.wait_for_line` looks at complete console lines after the
 line of its previous match (so successive waits walk the console forward) and
@@ -46,10 +46,10 @@ from pathlib import Path
 from typing import Any, NoReturn, Protocol
 
 import attrs
-from qemu.qmp import ConnectError
-from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from fakevfio.guest._errors import GuestError, GuestTimeout
 from fakevfio.guest._image import EXIT_PREFIX, READY_LINE, GuestImage
+from fakevfio.guest._qmp import Qmp
 
 DEFAULT_QEMU = "qemu-system-x86_64"
 TAIL_LINES = 40
@@ -61,14 +61,6 @@ _POLL_S = 0.05
 class _HasPath(Protocol):
     @property
     def path(self) -> Path: ...
-
-
-class GuestError(RuntimeError):
-    """The guest or its QEMU did not do what was expected (the message has the tails)."""
-
-
-class GuestTimeout(GuestError, TimeoutError):
-    """A wait on the guest ran out of time."""
 
 
 def qemu_binary() -> str:
@@ -147,7 +139,7 @@ class Guest:
     workdir: Path
     sockets: Path  # a short directory for the QMP and migration sockets
     process: subprocess.Popen[bytes]
-    qmp: QEMUMonitorProtocol
+    qmp: Qmp
     _cursor: int = 0
 
     # -- the console ---------------------------------------------------------------
@@ -224,7 +216,7 @@ class Guest:
 
     # -- QMP -----------------------------------------------------------------------
     def cmd(self, name: str, **arguments: Any) -> Any:
-        """One QMP command; its ``return`` value (``qemu.qmp.ExecuteError`` on an error)."""
+        """One QMP command; its ``return`` value (:class:`QmpCommandError` on QEMU's refusal)."""
         return self.qmp.cmd(name, **arguments)
 
     def status(self) -> str:
@@ -250,8 +242,7 @@ class Guest:
             self.fail(f"QEMU did not exit within {timeout:g} s of quit")
 
     def _stop(self) -> None:
-        with contextlib.suppress(Exception):
-            self.qmp.close()
+        self.qmp.close()
         if self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
@@ -301,28 +292,6 @@ def qemu_argv(
     if incoming:
         argv += ["-incoming", "defer"]
     return [*argv, *extra_args]
-
-
-def _connect(path: Path, process: subprocess.Popen[bytes], log: Path, timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        if process.poll() is not None:
-            raise GuestError(
-                f"QEMU exited with status {process.returncode} before its QMP socket "
-                f"{path} came up\n--- QEMU log ({log}) ---\n{_tail(log, 60)}"
-            )
-        if path.exists():
-            qmp = QEMUMonitorProtocol(str(path))
-            try:
-                qmp.connect()
-            except (ConnectError, OSError):
-                qmp.close()
-            else:
-                qmp.settimeout(60)
-                return qmp
-        if time.monotonic() > deadline:
-            raise GuestTimeout(f"no QMP socket {path} after {timeout:g} s\n{_tail(log, 60)}")
-        time.sleep(_POLL_S)
 
 
 @contextlib.contextmanager
@@ -393,7 +362,7 @@ def boot(
         )
     guest: Guest | None = None
     try:
-        qmp = _connect(qmp_path, process, log, timeout=30)
+        qmp = Qmp.connect(qmp_path, process, log, timeout=30)
         guest = Guest(
             name=name,
             console_path=console,

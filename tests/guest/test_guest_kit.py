@@ -34,6 +34,8 @@ from fakevfio.guest import (
     GuestError,
     GuestSession,
     GuestTimeout,
+    Qmp,
+    QmpCommandError,
     boot,
     build_image,
     default_cache_dir,
@@ -200,6 +202,27 @@ def test_failing_guest_reports_its_console_tail(session: GuestSession) -> None:
     assert "guest-side detail" in str(timed_out.value)
     lines = guest.console_lines()
     assert lines.index(READY_LINE) < lines.index(f"{EXIT_PREFIX}3")
+    # QEMU's refusal of a QMP command comes back with QEMU's own error class.
+    with pytest.raises(QmpCommandError) as refused:
+        guest.cmd("fakevfio-no-such-command")
+    assert refused.value.error_class == "CommandNotFound"
+    assert "fakevfio-no-such-command" in str(refused.value)
+    assert guest.status() == "running"  # the connection survives a refused command
+
+
+@pytest.mark.usefixtures("_need_guest")
+def test_qmp_connect_fails_at_once_with_qemus_log_when_qemu_exits(tmp_path: Path) -> None:
+    log = tmp_path / "qemu.log"
+    with open(log, "wb") as out:
+        qemu = os.environ.get("FAKEVFIO_QEMU", "qemu-system-x86_64")
+        process = subprocess.Popen([qemu, "-fakevfio-bad-option"], stdout=out, stderr=out)
+    started = time.monotonic()
+    with pytest.raises(GuestError) as failed:
+        Qmp.connect(tmp_path / "qmp", process, log, timeout=30)
+    assert time.monotonic() - started < 10  # not the 30 s timeout
+    message = str(failed.value)
+    assert f"QEMU exited with status {process.returncode}" in message
+    assert "fakevfio-bad-option" in message  # QEMU's own complaint, from its log
 
 
 def _await_state(mount: MountHandle, name: str, state: str, timeout: float = 10.0) -> None:
