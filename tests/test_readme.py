@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -152,3 +153,41 @@ def test_readme_demo_block_is_what_make_demo_prints() -> None:
     for line in shown.splitlines():
         pattern = digest.join(re.escape(part) for part in re.split(digest, line))
         assert any(re.fullmatch(pattern, p) for p in printed), (line, ran.stdout)
+
+
+@pytest.mark.fuse
+@pytest.mark.deadline(120)
+def test_users_guide_downtime_example_runs_as_written(tmp_path: Path) -> None:
+    guide = (ROOT / "docs" / "users.md").read_text()
+    start = guide.index("\n## 3. Someone measuring downtime\n")
+    blocks = re.findall(r"^```sh\n(.*?)^```$", guide[start:], flags=re.MULTILINE | re.DOTALL)
+    example = next(b for b in blocks if "migrator migrate" in b)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # Smaller devices (the example's 1G would take a minute of CI), a free port, tmp paths.
+    script = (
+        example.replace("size=1G", "size=32M")
+        .replace("127.0.0.1:4444", f"127.0.0.1:{port}")
+        .replace("/tmp/src", str(tmp_path / "src"))
+        .replace("/tmp/dst", str(tmp_path / "dst"))
+    )
+    (tmp_path / "src").mkdir()
+    (tmp_path / "dst").mkdir()
+    bindir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
+    try:
+        ran = subprocess.run(
+            ["bash", "-c", script], env=env, capture_output=True, text=True, timeout=90
+        )
+    finally:
+        for side in ("src", "dst"):
+            if os.path.ismount(tmp_path / side):
+                subprocess.run(["fusermount3", "-u", "-z", str(tmp_path / side)], check=False)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    reports = [json.loads(line) for line in ran.stdout.splitlines() if line.startswith("{")]
+    assert len(reports) == 2, ran.stdout  # the destination's and the source's --json
+    assert [r["status"] for r in reports] == ["completed", "completed"], reports
+    source = max(reports, key=lambda r: r["downtime_ms"])
+    assert source["downtime_ms"] > 0
+    assert source["devices"]["gpu0/vfio"]["total_bytes"] > 32 << 20
