@@ -2,7 +2,10 @@
 
 :class:`ReturnPath` reads the destination's messages off the main connection
 through the main-channel :class:`migrator._protocol.main.SourceProtocol`: a
-SWITCHOVER_ACK sets :attr:`ReturnPath.acked`; SHUT records the destination's
+SWITCHOVER_ACK answers a request in :attr:`ReturnPath.ack` (the pure
+:class:`migrator._protocol.switchover_ack.SourceSwitchoverAck`, QEMU 10.x's or
+11.1's accounting) and :attr:`ReturnPath.acked` is set while no request is
+unanswered (a new request replaces it with an unset event); SHUT records the destination's
 status and ends the reader (a non-zero status fails the migration at once). A
 broken or closed connection is remembered and raised by :meth:`ReturnPath.check`,
 which :class:`migrator.source.Source` calls between pre-copy iterations and when
@@ -16,6 +19,7 @@ import trio
 
 from migrator._protocol import events as ev
 from migrator._protocol.main import SourceProtocol
+from migrator._protocol.switchover_ack import SourceSwitchoverAck
 from migrator.errors import ChannelBrokenError, FramingError, MigrationError, RemoteProtocolError
 
 
@@ -25,6 +29,7 @@ class ReturnPath:
 
     main: trio.abc.Stream
     proto: SourceProtocol
+    ack: SourceSwitchoverAck = attrs.field(factory=lambda: SourceSwitchoverAck(legacy=True))
     acked: trio.Event = attrs.field(factory=trio.Event)
     shut: int | None = None
     shut_event: trio.Event = attrs.field(factory=trio.Event)
@@ -50,7 +55,9 @@ class ReturnPath:
                     if event is ev.NEED_DATA:
                         break
                     if isinstance(event, ev.SwitchoverAck):
-                        self.acked.set()
+                        self.ack.acked()
+                        if self.ack.can_switchover:
+                            self.acked.set()
                     elif isinstance(event, ev.Shut):
                         self.shut = event.status
                         self.shut_event.set()
@@ -69,6 +76,16 @@ class ReturnPath:
         except ChannelBrokenError as exc:
             self.error = exc
             self.shut_event.set()
+
+    def request_ack(self, idstr: str) -> None:
+        """``idstr`` asks for a SWITCHOVER_ACK (QEMU 11.1): the switchover waits for it."""
+        self.ack.request(idstr)
+        if self.acked.is_set():
+            self.acked = trio.Event()
+
+    def ack_not_needed(self) -> None:
+        """No ACK to wait for: no return path, switchover-ack off, or nobody asked."""
+        self.acked.set()
 
     async def wait_shut(self, phase: str) -> None:
         # No deadline here: the destination may still be loading a large state;

@@ -22,7 +22,7 @@ import trio
 
 from migrator._progress import TerminalProgress
 from migrator.backend import DeviceBackend, FakeVfioBackend
-from migrator.config import MigrationConfig, MultifdTransfer
+from migrator.config import MigrationConfig, MultifdTransfer, QemuCompat
 from migrator.destination import Destination
 from migrator.errors import ConfigurationError, DeviceOpError, MigrationError
 from migrator.source import Source, migrate
@@ -91,6 +91,7 @@ def _config(args: argparse.Namespace) -> MigrationConfig:
             multifd_channels=args.multifd_channels,
             multifd_transfer=MultifdTransfer(args.multifd_transfer),
             switchover_ack=args.switchover_ack == "on",
+            qemu_compat=QemuCompat(args.qemu_compat),
             downtime_limit_ms=args.downtime_limit,
             max_queued_bytes=parse_size(args.max_queued_bytes, what="--max-queued-bytes"),
             max_bandwidth=parse_size(args.max_bandwidth, what="--max-bandwidth"),
@@ -136,6 +137,15 @@ def _parser() -> argparse.ArgumentParser:
             choices=["on", "off"],
             default="on" if live else None,
             help="wait for the destination's switchover-ack (default: on; live only)",
+        )
+        p.add_argument(
+            "--qemu-compat",
+            choices=[c.value for c in QemuCompat],
+            default=QemuCompat.V10_0.value if live else None,
+            help="switchover-ack as which QEMU does it: 10.0 = one ACK for all devices "
+            "(QEMU 10.x, and 11.1 on machine types <= 11.0); 11.1 = one per INIT_DATA_SENT, "
+            "again after a REINIT (QEMU 11.1's own machine types); both sides must agree "
+            "(default: 10.0; live only)",
         )
         p.add_argument(
             "--downtime-limit",
@@ -232,6 +242,7 @@ _LIVE_ONLY = (
     ("multifd_channels", "--multifd-channels"),
     ("switchover_ack", "--switchover-ack"),
     ("peer_timeout", "--peer-timeout"),
+    ("qemu_compat", "--qemu-compat"),
 )
 
 
@@ -247,6 +258,7 @@ def _refuse_inapplicable(args: argparse.Namespace) -> None:
             "(migrate/incoming); remove it"
         )
     args.multifd_channels, args.switchover_ack, args.peer_timeout = 0, "off", 30.0
+    args.qemu_compat = QemuCompat.V10_0.value
 
 
 class Interrupted(MigrationError):

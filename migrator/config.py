@@ -12,6 +12,30 @@ DATA_BUFFER_BYTES = 1 << 20
 MAX_MULTIFD_CHANNELS = 64
 
 
+class QemuCompat(enum.Enum):
+    """Which QEMU's switchover-ack mechanism to follow (``--qemu-compat``).
+
+    ``V10_0``: QEMU 10.x, and QEMU 11.1 on machine types up to 11.0 (its
+    ``switchover-ack-legacy=on``): the destination counts its pre-copy devices,
+    sends one SWITCHOVER_ACK when each sent INIT_DATA_SENT (at OPEN_RETURN_PATH
+    when it has none), and the source waits for that one ACK.
+    ``V11_1``: QEMU 11.1 on its own machine types (``switchover-ack-legacy=off``):
+    every pre-copy device asks for an ACK, again after a VFIO_PRECOPY_INFO_REINIT
+    once its INIT_DATA_SENT went, and sends INIT_DATA_SENT again; the destination
+    answers each INIT_DATA_SENT with one SWITCHOVER_ACK and nothing else; the
+    source switches over when every request was answered (none asked: at once).
+    See docs/qemu-versions.md for the recorded bytes.
+    """
+
+    V10_0 = "10.0"
+    V11_1 = "11.1"
+
+    @property
+    def switchover_ack_legacy(self) -> bool:
+        """QEMU 11.1's ``switchover-ack-legacy`` migration property."""
+        return self is QemuCompat.V10_0
+
+
 class MultifdTransfer(enum.Enum):
     """``x-migration-multifd-transfer``: ON, OFF or AUTO."""
 
@@ -37,6 +61,8 @@ class MigrationConfig:
     )
     multifd_transfer: MultifdTransfer = MultifdTransfer.AUTO
     switchover_ack: bool = True
+    #: The switchover-ack mechanism of which QEMU (both sides must agree).
+    qemu_compat: QemuCompat = QemuCompat.V10_0
     downtime_limit_ms: int = attrs.field(default=300, validator=attrs.validators.ge(1))
     max_queued_bytes: int = attrs.field(
         default=DEFAULT_MAX_QUEUED_BYTES, validator=attrs.validators.ge(DATA_BUFFER_BYTES + 64)

@@ -259,6 +259,7 @@ class Destination:
             multifd=self.multifd,
             config_sizes=sizes,
             load_config_after_iter=self.load_config_after_iter,
+            switchover_ack_legacy=self.config.qemu_compat.switchover_ack_legacy,
         )
         proto = DestinationProtocol(settings, max_data_chunk=WRITE_BATCH_BYTES)
         self._proto = proto
@@ -342,7 +343,7 @@ class Destination:
                     current = None
                 case _:
                     pass
-            if proto.ack_due and self._rp:
+            while proto.ack_due and self._rp:
                 await self._send_rp(proto.send(ev.SwitchoverAck()))
         if self.multifd:
             await self._multifd.wait_loads()

@@ -63,6 +63,7 @@ from migrator._multifd_send import MultifdSend
 from migrator._protocol import events as ev
 from migrator._protocol.convergence import Convergence, Decision
 from migrator._protocol.main import SourceProtocol
+from migrator._protocol.switchover_ack import SourceSwitchoverAck
 from migrator._return_path import ReturnPath
 from migrator._source_device import (
     Dev,
@@ -162,7 +163,10 @@ class Source:
         #: The main-channel protocol: every main-channel event is sent through it
         #: (so it checks the order) and the return path is read by it.
         self._proto = SourceProtocol()
-        self._rp = ReturnPath(main, self._proto)
+        legacy = config.qemu_compat.switchover_ack_legacy
+        self._rp = ReturnPath(main, self._proto, ack=SourceSwitchoverAck(legacy=legacy))
+        #: QEMU 11.1's mechanism is in use: pre-copy devices ask for their ACKs.
+        self._ack_requests = return_path and config.switchover_ack and not legacy
         #: Devices opted in to PRECOPY_INFOv2 (by id), and those with re-initialised
         #: initial data not read yet.
         self._precopy_v2: set[int] = set()
@@ -293,8 +297,17 @@ class Source:
                 ev.MarkerEvent(sid, Marker.END_OF_STATE),
                 ev.SectionFooter(sid),
             )
-        if not self.return_path or not self.config.switchover_ack:
-            self._rp.acked.set()
+        if self._ack_requests:
+            # QEMU 11.1: each pre-copy device asks for its ACK when pre-copy starts
+            # (its first pending query: "request switchover ack 1"); none asked, none
+            # comes: a 11.1 destination sends no ACK at OPEN_RETURN_PATH.
+            for dev in self.devs:
+                if dev.state in PRECOPY_STATES:
+                    self._rp.request_ack(dev.idstr)
+            if self._rp.ack.can_switchover:
+                self._rp.ack_not_needed()
+        elif not self.return_path or not self.config.switchover_ack:
+            self._rp.ack_not_needed()
 
     async def _refresh_precopy(self, dev: Dev) -> None:
         dev.init_size = dev.dirty_size = 0
@@ -314,6 +327,11 @@ class Source:
             dirty = 0
             if init:
                 self._reinit_pending.add(id(dev))
+            if self._ack_requests and dev.init_sent:
+                # QEMU 11.1: a re-initialisation after INIT_DATA_SENT asks for a new
+                # ACK, and INIT_DATA_SENT goes again once the new initial data went.
+                dev.init_sent = False
+                self._rp.request_ack(dev.idstr)
         dev.init_size, dev.dirty_size = init, dirty
         if not init:
             self._reinit_pending.discard(id(dev))

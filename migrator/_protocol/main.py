@@ -39,9 +39,13 @@ Rule 5 (destination): with a migration UUID the CONFIGURATION record must come
         multifd mode, when the option is off and the second time, as QEMU's
         vfio_load_state_config_load_ready does, and with the option on every
         device must have had one by EndOfFile (where QEMU would wait for ever,
-        this side fails); INIT_DATA_SENT needs switchover-ack and a pre-copy device, at
-        most once per such device. SWITCHOVER_ACK is due when the last of them
-        arrived (or at OpenReturnPath when there are none): see ``ack_due``.
+        this side fails); INIT_DATA_SENT needs switchover-ack and a pre-copy device.
+        Legacy switchover-ack (QEMU 10.x; ``switchover_ack_legacy``): at most once
+        per such device, and one SWITCHOVER_ACK is due when the last of them
+        arrived (or at OpenReturnPath when there are none). QEMU 11.1's
+        mechanism: INIT_DATA_SENT may come again (after a REINIT) and every
+        one makes one SWITCHOVER_ACK due; none is due at OpenReturnPath. See
+        ``ack_due``.
         The source starts every device's section in its setup phase, so the
         first event past those starts (a PART or END section, or
         SwitchoverStart) finds every device of ours started: a device the
@@ -368,6 +372,8 @@ class DestinationSettings:
         load_config_after_iter: QEMU 10.1's ``x-migration-load-config-after-iter``
             resolved on: in multifd mode each device's config is loaded only
             after its DEV_CONFIG_LOAD_READY (see ``config_load_ready``).
+        switchover_ack_legacy: QEMU 10.x's switchover-ack accounting (one ACK for
+            all devices); False: QEMU 11.1's (one ACK per INIT_DATA_SENT), Rule 5.
     """
 
     idstrs: Collection[str]
@@ -376,6 +382,7 @@ class DestinationSettings:
     multifd: bool = False
     config_sizes: Mapping[str, int] = attrs.field(factory=dict)
     load_config_after_iter: bool = False
+    switchover_ack_legacy: bool = True
 
 
 class DestinationProtocol:
@@ -395,7 +402,7 @@ class DestinationProtocol:
         self._precopy: frozenset[str] | None = None
         self._init_sent: set[str] = set()
         self._ack_pending = 0
-        self._ack_due = False
+        self._acks_due = 0
         self._seen: set[str] = set()
         self._setup_checked = False
         self._switchover_started = False
@@ -411,12 +418,14 @@ class DestinationProtocol:
 
     @property
     def ack_due(self) -> bool:
-        """SWITCHOVER_ACK should be sent now (and is not sent yet)."""
-        return self._ack_due
+        """A SWITCHOVER_ACK should be sent now (and is not sent yet)."""
+        return self._acks_due > 0
 
     def awaiting_init_data(self) -> list[str]:
         """Our pre-copy devices whose INIT_DATA_SENT the switchover-ack still waits for."""
-        if not self.settings.switchover_ack or self._ack_pending <= 0:
+        if not self.settings.switchover_ack:
+            return []
+        if self.settings.switchover_ack_legacy and self._ack_pending <= 0:
             return []
         return sorted((self._precopy or frozenset()) - self._init_sent)
 
@@ -435,7 +444,7 @@ class DestinationProtocol:
     def devices_ready(self, precopy_idstrs: Collection[str]) -> None:
         """Our devices are RESUMING; ``precopy_idstrs`` support PRE_COPY (Rule 5)."""
         self._precopy = frozenset(precopy_idstrs)
-        if self.settings.switchover_ack:
+        if self.settings.switchover_ack and self.settings.switchover_ack_legacy:
             self._ack_pending = len(self._precopy)
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
@@ -466,9 +475,9 @@ class DestinationProtocol:
         try:
             if isinstance(event, ev.SwitchoverAck):
                 self._t.rp(event, remote=False)
-                if not self._ack_due:
+                if not self._acks_due:
                     raise LocalProtocolError("SWITCHOVER_ACK is not due")
-                self._ack_due = False
+                self._acks_due -= 1
                 return wire.encode_rp_switchover_ack()
             self._t.rp(event, remote=False)
             if isinstance(event, ev.Pong):
@@ -510,7 +519,8 @@ class DestinationProtocol:
             self._check_all_started()
         match event:
             case ev.OpenReturnPath():
-                self._ack_due = s.switchover_ack and self._ack_pending == 0
+                if s.switchover_ack and s.switchover_ack_legacy and self._ack_pending == 0:
+                    self._acks_due = 1
             case ev.SwitchoverStart():
                 self._switchover_started = True
             case ev.SectionStart() | ev.SectionFull():
@@ -562,13 +572,20 @@ class DestinationProtocol:
                 raise RemoteProtocolError(
                     "Received INIT_DATA_SENT but switchover ack is not used", device=idstr
                 )
+            self._init_sent.add(idstr)
+            if not self.settings.switchover_ack_legacy:
+                # QEMU 11.1: every INIT_DATA_SENT is approved with its own ACK.
+                self._acks_due += 1
+                return
             if self._ack_pending <= 0:
                 raise RemoteProtocolError(
-                    "switchover approved more times than needed", device=idstr
+                    "switchover approved more times than needed (a QEMU 11.1 source sends "
+                    "INIT_DATA_SENT again after a REINIT: use --qemu-compat 11.1)",
+                    device=idstr,
                 )
             self._ack_pending -= 1
-            self._init_sent.add(idstr)
-            self._ack_due = self._ack_pending == 0
+            if self._ack_pending == 0:
+                self._acks_due = 1
         if marker is Marker.DEV_CONFIG_LOAD_READY:
             if not multifd:
                 why = "outside multifd transfer"
