@@ -413,6 +413,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             logger.exception("failed")
         print(f"fakevfio: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader left (`fakevfio drivers --json | head`): end quietly, as a C tool
+        # killed by SIGPIPE does (status 128 + 13), and keep Python's exit-time flush of
+        # stdout from reporting the same broken pipe again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     parser.error(f"unknown command {args.command}")  # pragma: no cover - argparse checks
 
 
