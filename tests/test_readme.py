@@ -10,6 +10,7 @@ not ours: bash, pip's build of the snippet's ``pyproject.toml``, pytest.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -73,8 +74,8 @@ def test_readme_tour_runs_as_pasted(tmp_path: Path) -> None:
             command = f"export PATH={shlex.quote(str(bindir))}:$PATH"  # not a venv here
         elif command == "source .venv/bin/activate":
             command = f"source {shlex.quote(str(activate))}"
-        out = tmp_path / f"line{index}"
-        script.append(f"{{ {command}\n}} >{out}.out 2>{out}.err; echo $? >{out}.rc")
+        prefix = tmp_path / f"line{index}"
+        script.append(f"{{ {command}\n}} >{prefix}.out 2>{prefix}.err; echo $? >{prefix}.rc")
         checks.append((index, line, comment))
     try:
         subprocess.run(["bash", "-c", "\n".join(script)], cwd=ROOT, timeout=90, check=True)
@@ -89,7 +90,7 @@ def test_readme_tour_runs_as_pasted(tmp_path: Path) -> None:
         if comment.startswith("fails: "):
             errno_name = comment.removeprefix("fails: ").split(",")[0]
             assert rc != 0, f"{where} succeeded; README says it fails with {errno_name}"
-            assert os.strerror(getattr(__import__("errno"), errno_name)) in err, (where, err)
+            assert os.strerror(getattr(errno, errno_name)) in err, (where, err)
             continue
         assert rc == 0, f"{where} exited {rc}: {err}"
         if comment.startswith("-> "):
