@@ -21,6 +21,7 @@ import attrs
 
 from fakevfio._libc import SYS_KCMP, syscall
 from fakevfio._process import pidfd_getfd, pidfd_open, read_mem, write_mem
+from fakevfio._run._fileid import FileId, file_id
 from fakevfio._run._iommufd import Context, Type1
 from fakevfio._run._nodes import NodeKind
 from fakevfio.errors import IoctlError
@@ -143,12 +144,12 @@ class HeldFiles:
         """Hold a file the supervisor opened itself (a device fd, a data_fd)."""
         self.files.append(file)
 
-    def stat_fd(self, pid: int, fd: int) -> os.stat_result:
+    def stat_fd(self, pid: int, fd: int) -> FileId:
         """What ``pid``'s ``fd`` is: EBADF if not open, PassThrough if not ours to know."""
         if fd >= 1 << 31:
             raise IoctlError(errno.EBADF)
         try:
-            return os.stat(f"/proc/{pid}/fd/{fd}")
+            return file_id(f"/proc/{pid}/fd/{fd}")
         except FileNotFoundError:
             raise IoctlError(errno.EBADF, f"fd {fd} is not open") from None
         except OSError as exc:

@@ -35,7 +35,7 @@ from fakevfio._run._nodes import DeviceInfo, NodeKind
 from fakevfio.errors import IoctlError
 from vfio_uapi import abi as uapi
 from vfio_uapi.errors import IllegalTransition
-from vfio_uapi.fsm import PRECOPY_STATES, State, arcs_session_change, path
+from vfio_uapi.fsm import NEW_SESSION_ARCS, PRECOPY_STATES, State, arcs_session_change, path
 
 if TYPE_CHECKING:
     from fakevfio._run._vfio import Call, Vfio
@@ -136,11 +136,7 @@ def _feature(vfio: Vfio, call: Call, dev: DeviceInfo) -> int:
         return _dma_ioctls.logging_feature(vfio, call, dev, index, flags, argsz)
     if index == uapi.VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOV2:
         return _precopy_info_v2(vfio, call, dev, flags)
-    ops = {
-        uapi.VFIO_DEVICE_FEATURE_MIGRATION: get,
-        uapi.VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE: get | set_,
-        uapi.VFIO_DEVICE_FEATURE_MIG_DATA_SIZE: get,
-    }.get(index)
+    ops = _FEATURE_OPS.get(index)
     if ops is None:
         # no logging ops on emulated devices; unknown features: vfio-pci says ENOTTY
         raise IoctlError(errno.ENOTTY, f"feature {index} not supported")
@@ -191,42 +187,65 @@ def precopy_v2(vfio: Vfio, device: str) -> bool:
     return any(f.device == device for f in vfio.files.files if f in _PRECOPY_V2)
 
 
+#: The targets a SET can open a session (a data_fd) on: those of the new-session arcs.
+_OPENING_TARGETS = frozenset(int(arc[1]) for arc in NEW_SESSION_ARCS)
+
+
+def _live_data_fd(vfio: Vfio, device: str) -> bool:
+    """Whether the supervisor holds a data_fd of ``device``'s live session."""
+    live = vfio.nodes.generation.get(device, 0)
+    return any(
+        f.kind is NodeKind.DATA and f.device == device and f.generation == live
+        for f in vfio.files.files
+    )
+
+
 def _set_state(vfio: Vfio, call: Call, dev: DeviceInfo, raw: bytes) -> int:
+    """SET MIG_DEVICE_STATE: one write of ``migration/state``, then the session's data_fd.
+
+    The state before the request only tells which arcs ran, and that matters
+    only if they may open a session (the target is one a new-session arc ends
+    in) or end one whose data_fd the supervisor holds; otherwise (RUNNING <->
+    STOP with no transfer under way, QEMU's every pause and resume) it is not
+    read: one FUSE request instead of two.
+    """
     nodes = vfio.nodes
     payload = call.arg + 8
     target_no, _fd = uapi.FEATURE_MIG_STATE.unpack(raw)
-    call.mem.write(payload, raw)  # EFAULT now rather than after the state changed
     no_fd = uapi.FEATURE_MIG_STATE.pack(target_no, -1)
-    before = nodes.state(dev.name)
-    arcs: list[tuple[State, State]] = []
-    if target_no < uapi.VFIO_DEVICE_STATE_NR:
-        with contextlib.suppress(IllegalTransition):
-            arcs = path(before, State(target_no), dev.flags)
+    # EFAULT now rather than after the state changed; what the kernel leaves there
+    # (vfio_ioctl_device_feature_mig_device_state) unless a data_fd is returned
+    call.mem.write(payload, no_fd)
+    arcs: list[tuple[State, State]] | None = None
+    if target_no in _OPENING_TARGETS or _live_data_fd(vfio, dev.name):
+        before = nodes.state(dev.name)
+        arcs = []
+        if target_no < uapi.VFIO_DEVICE_STATE_NR:
+            with contextlib.suppress(IllegalTransition):
+                arcs = path(before, State(target_no), dev.flags)
     try:
         nodes.write_text(dev.name, ("migration", "state"), f"{target_no}\n")
     except IoctlError:
-        call.mem.write(payload, no_fd)
-        with contextlib.suppress(IoctlError):
-            reached = nodes.state(dev.name)
-            done = []
-            for arc in arcs:
-                if arc[0] == reached:
-                    break
-                done.append(arc)
-            if arcs_session_change(done).ends:
-                nodes.end_session(dev.name)
+        if arcs:
+            with contextlib.suppress(IoctlError):
+                reached = nodes.state(dev.name)
+                done = []
+                for arc in arcs:
+                    if arc[0] == reached:
+                        break
+                    done.append(arc)
+                if arcs_session_change(done).ends:
+                    nodes.end_session(dev.name)
         raise
-    change = arcs_session_change(arcs)
+    change = arcs_session_change(arcs or ())
     if change.ends:
         nodes.end_session(dev.name)
     if not change.opens:
-        call.mem.write(payload, no_fd)
         return 0
     mode = os.O_WRONLY if change.writable else os.O_RDONLY
     try:
         fd = os.open(nodes.dev_path(dev.name, "migration", "data"), mode | os.O_CLOEXEC)
     except OSError as exc:
-        call.mem.write(payload, no_fd)
         raise IoctlError(exc.errno or errno.EIO, "open migration/data") from None
     try:
         newfd = call.install_fd(fd, False)
@@ -281,6 +300,14 @@ def data_ioctl(vfio: Vfio, call: Call, ino: int, device: str | None) -> int:
     return 0
 
 
+#: vfio_check_feature()'s allowed ops of the migration features
+_FEATURE_OPS = {
+    uapi.VFIO_DEVICE_FEATURE_MIGRATION: uapi.VFIO_DEVICE_FEATURE_GET,
+    uapi.VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE: (
+        uapi.VFIO_DEVICE_FEATURE_GET | uapi.VFIO_DEVICE_FEATURE_SET
+    ),
+    uapi.VFIO_DEVICE_FEATURE_MIG_DATA_SIZE: uapi.VFIO_DEVICE_FEATURE_GET,
+}
 _DEVICE_IOCTLS: dict[int, _Handler] = {
     uapi.VFIO_DEVICE_GET_INFO: _get_info,
     uapi.VFIO_DEVICE_GET_REGION_INFO: _get_region_info,

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import attrs
 
+from fakevfio._run._fileid import file_id
 from fakevfio.errors import IoctlError
 from vfio_uapi.fsm import MigFlags, State
 
@@ -69,6 +70,8 @@ class MountNodes:
     generation: dict[str, int] = attrs.Factory(dict)
     #: kept-open device files: (device, path, open flags) -> (fd, inode)
     held: dict[tuple[str, tuple[str, ...], int], tuple[int, int]] = attrs.Factory(dict)
+    #: the paths of the kept-open files, by the same key (no path building per use)
+    _paths: dict[tuple[str, tuple[str, ...], int], str] = attrs.Factory(dict)
 
     @classmethod
     def open(cls, mountpoint: str | Path) -> MountNodes:
@@ -151,14 +154,17 @@ class MountNodes:
     def _held(self, name: str, rel: tuple[str, ...], flags: int) -> int:
         """A kept-open fd of the device file (Rule: one FUSE request per operation).
 
-        The file's inode is checked on every use with ``stat`` (answered from the
-        kernel's dentry and attribute caches, which the mount invalidates when a
-        device is created or removed): a removed device fails as an ``open`` would,
-        and a device re-created under the same name gets a fresh fd.
+        The file's inode is checked on every use with ``statx`` of the path (the
+        kernel's dentry and inode caches answer it: :mod:`._fileid`; the mount
+        invalidates the entries when a device is created or removed): a removed
+        device fails as an ``open`` would, and a device re-created under the same
+        name gets a fresh fd.
         """
-        path = self.dev_path(name, *rel)
-        ino = os.stat(path).st_ino
         key = (name, rel, flags)
+        path = self._paths.get(key)
+        if path is None:
+            path = self._paths[key] = os.fspath(self.dev_path(name, *rel))
+        ino = file_id(path, cached=True).st_ino
         held = self.held.get(key)
         if held is not None:
             if held[1] == ino:

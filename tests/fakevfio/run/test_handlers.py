@@ -345,6 +345,54 @@ def test_set_state_opens_a_data_fd_and_precopy_info_checks(env: Env) -> None:
     assert c.err(data, precopy, uapi.PRECOPY_INFO.pack(24, 0, 0, 0)) == errno.ENODEV
 
 
+def test_set_state_ends_the_session_of_a_held_data_fd_without_reading_state_otherwise(
+    env: Env,
+) -> None:
+    """SET reads the state before only when the arcs can matter; a held data_fd's do."""
+    c = env.caller
+    dev, _iommu, _ioas = _bound(env)
+    feat, state = uapi.VFIO_DEVICE_FEATURE, uapi.VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE
+    state_file = env.mount / "devices" / "gpu0" / "migration" / "state"
+
+    def set_state(target: int) -> tuple[int, ...]:
+        assert c.ioctl(dev, feat, struct.pack("<IIIi", 16, F_SET | state, target, 7)) == 0
+        return c.out(8, "<Ii")
+
+    # no session: RUNNING <-> STOP answer {target, -1} and move the device
+    assert set_state(uapi.VFIO_DEVICE_STATE_STOP) == (uapi.VFIO_DEVICE_STATE_STOP, -1)
+    assert state_file.read_text().strip() == "STOP"
+    assert set_state(uapi.VFIO_DEVICE_STATE_RUNNING) == (uapi.VFIO_DEVICE_STATE_RUNNING, -1)
+    assert state_file.read_text().strip() == "RUNNING"
+    pre_copy = uapi.VFIO_DEVICE_STATE_PRE_COPY
+    _, data = set_state(pre_copy)
+    assert data >= 0
+    # PRE_COPY -> RUNNING ends the session of the held data_fd ...
+    assert set_state(uapi.VFIO_DEVICE_STATE_RUNNING) == (uapi.VFIO_DEVICE_STATE_RUNNING, -1)
+    # ... so even in a PRE_COPY the supervisor did not make, that fd is dead
+    state_file.write_text("PRE_COPY\n")
+    precopy = uapi.VFIO_MIG_GET_PRECOPY_INFO
+    assert c.err(data, precopy, uapi.PRECOPY_INFO.pack(24, 0, 0, 0)) == errno.ENODEV
+
+
+def test_kept_state_file_follows_a_removed_and_recreated_device(env: Env) -> None:
+    """The kept-open ``migration/state`` fd is checked by inode on every use (statx)."""
+    nodes = env.caller.vfio.nodes
+    device = env.mount / "devices" / "gpu0"
+    (device / "migration" / "state").write_text("STOP\n")
+    assert nodes.state("gpu0").name == "STOP"  # opens and keeps the fd
+    nodes.write_text("gpu0", ("migration", "state"), "RUNNING\n")
+    assert nodes.state("gpu0").name == "RUNNING"
+    nodes.write_text("gpu0", ("migration", "state"), "STOP\n")
+    (device / "remove").write_text("1\n")
+    with pytest.raises(IoctlError) as gone:
+        nodes.state("gpu0")
+    assert gone.value.errno == errno.ENOENT  # as an open of the path would say
+    (env.mount / "drivers" / "ram" / "create").write_text("gpu0 size=4K\n")
+    assert nodes.state("gpu0").name == "RUNNING"  # the new device, not the old fd's
+    nodes.write_text("gpu0", ("migration", "state"), "STOP\n")
+    assert (device / "migration" / "state").read_text().strip() == "STOP"
+
+
 def test_legacy_container_and_group_errno_order(env: Env) -> None:
     c = env.caller
     container = c.open(env.mount / "dev" / "vfio" / "vfio")
