@@ -219,6 +219,28 @@ def test_run_exit_status_is_the_commands(mount: Path) -> None:
     assert not Path("/dev/vfio/devices").exists() or Path("/dev/vfio").is_dir()
 
 
+def test_run_exit_status_tells_not_found_from_cannot_execute(mount: Path, tmp_path: Path) -> None:
+    """127 when COMMAND does not exist, 126 when it exists but cannot be executed (as sh)."""
+    missing = run_under(mount, str(tmp_path / "no-such-program"))
+    assert missing.returncode == 127, missing.stderr
+    assert "No such file" in missing.stderr
+    assert run_under(mount, "no-such-program-on-the-path").returncode == 127
+    not_executable = tmp_path / "data.txt"
+    not_executable.write_text("echo hi\n")  # mode 0644: EACCES
+    denied = run_under(mount, str(not_executable))
+    assert denied.returncode == 126, denied.stderr
+    assert "Permission denied" in denied.stderr
+    garbage = tmp_path / "garbage"
+    garbage.write_bytes(b"\x7fELF\x00not a real executable")  # executable bit, no format: ENOEXEC
+    garbage.chmod(0o755)
+    noexec = run_under(mount, str(garbage))
+    assert noexec.returncode == 126, noexec.stderr
+    assert run_under(mount, str(tmp_path)).returncode == 126  # a directory: EACCES
+    # the shell's statuses, which fakevfio run follows
+    assert subprocess.run(["sh", "-c", str(not_executable)], check=False).returncode == 126
+    assert subprocess.run(["sh", "-c", str(tmp_path / "no-such")], check=False).returncode == 127
+
+
 def _tables_b() -> dict[str, dict[tuple[int, int], tuple[str, str]]]:
     tables: dict[str, dict[tuple[int, int], tuple[str, str]]] = {}
     current = ""

@@ -226,6 +226,20 @@ def _enter_namespace(mountpoint: Path, stage: str, functions: Sequence[_sysfs.Pc
     mount(str(mountpoint / "dev" / "iommu"), "/dev/iommu", None, MS_BIND)
 
 
+#: The child's exit status when its own set-up (namespace, filter) failed: fakevfio
+#: run's failure, the supervisor's ``EXIT_RUN_FAILED`` (Rule 6 there).
+EXIT_SETUP_FAILED = 125
+#: COMMAND exists but cannot be executed (EACCES, ENOEXEC, ...), as shells and env say.
+EXIT_CANNOT_EXECUTE = 126
+#: COMMAND was not found (ENOENT), as shells and env say.
+EXIT_NOT_FOUND = 127
+
+
+def exec_failure_status(err: int) -> int:
+    """The exit status for an ``exec`` of COMMAND that failed with ``err`` (coreutils env's)."""
+    return EXIT_NOT_FOUND if err == errno.ENOENT else EXIT_CANNOT_EXECUTE
+
+
 def _child(
     mountpoint: Path,
     stage: str,
@@ -233,17 +247,23 @@ def _child(
     argv: Sequence[str],
     functions: Sequence[_sysfs.PciFunction],
 ) -> None:
+    status = EXIT_SETUP_FAILED
     try:
         _enter_namespace(mountpoint, stage, functions)
         listener = install_filter()
         socket.send_fds(sock, [b"L"], [listener])
         os.close(listener)
         sock.close()
-        os.execvp(argv[0], list(argv))
+        try:
+            os.execvp(argv[0], list(argv))
+        except OSError as exc:
+            status = exec_failure_status(exc.errno or errno.ENOEXEC)
+            raise
     except BaseException as exc:  # noqa: BLE001 (the child must never return to the caller)
         with contextlib.suppress(BaseException):
-            print(f"fakevfio run: {argv[0]}: {exc}", file=sys.stderr, flush=True)
-        os._exit(127)
+            what = argv[0] if status != EXIT_SETUP_FAILED else "set-up failed"
+            print(f"fakevfio run: {what}: {exc}", file=sys.stderr, flush=True)
+        os._exit(status)
 
 
 def fork_child(mountpoint: Path, argv: Sequence[str]) -> tuple[int, socket.socket, str]:

@@ -36,8 +36,8 @@ from pathlib import Path
 
 import attrs
 
-from fakevfio._run._caller import CallerMemory, HeldFiles, PassThrough, thread_group
-from fakevfio._run._child import fork_child, receive_listener
+from fakevfio._run._caller import CallerMemory, HeldFiles, PassThrough
+from fakevfio._run._child import EXIT_SETUP_FAILED, fork_child, receive_listener
 from fakevfio._run._nodes import MountNodes
 from fakevfio._run._notify import Listener, Request
 from fakevfio._run._vfio import Call, Vfio
@@ -72,42 +72,44 @@ class Supervisor:
 
     def handle(self, req: Request) -> None:
         """Answer one notification (Rule 4: always)."""
+        listener, nid = self.listener, req.id
         call = Call(
             pid=req.pid,
             fd=req.fd,
             request=req.request,
             arg=req.arg,
             mem=CallerMemory(req.pid),
-            install_fd=lambda fd, send: self.listener.add_fd(req.id, fd, send=send),
-            check_alive=functools.partial(self.listener.check_valid, req.id),
-            tgid=thread_group(req.pid),
+            install_fd=lambda fd, send: listener.add_fd(nid, fd, send=send),
+            check_alive=functools.partial(listener.check_valid, nid),
         )
-        name = uapi.ioctl_name(req.request)
         try:
             value = self.vfio.dispatch(call)
         except IoctlError as exc:
-            logger.debug(
-                "pid %d fd %d %s -> %s %s",
-                req.pid,
-                req.fd,
-                name,
-                errno.errorcode.get(exc.errno, exc.errno),
-                exc.detail,
-            )
-            self.listener.reply(req.id, 0, exc.errno)
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug(
+                    "pid %d fd %d %s -> %s %s",
+                    req.pid,
+                    req.fd,
+                    uapi.ioctl_name(req.request),
+                    errno.errorcode.get(exc.errno, exc.errno),
+                    exc.detail,
+                )
+            listener.reply(nid, 0, exc.errno)
         except PassThrough:
-            self.listener.reply_continue(req.id)
+            listener.reply_continue(nid)
         except Exception:
-            logger.exception("supervisor: unexpected error on %s", name)
-            self.listener.reply(req.id, 0, errno.EIO)
+            logger.exception("supervisor: unexpected error on %s", uapi.ioctl_name(req.request))
+            listener.reply(nid, 0, errno.EIO)
         else:
-            logger.debug("pid %d fd %d %s -> %s", req.pid, req.fd, name, value)
+            if logger.isEnabledFor(logging.DEBUG):
+                name = uapi.ioctl_name(req.request)
+                logger.debug("pid %d fd %d %s -> %s", req.pid, req.fd, name, value)
             if value is not None:
-                self.listener.reply(req.id, value, 0)
+                listener.reply(nid, value, 0)
 
 
 #: Exit status when ``fakevfio run`` itself fails before COMMAND runs (Rule 6).
-EXIT_RUN_FAILED = 125
+EXIT_RUN_FAILED = EXIT_SETUP_FAILED
 #: Capabilities ``fakevfio run`` needs (Rule 6): bit number, name, what for.
 REQUIRED_CAPABILITIES = (
     (21, "CAP_SYS_ADMIN", "unshare(CLONE_NEWNS) and mount: COMMAND's private /dev/vfio"),
