@@ -22,7 +22,7 @@ import trio
 
 from migrator._progress import TerminalProgress
 from migrator.backend import DeviceBackend, FakeVfioBackend
-from migrator.config import MigrationConfig, MultifdTransfer, QemuCompat
+from migrator.config import DEFAULT_MACHINE, MigrationConfig, MultifdTransfer, QemuCompat
 from migrator.destination import Destination
 from migrator.errors import ConfigurationError, DeviceOpError, MigrationError
 from migrator.source import Source, migrate
@@ -92,6 +92,7 @@ def _config(args: argparse.Namespace) -> MigrationConfig:
             multifd_transfer=MultifdTransfer(args.multifd_transfer),
             switchover_ack=args.switchover_ack == "on",
             qemu_compat=QemuCompat(args.qemu_compat),
+            machine=args.machine or DEFAULT_MACHINE,
             downtime_limit_ms=args.downtime_limit,
             max_queued_bytes=parse_size(args.max_queued_bytes, what="--max-queued-bytes"),
             max_bandwidth=parse_size(args.max_bandwidth, what="--max-bandwidth"),
@@ -146,6 +147,13 @@ def _parser() -> argparse.ArgumentParser:
             "(QEMU 10.x, and 11.1 on machine types <= 11.0); 11.1 = one per INIT_DATA_SENT, "
             "again after a REINIT (QEMU 11.1's own machine types); both sides must agree "
             "(default: 10.0; live only)",
+        )
+        p.add_argument(
+            "--machine",
+            default=None,
+            metavar="TYPE",
+            help="migrate/save: the machine type the stream's configuration section names "
+            "(a QEMU destination wants its own, e.g. pc-q35-11.1; default: fakevfio)",
         )
         p.add_argument(
             "--downtime-limit",

@@ -10,6 +10,8 @@ DEFAULT_MAX_QUEUED_BYTES = 64 << 20
 #: QEMU's VFIO_MIG_DEFAULT_DATA_BUFFER_SIZE.
 DATA_BUFFER_BYTES = 1 << 20
 MAX_MULTIFD_CHANNELS = 64
+#: The machine type our CONFIGURATION section names unless told otherwise.
+DEFAULT_MACHINE = "fakevfio"
 
 
 class QemuCompat(enum.Enum):
@@ -75,6 +77,10 @@ class MigrationConfig:
     precopy_time_limit_s: float = attrs.field(default=60.0, validator=attrs.validators.gt(0))
     #: 16-byte migration UUID for the multifd handshake (all zero by default).
     uuid: bytes = attrs.field(default=bytes(16), validator=attrs.validators.instance_of(bytes))
+    #: The machine type the source's CONFIGURATION section names (QEMU's destination
+    #: insists on its own, e.g. ``pc-q35-11.1``; ours accepts any). Any other than
+    #: ours: the stream ends as QEMU's does, with a VM description after EOF.
+    machine: str = attrs.field(default=DEFAULT_MACHINE, validator=attrs.validators.min_len(1))
     #: Seconds a destination waits for missing multifd channels / a silent peer.
     peer_timeout_s: float = attrs.field(default=30.0, validator=attrs.validators.gt(0))
 

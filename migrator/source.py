@@ -51,6 +51,7 @@ fails), and the error names the phase and device.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -74,7 +75,7 @@ from migrator._source_device import (
 )
 from migrator._wire import Marker
 from migrator.backend import DeviceBackend
-from migrator.config import DATA_BUFFER_BYTES, MigrationConfig
+from migrator.config import DATA_BUFFER_BYTES, DEFAULT_MACHINE, MigrationConfig
 from migrator.errors import (
     ChannelBrokenError,
     ConfigurationError,
@@ -233,6 +234,8 @@ class Source:
             events.append(ev.SectionFooter(sid))
             await sender.emit(*events)
         await sender.emit(ev.EndOfFile())
+        if self.config.machine != DEFAULT_MACHINE:
+            await sender.send(self._proto.send_vm_description(self._vm_description()))
         self.phase = "complete"
         try:
             if isinstance(self.main, trio.abc.HalfCloseableStream) and not self.return_path:
@@ -249,6 +252,11 @@ class Source:
             # QEMU does STOP_COPY -> STOP in save_cleanup, outside the downtime.
             await set_or_reset("cleanup", dev, State.STOP)
 
+    def _vm_description(self) -> bytes:
+        """A VM description of our sections (QEMU's destination reads and drops it)."""
+        devices = [{"name": dev.idstr, "instance_id": 0, "vmsd_name": "vfio"} for dev in self.devs]
+        return json.dumps({"page_size": 4096, "devices": devices}).encode()
+
     async def _setup(self, sender: _Sender, multifd: bool) -> None:
         proto = self._proto
         await sender.send(proto.send(ev.FileHeader(framing.QEMU_VM_FILE_VERSION)))
@@ -256,7 +264,7 @@ class Source:
         # its destination requires one), with the migration UUID when there is
         # one: a destination started with --uuid refuses a stream without it.
         uuid = self.config.uuid if self.config.uuid != bytes(16) else None
-        await sender.send(proto.send(ev.Configuration("fakevfio", uuid=uuid)))
+        await sender.send(proto.send(ev.Configuration(self.config.machine, uuid=uuid)))
         if self.return_path:
             # The protocol knows the return path is open before the bytes go out.
             await sender.send(proto.send(ev.OpenReturnPath()))

@@ -308,6 +308,15 @@ class SourceProtocol:
         except (LocalProtocolError, RemoteProtocolError) as exc:
             self._t.fail(exc)
 
+    def send_vm_description(self, json: bytes) -> bytes:
+        """QEMU's VM description after EndOfFile (what a QEMU destination reads last)."""
+        self._t.check_error()
+        try:
+            self._t.main(ev.VmDescription(len(json)), remote=False)
+            return wire.encode_vm_description(json)
+        except (LocalProtocolError, RemoteProtocolError) as exc:
+            self._t.fail(exc)
+
     def send_failed(self) -> None:
         """The transport died mid-send: nothing more can be sent."""
         self._t.error = self._t.error or LocalProtocolError("the main channel failed mid-send")

@@ -169,6 +169,9 @@ from migrator._wire.savevm import (
 from migrator._wire.savevm import (
     encode_section_start as encode_section_start,
 )
+from migrator._wire.savevm import (
+    encode_vm_description as encode_vm_description,
+)
 from migrator._wire.vfio import (
     MARKER_VALUES as MARKER_VALUES,
 )

@@ -123,6 +123,16 @@ def encode_eof() -> bytes:
     return b"\x00"
 
 
+def encode_vm_description(json: bytes) -> bytes:
+    """QEMU_VM_VMDESCRIPTION after QEMU_VM_EOF: be32 length, then the JSON.
+
+    QEMU's source always appends it (``should_send_vmdesc``: all but machine types
+    with ``suppress_vmdesc``) and its destination reads it after EOF before it
+    reports SHUT, waiting for it if it does not come.
+    """
+    return bytes([QEMU_VM_VMDESCRIPTION]) + struct.pack(">I", len(json)) + json
+
+
 def encode_configuration(
     name: str,
     *,

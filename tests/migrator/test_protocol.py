@@ -525,3 +525,23 @@ def test_source_fails_on_return_path_messages_qemu_fails_on(raw: bytes, message:
         src.next_event()
     with pytest.raises(RemoteProtocolError, match="protocol is in ERROR"):
         src.receive_data(b"")
+
+
+def test_vm_description_goes_after_eof_only_and_our_destination_skips_it() -> None:
+    """QEMU's destination reads a VM description after EOF (and waits for it): a
+    source naming a QEMU machine type sends one; ours decodes the stream either way."""
+    pair = MigrationPair(ack_settings())
+    pair.dst.devices_ready(["dev0"])
+    stream = precopy_stream()
+    with pytest.raises(LocalProtocolError, match="VmDescription"):
+        pair.src.send_vm_description(b"{}")  # before the header: refused, sticky
+    pair = MigrationPair(ack_settings())
+    pair.dst.devices_ready(["dev0"])
+    pair.send(*stream[:13])
+    pair.reply(ev.SwitchoverAck())
+    pair.send(*stream[13:])
+    tail = pair.src.send_vm_description(b'{"devices": []}')
+    assert tail == b"\x06\0\0\0\x0f" + b'{"devices": []}'
+    pair.dst.receive_data(tail)
+    assert drain(pair.dst) == [ev.VmDescription(15)]
+    assert pair.dst.phase is Phase.DONE
