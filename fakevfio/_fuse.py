@@ -66,15 +66,20 @@ THREADED_ATTRS = frozenset({Kind.CONFIG, Kind.REGION})
 
 
 #: Drivers whose stream work is a bounded copy (``save_range``/``load_range`` are a
-#: memoryview of, or a copy into, their memory): their ``migration/data`` reads and
-#: writes run in the trio task too. Exact types only: a subclass may do anything.
+#: memoryview of, or a copy into, their memory) and whose arcs are cheap (a stream
+#: object made or checked, no hashing, no I/O): their ``migration/data`` reads and
+#: writes and their ``migration/state`` writes run in the trio task too when the
+#: device lock is free (a worker-thread hop costs more than such a state change).
+#: Exact types only: a subclass may do anything.
 INLINE_DATA_DRIVERS: tuple[type, ...] = (RamDriver,)
+#: The kinds whose reads and writes :data:`INLINE_DATA_DRIVERS` devices serve inline.
+INLINE_DRIVER_KINDS = frozenset({Kind.DATA, Kind.STATE})
 
 
 def _inline_data(handle: Handle) -> bool:
     device = handle.device
     return (
-        handle.node.kind is Kind.DATA
+        handle.node.kind in INLINE_DRIVER_KINDS
         and device is not None
         and type(device.driver) in INLINE_DATA_DRIVERS
     )

@@ -53,6 +53,7 @@ Rule 5: with ``reinit_after`` set on the driver, the first PRECOPY_INFOv2
 
 from __future__ import annotations
 
+import collections
 import errno
 import struct
 from typing import TYPE_CHECKING
@@ -122,7 +123,9 @@ class StateSaveStream(SaveStream):
         header = _stream_header(driver)
         # None stands for the END payload, built when the reader reaches it
         # (its CRC covers every byte read before it).
-        self._segments: list[memoryview | None] = [memoryview(header)]
+        self._segments: collections.deque[memoryview | None] = collections.deque(
+            [memoryview(header)]
+        )
         self._crc = 0
         self._cursor = 0  # next state offset of the initial part
         self._initial_total = len(header) + _records_bytes(self._size, self._run)
@@ -217,27 +220,36 @@ class StateSaveStream(SaveStream):
         self._data_bytes += length
         return True
 
-    def read(self, size: int, state: State) -> bytearray | bytes:
+    def read(self, size: int, state: State) -> bytes:
+        # One copy per byte: the pieces (views of the driver's memory and of the
+        # queued record headers) are gathered as views and joined once into an
+        # exact-size ``bytes`` (no zero fill, no intermediate buffer), and the
+        # CRC runs once over that result, which is what the reader gets.
         if size <= 0:
             return b""
-        out = bytearray(size)
-        filled = 0
+        pieces: list[memoryview] = []
+        filled = crc_done = 0
         segments = self._segments
         while filled < size:
             if not segments and not self._produce(state):
                 break
             seg = segments[0]
             if seg is None:
+                # END's CRC covers every byte before it, this read's included.
+                # (The pieces are views the device lock keeps unchanged until the join.)
+                for piece in pieces:
+                    self._crc = stream_checksum(piece, self._crc)
+                crc_done = filled
                 seg = memoryview(END_PAYLOAD.pack(self._data_bytes, self._crc, 0))
                 segments[0] = seg
             n = min(len(seg), size - filled)
-            out[filled : filled + n] = seg[:n]
-            self._crc = stream_checksum(memoryview(out)[filled : filled + n], self._crc)
-            filled += n
             if n == len(seg):
-                segments.pop(0)
+                pieces.append(seg)
+                segments.popleft()
             else:
+                pieces.append(seg[:n])
                 segments[0] = seg[n:]
+            filled += n
         self._pending -= filled
         self._emitted += filled
         if filled == 0:
@@ -246,8 +258,9 @@ class StateSaveStream(SaveStream):
                     errno.ENOMSG, "no pre-copy data for now", device=self._driver.name
                 )
             return b""
-        if filled < size:
-            del out[filled:]
+        out = pieces[0].tobytes() if len(pieces) == 1 else b"".join(pieces)
+        if crc_done < filled:
+            self._crc = stream_checksum(memoryview(out)[crc_done:], self._crc)
         return out
 
 
