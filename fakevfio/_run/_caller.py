@@ -149,7 +149,7 @@ class HeldFiles:
         if fd >= 1 << 31:
             raise IoctlError(errno.EBADF)
         try:
-            return file_id(f"/proc/{pid}/fd/{fd}")
+            return file_id(b"/proc/%d/fd/%d" % (pid, fd))
         except FileNotFoundError:
             raise IoctlError(errno.EBADF, f"fd {fd} is not open") from None
         except OSError as exc:

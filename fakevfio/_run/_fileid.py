@@ -50,7 +50,7 @@ def file_id(path: str | bytes, *, cached: bool = False) -> FileId:
         st = os.stat(path)
         return FileId(st.st_dev, st.st_ino)
     buf = ctypes.create_string_buffer(STATX_SIZE)
-    raw = os.fsencode(path)
+    raw = path if isinstance(path, bytes) else os.fsencode(path)
     if _statx(AT_FDCWD, raw, AT_STATX_DONT_SYNC if cached else 0, STATX_INO, buf) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), os.fsdecode(raw))

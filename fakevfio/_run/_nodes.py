@@ -71,7 +71,7 @@ class MountNodes:
     #: kept-open device files: (device, path, open flags) -> (fd, inode)
     held: dict[tuple[str, tuple[str, ...], int], tuple[int, int]] = attrs.Factory(dict)
     #: the paths of the kept-open files, by the same key (no path building per use)
-    _paths: dict[tuple[str, tuple[str, ...], int], str] = attrs.Factory(dict)
+    _paths: dict[tuple[str, tuple[str, ...], int], bytes] = attrs.Factory(dict)
 
     @classmethod
     def open(cls, mountpoint: str | Path) -> MountNodes:
@@ -163,7 +163,7 @@ class MountNodes:
         key = (name, rel, flags)
         path = self._paths.get(key)
         if path is None:
-            path = self._paths[key] = os.fspath(self.dev_path(name, *rel))
+            path = self._paths[key] = os.fsencode(self.dev_path(name, *rel))
         ino = file_id(path, cached=True).st_ino
         held = self.held.get(key)
         if held is not None:

@@ -314,6 +314,28 @@ def test_device_feature_errno_order(env: Env) -> None:
     assert c.out(8, "<Ii") == (uapi.VFIO_DEVICE_STATE_RUNNING, -1)
 
 
+def test_device_feature_header_at_the_end_of_memory_is_read_alone(env: Env) -> None:
+    """A header whose next 8 bytes are unmapped: PROBE works, a payload access is EFAULT."""
+    c = env.caller
+    dev, _iommu, _ioas = _bound(env)
+    feat = uapi.VFIO_DEVICE_FEATURE
+    mig, state = uapi.VFIO_DEVICE_FEATURE_MIGRATION, uapi.VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE
+    last = len(c.mem.buf) - 8  # the last 8 mapped bytes
+
+    def at_end(argsz: int, flags: int) -> int | None:
+        c.mem.buf[last:] = struct.pack("<II", argsz, flags)
+        return c.ioctl(dev, feat, last)
+
+    assert at_end(8, F_PROBE | F_GET | mig) == 0
+    assert at_end(16, F_PROBE | F_SET | state) == 0
+    for flags in (F_GET | state, F_SET | state):
+        with pytest.raises(IoctlError) as fault:
+            at_end(16, flags)
+        assert fault.value.errno == errno.EFAULT
+    assert c.ioctl(dev, feat, struct.pack("<IIIi", 16, F_GET | state, 0, 0)) == 0
+    assert c.out(8, "<Ii") == (uapi.VFIO_DEVICE_STATE_RUNNING, -1)  # nothing changed
+
+
 def test_set_state_opens_a_data_fd_and_precopy_info_checks(env: Env) -> None:
     c = env.caller
     dev, _iommu, _ioas = _bound(env)
