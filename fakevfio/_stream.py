@@ -359,12 +359,12 @@ class StateLoadStream(LoadStream):
                     raise self._fail(
                         errno.EINVAL, f"bad PAGES record (offset {offset}, length {length})"
                     )
+                # One byte per page; counted and set by slice, not page by page
+                # (a 1 MiB record is 256 pages of 4 KiB).
                 first = offset // self._page
-                last = (offset + length - 1) // self._page
-                for page in range(first, last + 1):
-                    if not self._loaded[page]:
-                        self._loaded[page] = 1
-                        self._loaded_count += 1
+                end = (offset + length - 1) // self._page + 1
+                self._loaded_count += self._loaded.count(0, first, end)
+                self._loaded[first:end] = b"\x01" * (end - first)
                 self._phase = "data"
                 self._data_left = length
                 self._data_offset = offset
