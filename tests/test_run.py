@@ -241,6 +241,20 @@ def test_run_exit_status_tells_not_found_from_cannot_execute(mount: Path, tmp_pa
     assert subprocess.run(["sh", "-c", str(tmp_path / "no-such")], check=False).returncode == 127
 
 
+def test_run_child_set_up_failure_is_fakevfio_runs_own_125(tmp_path: Path) -> None:
+    """A child whose namespace cannot be made (no node files to bind) exits 125, not 127."""
+    reason = _seccomp_missing()
+    if reason:
+        pytest.skip(reason)
+    from fakevfio._run._child import EXIT_SETUP_FAILED, fork_child, receive_listener
+
+    pid, sock, stage = fork_child(tmp_path, ["true"])  # tmp_path has no dev/vfio to bind
+    assert receive_listener(sock, stage) is None  # it never got to send its listener
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == EXIT_SETUP_FAILED == 125
+    assert not Path(stage).exists()
+
+
 def _tables_b() -> dict[str, dict[tuple[int, int], tuple[str, str]]]:
     tables: dict[str, dict[tuple[int, int], tuple[str, str]]] = {}
     current = ""
