@@ -59,6 +59,34 @@ def aligned(size: int) -> memoryview:
     return memoryview(mmap.mmap(-1, max(size, 1)))
 
 
+#: Buffers one stop-copy read fills, one DATA block or multifd packet each: a
+#: ``readv`` of 4 x 1 MiB costs one worker-thread hop where four reads cost four
+#: (the device still sees QEMU's 1 MiB reads, see DeviceBackend.read_data_many).
+READ_BUFFERS = 4
+
+
+def read_buffers(dev: Dev) -> int:
+    """How many buffers one stop-copy read of ``dev`` fills.
+
+    Only whole 1 MiB buffers are read several at a time: each is then exactly
+    one FUSE request (256 page-aligned pages) or one driver read(), so every
+    DATA block is the one QEMU's own read would have produced. A smaller
+    buffer (a state under 1 MiB) is read alone.
+    """
+    return READ_BUFFERS if dev.buf_size == DATA_BUFFER_BYTES else 1
+
+
+def filled(bufs: Sequence[memoryview], n: int) -> list[memoryview]:
+    """The parts of ``bufs`` that ``n`` bytes read into them in turn filled."""
+    out = []
+    for buf in bufs:
+        if n <= 0:
+            break
+        out.append(buf[: min(n, len(buf))])
+        n -= len(buf)
+    return out
+
+
 async def set_state(phase: str, dev: Dev, state: State, *, recover: State | None) -> None:
     """QEMU's vfio_migration_set_state: on failure try ``recover``, else reset."""
     if dev.state == state:

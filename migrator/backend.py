@@ -26,6 +26,7 @@ import abc
 import contextlib
 import errno
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import attrs
@@ -36,7 +37,7 @@ from migrator._wire.pci_config import (
     encode_qemu_config,
     restore_writes,
 )
-from migrator.errors import DeviceOpError, NoDataNow
+from migrator.errors import DeviceOpError, MigrationError, NoDataNow
 from vfio_uapi.abi import VFIO_PRECOPY_INFO_REINIT
 from vfio_uapi.fsm import MigFlags, State, parse_flags, session_change
 
@@ -79,6 +80,28 @@ class DeviceBackend(abc.ABC):
     @abc.abstractmethod
     def read_data(self, buf: memoryview) -> int:
         """One read() of the data_fd into ``buf``: bytes read, 0 at EOF; NoDataNow on ENOMSG."""
+
+    def read_data_many(self, bufs: Sequence[memoryview]) -> int:
+        """Successive reads into ``bufs`` until one comes back short: bytes read in all.
+
+        The device sees the same reads as one :meth:`read_data` per buffer, so
+        the stream's DATA blocks stay QEMU's (one per buffer); the first read's
+        errors are raised, a later read's end the call early (the next call
+        raises it). This default loops; a data_fd backend does it in one
+        ``readv``, which costs one worker-thread hop per several buffers.
+        """
+        total = 0
+        for buf in bufs:
+            try:
+                n = self.read_data(buf)
+            except MigrationError:
+                if total:
+                    return total
+                raise
+            total += n
+            if n < len(buf):
+                break
+        return total
 
     @abc.abstractmethod
     def write_data(self, data: memoryview) -> None:
@@ -175,6 +198,18 @@ class DataFdBackend(DeviceBackend):
         fd = self._data("read data")
         try:
             return os.readv(fd, [buf])
+        except OSError as exc:
+            if exc.errno == errno.ENOMSG:
+                raise NoDataNow(self.location) from None
+            raise self._fail("read data", exc) from None
+
+    def read_data_many(self, bufs: Sequence[memoryview]) -> int:
+        # readv: a FUSE direct-I/O file makes one request per page-aligned 1 MiB
+        # buffer and stops at a short one; a file without read_iter (a kernel
+        # variant driver's data_fd) gets one read() per buffer and stops there too.
+        fd = self._data("read data")
+        try:
+            return os.readv(fd, bufs)
         except OSError as exc:
             if exc.errno == errno.ENOMSG:
                 raise NoDataNow(self.location) from None

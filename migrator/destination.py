@@ -38,7 +38,7 @@ Rule 2: any failure resets every destination device and reports SHUT(1).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import trio
 
@@ -117,6 +117,7 @@ class Destination:
         self._proto: DestinationProtocol | None = None
         self._rp_lock = trio.Lock()
         self._load_nursery: trio.Nursery | None = None
+        self._run_nursery: trio.Nursery | None = None
         self._touched = False
         self._last_activity = 0.0
         self._first_error: MigrationError | None = None
@@ -173,6 +174,7 @@ class Destination:
         self.stats.start(trio.current_time())
         try:
             async with trio.open_nursery() as nursery:
+                self._run_nursery = nursery
                 if self._load_nursery is None:
                     self._load_nursery = nursery
                 self._touch()
@@ -284,18 +286,15 @@ class Destination:
         batch_dev: Dev | None = None
         batch_bytes = 0
 
+        behind = _WriteBehind(self._run_nursery, self._touch)
+
         async def flush() -> None:
+            """Hand the batch to the write-behind (it waits for the previous one)."""
             nonlocal batch, batch_dev, batch_bytes
             if batch and batch_dev is not None:
                 pieces, dev = batch, batch_dev
                 batch, batch_dev, batch_bytes = [], None, 0
-
-                def write_all() -> None:
-                    for piece in pieces:
-                        dev.backend.write_data(memoryview(piece))
-
-                await call("load", dev, write_all)
-                self._touch()
+                await behind.submit(dev, pieces)
 
         while proto.phase is not Phase.DONE:
             event = proto.next_event()
@@ -303,6 +302,8 @@ class Destination:
                 await flush()
                 await self._receive(proto, main, 1 << 20)
                 continue
+            if isinstance(event, ev.DataHeader):
+                continue  # its DataChunks follow: the batch goes on
             if isinstance(event, ev.DataChunk):
                 if batch_dev is not current:
                     await flush()
@@ -319,6 +320,7 @@ class Destination:
                     await flush()
                 continue
             await flush()
+            await behind.drain()  # every other event comes after the data before it
             match event:
                 case ev.OpenReturnPath():
                     self._rp = not self.is_file
@@ -396,6 +398,45 @@ class Destination:
         if self._first_error is None:
             self._first_error = exc
         return exc
+
+
+class _WriteBehind:
+    """Main-channel DATA written to the device in a worker thread while the next arrives.
+
+    One batch (at most ``WRITE_BATCH_BYTES`` plus one chunk) is written at a
+    time and batches are written in order: :meth:`submit` waits for the
+    previous one first. :meth:`drain` waits for the last; the load loop calls
+    it before every event that is not DATA (config, markers, EOF, a PING's
+    answer), so each of those still comes after the data before it. A write
+    error fails the write task, which fails ``nursery`` (:meth:`Destination.run`'s
+    own), as an error in the load loop would.
+    """
+
+    def __init__(self, nursery: trio.Nursery | None, touch: Callable[[], None]) -> None:
+        if nursery is None:
+            raise ValueError("the write-behind needs Destination.run()'s nursery")
+        self._nursery = nursery
+        self._touch = touch
+        self._done: trio.Event | None = None
+
+    async def submit(self, dev: Dev, pieces: list[bytes]) -> None:
+        await self.drain()
+        done = self._done = trio.Event()
+        self._nursery.start_soon(self._write, dev, pieces, done)
+
+    async def drain(self) -> None:
+        if self._done is not None:
+            await self._done.wait()
+            self._done = None
+
+    async def _write(self, dev: Dev, pieces: list[bytes], done: trio.Event) -> None:
+        def write_all() -> None:
+            for piece in pieces:
+                dev.backend.write_data(memoryview(piece))
+
+        await call("load", dev, write_all)
+        self._touch()
+        done.set()
 
 
 __all__ = ["DATA_BUFFER_BYTES", "Destination"]

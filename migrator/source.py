@@ -69,6 +69,8 @@ from migrator._return_path import ReturnPath
 from migrator._source_device import (
     Dev,
     aligned,
+    filled,
+    read_buffers,
     restore_running,
     set_or_reset,
     set_state,
@@ -86,7 +88,7 @@ from migrator.errors import (
     RemoteProtocolError,
 )
 from migrator.stats import Progress, Stats
-from migrator.transport import bound_silence, call
+from migrator.transport import bound_silence, call, send_parts
 from vfio_uapi.fsm import PRECOPY_STATES, MigFlags, State
 
 logger = logging.getLogger(__name__)
@@ -115,16 +117,14 @@ class _Sender:
         self._sent = 0
 
     async def send(self, *parts: bytes | bytearray | memoryview) -> None:
-        for part in parts:
-            if not len(part):
-                continue
-            try:
-                await self.stream.send_all(part)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                self.proto.send_failed()
-                raise ChannelBrokenError(f"main channel broke while sending: {exc}") from exc
-            self._sent += len(part)
-            self.stats.transferred_bytes += len(part)
+        try:
+            await send_parts(self.stream, parts)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self.proto.send_failed()
+            raise ChannelBrokenError(f"main channel broke while sending: {exc}") from exc
+        size = sum(len(part) for part in parts)
+        self._sent += size
+        self.stats.transferred_bytes += size
         if self.max_bandwidth:
             ahead = self._sent / self.max_bandwidth - (trio.current_time() - self._start)
             if ahead > 0:
@@ -491,16 +491,39 @@ class Source:
         await set_state("stop-copy", dev, State.STOP_COPY, recover=State.STOP)
         sid = dev.section_id
         await sender.emit(ev.SectionEnd(sid))
-        view = aligned(dev.buf_size)
         counters = self.stats.device(dev.idstr)
-        while True:
-            n = int(await call("stop-copy", dev, dev.backend.read_data, view))
-            if n == 0:
-                break
-            await sender.emit(ev.DataHeader(sid, n), ev.DataChunk(sid, view[:n]))
-            counters.stopcopy_bytes += n
-            self.progress.update(self.phase, self.stats, 0.0)
+        # The device is read one step ahead of the socket (a worker thread reads
+        # the next buffers while these are sent): at most three groups of
+        # buffers exist, one being read, one queued, one being sent.
+        free: list[list[memoryview]] = []
+        reads_in, reads = trio.open_memory_channel[tuple[list[memoryview], int]](1)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_read_ahead, dev, reads_in, free)
+            async with reads:
+                async for bufs, n in reads:
+                    events: list[ev.MainEvent] = []
+                    for block in filled(bufs, n):
+                        events += [ev.DataHeader(sid, len(block)), ev.DataChunk(sid, block)]
+                    await sender.emit(*events)
+                    counters.stopcopy_bytes += n
+                    free.append(bufs)
+                    self.progress.update(self.phase, self.stats, 0.0)
         await sender.emit(ev.MarkerEvent(sid, Marker.END_OF_STATE), ev.SectionFooter(sid))
+
+
+async def _read_ahead(
+    dev: Dev,
+    out: trio.MemorySendChannel[tuple[list[memoryview], int]],
+    free: list[list[memoryview]],
+) -> None:
+    """Read ``dev``'s stop-copy data until a read returns 0, into buffers from ``free``."""
+    async with out:
+        while True:
+            bufs = free.pop() if free else [aligned(dev.buf_size) for _ in range(read_buffers(dev))]
+            n = int(await call("stop-copy", dev, dev.backend.read_data_many, bufs))
+            if n == 0:
+                return
+            await out.send((bufs, n))
 
 
 async def migrate(
