@@ -8,10 +8,19 @@ verbatim from the reference notes; the parser below is independent of
 from __future__ import annotations
 
 import errno
+import os
 import re
+from collections.abc import Iterator
 
 import pytest
 
+from fakevfio._device import Device
+from fakevfio._options import DeviceSpec
+from fakevfio._ram import RamDriver
+from fakevfio._registry import Registry
+from fakevfio._tree import ROOT_INODE, Tree
+from fakevfio.errors import DeviceError
+from tests.conftest import MountFactory, MountHandle
 from tests.fsm_tables import ABBREV, Outcome, column, tables_b
 from vfio_uapi import fsm
 from vfio_uapi.errors import IllegalTransition
@@ -29,16 +38,28 @@ SAVING = {State.PRE_COPY, State.PRE_COPY_P2P, State.STOP_COPY}
 
 TABLES = tables_b()
 CELLS = [
-    pytest.param(
-        flags,
-        cur,
-        new,
-        outcome,
-        id=f"{flags:#x}-{cur.name}-{new if new is None else State(new).name}",
-    )
+    pytest.param(flags, cur, new, outcome, id=f"{flags:#x}-{cur.name}-{State(new).name}")
     for flags, table in sorted(TABLES.items())
     for (cur, new), outcome in table.items()
+    if new is not None
 ]
+#: The ">=8" column: one cell per (flags, current state), each its own test.
+OUT_OF_RANGE_CELLS = [
+    pytest.param(flags, cur, outcome, id=f"{flags:#x}-{cur.name}-ge8")
+    for flags, table in sorted(TABLES.items())
+    for (cur, new), outcome in table.items()
+    if new is None
+]
+#: How a ">=8" request is written: the first numbers past the table, a byte's
+#: and a u32's largest (the uAPI field is a __u32).
+OUT_OF_RANGE_TEXTS = ("8", "9\n", "255", "4294967295\n")
+#: The ram driver's spelling of each flag set.
+FLAG_OPTION = {
+    1: "STOP_COPY",
+    3: "STOP_COPY+P2P",
+    5: "STOP_COPY+PRE_COPY",
+    7: "STOP_COPY+P2P+PRE_COPY",
+}
 
 
 def test_tables_b_parse_completely() -> None:
@@ -53,16 +74,7 @@ def test_tables_b_parse_completely() -> None:
 
 
 @pytest.mark.parametrize(("flags", "cur", "new", "outcome"), CELLS)
-def test_fsm_path_matches_table_b(
-    flags: int, cur: State, new: int | None, outcome: Outcome
-) -> None:
-    if new is None:
-        # A number >= 8 never becomes a State: the parser refuses it (EINVAL upstream).
-        assert outcome.einval
-        for number in ("8", "9", "255", "4294967295"):
-            with pytest.raises(ValueError, match="out of range"):
-                fsm.parse_state(number)
-        return
+def test_fsm_path_matches_table_b(flags: int, cur: State, new: int, outcome: Outcome) -> None:
     target = State(new)
     if outcome.einval:
         with pytest.raises(IllegalTransition) as info:
@@ -289,3 +301,84 @@ def test_supported_matches_reference_flag_requirements() -> None:
             assert fsm.supported(state, flags) == (
                 (need.get(state, 1) & flags) == need.get(state, 1)
             )
+
+
+# -- the ">=8" column: the device and its files, cell by cell ----------------------------
+#
+# The kernel (drivers/vfio/vfio_main.c, vfio_mig_get_next_state) refuses a
+# requested state at or past the end of its table with -EINVAL before it
+# takes any arc, from every current state (from ERROR the current-state check
+# refuses first, with a WARN): the device stays where it was, the driver sees
+# no arc, no data_fd comes back and an open session stays open. Each cell
+# below puts a device with those flags in that state and checks exactly that,
+# through the file semantics in-process (fakevfio's Tree on a Device, which
+# also reaches ERROR) and through migration/state under a real mount (every
+# state but ERROR, which no file can reach).
+
+
+def _device_in(flags: int, cur: State) -> tuple[Tree, Device, int]:
+    registry = Registry({"ram": RamDriver})
+    device = registry.create(DeviceSpec("d", "ram", {"size": "8K", "flags": FLAG_OPTION[flags]}))
+    if cur is State.ERROR:
+        device.fail_to_error()
+    elif cur is State.RESUMING:
+        device.set_state(State.STOP)
+        device.set_state(State.RESUMING)
+    elif cur is not State.RUNNING:
+        device.set_state(cur)
+    assert device.state is cur
+    tree = Tree(registry)
+    ino = ROOT_INODE
+    for part in ("devices", "d", "migration", "state"):
+        ino = tree.lookup(ino, part).ino
+    return tree, device, ino
+
+
+def _mount_in(mount: MountHandle, name: str, cur: State) -> None:
+    mount.reset(name)
+    if cur is State.RESUMING:
+        assert mount.set_state(name, "STOP") is None
+    if cur is not State.RUNNING:
+        assert mount.set_state(name, cur.name) is None
+    assert mount.state(name) == cur.name
+
+
+@pytest.fixture(scope="module")
+def ge8_mount(fakevfio_mount_module: MountFactory) -> Iterator[MountHandle]:
+    specs = [f"f{flags}=ram:size=8K,flags={option}" for flags, option in FLAG_OPTION.items()]
+    with fakevfio_mount_module(specs) as mount:
+        yield mount
+
+
+@pytest.mark.fuse
+@pytest.mark.parametrize(("flags", "cur", "outcome"), OUT_OF_RANGE_CELLS)
+def test_out_of_range_request_is_refused_by_the_device_and_its_files(
+    ge8_mount: MountHandle, flags: int, cur: State, outcome: Outcome
+) -> None:
+    assert outcome == Outcome(einval=True)  # the table's word: EINVAL, no arc, no fd
+    for text in OUT_OF_RANGE_TEXTS:
+        where = f"flags {flags:#x}: {cur.name} -> {text.strip()}"
+        # The pure parser: a number past the table never becomes a State.
+        with pytest.raises(ValueError, match="out of range"):
+            fsm.parse_state(text)
+        # The device through its file semantics (Tree), in every state, ERROR too.
+        tree, device, ino = _device_in(flags, cur)
+        log_before, session_before = device.log_text(), device.session
+        handle = tree.open(ino, os.O_WRONLY)
+        with pytest.raises(DeviceError) as info:
+            tree.write(handle, 0, text.encode())
+        assert info.value.errno == errno.EINVAL, where
+        assert device.state is cur, where
+        assert device.log_text() == log_before, where  # the driver saw no arc
+        assert device.session is session_before, where  # no new fd, none ended
+        if cur is State.ERROR:
+            continue  # no file reaches ERROR (the Tree above did)
+        # migration/state under a real mount.
+        m = ge8_mount
+        name = f"f{flags}"
+        _mount_in(m, name, cur)
+        lines, session = m.log_lines(name), m.info(name)["session"]
+        assert m.write(name, "migration/state", text) == errno.EINVAL, where
+        assert m.state(name) == cur.name, where
+        assert m.log_lines(name) == lines, where
+        assert m.info(name)["session"] == session, where
