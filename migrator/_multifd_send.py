@@ -18,7 +18,7 @@ import attrs
 import trio
 
 from migrator._protocol.multifd import PacketLayout, PacketPlanner
-from migrator._source_device import Dev, aligned, set_state
+from migrator._source_device import Dev, aligned, filled, read_buffers, set_state
 from migrator.errors import ChannelBrokenError
 from migrator.stats import Stats
 from migrator.transport import call
@@ -75,15 +75,22 @@ class MultifdSend:
             plan = PacketPlanner(dev.idstr, PacketLayout(data_offset=_PAGE, buf_size=dev.buf_size))
             layout = plan.layout
             counters = self.stats.device(dev.idstr)
+            per_read = read_buffers(dev)
             while True:
-                view = self._packet_buffer(layout.buffer_bytes)
-                data = view[layout.data_offset :]
-                n = int(await call("stop-copy", dev, dev.backend.read_data, data))
+                # Several packets' data areas in one readv (one worker-thread
+                # hop); each packet still holds what one QEMU read would.
+                views = [self._packet_buffer(layout.buffer_bytes) for _ in range(per_read)]
+                datas = [view[layout.data_offset :] for view in views]
+                n = int(await call("stop-copy", dev, dev.backend.read_data_many, datas))
+                blocks = filled(datas, n)
+                self._buffers.extend(views[len(blocks) :])  # not needed this time
+                for view, block in zip(views, blocks, strict=False):
+                    size = len(block)
+                    view[layout.head : layout.data_offset] = plan.data_headers(size)
+                    await out.send((view[layout.frame(size)], view))
+                    counters.stopcopy_bytes += size
                 if n == 0:
                     break
-                view[layout.head : layout.data_offset] = plan.data_headers(n)
-                await out.send((view[layout.frame(n)], view))
-                counters.stopcopy_bytes += n
             # QEMU's vmstate_vfio_pci_config blob, counted as it travels (as the
             # destination counts it once decoded).
             blob = bytes(await call("config", dev, dev.backend.save_config))
