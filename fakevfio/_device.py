@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import functools
 import itertools
 import threading
 from collections.abc import Iterable, Mapping
@@ -48,6 +49,7 @@ from vfio_uapi.fsm import (
     PRECOPY_STATES,
     RUNNING_STATES,
     MigFlags,
+    SessionChange,
     State,
     arcs_session_change,
     flags_text,
@@ -150,6 +152,9 @@ class Device:
         self.driver = driver
         self.number = number
         self.flags = MigFlags(flags)
+        #: path() per (current, target): the flags never change, so neither do the
+        #: arcs (the FSM walk costs more than the rest of a cheap state change).
+        self._paths: dict[tuple[State, State], tuple[tuple[State, State], ...]] = {}
         self.lock = threading.RLock()
         self._state = State.RUNNING
         self._session: Session | None = None
@@ -229,13 +234,16 @@ class Device:
             current = self._state
             if target == current:
                 return SetStateResult(arcs=(), session=None, delay_s=0.0)
-            try:
-                arcs = path(current, target, self.flags)
-            except uapi_errors.IllegalTransition as exc:
-                self._log.append(f"REFUSED {current.name} {target.name}")
-                raise IllegalTransition(
-                    exc.current, exc.requested, exc.reason, device=self.name
-                ) from None
+            arcs = self._paths.get((current, target))
+            if arcs is None:
+                try:
+                    arcs = tuple(path(current, target, self.flags))
+                except uapi_errors.IllegalTransition as exc:
+                    self._log.append(f"REFUSED {current.name} {target.name}")
+                    raise IllegalTransition(
+                        exc.current, exc.requested, exc.reason, device=self.name
+                    ) from None
+                self._paths[(current, target)] = arcs
             done: list[tuple[State, State]] = []
             new_session: Session | None = None
             delay = self.faults.delay_ms("arc") / 1000.0
@@ -249,7 +257,7 @@ class Device:
                 self._log.append(f"{cur.name} {nxt.name}")
                 self._state = nxt
                 done.append((cur, nxt))
-                change = arcs_session_change([(cur, nxt)])
+                change = _arc_change(cur, nxt)
                 if change.opens:
                     if stream is None:
                         self._enter_error()
@@ -269,7 +277,7 @@ class Device:
                     self._end_session()
             return SetStateResult(
                 arcs=tuple(done),
-                session=new_session if arcs_session_change(done).opens else None,
+                session=new_session if done and _arc_change(*done[-1]).opens else None,
                 delay_s=delay * len(done),
             )
 
@@ -531,6 +539,12 @@ def _info(device: Device, *, with_digest: bool) -> dict[str, object]:
         if with_digest:
             out["state_digest"] = device.driver.digest()
         return out
+
+
+@functools.cache
+def _arc_change(cur: State, nxt: State) -> SessionChange:
+    """The session effect of one arc (a pure function of the arc: cached)."""
+    return arcs_session_change([(cur, nxt)])
 
 
 def _step(device: Device, cur: State, nxt: State) -> SaveStream | LoadStream | None:

@@ -419,12 +419,17 @@ class StateLoadStream(LoadStream):
         self._driver.validate()
 
 
+_PRECOPY_START_ARCS = frozenset(
+    {(State.RUNNING, State.PRE_COPY), (State.RUNNING_P2P, State.PRE_COPY_P2P)}
+)
+
+
 def state_driver_step(
     driver: StateDriver, current: State, nxt: State, stream: SaveStream | LoadStream | None
 ) -> SaveStream | LoadStream | None:
     """Arc implementation shared by every StateDriver."""
     arc = (current, nxt)
-    if arc in {(State.RUNNING, State.PRE_COPY), (State.RUNNING_P2P, State.PRE_COPY_P2P)}:
+    if arc in _PRECOPY_START_ARCS:
         driver.start_dirty_tracking()
         return StateSaveStream(driver, precopy=True)
     if arc == (State.STOP, State.STOP_COPY):
