@@ -26,7 +26,8 @@ def _pattern(n: int, seed: int = 0) -> bytes:
 
 async def test_send_parts_over_a_socket_keeps_every_byte_in_order() -> None:
     # Far more than a socket buffer, so sendmsg() comes back short inside a part.
-    parts = [_pattern(12, 1), b"", _pattern(3 * MIB + 7, 2), memoryview(_pattern(5000, 3))[17:]]
+    parts: list[bytes | memoryview] = [_pattern(12, 1), b"", _pattern(3 * MIB + 7, 2)]
+    parts += [memoryview(_pattern(5000, 3))[17:]]
     parts += [_pattern(12, 4), _pattern(MIB, 5)]
     want = b"".join(bytes(p) for p in parts)
     with trio.fail_after(GUARD_S):
