@@ -397,7 +397,11 @@ def test_set_state_ends_the_session_of_a_held_data_fd_without_reading_state_othe
 
 
 def test_kept_state_file_follows_a_removed_and_recreated_device(env: Env) -> None:
-    """The kept-open ``migration/state`` fd is checked by inode on every use (statx)."""
+    """The kept-open ``migration/state`` fd is checked by inode on every use (statx).
+
+    The check sees what a path lookup sees: a removal once the mount's entry
+    invalidation has reached the kernel, a re-created device as a new inode.
+    """
     nodes = env.caller.vfio.nodes
     device = env.mount / "devices" / "gpu0"
     (device / "migration" / "state").write_text("STOP\n")
@@ -406,6 +410,11 @@ def test_kept_state_file_follows_a_removed_and_recreated_device(env: Env) -> Non
     assert nodes.state("gpu0").name == "RUNNING"
     nodes.write_text("gpu0", ("migration", "state"), "STOP\n")
     (device / "remove").write_text("1\n")
+    # The mount invalidates the removed entries asynchronously (invalidate_entry_async);
+    # until that lands the kernel's dentry cache still resolves the path.
+    deadline = time.monotonic() + 10
+    while (device / "migration" / "state").exists() and time.monotonic() < deadline:
+        time.sleep(0.001)
     with pytest.raises(IoctlError) as gone:
         nodes.state("gpu0")
     assert gone.value.errno == errno.ENOENT  # as an open of the path would say
