@@ -377,6 +377,20 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fakevfio``; returns the exit status."""
+    try:
+        status = _main(argv)
+        sys.stdout.flush()  # here, so that a reader that left is a BrokenPipeError below
+    except BrokenPipeError:
+        # The reader left (`fakevfio drivers --json | head`): end quietly, as a C tool
+        # killed by SIGPIPE does (status 128 + 13), and keep Python's exit-time flush of
+        # stdout from reporting the same broken pipe again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+    return status
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = _parser()
     try:
         args = parser.parse_args(argv)
@@ -394,33 +408,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Driver load errors are printed by the commands, one line each.
         logging.getLogger("fakevfio._loader").setLevel(logging.CRITICAL)
     try:
-        if args.command == "mount":
-            return _cmd_mount(args, debug)
-        if args.command == "drivers":
-            return _cmd_drivers(args)
-        if args.command == "umount":
-            return _cmd_umount(args.mountpoint)
-        if args.command == "run":
-            return _cmd_run(args.mount, list(args.argv), show_map=args.map)
-        if args.command == "guest":
-            return _cmd_guest(args)
-        if args.command == "check":
-            return _cmd_check(args)
-        if args.command == "doctor":
-            return _cmd_doctor(args)
+        return _run_command(args, debug)
     except FakeVfioError as exc:
         if debug:
             logger.exception("failed")
         print(f"fakevfio: {exc}", file=sys.stderr)
         return 1
-    except BrokenPipeError:
-        # The reader left (`fakevfio drivers --json | head`): end quietly, as a C tool
-        # killed by SIGPIPE does (status 128 + 13), and keep Python's exit-time flush of
-        # stdout from reporting the same broken pipe again.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 128 + signal.SIGPIPE
-    parser.error(f"unknown command {args.command}")  # pragma: no cover - argparse checks
+
+
+def _run_command(args: argparse.Namespace, debug: bool) -> int:
+    if args.command == "mount":
+        return _cmd_mount(args, debug)
+    if args.command == "drivers":
+        return _cmd_drivers(args)
+    if args.command == "umount":
+        return _cmd_umount(args.mountpoint)
+    if args.command == "run":
+        return _cmd_run(args.mount, list(args.argv), show_map=args.map)
+    if args.command == "guest":
+        return _cmd_guest(args)
+    if args.command == "check":
+        return _cmd_check(args)
+    if args.command == "doctor":
+        return _cmd_doctor(args)
+    raise AssertionError(f"unknown command {args.command}")  # argparse checks the choices
 
 
 # -- mount ----------------------------------------------------------------------------

@@ -6,13 +6,18 @@ import os
 import subprocess
 import sys
 
+import pytest
 
-def test_a_closed_pipe_ends_the_command_quietly_with_sigpipes_status() -> None:
+
+# Long output (drivers --json: the error comes from print) and short output that only
+# the final flush writes (doctor --json: the error would come at exit).
+@pytest.mark.parametrize("args", [["drivers", "--json"], ["doctor", "--json"]])
+def test_a_closed_pipe_ends_the_command_quietly_with_sigpipes_status(args: list[str]) -> None:
     read, write = os.pipe()
     os.close(read)  # the reader is gone before the first byte is written
     try:
         ran = subprocess.run(
-            [sys.executable, "-m", "fakevfio", "drivers", "--json"],
+            [sys.executable, "-m", "fakevfio", *args],
             stdout=write,
             stderr=subprocess.PIPE,
             text=True,
