@@ -82,6 +82,11 @@ MAX_ERROR_MESSAGE_CHARS = 500
 class Kind(enum.Enum):
     """What a node is; the value is only for debugging."""
 
+    # Members are singletons compared by identity, so the identity hash is
+    # consistent; Enum's own __hash__ is Python code, and every request tests
+    # a kind against a few sets and mappings.
+    __hash__ = object.__hash__
+
     ROOT = "root"
     DEVICES_DIR = "devices"
     DRIVERS_DIR = "drivers"
@@ -708,20 +713,23 @@ def _decode(data: bytes, kind: Kind) -> str:
         raise _fail(errno.EINVAL, f"{kind.value}: write is not UTF-8 text") from None
 
 
+#: The generated text of each text file but ``info`` (which also needs the tree).
+_TEXT: Mapping[Kind, Callable[[Device], str]] = {
+    Kind.INFO: lambda device: json.dumps(device.info(), sort_keys=True) + "\n",
+    Kind.FAULTS: lambda device: device.faults.text(),
+    Kind.IRQS: lambda device: _locked(device, device.irqs.text),
+    Kind.DMA: lambda device: _locked(device, device.dma.text),
+    Kind.FLAGS: lambda device: flags_text(device.flags) + "\n",
+    Kind.STATE: lambda device: device.state.name + "\n",
+    Kind.PRECOPY_INFO: lambda device: _precopy_text(device),
+    Kind.PRECOPY_INFO_V2: lambda device: _precopy_text(device, v2=True),
+    Kind.DATA_SIZE: lambda device: f"{device.data_size()}\n",
+    Kind.LOG: lambda device: device.log_text(),
+}
+
+
 def _text(kind: Kind, device: Device) -> bytes:
-    makers: Mapping[Kind, Callable[[], str]] = {
-        Kind.INFO: lambda: json.dumps(device.info(), sort_keys=True) + "\n",
-        Kind.FAULTS: device.faults.text,
-        Kind.IRQS: lambda: _locked(device, device.irqs.text),
-        Kind.DMA: lambda: _locked(device, device.dma.text),
-        Kind.FLAGS: lambda: flags_text(device.flags) + "\n",
-        Kind.STATE: lambda: device.state.name + "\n",
-        Kind.PRECOPY_INFO: lambda: _precopy_text(device),
-        Kind.PRECOPY_INFO_V2: lambda: _precopy_text(device, v2=True),
-        Kind.DATA_SIZE: lambda: f"{device.data_size()}\n",
-        Kind.LOG: device.log_text,
-    }
-    return makers[kind]().encode()
+    return _TEXT[kind](device).encode()
 
 
 def _info_text(device: Device, last_error: ErrorRecord | None) -> bytes:
