@@ -204,7 +204,7 @@ class HeldFiles:
             with contextlib.suppress(OSError):
                 for fd_name in os.listdir(pid_dir / "fd"):
                     with contextlib.suppress(OSError):
-                        st = os.stat(pid_dir / "fd" / fd_name)
+                        st = file_id(f"{pid_dir}/fd/{fd_name}")  # no GETATTR per fd
                         if st.st_dev != self.dev:
                             continue
                         for i, f in enumerate(self.files):
