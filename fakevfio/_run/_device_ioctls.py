@@ -288,11 +288,14 @@ def data_ioctl(vfio: Vfio, call: Call, ino: int, device: str | None) -> int:
     if argsz < uapi.PRECOPY_INFO.size:
         raise IoctlError(errno.EINVAL, "argsz < 24")
     dev = vfio.nodes.device(device)
-    if vfio.nodes.state(dev.name) not in PRECOPY_STATES:
-        raise IoctlError(errno.EINVAL, "not in PRE_COPY/PRE_COPY_P2P")
     entry = vfio.find(call, call.fd, ino)
     if entry is not None and entry.generation != vfio.nodes.generation.get(dev.name, 0):
+        # EINVAL outside PRE_COPY* comes first, as for a live data_fd
+        if vfio.nodes.state(dev.name) not in PRECOPY_STATES:
+            raise IoctlError(errno.EINVAL, "not in PRE_COPY/PRE_COPY_P2P")
         raise IoctlError(errno.ENODEV, "the session of this data_fd has ended")
+    # A live data_fd: the query files answer EINVAL outside PRE_COPY/PRE_COPY_P2P
+    # themselves (INTERFACES), so the state is not read first: one FUSE request.
     opted_in = precopy_v2(vfio, dev.name)
     text = None
     if opted_in:
