@@ -35,6 +35,11 @@ from vfio_uapi.fsm import MigFlags
 T = TypeVar("T")
 
 WRITE_BATCH_BYTES = 1 << 20
+#: What one load-task write (a writev, one worker-thread hop) takes from the
+#: queue: the hop cost as much as a quarter of the destination's Python time
+#: at one per 1 MiB buffer (py-spy --gil, multifd 2). The bytes stay within the
+#: queue budget until written.
+MULTIFD_WRITE_BATCH_BYTES = 4 << 20
 #: Receive buffers hold one full data packet payload (12-byte header + 1 MiB).
 POOL_BUFFER_BYTES = 12 + DATA_BUFFER_BYTES
 
@@ -199,13 +204,12 @@ class MultifdLoad:
         intake = self.intake
         try:
             while True:
-                ready = intake.pop_ready(dev.idstr, WRITE_BATCH_BYTES)
+                ready = intake.pop_ready(dev.idstr, MULTIFD_WRITE_BATCH_BYTES)
                 if ready:
                     size = sum(len(b) for b in ready)
 
                     def write_all(buffers: list[Buffer] = ready) -> None:
-                        for buf in buffers:
-                            dev.backend.write_data(memoryview(buf))
+                        dev.backend.write_data_many([memoryview(buf) for buf in buffers])
 
                     try:
                         await call("load", dev, write_all)

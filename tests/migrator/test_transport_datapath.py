@@ -3,18 +3,22 @@ multi-buffer reads and the destination's write-behind ordering (issue 19)."""
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 
 import trio
 import trio.testing
 
 from migrator._source_device import filled
+from migrator.backend import DataFdBackend
 from migrator.config import MigrationConfig
 from migrator.destination import Destination
+from migrator.errors import DeviceOpError
 from migrator.source import migrate
 from migrator.transport import StreamReader, send_parts
 from tests.migrator.memory import MemoryDevice, MemoryListener
-from vfio_uapi.fsm import State
+from vfio_uapi.fsm import MigFlags, State
 
 MIB = 1 << 20
 GUARD_S = 30
@@ -160,3 +164,73 @@ async def test_destination_writes_data_behind_but_config_and_start_after_it() ->
     assert dst.loaded_config == src.config
     last_data = max(i for i, what in enumerate(dst.log) if what == "data")
     assert dst.log[last_data + 1 :] == ["config", "RUNNING"]
+
+
+class _PipeBackend(DataFdBackend):
+    """A data_fd backend over one end of a pipe (only the data_fd half is used)."""
+
+    def __init__(self, fd: int) -> None:
+        self.location = "pipe"
+        self.idstr = "pipe/vfio"
+        self._data_fd = fd
+
+    def _fail(self, op: str, exc: OSError) -> DeviceOpError:
+        return DeviceOpError(self.location, op, exc.errno or 0)
+
+    # The control half is never called here.
+    def migration_flags(self) -> MigFlags:
+        raise NotImplementedError
+
+    def get_state(self) -> State:
+        raise NotImplementedError
+
+    def set_state(self, state: State) -> None:
+        raise NotImplementedError
+
+    def precopy_info(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def data_size(self) -> int:
+        raise NotImplementedError
+
+    def read_config(self) -> bytes:
+        raise NotImplementedError
+
+    def write_config_at(self, offset: int, data: bytes) -> None:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+def test_data_fd_backend_reads_and_writes_several_buffers_per_call() -> None:
+    payload = _pattern(3 * 100_000 + 17)
+    bufs = [memoryview(payload)[i : i + 100_000] for i in range(0, len(payload), 100_000)]
+    r, w = os.pipe()
+    got = bytearray()
+
+    def drain() -> None:
+        while chunk := os.read(r, 65536):
+            got.extend(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        _PipeBackend(w).write_data_many(bufs)  # more than a pipe holds: writev comes back short
+    finally:
+        os.close(w)
+        reader.join(GUARD_S)
+        os.close(r)
+    assert bytes(got) == payload
+    r, w = os.pipe()
+    try:
+        os.write(w, payload[:150])
+        into = [memoryview(bytearray(100)) for _ in range(3)]
+        assert _PipeBackend(r).read_data_many(into) == 150  # what the pipe had: one readv
+        assert b"".join(bytes(v) for v in filled(into, 150)) == payload[:150]
+    finally:
+        os.close(r)
+        os.close(w)
