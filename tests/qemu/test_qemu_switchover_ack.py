@@ -15,13 +15,17 @@ here re-initialises right after its whole initial data was read
   (legacy: one INIT_DATA_SENT, one ACK). A device without PRE_COPY: 11.1 sends no ACK at all, and
   the ``11.1`` source does not wait for one.
 * QEMU 11.1 source -> migrator destination: QEMU's stream carries RAM and
-  other devices' sections a VFIO-only destination cannot parse, so the test
-  records a QEMU 11.1 -> QEMU 11.1 migration through a proxy, cuts QEMU's own
-  VFIO bytes out of the main channel (every VFIO section and command, in
-  QEMU's order) and plays them into ``migrator incoming``: with ``11.1`` it
-  writes the return path the QEMU 11.1 destination wrote, and loads the
-  source's state; with ``10.0`` it refuses the second INIT_DATA_SENT, as QEMU
-  10.x's destination would.
+  other devices' sections a VFIO-only destination cannot parse, so QEMU's own
+  VFIO bytes are cut out of its main channel (every VFIO section and
+  SWITCHOVER_START, in QEMU's order). Replayed from a recorded QEMU 11.1 ->
+  QEMU 11.1 migration: with ``11.1`` ``migrator incoming`` writes the return
+  path the QEMU 11.1 destination wrote and loads the source's state; with
+  ``10.0`` it refuses the second INIT_DATA_SENT, as QEMU 10.x would. Live,
+  through a filtering proxy (:class:`VfioFilter`), QEMU 11.1's source acts on
+  our return path: with ``11.1`` it completes (re-initialising device, and a
+  device without PRE_COPY); with ``10.0`` our destination refuses the second
+  INIT_DATA_SENT, and without PRE_COPY QEMU 11.1 itself reports our ACK at
+  OPEN_RETURN_PATH as "Switchover ack pending num underflowed".
 """
 
 from __future__ import annotations
@@ -31,12 +35,15 @@ import re
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.conftest import MountFactory, MountHandle
+from tests.migrator import wire_sender
 from tests.migrator.helpers import Result, digest, finish, run_migrator, start_incoming
 from tests.test_qemu import _MATRIX, Qmp, qemu_under_run, require, version_of, wait_migration
 
@@ -50,6 +57,7 @@ SEED = 5
 INITIAL_BYTES = 16777528
 SPEC = f"gpu0=ram:size=16M,flags={FLAGS},seed={SEED},reinit_after={INITIAL_BYTES}"
 DST_SPEC = f"gpu0=ram:size=16M,flags={FLAGS}"
+NO_PRE_COPY = f"gpu0=ram:size=4M,flags=STOP_COPY+P2P,seed={SEED}"
 #: QEMU's idstr for the one vfio-pci device of tests/test_qemu.qemu_command on q35.
 IDSTR = "0000:00:01.0/vfio"
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -339,3 +347,206 @@ def _config_size(main: bytes) -> int:
     at = main.rindex(_MARKER.pack(_CONFIG))
     end = main.index(_MARKER.pack(_EOS) + b"\x7e", at)
     return end - at - 8
+
+
+# -- live: QEMU 11.1 source -> migrator destination, through a VFIO-only filter --------
+
+
+class VfioFilter:
+    """A live proxy from a QEMU source to ``migrator incoming``: forwards QEMU's
+    prologue (header, configuration, OPEN_RETURN_PATH, PING 1), every VFIO piece
+    (qemu_vfio_bytes' patterns, each forwarded once complete), SWITCHOVER_START
+    (after a section footer), and at the VM description QEMU's EOF and the
+    description; drops everything else (RAM, other devices). The destination's
+    return path goes back to QEMU unchanged, so QEMU's source acts on our ACKs."""
+
+    def __init__(self, target: tuple[str, int], idstr: str, config_size: int) -> None:
+        self.target = target
+        self.config_size = config_size
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(30)
+        self.port: int = self.listener.getsockname()[1]
+        name = bytes([len(idstr)]) + idstr.encode() + struct.pack(">II", 0, 1)
+        self._start = re.compile(rb"\x01(....)" + re.escape(name), re.DOTALL)
+        self._name = name
+        self.forwarded = bytearray()
+        self.rp = bytearray()
+        self.error: BaseException | None = None
+        self.closed = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            qemu, _ = self.listener.accept()
+            with qemu, socket.create_connection(self.target) as ours:
+                back = threading.Thread(target=self._relay_rp, args=(ours, qemu), daemon=True)
+                back.start()
+                self._filter(qemu, ours)
+                with contextlib.suppress(OSError):
+                    ours.shutdown(socket.SHUT_WR)  # QEMU's stream ended: so does ours
+                back.join(30)
+        except BaseException as exc:  # reported by close()
+            self.error = exc
+
+    def _relay_rp(self, ours: socket.socket, qemu: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while chunk := ours.recv(1 << 16):
+                self.rp += chunk
+                qemu.sendall(chunk)
+
+    def _send(self, ours: socket.socket, data: bytes) -> None:
+        self.forwarded += data
+        try:
+            ours.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            self.closed = True  # the destination gave up (its verdict is on the return path)
+
+    def _filter(self, qemu: socket.socket, ours: socket.socket) -> None:
+        buf = bytearray()
+        sid: bytes | None = None
+        head: re.Pattern[bytes] | None = None
+        ping = b"\x08\x00\x02\x00\x04\x00\x00\x00\x01"
+        while True:
+            chunk = qemu.recv(1 << 20)
+            if not chunk:
+                return
+            buf += chunk
+            if self.closed:
+                buf.clear()  # keep QEMU's side flowing until it gives up too
+                continue
+            if sid is None:  # the prologue, then the VFIO section id
+                at = buf.find(ping)
+                m = self._start.search(buf)
+                if at < 0 or m is None:
+                    continue
+                self._send(ours, bytes(buf[: at + len(ping)]))
+                sid = m.group(1)
+                head = re.compile(
+                    rb"(?:[\x01\x04]"
+                    + re.escape(sid + self._name)
+                    + rb"|[\x02\x03]"
+                    + re.escape(sid)
+                    + rb")(?=\xff\xff\xff\xff\xef\x10\x00[\x01-\x05])"
+                    rb"|(?<=\x7e....)\x08\x00\x0b\x00\x00|\x00\x06(?=....\{)",
+                    re.DOTALL,
+                )
+                del buf[: m.start()]
+            assert head is not None
+            while (h := head.search(buf)) is not None:
+                piece = bytes(buf[h.start() : h.end()])
+                if piece == b"\x00\x06":  # QEMU_VM_EOF, then the VM description
+                    (size,) = struct.unpack_from(">I", buf, h.end())
+                    while len(buf) < h.end() + 4 + size:
+                        more = qemu.recv(1 << 20)
+                        if not more:
+                            break
+                        buf += more
+                    self._send(ours, bytes(buf[h.start() : h.end() + 4 + size]))
+                    with contextlib.suppress(OSError):
+                        while qemu.recv(1 << 16):
+                            pass
+                    return
+                if piece == b"\x08\x00\x0b\x00\x00":
+                    self._send(ours, piece)
+                    del buf[: h.end()]
+                    continue
+                try:
+                    end = _vfio_payload_end(bytes(buf), h.end(), self.config_size) + 5
+                except struct.error:
+                    break  # the piece is not complete yet
+                if end > len(buf):
+                    break
+                self._send(ours, bytes(buf[h.start() : end]))
+                del buf[:end]
+            # Keep only what a head could still start in.
+            if head.search(buf) is None and len(buf) > 64:
+                del buf[: len(buf) - 64]
+
+    def close(self) -> None:
+        self._thread.join(60)
+        self.listener.close()
+        assert not self._thread.is_alive(), "the filter is still running"
+        if self.error is not None:
+            raise self.error
+
+
+def _wait_verdict(qmp: Qmp, timeout: float = 60) -> dict[str, Any]:
+    """query-migrate once the migration ended or QEMU recorded an error."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info: dict[str, Any] = qmp.cmd("query-migrate")
+        if info.get("status") in ("completed", "failed", "cancelled") or "error-desc" in info:
+            return info
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"migration did not finish: {info}")
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize(
+    ("spec", "compat", "ok"),
+    [
+        pytest.param(SPEC, "11.1", True, id="reinit-11.1"),
+        pytest.param(SPEC, "10.0", False, id="reinit-10.0"),
+        pytest.param(
+            f"gpu0=ram:size=4M,flags=STOP_COPY+P2P,seed={SEED}", "10.0", False, id="nopre-10.0"
+        ),
+        pytest.param(
+            f"gpu0=ram:size=4M,flags=STOP_COPY+P2P,seed={SEED}", "11.1", True, id="nopre-11.1"
+        ),
+    ],
+)
+def test_live_qemu_11_1_source_into_migrator_destination(
+    fakevfio_mount: MountFactory, tmp_path: Path, qemu11: str, spec: str, compat: str, ok: bool
+) -> None:
+    """QEMU 11.1's source acts on the migrator destination's return path, live."""
+    dst_spec = spec.split(",seed")[0]
+    with fakevfio_mount([spec]) as src, fakevfio_mount([dst_spec]) as dst:
+        config_size = len(wire_sender.qemu_config_blob(dst.read_bytes(dst.file("gpu0", "config"))))
+        incoming, addr = start_incoming(
+            "tcp:127.0.0.1:0",
+            [f"{dst.device('gpu0')},id={IDSTR}"],
+            "--multifd-channels",
+            "0",
+            "--qemu-compat",
+            compat,
+        )
+        host, port = addr.removeprefix("tcp:").rsplit(":", 1)
+        filt = VfioFilter((host, int(port)), IDSTR, config_size)
+        try:
+            with qemu_under_run(src, tmp_path, "src", "off", qemu=qemu11) as sq:
+                sq.cmd("migrate-set-capabilities", capabilities=CAPS)
+                sq.cmd(
+                    "migrate-set-parameters",
+                    **{
+                        "max-bandwidth": 8 << 30,
+                        "downtime-limit": 1000,
+                        "avail-switchover-bandwidth": 1 << 30,
+                    },
+                )
+                sq.cmd("cont")
+                sq.cmd("migrate", uri=f"tcp:127.0.0.1:{filt.port}")
+                info = _wait_verdict(sq)
+                if info["status"] not in ("completed", "failed"):
+                    sq.cmd("migrate_cancel")  # QEMU keeps an RP error pending while active
+        finally:
+            dest = finish(incoming)
+            filt.close()
+        if ok:
+            assert info["status"] == "completed", info
+            assert "error-desc" not in info, info
+            assert dest.returncode == 0, dest.stderr
+            assert digest(dst, "gpu0") == digest(src, "gpu0")
+        else:
+            assert "error-desc" in info, info
+        if "reinit_after" in spec:
+            # QEMU's source sends INIT_DATA_SENT again after the re-initialisation
+            # (a 10.0 destination refuses that second one).
+            assert filt.forwarded.count(INIT_DATA_SENT) == 2
+        else:
+            assert INIT_DATA_SENT not in filt.forwarded
+        if not ok and "PRE_COPY" in spec:
+            assert "switchover approved more times than needed" in dest.stderr, dest.stderr
+        if not ok and "PRE_COPY" not in spec:
+            # A 10.0 destination acks at OPEN_RETURN_PATH; QEMU 11.1 asked for nothing.
+            assert "Switchover ack pending num underflowed" in info.get("error-desc", ""), info
