@@ -158,6 +158,8 @@ def open_read_close(path: Path) -> bytes:
 
 
 _floors = itertools.count()
+#: The serving process of each mounted floor (mountpoint -> pid), for CPU accounting.
+FLOOR_PIDS: dict[Path, int] = {}
 
 
 @contextlib.contextmanager
@@ -175,8 +177,10 @@ def floor_mounted(base: Path, size: int, *, ready_timeout: float = 60.0) -> Iter
         line = read_line(proc.stdout, time.monotonic() + ready_timeout)
         if not line or not line.startswith(b"fakevfio-floor: mounted"):
             raise BenchError(f"the FUSE floor did not mount at {mnt}: {line!r}")
+        FLOOR_PIDS[mnt] = proc.pid
         yield mnt
     finally:
+        FLOOR_PIDS.pop(mnt, None)
         proc.terminate()
         try:
             proc.wait(15)

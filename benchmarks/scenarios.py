@@ -13,6 +13,7 @@ from pathlib import Path
 import attrs
 
 from benchmarks.harness import (
+    FLOOR_PIDS,
     BenchError,
     GiB,
     MiB,
@@ -92,6 +93,10 @@ def _ratio_fig(
     return Figure(scenario, name, num, unit, f"{den_name} {den:,.0f} {unit}", ratio, target, ok)
 
 
+#: CPU time below this (clock ticks are 10 ms) is too coarse to report per GiB.
+MIN_CPU_COUNTED_S = 0.5
+
+
 # -- 1. stop-copy throughput ----------------------------------------------------------------
 def stopcopy(base: Path, scale: Scale) -> list[Figure]:
     """The data path against the FUSE floor and the device's own read- and write-alone rates.
@@ -144,6 +149,15 @@ def stopcopy(base: Path, scale: Scale) -> list[Figure]:
             return _stream_bytes(run), run.source["total_time_ms"] / 1000
 
         mib = size // MiB
+        #: whose CPU time a method's serving daemon spends (the floor's, or the mount's)
+        daemons = {
+            "floor read": FLOOR_PIDS[floor],
+            "floor write": FLOOR_PIDS[floor],
+            "read alone": src.pid,
+            "write alone": dst.pid,
+        }
+        cpu: dict[str, list[float]] = {}  # ms per GiB, per run
+        cpu_total: dict[str, float] = {}  # s, over the runs
         methods: dict[str, Callable[[], tuple[int, float]]] = {
             "floor read": lambda: dd_read(floor / "data"),
             "floor write": lambda: dd_write("/dev/zero", floor / "data", count_mib=mib),
@@ -157,7 +171,13 @@ def stopcopy(base: Path, scale: Scale) -> list[Figure]:
         for rep in range(scale.repeats):
             for label, fn in methods.items():
                 log(f"stopcopy: {label} (run {rep + 1}/{scale.repeats})")
+                pid = daemons.get(label)
+                cpu0 = _cpu_seconds(pid) if pid is not None else 0.0
                 n, secs = fn()
+                if pid is not None and n:
+                    used = _cpu_seconds(pid) - cpu0
+                    cpu.setdefault(label, []).append(used * 1000 * GiB / n)
+                    cpu_total[label] = cpu_total.get(label, 0.0) + used
                 times.setdefault(label, []).append(secs)
                 nbytes[label] = n
                 checked = rep == 0 and label in ("write alone", "dd | dd", "migrator 1ch")
@@ -188,6 +208,31 @@ def stopcopy(base: Path, scale: Scale) -> list[Figure]:
             floor=0.8,
         ),
     ]
+    # The daemon's CPU time per GiB served: less sensitive than MB/s to other work
+    # on the machine (it counts only the daemon's own running time), so it shows
+    # what the data path costs next to the floor when the rates are noisy.
+    per_gib = {k: statistics.median(v) for k, v in cpu.items()}
+    for label, den in (("read alone", "floor read"), ("write alone", "floor write")):
+        name = f"migration/data {label}: daemon CPU per GiB"
+        counted = min(cpu_total.get(label, 0.0), cpu_total.get(den, 0.0))
+        if counted < MIN_CPU_COUNTED_S:
+            figs.append(
+                Figure(sc, name, None, "ms", note=f"skipped: under {MIN_CPU_COUNTED_S} s counted")
+            )
+            continue
+        ours, floor_ms = per_gib[label], per_gib[den]
+        figs.append(
+            Figure(
+                sc,
+                name,
+                ours,
+                "ms",
+                f"{den} {floor_ms:,.0f} ms",
+                floor_ms / ours if ours else None,
+                note="ratio = the floor's CPU / ours (1.0x: as cheap as the floor); "
+                "utime+stime of the serving process, clock ticks",
+            )
+        )
     alone = min(mbps["read alone"], mbps["write alone"])
     figs.extend(
         _ratio_fig(
@@ -572,6 +617,8 @@ def control(base: Path, scale: Scale) -> list[Figure]:
     seconds = 0.3 if scale.tiny else 2.0
     rounds = 1 if scale.tiny else 3
     rates: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}  # the serving daemon's CPU seconds, per round
+    counted: dict[str, float] = {}  # operations, over the rounds
     exe = build_ioctl_rate(base)
     log("control: mounting the FUSE floor and one device")
     with floor_mounted(base, 4096) as floor, mounted(base, [_ram("c", 64 * 1024)]) as m:
@@ -596,11 +643,18 @@ def control(base: Path, scale: Scale) -> list[Figure]:
                     rates.setdefault(label, []).append(rate(op, seconds))
                 finally:
                     close()
-            rates.setdefault("floor open+read+close", []).append(
-                rate(functools.partial(open_read_close, floor / "small"), seconds)
-            )
-            # one op = one state write+read; state_op does two
-            rates.setdefault("state write+read", []).append(2 * rate(state_op, seconds))
+            floor_op = functools.partial(open_read_close, floor / "small")
+            for label, op, per_call, pid in (
+                ("floor open+read+close", floor_op, 1, FLOOR_PIDS[floor]),
+                # one op = one state write+read; state_op does two
+                ("state write+read", state_op, 2, m.pid),
+            ):
+                cpu0, t0 = _cpu_seconds(pid), time.perf_counter()
+                ops_per_s = per_call * rate(op, seconds)
+                ops = ops_per_s * (time.perf_counter() - t0)
+                rates.setdefault(label, []).append(ops_per_s)
+                cpu.setdefault(label, []).append(_cpu_seconds(pid) - cpu0)
+                counted[label] = counted.get(label, 0.0) + ops
             if exe is not None:
                 for key, value in ioctl_rates(exe, m, "vfio0", seconds / 2).items():
                     rates.setdefault(f"ioctl {key}", []).append(value)
@@ -637,6 +691,29 @@ def control(base: Path, scale: Scale) -> list[Figure]:
             unit="ops/s",
         ),
     ]
+    # The daemon's CPU time per operation: what an operation costs the server,
+    # whatever else the machine runs (rates on a loaded machine mostly measure
+    # scheduling delays, and an op of 8 FUSE requests meets more of them than 3).
+    name = "state write+read: daemon CPU per op"
+    totals = {k: sum(v) for k, v in cpu.items()}
+    if min(totals.values()) < MIN_CPU_COUNTED_S:
+        figs.append(Figure(sc, name, None, "us", note=f"skipped: under {MIN_CPU_COUNTED_S} s"))
+    else:
+        per_op = {k: totals[k] * 1e6 / counted[k] for k in totals}
+        ours, floor_us = per_op["state write+read"], per_op["floor open+read+close"]
+        figs.append(
+            Figure(
+                sc,
+                name,
+                ours,
+                "us",
+                f"floor o+r+c {floor_us:,.0f} us",
+                floor_us / ours if ours else None,
+                note="ratio = the floor's CPU / ours; utime+stime of the serving process; "
+                "an op is 8 FUSE requests (OPEN WRITE FLUSH RELEASE OPEN READ FLUSH "
+                "RELEASE), the floor's 3 (it answers FLUSH with ENOSYS)",
+            )
+        )
     if exe is None:
         figs.append(Figure(sc, "ioctl rates", None, "ops/s", note="skipped: gcc is missing"))
         return figs
