@@ -94,6 +94,8 @@ from vfio_uapi.fsm import PRECOPY_STATES, MigFlags, State
 logger = logging.getLogger(__name__)
 #: The pause after a pre-copy iteration that had nothing to send.
 IDLE_ITERATION_S = 0.005
+#: How long the source waits for a SWITCHOVER_ACK before it says why it may never come.
+ACK_WAIT_HINT_S = 5.0
 
 
 def _migration_errors(exc: BaseException) -> list[MigrationError]:
@@ -418,11 +420,22 @@ class Source:
 
     async def _wait_acked(self) -> None:
         """Wait for SWITCHOVER_ACK (set at once without switchover-ack), failing with the
-        return path: a destination that failed or went away ends the wait."""
+        return path: a destination that failed or went away ends the wait. A long wait
+        is named once: a QEMU 11.1 destination on its own machine type acks nothing
+        when no device has pre-copy, where QEMU 10.x acks at OPEN_RETURN_PATH."""
+        hint_at: float | None = trio.current_time() + ACK_WAIT_HINT_S
         while not self._rp.acked.is_set():
             self._rp.check(self.phase)
             with trio.move_on_after(IDLE_ITERATION_S * 10):
                 await self._rp.acked.wait()
+            if hint_at is not None and trio.current_time() >= hint_at and self._rp.ack.legacy:
+                hint_at = None
+                logger.warning(
+                    "still waiting for the destination's SWITCHOVER_ACK after %g s with no "
+                    "pre-copy device: a QEMU 11.1 destination on its own machine type (q35) "
+                    "sends none; use --qemu-compat 11.1 (or --switchover-ack off)",
+                    ACK_WAIT_HINT_S,
+                )
         self._rp.check(self.phase)
 
     async def _iterate_device(self, sender: _Sender, dev: Dev, view: memoryview) -> int:

@@ -11,10 +11,12 @@ at OPEN_RETURN_PATH nobody asked for.
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from tests.conftest import MountFactory, MountHandle
-from tests.migrator.helpers import digest, migrate, run_migrator
+from tests.migrator.helpers import MIGRATOR, digest, finish, migrate, run_migrator, start_incoming
 
 pytestmark = [pytest.mark.fuse, pytest.mark.deadline(120)]
 
@@ -121,3 +123,46 @@ def test_file_commands_refuse_qemu_compat(fakevfio_mount: MountFactory, command:
         )
     assert result.returncode != 0
     assert "--qemu-compat applies only to a live migration" in result.stderr, result.stderr
+
+
+def test_10_0_source_names_the_option_while_an_11_1_destination_acks_nothing(
+    fakevfio_mount: MountFactory,
+) -> None:
+    """No pre-copy device: a QEMU 11.1-style destination sends no ACK, and a 10.0
+    source (QEMU 10's migration_can_switchover) waits for one; after
+    ACK_WAIT_HINT_S it says why and what to use. The test stops it then."""
+    spec = f"gpu0=ram:size={SIZE},flags=STOP_COPY+P2P"
+    with fakevfio_mount([f"{spec},seed=4"]) as src, fakevfio_mount([spec]) as dst:
+        incoming, addr = start_incoming(
+            "tcp:127.0.0.1:0",
+            [str(dst.device("gpu0"))],
+            "--multifd-channels",
+            "0",
+            "--qemu-compat",
+            "11.1",
+        )
+        source = subprocess.Popen(
+            [
+                *MIGRATOR,
+                "migrate",
+                "--to",
+                addr,
+                "--multifd-channels",
+                "0",
+                str(src.device("gpu0")),
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert source.stderr is not None
+            line = source.stderr.readline()  # the first thing it says
+            assert "still waiting for the destination's SWITCHOVER_ACK" in line, line
+            assert "--qemu-compat 11.1" in line, line
+            assert source.poll() is None  # still waiting, as QEMU 10 would
+        finally:
+            source.terminate()
+            source.communicate(timeout=30)
+            incoming.kill()
+            finish(incoming)
+        assert src.state("gpu0") == "RUNNING"  # the interrupted source put it back
