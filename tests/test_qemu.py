@@ -37,9 +37,8 @@ from typing import Any
 
 import attrs
 import pytest
-from qemu.qmp import ConnectError, ExecuteError, QMPError
-from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from fakevfio.guest import Qmp  # the one QMP client (on qemu.qmp), shared with the guest kit
 from tests.conftest import MountFactory, MountHandle
 from tests.migrator.helpers import DEST_ARCS, SOURCE_ARCS, digest, migrate
 
@@ -148,56 +147,6 @@ def _need_qemu(request: pytest.FixtureRequest) -> None:
         require(_MATRIX[0])
 
 
-class Qmp:
-    """QMP over the ``qemu.qmp`` library's synchronous client (``QEMUMonitorProtocol``).
-
-    Connects once QEMU's socket is up (RuntimeError with QEMU's log if QEMU
-    exits first). ``cmd`` returns the ``return`` value; a QMP error is a
-    RuntimeError naming the command, so callers need not import qemu.qmp.
-    """
-
-    def __init__(self, path: Path, proc: subprocess.Popen[bytes], log: Path) -> None:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"QEMU exited with {proc.returncode}:\n{log.read_text()}")
-            if path.exists():
-                self.monitor = QEMUMonitorProtocol(str(path))
-                try:
-                    self.monitor.connect()
-                    break
-                except (ConnectError, OSError):
-                    self.monitor.close()
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no QMP socket {path}:\n{log.read_text()}")
-            time.sleep(0.05)
-        self.monitor.settimeout(60)
-
-    def cmd(self, name: str, **arguments: Any) -> Any:
-        try:
-            return self.monitor.cmd(name, **arguments)
-        except ExecuteError as exc:
-            raise RuntimeError(f"{name}: {exc.error_class}: {exc.error.error.desc}") from None
-        except (QMPError, EOFError) as exc:
-            raise ConnectionError(f"QMP failed during {name}: {exc!r}") from None
-
-    def hmp(self, line: str) -> str:
-        """One HMP command (``human-monitor-command``); its output."""
-        out = self.cmd("human-monitor-command", **{"command-line": line})
-        assert isinstance(out, str)
-        return out
-
-    @property
-    def events(self) -> list[dict[str, Any]]:
-        """The events QEMU sent so far (taken, not interpreted)."""
-        return [dict(event) for event in self.monitor.get_events()]
-
-    def close(self) -> None:
-        # After ``quit`` the client reports QEMU's hang-up (EOFError) on close.
-        with contextlib.suppress(QMPError, OSError, EOFError):
-            self.monitor.close()
-
-
 def qemu_command(
     qmp: Path, multifd: str, *extra: str, qemu: str = QEMU, machine: str = "q35"
 ) -> list[str]:
@@ -267,7 +216,7 @@ def qemu_session(argv: list[str], qmp_path: Path, log: Path) -> Iterator[Qmp]:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     qmp: Qmp | None = None
     try:
-        qmp = Qmp(qmp_path, proc, log)
+        qmp = Qmp.connect(qmp_path, proc, log)
         yield qmp
         with contextlib.suppress(OSError, RuntimeError):
             qmp.cmd("quit")

@@ -41,8 +41,8 @@ from typing import Any
 
 import pytest
 
+from fakevfio.guest import Qmp
 from tests.conftest import MountFactory, MountHandle
-from tests.test_qemu import Qmp
 
 pytestmark = [pytest.mark.fuse, pytest.mark.qemu, pytest.mark.slow, pytest.mark.deadline(240)]
 
@@ -89,7 +89,7 @@ def qemu_vm(
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     qmp: Qmp | None = None
     try:
-        qmp = Qmp(qmp_path, proc, log)
+        qmp = Qmp.connect(qmp_path, proc, log)
         vm = Vm(qmp, log)
         yield vm
         with contextlib.suppress(OSError, RuntimeError):

@@ -30,8 +30,9 @@ from typing import Any
 
 import pytest
 
+from fakevfio.guest import Qmp
 from tests.conftest import MountFactory, MountHandle
-from tests.test_qemu import Qmp, qemu_session
+from tests.test_qemu import qemu_session
 
 pytestmark = [pytest.mark.fuse, pytest.mark.qemu, pytest.mark.slow, pytest.mark.deadline(300)]
 

@@ -42,10 +42,11 @@ from typing import Any
 
 import pytest
 
+from fakevfio.guest import Qmp
 from tests.conftest import MountFactory, MountHandle
 from tests.migrator import wire_sender
 from tests.migrator.helpers import Result, digest, finish, run_migrator, start_incoming
-from tests.test_qemu import _MATRIX, Qmp, qemu_under_run, require, version_of, wait_migration
+from tests.test_qemu import _MATRIX, qemu_under_run, require, version_of, wait_migration
 
 pytestmark = [pytest.mark.fuse, pytest.mark.qemu, pytest.mark.slow, pytest.mark.deadline(240)]
 
