@@ -60,14 +60,16 @@ class ReturnPath:
                             self.acked.set()
                     elif isinstance(event, ev.Shut):
                         self.shut = event.status
-                        self.shut_event.set()
                         if self.shut != 0:
                             # The destination failed: stop at once with its verdict
-                            # rather than with whatever our next send runs into.
+                            # rather than with whatever our next send runs into. The
+                            # event stays unset: a waiter woken by it would raise the
+                            # same verdict a second time beside this one.
                             raise RemoteProtocolError(
                                 f"the destination failed to load the state (status {self.shut})",
                                 phase="load",
                             )
+                        self.shut_event.set()
                         return
                 if not data:
                     raise ChannelBrokenError(
