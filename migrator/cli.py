@@ -387,6 +387,24 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``migrator``; returns the exit status."""
+    try:
+        try:
+            status = _main(argv)
+        except SystemExit as exc:  # argparse: --help and --version 0, usage errors 2
+            status = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+        sys.stdout.flush()  # here, so that a reader that left is a BrokenPipeError below
+    except BrokenPipeError:
+        # The reader left (`migrator migrate --json ... | head -c 10`): end quietly, as a
+        # C tool killed by SIGPIPE does, and keep Python's exit-time flush from reporting
+        # the same broken pipe again. The migration's outcome is already decided.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+    return status
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -194,3 +194,36 @@ def test_qemu_10_1_options_reach_both_sides(fakevfio_mount: MountFactory) -> Non
         )
         assert bad.returncode != 0
         assert "--max-queued-buffers-size" in bad.stderr, bad.stderr
+
+
+# Output only the final flush writes (--help, --version: argparse's own) and a usage
+# error's status: a closed pipe ends quietly with SIGPIPE's status, a usage error stays 2.
+@pytest.mark.parametrize(("args", "status"), [(["--help"], 141), (["--version"], 141)])
+def test_a_closed_pipe_ends_migrator_quietly(args: list[str], status: int) -> None:
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first byte is written
+    try:
+        ran = subprocess.run(
+            [*MIGRATOR, *args],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            # Block-buffered stdout, as a user's shell gives (some CI sets PYTHONUNBUFFERED).
+            env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"},
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write)
+    assert ran.stderr == ""  # no "Exception ignored ... BrokenPipeError"
+    assert ran.returncode == status
+
+
+def test_usage_error_still_exits_2_with_argparses_message() -> None:
+    ran = subprocess.run(
+        [*MIGRATOR, "migrate", "--to", "tcp:127.0.0.1:1", "--fakevfio-no-such-option", "dev"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ran.returncode == 2
+    assert "unrecognized arguments: --fakevfio-no-such-option" in ran.stderr
