@@ -88,7 +88,11 @@ assert _RAM.size == 320
 
 
 class Proxy:
-    """Forwards each connection to ``127.0.0.1:target``; records its client->target bytes."""
+    """Forwards each connection to ``127.0.0.1:target``; records both directions.
+
+    ``streams[i]`` is connection i's client->target bytes, ``backs[i]`` its
+    target->client bytes (the return path, on a main channel).
+    """
 
     def __init__(self, target: int) -> None:
         self.target = target
@@ -96,6 +100,7 @@ class Proxy:
         self.listener.settimeout(0.1)
         self.port: int = self.listener.getsockname()[1]
         self.streams: list[bytearray] = []
+        self.backs: list[bytearray] = []
         self._socks: list[socket.socket] = []
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
@@ -112,20 +117,20 @@ class Proxy:
                 return
             client.settimeout(None)
             upstream = socket.create_connection(("127.0.0.1", self.target))
-            record = bytearray()
-            self.streams.append(record)
+            forward, back = bytearray(), bytearray()
+            self.streams.append(forward)
+            self.backs.append(back)
             self._socks += [client, upstream]
-            for args in ((client, upstream, record), (upstream, client, None)):
+            for args in ((client, upstream, forward), (upstream, client, back)):
                 thread = threading.Thread(target=self._pump, args=args, daemon=True)
                 thread.start()
                 self._threads.append(thread)
 
     @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket, record: bytearray | None) -> None:
+    def _pump(src: socket.socket, dst: socket.socket, record: bytearray) -> None:
         try:
             while chunk := src.recv(1 << 20):
-                if record is not None:
-                    record += chunk
+                record += chunk
                 dst.sendall(chunk)
         except OSError:
             pass
@@ -133,8 +138,8 @@ class Proxy:
             with contextlib.suppress(OSError):
                 dst.shutdown(socket.SHUT_WR)
 
-    def close(self) -> list[bytes]:
-        """Stop accepting, wait for every connection to end; the recorded streams."""
+    def stop(self) -> None:
+        """Stop accepting and wait for every connection to end."""
         self._stop.set()
         self._acceptor.join(5)
         self.listener.close()
@@ -144,6 +149,10 @@ class Proxy:
         for sock in self._socks:
             sock.close()
         assert not alive, f"{alive} proxy pumps still running"
+
+    def close(self) -> list[bytes]:
+        """:meth:`stop`; the recorded client->target streams."""
+        self.stop()
         return [bytes(s) for s in self.streams]
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import MountFactory, MountHandle
+from tests.fakevfio.test_cli_pipe import run_into_closed_pipe
 from tests.migrator.helpers import MIGRATOR, digest, finish, run_migrator, start_incoming
 
 pytestmark = [pytest.mark.fuse]
@@ -200,20 +201,7 @@ def test_qemu_10_1_options_reach_both_sides(fakevfio_mount: MountFactory) -> Non
 # error's status: a closed pipe ends quietly with SIGPIPE's status, a usage error stays 2.
 @pytest.mark.parametrize(("args", "status"), [(["--help"], 141), (["--version"], 141)])
 def test_a_closed_pipe_ends_migrator_quietly(args: list[str], status: int) -> None:
-    read, write = os.pipe()
-    os.close(read)  # the reader is gone before the first byte is written
-    try:
-        ran = subprocess.run(
-            [*MIGRATOR, *args],
-            stdout=write,
-            stderr=subprocess.PIPE,
-            # Block-buffered stdout, as a user's shell gives (some CI sets PYTHONUNBUFFERED).
-            env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"},
-            text=True,
-            timeout=60,
-        )
-    finally:
-        os.close(write)
+    ran = run_into_closed_pipe([*MIGRATOR, *args])
     assert ran.stderr == ""  # no "Exception ignored ... BrokenPipeError"
     assert ran.returncode == status
 

@@ -12,11 +12,20 @@ at OPEN_RETURN_PATH nobody asked for.
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Sequence
 
 import pytest
 
 from tests.conftest import MountFactory, MountHandle
-from tests.migrator.helpers import MIGRATOR, digest, finish, migrate, run_migrator, start_incoming
+from tests.migrator.helpers import (
+    MIGRATOR,
+    Result,
+    digest,
+    finish,
+    migrate,
+    run_migrator,
+    start_incoming,
+)
 
 pytestmark = [pytest.mark.fuse, pytest.mark.deadline(120)]
 
@@ -33,6 +42,22 @@ def initial_bytes(mount: MountHandle, name: str) -> int:
     return int(text.split()[1])
 
 
+def _migrate_gpu0_as_11_1(
+    src: MountHandle, dst: MountHandle, dest_args: Sequence[str] = ()
+) -> tuple[Result, Result]:
+    """gpu0 over one channel, both sides --qemu-compat 11.1 (``dest_args`` added last)."""
+    return migrate(
+        "tcp:127.0.0.1:0",
+        [str(src.device("gpu0"))],
+        [str(dst.device("gpu0"))],
+        "--multifd-channels",
+        "0",
+        "--qemu-compat",
+        "11.1",
+        dest_args=dest_args,
+    )
+
+
 def _spec_reinit_late(fakevfio_mount: MountFactory) -> str:
     with fakevfio_mount([f"probe=ram:size={SIZE},flags={FLAGS},seed=4"]) as m:
         after = initial_bytes(m, "probe")
@@ -47,15 +72,7 @@ def test_both_sides_11_1_migrate_a_device_that_reinitialises_after_its_init_data
         fakevfio_mount([spec]) as src,
         fakevfio_mount([f"gpu0=ram:size={SIZE},flags={FLAGS}"]) as dst,
     ):
-        source, dest = migrate(
-            "tcp:127.0.0.1:0",
-            [str(src.device("gpu0"))],
-            [str(dst.device("gpu0"))],
-            "--multifd-channels",
-            "0",
-            "--qemu-compat",
-            "11.1",
-        )
+        source, dest = _migrate_gpu0_as_11_1(src, dst)
         assert source.returncode == 0, source.stderr
         assert dest.returncode == 0, dest.stderr
         assert digest(dst, "gpu0") == digest(src, "gpu0")
@@ -72,16 +89,7 @@ def test_11_1_source_to_10_0_destination_fails_on_the_second_init_data_sent(
         fakevfio_mount([spec]) as src,
         fakevfio_mount([f"gpu0=ram:size={SIZE},flags={FLAGS}"]) as dst,
     ):
-        source, dest = migrate(
-            "tcp:127.0.0.1:0",
-            [str(src.device("gpu0"))],
-            [str(dst.device("gpu0"))],
-            "--multifd-channels",
-            "0",
-            "--qemu-compat",
-            "11.1",
-            dest_args=("--qemu-compat", "10.0"),
-        )
+        source, dest = _migrate_gpu0_as_11_1(src, dst, ("--qemu-compat", "10.0"))
         assert dest.returncode != 0
         assert "switchover approved more times than needed" in dest.stderr, dest.stderr
         assert "--qemu-compat 11.1" in dest.stderr, dest.stderr
@@ -94,16 +102,7 @@ def test_11_1_source_without_pre_copy_refuses_a_10_0_destinations_ack(
 ) -> None:
     spec = f"gpu0=ram:size={SIZE},flags=STOP_COPY+P2P"
     with fakevfio_mount([f"{spec},seed=4"]) as src, fakevfio_mount([spec]) as dst:
-        source, _ = migrate(
-            "tcp:127.0.0.1:0",
-            [str(src.device("gpu0"))],
-            [str(dst.device("gpu0"))],
-            "--multifd-channels",
-            "0",
-            "--qemu-compat",
-            "11.1",
-            dest_args=("--qemu-compat", "10.0"),
-        )
+        source, _ = _migrate_gpu0_as_11_1(src, dst, ("--qemu-compat", "10.0"))
         assert source.returncode != 0
         assert "Switchover ack pending num underflowed" in source.stderr, source.stderr
         assert src.state("gpu0") == "RUNNING"

@@ -47,6 +47,7 @@ from tests.conftest import MountFactory, MountHandle
 from tests.migrator import wire_sender
 from tests.migrator.helpers import Result, digest, finish, run_migrator, start_incoming
 from tests.test_qemu import _MATRIX, qemu_under_run, require, version_of, wait_migration
+from tests.test_qemu_wire import Proxy
 
 pytestmark = [pytest.mark.fuse, pytest.mark.qemu, pytest.mark.slow, pytest.mark.deadline(240)]
 
@@ -78,66 +79,14 @@ def qemu11() -> str:
     pytest.skip("no QEMU 11.1 in the matrix (FAKEVFIO_QEMU names an older build)")
 
 
-class RecordingProxy:
-    """Forwards connections to ``127.0.0.1:target``; records both directions of each."""
+class RecordingProxy(Proxy):
+    """test_qemu_wire's Proxy for one connection (multifd off): both its directions."""
 
-    def __init__(self, target: int) -> None:
-        self.target = target
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(0.1)
-        self.port: int = self.listener.getsockname()[1]
-        self.forward: list[bytearray] = []
-        self.back: list[bytearray] = []
-        self._socks: list[socket.socket] = []
-        self._threads: list[threading.Thread] = []
-        self._stop = threading.Event()
-        self._acceptor = threading.Thread(target=self._accept, daemon=True)
-        self._acceptor.start()
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            client.settimeout(None)
-            upstream = socket.create_connection(("127.0.0.1", self.target))
-            fwd, back = bytearray(), bytearray()
-            self.forward.append(fwd)
-            self.back.append(back)
-            self._socks += [client, upstream]
-            for args in ((client, upstream, fwd), (upstream, client, back)):
-                thread = threading.Thread(target=self._pump, args=args, daemon=True)
-                thread.start()
-                self._threads.append(thread)
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket, record: bytearray) -> None:
-        try:
-            while chunk := src.recv(1 << 20):
-                record += chunk
-                dst.sendall(chunk)
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                dst.shutdown(socket.SHUT_WR)
-
-    def close(self) -> tuple[bytes, bytes]:
+    def one_connection(self) -> tuple[bytes, bytes]:
         """Stop; the one connection's (main channel, return path) bytes."""
-        self._stop.set()
-        self._acceptor.join(5)
-        self.listener.close()
-        for thread in self._threads:
-            thread.join(10)
-        alive = sum(t.is_alive() for t in self._threads)
-        for sock in self._socks:
-            sock.close()
-        assert not alive, f"{alive} proxy pumps still running"
-        assert len(self.forward) == 1, f"{len(self.forward)} connections (multifd is off)"
-        return bytes(self.forward[0]), bytes(self.back[0])
+        self.stop()
+        assert len(self.streams) == 1, f"{len(self.streams)} connections (multifd is off)"
+        return bytes(self.streams[0]), bytes(self.backs[0])
 
 
 def _free_port() -> int:
@@ -177,7 +126,7 @@ def _migrator_to_qemu(
                 f"{src.device('gpu0')},id={IDSTR}",
             )
         finally:
-            main, rp = proxy.close()
+            main, rp = proxy.one_connection()
         assert source.returncode == 0, source.stderr
         info = wait_migration(dq, timeout=30)
         assert info["status"] == "completed", info
@@ -325,7 +274,7 @@ def test_qemu_11_1_source_bytes_into_migrator_destination(
                 assert info["status"] == "completed", info
                 assert wait_migration(dq, timeout=30)["status"] == "completed"
             finally:
-                main, qemu_rp = proxy.close()
+                main, qemu_rp = proxy.one_connection()
         source_digest = digest(src, "gpu0")
     assert main.count(INIT_DATA_SENT) == 2
     assert qemu_rp == RECORDED_RP  # QEMU 11.1 still writes what was recorded
