@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
+import mmap
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -393,9 +394,10 @@ async def serve(
 
 
 # -- the FUSE floor (benchmarks) ------------------------------------------------------------
-#: The floor's files: a data file served from one preallocated buffer, a 4-byte file.
-FLOOR_DATA_INO, FLOOR_SMALL_INO = 2, 3
-FLOOR_NAMES = {b"data": FLOOR_DATA_INO, b"small": FLOOR_SMALL_INO}
+#: The floor's files: a data file served from one preallocated buffer, a 4-byte file,
+#: and a file held in ``size`` bytes of memory.
+FLOOR_DATA_INO, FLOOR_SMALL_INO, FLOOR_RAM_INO = 2, 3, 4
+FLOOR_NAMES = {b"data": FLOOR_DATA_INO, b"small": FLOOR_SMALL_INO, b"ram": FLOOR_RAM_INO}
 FLOOR_BUFFER = 1 << 20
 
 
@@ -404,15 +406,24 @@ class FloorFs(pyfuse3.Operations):
 
     Rule 1: ``data`` (``size`` bytes) answers a read with a slice of one 1 MiB
             buffer made once, and a write by counting it; ``small`` holds 4 bytes.
-    Rule 2: both open ``direct_io`` like the device files, and handlers run in the
-            trio task (no worker thread, no lock): what is left is pyfuse3, trio
-            and the kernel, which :class:`VfioFs` cannot go below.
+    Rule 2: ``ram`` is ``size`` bytes of anonymous memory, filled at start: a read
+            answers with a view of the bytes at its offset (no copy in the daemon)
+            and a write copies its bytes there. It moves as many distinct bytes
+            through memory as a device of that state size must (a 1 GiB state does
+            not stay in the CPU's caches, a 1 MiB buffer does), and nothing more.
+    Rule 3: all open ``direct_io`` like the device files, and handlers run in the
+            trio task (no worker thread, no lock): what is left is pyfuse3, trio,
+            the kernel and memory, which :class:`VfioFs` cannot go below.
     """
 
     def __init__(self, size: int) -> None:
         super().__init__()
         self.size = size
         self.buffer = memoryview(bytes(range(256)) * (FLOOR_BUFFER // 256))
+        self.ram = memoryview(mmap.mmap(-1, max(size, 1)))
+        for off in range(0, size, FLOOR_BUFFER):
+            n = min(FLOOR_BUFFER, size - off)
+            self.ram[off : off + n] = self.buffer[:n]
         self.written = 0
         self._mtime_ns = time.time_ns()
 
@@ -427,7 +438,7 @@ class FloorFs(pyfuse3.Operations):
         else:
             entry.st_mode = pyfuse3.ModeT(0o100666)
             entry.st_nlink = 1
-            entry.st_size = self.size if ino == FLOOR_DATA_INO else 4
+            entry.st_size = 4 if ino == FLOOR_SMALL_INO else self.size
         entry.st_uid, entry.st_gid = os.getuid(), os.getgid()
         entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = self._mtime_ns
         return entry
@@ -465,10 +476,16 @@ class FloorFs(pyfuse3.Operations):
     ) -> bytes | memoryview:
         if fh == FLOOR_SMALL_INO:
             return b"RUN\n"[off : off + size]
+        if fh == FLOOR_RAM_INO:
+            return self.ram[off : off + max(0, min(size, self.size - off))]
         size = max(0, min(size, self.size - off, FLOOR_BUFFER))
         return self.buffer[:size]
 
     async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
+        if fh == FLOOR_RAM_INO:
+            end = min(off + len(buf), self.size)
+            if end > off:
+                self.ram[off:end] = memoryview(buf)[: end - off]
         self.written += len(buf)
         return len(buf)
 
