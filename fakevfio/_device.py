@@ -328,31 +328,58 @@ class Device:
 
     def read(
         self, session: Session, size: int, now: float = 0.0
-    ) -> tuple[bytes | bytearray, float]:
-        """Read the saving stream; returns (data, seconds the caller should wait)."""
+    ) -> tuple[bytes | bytearray | memoryview, float]:
+        """Read the saving stream; returns (data, seconds the caller should wait).
+
+        ``data`` is a view only from a stream with ``stable_views`` (a stopped
+        device's state, :mod:`fakevfio._stream` Rule 6) and only when the reply
+        leaves at once: a paced or delayed reply, or one with a corruption
+        fault, is a copy made under the device lock.
+        """
         with self.lock:
             self._live(session)
             if not session.saving:
                 raise self._err(errno.EBADF, "a resuming session is write-only")
-            if len(self._read_sizes) < 64 or size in self._read_sizes:
-                self._read_sizes[size] += 1
-            fault = self.faults.io_fault("read")
-            if fault is not None:
-                if session.position >= fault.after:
-                    raise self._err(
-                        fault.errno, f"read failed at byte {session.position} (injected fault)"
-                    )
-                size = min(size, fault.after - session.position)
+            sizes = self._read_sizes
+            if size in sizes or len(sizes) < 64:
+                sizes[size] += 1
+            faults = self.faults
+            if faults.rules:
+                return self._read_faulty(session, size, now)
             stream = session.stream
             assert isinstance(stream, SaveStream)
             data = stream.read(size, self._state)
-            if isinstance(data, memoryview):
-                data = bytes(data)
-            start = session.position
             session.position += len(data)
-            data = _corrupt(data, start, session.position, self.faults.corrupt_offsets())
-            delay = self.read_bw.delay(len(data), now) + self.faults.delay_ms("read") / 1000.0
-            return data, delay
+            bandwidth = self.read_bw
+            if not bandwidth.rate:
+                if type(data) is memoryview and not stream.stable_views:
+                    data = data.tobytes()
+                return data, 0.0
+            if type(data) is memoryview:
+                data = data.tobytes()
+            return data, bandwidth.delay(len(data), now)
+
+    def _read_faulty(
+        self, session: Session, size: int, now: float
+    ) -> tuple[bytes | bytearray, float]:
+        """:meth:`read` with fault rules set (lock held): a read error, corruption, a delay."""
+        fault = self.faults.io_fault("read")
+        if fault is not None:
+            if session.position >= fault.after:
+                raise self._err(
+                    fault.errno, f"read failed at byte {session.position} (injected fault)"
+                )
+            size = min(size, fault.after - session.position)
+        stream = session.stream
+        assert isinstance(stream, SaveStream)
+        data = stream.read(size, self._state)
+        if isinstance(data, memoryview):
+            data = bytes(data)
+        start = session.position
+        session.position += len(data)
+        data = _corrupt(data, start, session.position, self.faults.corrupt_offsets())
+        delay = self.read_bw.delay(len(data), now) + self.faults.delay_ms("read") / 1000.0
+        return data, delay
 
     def write(self, session: Session, data: memoryview, now: float = 0.0) -> tuple[int, float]:
         """Write to the resuming stream; returns (bytes accepted, seconds to wait)."""
@@ -360,25 +387,27 @@ class Device:
             self._live(session)
             if session.saving:
                 raise self._err(errno.EBADF, "a saving session is read-only")
-            fault = self.faults.io_fault("write")
-            if fault is not None and session.position + len(data) > fault.after:
-                raise self._err(
-                    fault.errno, f"write failed at byte {session.position} (injected fault)"
-                )
+            faults = self.faults
+            if faults.rules:
+                fault = faults.io_fault("write")
+                if fault is not None and session.position + len(data) > fault.after:
+                    raise self._err(
+                        fault.errno, f"write failed at byte {session.position} (injected fault)"
+                    )
             stream = session.stream
             assert isinstance(stream, LoadStream)
             try:
                 stream.write(data)
             except DeviceError:
+                # The stream is dead but the device stays in RESUMING: only a
+                # reset (or a new RESUMING session after STOP) recovers.
                 session.alive = False
-                if self._session is session:
-                    # The stream is dead but the device stays in RESUMING: only
-                    # a reset (or a new RESUMING session after STOP) recovers.
-                    pass
                 raise
-            session.position += len(data)
-            delay = self.write_bw.delay(len(data), now) + self.faults.delay_ms("write") / 1000.0
-            return len(data), delay
+            n = len(data)
+            session.position += n
+            if not self.write_bw.rate and not faults.rules:
+                return n, 0.0
+            return n, self.write_bw.delay(n, now) + faults.delay_ms("write") / 1000.0
 
     def precopy_info(self, *, v2: bool = False) -> PrecopyInfo:
         """``VFIO_MIG_GET_PRECOPY_INFO``: EINVAL outside PRE_COPY*.

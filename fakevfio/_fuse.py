@@ -275,10 +275,11 @@ class VfioFs(pyfuse3.Operations):
         )
 
     # pyfuse3's stub says bytes, but its handler takes any contiguous buffer
-    # (PyObject_GetBuffer), so a bytearray from the stream goes out uncopied.
+    # (PyObject_GetBuffer), so a bytearray or a view of a stopped device's state
+    # (fakevfio._stream Rule 6) goes out uncopied.
     async def read(  # type: ignore[override]
         self, fh: pyfuse3.FileHandleT, off: int, size: int
-    ) -> bytes | bytearray:
+    ) -> bytes | bytearray | memoryview:
         handle = self._handle(fh)
         arrival = trio.current_time()
         if handle.node.kind in INLINE_READS or _inline_data(handle):

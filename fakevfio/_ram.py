@@ -146,6 +146,7 @@ class RamDriver(StateDriver):
         ),
     }
     stream_version = 1
+    stable_ranges = True  # save_range is a view of the state's mmap
     # PCI surface: an INTA pin, one MSI vector and four MSI-X vectors.
     interrupt_pin = 1
     msi_vectors = 1

@@ -8,7 +8,8 @@ session parses it back. All integers are little-endian.
 Stream header (32 bytes, then the driver's header)::
 
     0  8  magic b"FVIOSTRM"
-    8  4  format version (2; version 1 had a zlib CRC-32 at END)
+    8  4  format version (3; version 2 had PAGES records of at most 1 MiB,
+          version 1 a zlib CRC-32 at END)
     12 4  page size
     16 8  state size in bytes
     24 4  driver header length H (at most 4096)
@@ -18,7 +19,7 @@ Stream header (32 bytes, then the driver's header)::
 Records (16-byte header, then the payload)::
 
     0  4  tag: 1 = PAGES, 2 = END
-    4  4  payload length (PAGES: 1 .. 1 MiB of state bytes; END: 16)
+    4  4  payload length (PAGES: 1 .. 1 GiB of state bytes; END: 16)
     8  8  offset of the PAGES data in the state (a page boundary); 0 for END
     16 .. payload
 
@@ -29,9 +30,11 @@ Records (16-byte header, then the payload)::
     zlib's CRC-32, which was most of the per-byte cost of a stream.
 
 Rule 1: the *initial* part of a stream is the header plus PAGES records for
-        the whole state, in offset order. In PRE_COPY the device keeps running
+        the whole state, in offset order: of 1 MiB in a pre-copy session, of up
+        to 1 GiB in a stop-copy one (so 1 MiB reads of a stopped device lie
+        inside one record, see Rule 6). In PRE_COPY the device keeps running
         and every page it dirties after the session began is re-sent later as
-        another PAGES record (``dirty_bytes``).
+        another PAGES record (``dirty_bytes``) of at most 1 MiB.
 Rule 2: the END record is only written in STOP_COPY, after every dirty page;
         after it a read returns 0 bytes forever. In PRE_COPY* a read with
         nothing to send fails with ENOMSG (the uAPI's temporary end).
@@ -49,6 +52,16 @@ Rule 5: with ``reinit_after`` set on the driver, the first PRECOPY_INFOv2
         already queued; dirty pages dropped) and answers REINIT. A v1 query
         never does: initial_bytes only decreases for a caller that did not
         opt in (``VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2``, Linux 7.1).
+Rule 6: in STOP_COPY the device is stopped, so a read that lies inside one
+        queued piece (a record header, or the state bytes of a driver with
+        ``stable_ranges``) returns a view of it instead of a copy, its
+        checksum taken over that view. Everywhere else (PRE_COPY, where the
+        workload may change a page before the reply leaves, or a read across
+        pieces) it returns a new ``bytes``. :class:`fakevfio._device.Device`
+        copies a view anyway when the reply waits out a pace or a delay, or
+        carries a corruption fault. A region write racing such a read may
+        reach its reader; END's checksum then fails on the destination (the
+        uAPI: the user restricts access to the regions in STOP_COPY).
 """
 
 from __future__ import annotations
@@ -69,14 +82,17 @@ if TYPE_CHECKING:
     from fakevfio.driver._state import StateDriver
 
 MAGIC = b"FVIOSTRM"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 HEADER = struct.Struct("<8sIIQII")
 RECORD = struct.Struct("<IIQ")
 TAG_PAGES = 1
 TAG_END = 2
 END_PAYLOAD = struct.Struct("<QII")
 MAX_DRIVER_HEADER_BYTES = 4096
-MAX_RECORD_BYTES = 1 << 20
+#: The largest PAGES payload a loader accepts: a stop-copy session's initial records.
+MAX_RECORD_BYTES = 1 << 30
+#: The PAGES payload of a pre-copy session's initial part and of every dirty run.
+PRECOPY_RECORD_BYTES = 1 << 20
 
 
 def stream_checksum(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
@@ -109,17 +125,26 @@ def full_stream_size(driver: StateDriver) -> int:
     )
 
 
-def _run_bytes(driver: StateDriver) -> int:
-    return max(driver.page_size, (MAX_RECORD_BYTES // driver.page_size) * driver.page_size)
+def _run_bytes(driver: StateDriver, record: int = MAX_RECORD_BYTES) -> int:
+    """The initial part's record payload (whole pages): of a stop-copy session by default."""
+    return max(driver.page_size, (record // driver.page_size) * driver.page_size)
 
 
 class StateSaveStream(SaveStream):
     """Saving session of a StateDriver (see the module docstring)."""
 
+    #: Its views are of record headers or of a stopped device's stable state (Rule 6).
+    stable_views = True
+
     def __init__(self, driver: StateDriver, *, precopy: bool) -> None:
         self._driver = driver
         self._size = driver.state_size()
-        self._run = _run_bytes(driver)
+        #: Initial records: 1 MiB in pre-copy (re-initialisation and the pre-copy
+        #: accounting count in those), up to 1 GiB in stop-copy (Rule 6).
+        self._run = _run_bytes(driver, PRECOPY_RECORD_BYTES if precopy else MAX_RECORD_BYTES)
+        #: Dirty runs, at most 1 MiB.
+        self._dirty_run = max(1, PRECOPY_RECORD_BYTES // driver.page_size)
+        self._views = driver.stable_ranges
         header = _stream_header(driver)
         # None stands for the END payload, built when the reader reaches it
         # (its CRC covers every byte read before it).
@@ -166,7 +191,7 @@ class StateSaveStream(SaveStream):
         carries them.
         """
         driver = self._driver
-        while driver.take_dirty_run(max(1, self._run // driver.page_size)) is not None:
+        while driver.take_dirty_run(self._dirty_run) is not None:
             pass
         self._cursor = 0
         self._initial_total = self._emitted + self._pending + _records_bytes(self._size, self._run)
@@ -179,7 +204,7 @@ class StateSaveStream(SaveStream):
         return (
             self._pending
             + _records_bytes(unsent_initial, self._run)
-            + _records_bytes(dirty, self._run)
+            + _records_bytes(dirty, self._dirty_run * self._driver.page_size)
             + RECORD.size
             + END_PAYLOAD.size
         )
@@ -195,7 +220,7 @@ class StateSaveStream(SaveStream):
             length = min(self._run, self._size - offset)
             self._cursor += length
         else:
-            run = driver.take_dirty_run(self._run // driver.page_size)
+            run = driver.take_dirty_run(self._dirty_run)
             if run is not None:
                 offset = run[0] * driver.page_size
                 length = min(run[1] * driver.page_size, self._size - offset)
@@ -220,7 +245,25 @@ class StateSaveStream(SaveStream):
         self._data_bytes += length
         return True
 
-    def read(self, size: int, state: State) -> bytes:
+    def read(self, size: int, state: State) -> bytes | memoryview:
+        # Rule 6: a stopped device's read inside one queued piece is a view of
+        # it (no copy in the daemon; pyfuse3 replies from any buffer).
+        segments = self._segments
+        if state is State.STOP_COPY and size > 0 and (segments or self._produce(state)):
+            seg = segments[0]
+            if seg is not None and len(seg) >= size and (self._views or isinstance(seg.obj, bytes)):
+                if len(seg) == size:
+                    segments.popleft()
+                else:
+                    segments[0] = seg[size:]
+                    seg = seg[:size]
+                self._crc = stream_checksum(seg, self._crc)
+                self._pending -= size
+                self._emitted += size
+                return seg
+        return self._read_joined(size, state)
+
+    def _read_joined(self, size: int, state: State) -> bytes:
         # One copy per byte: the pieces (views of the driver's memory and of the
         # queued record headers) are gathered as views and joined once into an
         # exact-size ``bytes`` (no zero fill, no intermediate buffer), and the

@@ -535,7 +535,7 @@ class Tree:
 
     def read(
         self, handle: Handle, off: int, size: int, now: float = 0.0
-    ) -> tuple[bytes | bytearray, float]:
+    ) -> tuple[bytes | bytearray | memoryview, float]:
         """Read ``size`` bytes at ``off``; returns (data, seconds the caller should wait)."""
         try:
             return self._read(handle, off, size, now)
@@ -559,7 +559,7 @@ class Tree:
 
     def _read(
         self, handle: Handle, off: int, size: int, now: float = 0.0
-    ) -> tuple[bytes | bytearray, float]:
+    ) -> tuple[bytes | bytearray | memoryview, float]:
         node, device = handle.node, handle.device
         kind = node.kind
         if not handle.readable:

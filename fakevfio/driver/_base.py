@@ -79,6 +79,11 @@ class PrecopyInfo:
 class SaveStream(abc.ABC):
     """The saving side of one migration session (arc-level drivers)."""
 
+    #: True if a memoryview that :meth:`read` returns stays valid and unchanged
+    #: until the reply has left (the core then replies from it without a copy);
+    #: False (the default): the core copies every view it gets.
+    stable_views: ClassVar[bool] = False
+
     @abc.abstractmethod
     def read(self, size: int, state: State) -> bytes | bytearray | memoryview:
         """Return up to ``size`` bytes of the stream.

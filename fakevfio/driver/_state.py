@@ -26,6 +26,11 @@ class StateDriver(ArcDriver):
 
     #: Driver stream format version, stored in the default header.
     stream_version: ClassVar[int] = 1
+    #: True if ``save_range`` returns views of the state's own memory that change only
+    #: through the driver's methods (never a scratch buffer it reuses): then a read of
+    #: a stopped device (STOP_COPY) may reply with such a view instead of a copy
+    #: (:mod:`fakevfio._stream` Rule 6).
+    stable_ranges: ClassVar[bool] = False
 
     def __init__(self, name: str, options: Mapping[str, str]) -> None:
         super().__init__(name, options)

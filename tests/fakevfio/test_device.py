@@ -851,3 +851,31 @@ def test_driver_asks_which_interrupt_the_vmm_enabled() -> None:
     finally:
         device.close()
         os.close(efd)
+
+
+class ScratchSave(FakeSave):
+    """A stream that replies from one scratch buffer it rewrites on every read."""
+
+    def __init__(self) -> None:
+        super().__init__(b"x" * 64)
+        self.scratch = bytearray(8)
+
+    def read(self, size: int, state: State) -> memoryview:  # type: ignore[override]
+        chunk = super().read(min(size, 8), state)
+        self.scratch[: len(chunk)] = bytes(range(self.pos, self.pos + len(chunk)))
+        return memoryview(self.scratch)[: len(chunk)]
+
+
+def test_views_of_a_stream_without_stable_views_are_copied() -> None:
+    driver = RecordingDriver(MigFlags.STOP_COPY)
+    device = Device("d", "rec", driver, 0)
+    device.set_state(State.STOP)
+    stream = ScratchSave()
+    device.set_state(State.STOP_COPY)
+    session = device.session
+    assert session is not None
+    session.stream = stream
+    first, _ = device.read(session, 8)
+    device.read(session, 8)  # rewrites the stream's scratch buffer
+    assert not isinstance(first, memoryview)
+    assert bytes(first) == bytes(range(8, 16))

@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fakevfio._device import Device, Session
+from fakevfio._faults import FaultRules
 from fakevfio._ram import RamDriver
 from fakevfio.errors import DeviceError
 from vfio_uapi.fsm import State
@@ -53,7 +54,7 @@ def parse_stream(data: bytes) -> Parsed:
     assert len(data) >= 32
     magic, version, page, size, hlen, flags = struct.unpack_from("<8sIIQII", data, 0)
     assert magic == b"FVIOSTRM"
-    assert version == 2
+    assert version == 3
     assert flags == 0
     assert hlen <= 4096
     driver_header = data[32 : 32 + hlen]
@@ -71,7 +72,7 @@ def parse_stream(data: bytes) -> Parsed:
         pos += 16
         assert pos + length <= len(data)
         if tag == 1:
-            assert 1 <= length <= MIB
+            assert 1 <= length <= 1 << 30
             assert offset % page == 0
             assert offset + length <= size
             state[offset : offset + length] = data[pos : pos + length]
@@ -178,7 +179,8 @@ def test_stream_round_trip_any_chunk_size(chunk: int, size: str) -> None:
     assert parsed.page_size == 4096
     assert parsed.state_size == src.driver.state_size()  # type: ignore[attr-defined]
     assert parsed.driver_header == src.driver.header()  # type: ignore[attr-defined]
-    assert all(r.length <= MIB for r in parsed.records)
+    # A stopped device's initial part is one record (up to 1 GiB): no header inside 1 MiB reads.
+    assert [r.length for r in parsed.records if r.tag == 1] == [src.driver.state_size()]  # type: ignore[attr-defined]
 
 
 def test_stream_data_size_counts_down_exactly_in_stop_copy() -> None:
@@ -450,7 +452,7 @@ REC = 32 + 24  # first record header
         (REC, "<I", 3),  # unknown tag
         (REC, "<I", 0),
         (REC + 4, "<I", 0),  # PAGES of length 0
-        (REC + 4, "<I", MIB + 1),  # longer than a record may be
+        (REC + 4, "<I", (1 << 30) + 1),  # longer than a record may be
         (REC + 8, "<Q", 1),  # offset not on a page boundary
         (REC + 8, "<Q", 16 * 1024),  # runs past the end of the state
         (REC + 8, "<Q", 2**63),
@@ -496,14 +498,15 @@ def test_resume_end_count_mismatch_or_missing_page_fails_stop(good_stream: bytes
     load_err = errno_of(lambda: load(dst, bad_count))
     assert load_err == errno.EINVAL
     assert dst.state is State.RESUMING
-    # Drop the second PAGES record? There is only one for 20K; build a stream
-    # from a 2-record state instead and remove the second record.
+    # A stream that never sends the state's second part: the one PAGES record
+    # of a 1100K state cut to its first 1 MiB, END counting that.
     big = save(ram(size="1100K"))
     parsed = parse_stream(big)
-    first, second, endrec = parsed.records
-    assert (first.tag, second.tag, endrec.tag) == (1, 1, 2)
-    hole = big[: second.at - 16] + big[second.at + second.length :]
-    hole = recrc(patched(hole, len(hole) - 16, "<Q", first.length))
+    only, endrec = parsed.records
+    assert (only.tag, only.length, endrec.tag) == (1, 1100 * 1024, 2)
+    part = struct.pack("<IIQ", 1, MIB, 0) + big[only.at : only.at + MIB]
+    tail = struct.pack("<IIQ", 2, 16, 0) + struct.pack("<QII", MIB, 0, 0)
+    hole = recrc(big[: only.at - 16] + part + tail)
     dst2 = ram("dst2", size="1100K")
     assert errno_of(lambda: load(dst2, hole)) == errno.EINVAL
     assert dst2.state is State.RESUMING
@@ -621,3 +624,64 @@ def test_resume_any_segmentation_loads_same_digest(small_stream: bytes, cuts: li
     assert err is None
     assert dst.state is State.STOP
     assert digest(dst) == hashlib.sha256(parse_stream(small_stream).state).hexdigest()
+
+
+# ---------------------------------------------------------------------------
+# Rule 6: a stopped device's reads are views of its state; everything else copies
+
+
+def _stop_copy(device: Device) -> Session:
+    device.set_state(State.STOP)
+    device.set_state(State.STOP_COPY)
+    return device.open_session(read=True, write=False)
+
+
+def test_stop_copy_reads_inside_the_record_are_views_of_the_state() -> None:
+    src = ram(size="3M", flags="STOP_COPY")
+    handle = _stop_copy(src)
+    first, _ = src.read(handle, MIB)  # header, record header, then state bytes: joined
+    second, _ = src.read(handle, MIB)  # inside the one PAGES record
+    assert isinstance(first, bytes)
+    assert isinstance(second, memoryview)
+    head = MIB - (32 + 24 + 16)
+    assert bytes(second) == bytes(src.driver.save_range(head, MIB))  # type: ignore[attr-defined]
+    stream = bytes(first) + bytes(second) + read_all(src, handle, MIB)
+    dst = ram("dst", size="3M", flags="STOP_COPY", seed="1")
+    load(dst, stream, seg=MIB)
+    assert digest(dst) == digest(src)
+
+
+def test_pre_copy_reads_are_copies_a_running_device_cannot_change() -> None:
+    src = ram(size="2M")
+    src.set_state(State.PRE_COPY)
+    handle = src.open_session(read=True, write=False)
+    src.read(handle, 4096)
+    data, _ = src.read(handle, 4096)  # state bytes 4024..8120 of a running device
+    before = bytes(data)
+    src.region_write("bar0", 4096, memoryview(b"\xee" * 16))  # the workload rewrites them
+    assert not isinstance(data, memoryview)
+    assert bytes(data) == before
+
+
+@pytest.mark.parametrize("rule", ["read_bandwidth", "delay"])
+def test_paced_or_delayed_stop_copy_reads_are_copies(rule: str) -> None:
+    options = {"read_bandwidth": "1G"} if rule == "read_bandwidth" else {}
+    src = ram(size="3M", flags="STOP_COPY", **options)
+    if rule == "delay":
+        src.faults = FaultRules.parse("delay read 1")
+    handle = _stop_copy(src)
+    src.read(handle, MIB)
+    data, delay = src.read(handle, MIB)
+    assert delay > 0
+    assert isinstance(data, bytes)  # the reply waits: nothing may change it meanwhile
+
+
+def test_corrupting_a_stop_copy_read_leaves_the_state_alone() -> None:
+    src = ram(size="3M", flags="STOP_COPY")
+    before = digest(src)
+    src.faults = FaultRules.parse(f"corrupt after {MIB + 100}")
+    handle = _stop_copy(src)
+    stream = read_all(src, handle, MIB)
+    assert digest(src) == before  # the flipped byte is in the reply, not in the device
+    dst = ram("dst", size="3M", flags="STOP_COPY")
+    assert errno_of(lambda: load(dst, stream, seg=MIB)) == errno.EINVAL
