@@ -36,7 +36,7 @@ from typing import ClassVar
 
 import attrs
 
-from fakevfio import _dma
+from fakevfio import _dma, _stream
 from fakevfio._device import Device
 from fakevfio.driver import OptionSpec, StateDriver
 from fakevfio.errors import ConfigError, DeviceError
@@ -46,7 +46,8 @@ from vfio_uapi.units import parse_size
 _HEADER = struct.Struct("<8sIIQ")
 _MAGIC = b"FVRAMDEV"
 _MAX_SIZE = 1 << 40
-_FILL_BLOCK = 1 << 20
+_FILL_BLOCK = _stream.CHECKSUM_CHUNK  # the fill checksums each chunk as it writes it
+_CHUNK = _stream.CHECKSUM_CHUNK
 _DMA_PAGE = 4096
 
 
@@ -189,8 +190,14 @@ class RamDriver(StateDriver):
                 device=name,
             ) from None
         self._view = memoryview(self._mem)
+        #: CRC-32C of each CHECKSUM_CHUNK of the state, -1 where unknown; every
+        #: write to the memory drops the chunks it touches (checksum()).
+        self._crcs = [-1] * -(-size // _CHUNK)
         if self._seed is not None:
             self._fill(self._seed)
+        else:  # fresh anonymous memory is zeros
+            zero = _stream.stream_checksum(bytes(min(size, _CHUNK)))
+            self._crcs = [zero] * (size // _CHUNK) + [-1] * (1 if size % _CHUNK else 0)
         self._rng = random.Random(self._seed if self._seed is not None else 0)
         self._carry = 0.0
         self.pages_dirtied = 0
@@ -212,6 +219,7 @@ class RamDriver(StateDriver):
             n = min(_FILL_BLOCK, self._size - off)
             rot = (i * 4099) % _FILL_BLOCK
             self._view[off : off + n] = doubled[rot : rot + n]
+            self._crcs[i] = _stream.stream_checksum(doubled[rot : rot + n])  # still in cache
 
     @property
     def migration_flags(self) -> MigFlags:
@@ -225,6 +233,25 @@ class RamDriver(StateDriver):
 
     def load_range(self, offset: int, data: memoryview) -> None:
         self._view[offset : offset + len(data)] = data
+        self._changed(offset, len(data))
+
+    def _changed(self, offset: int, length: int) -> None:
+        """Drop the known checksums of the chunks ``length`` bytes at ``offset`` touch."""
+        first, end = offset // _CHUNK, (offset + length - 1) // _CHUNK + 1
+        if end - first == 1:
+            self._crcs[first] = -1
+        elif length > 0:
+            self._crcs[first:end] = [-1] * (end - first)
+
+    def checksum(self, offset: int, length: int) -> int:
+        """A chunk's CRC-32C from the values kept since its last write (else computed)."""
+        if offset % _CHUNK or (length != _CHUNK and offset + length != self._size):
+            return super().checksum(offset, length)
+        index = offset // _CHUNK
+        crc = self._crcs[index]
+        if crc < 0:
+            crc = self._crcs[index] = _stream.stream_checksum(self._view[offset : offset + length])
+        return crc
 
     def header(self) -> bytes:
         return _HEADER.pack(_MAGIC, self.stream_version, self.page_size, self._size)
@@ -264,6 +291,7 @@ class RamDriver(StateDriver):
 
     def region_write(self, region: str, offset: int, data: memoryview) -> None:
         self._view[offset : offset + len(data)] = data
+        self._changed(offset, len(data))
         self.mark_dirty(offset, len(data))
 
     def has_workload(self) -> bool:
@@ -326,6 +354,7 @@ class RamDriver(StateDriver):
             off = min(off, self._size - 8) if self._size >= 8 else 0
             chunk = rng.randbytes(min(8, self._size))
             self._view[off : off + len(chunk)] = chunk
+            self._changed(off, len(chunk))
             self.mark_dirty(off, len(chunk))
         self.pages_dirtied += pages
 

@@ -62,12 +62,20 @@ Rule 6: in STOP_COPY the device is stopped, so a read that lies inside one
         carries a corruption fault. A region write racing such a read may
         reach its reader; END's checksum then fails on the destination (the
         uAPI: the user restricts access to the regions in STOP_COPY).
+Rule 7: a stop-copy session of a ``stable_ranges`` driver takes END's CRC-32C
+        from the checksum of each CHECKSUM_CHUNK-aligned chunk of state
+        (``StateDriver.checksum``), combined in stream order once the chunk is
+        wholly read (``checksum_combine``, zlib's crc32_combine for CRC-32C), so
+        a driver that keeps the checksums of chunks it has not written since
+        (the ram driver: any write drops those it touches) sends a stopped
+        state without a per-byte pass. The bytes on the wire are the same.
 """
 
 from __future__ import annotations
 
 import collections
 import errno
+import functools
 import struct
 from typing import TYPE_CHECKING
 
@@ -91,6 +99,9 @@ END_PAYLOAD = struct.Struct("<QII")
 MAX_DRIVER_HEADER_BYTES = 4096
 #: The largest PAGES payload a loader accepts: a stop-copy session's initial records.
 MAX_RECORD_BYTES = 1 << 30
+#: A stop-copy session checksums its state in chunks of this many bytes at offsets
+#: that are multiples of it (``StateDriver.checksum``, Rule 7).
+CHECKSUM_CHUNK = 1 << 20
 #: The PAGES payload of a pre-copy session's initial part and of every dirty run.
 PRECOPY_RECORD_BYTES = 1 << 20
 
@@ -98,6 +109,37 @@ PRECOPY_RECORD_BYTES = 1 << 20
 def stream_checksum(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
     """The END record's checksum: CRC-32C of ``data``, continuing from ``crc``."""
     return crc32c.crc32c(data, crc)
+
+
+@functools.lru_cache(maxsize=16)
+def _shift_tables(length: int) -> tuple[tuple[int, ...], ...]:
+    """Byte tables of the linear map a CRC-32C goes through over ``length`` more bytes.
+
+    ``crc32c(B, c) ^ crc32c(B, 0)`` depends only on ``c`` and ``len(B)`` and is
+    linear in ``c`` (the bytes' own part cancels): the image of each of the 32
+    bits, from ``length`` zero bytes, gives four 256-entry tables.
+    """
+    zeros = bytes(length)
+    base = crc32c.crc32c(zeros, 0)
+    bits = [crc32c.crc32c(zeros, 1 << i) ^ base for i in range(32)]
+    tables = []
+    for byte in range(4):
+        table = [0] * 256
+        for value in range(1, 256):
+            low = value & -value
+            table[value] = table[value ^ low] ^ bits[8 * byte + low.bit_length() - 1]
+        tables.append(tuple(table))
+    return tuple(tables)
+
+
+def checksum_combine(crc_a: int, crc_b: int, length_b: int) -> int:
+    """The CRC-32C of ``A + B`` from the CRCs of ``A`` and ``B`` and ``B``'s length.
+
+    zlib's crc32_combine, for CRC-32C; :func:`_shift_tables` keeps the tables.
+    """
+    t0, t1, t2, t3 = _shift_tables(length_b)
+    shifted = t0[crc_a & 255] ^ t1[(crc_a >> 8) & 255] ^ t2[(crc_a >> 16) & 255] ^ t3[crc_a >> 24]
+    return shifted ^ crc_b
 
 
 def _stream_header(driver: StateDriver) -> bytes:
@@ -152,6 +194,13 @@ class StateSaveStream(SaveStream):
             [memoryview(header)]
         )
         self._crc = 0
+        #: Rule 7: a stop-copy session of a stable driver folds its bytes into the CRC
+        #: once read, in order: (piece, state offset or -1 for stream metadata).
+        self._lazy = not precopy and self._views
+        self._unfolded: collections.deque[tuple[memoryview, int]] = collections.deque()
+        if self._lazy:
+            self._unfolded.append((memoryview(header), -1))
+        self._folded = 0  # stream bytes in self._crc (lazy mode)
         self._cursor = 0  # next state offset of the initial part
         self._initial_total = len(header) + _records_bytes(self._size, self._run)
         self._emitted = 0  # bytes returned by read() so far
@@ -226,8 +275,11 @@ class StateSaveStream(SaveStream):
                 length = min(run[1] * driver.page_size, self._size - offset)
             elif state is State.STOP_COPY and not self._end_written:
                 self._end_written = True
-                self._segments.append(memoryview(RECORD.pack(TAG_END, END_PAYLOAD.size, 0)))
+                end = memoryview(RECORD.pack(TAG_END, END_PAYLOAD.size, 0))
+                self._segments.append(end)
                 self._segments.append(None)
+                if self._lazy:
+                    self._unfolded.append((end, -1))
                 self._pending += RECORD.size + END_PAYLOAD.size
                 return True
             else:
@@ -239,8 +291,12 @@ class StateSaveStream(SaveStream):
                 f"driver returned {len(data)} bytes for a {length}-byte range",
                 device=driver.name,
             )
-        self._segments.append(memoryview(RECORD.pack(TAG_PAGES, length, offset)))
+        head = memoryview(RECORD.pack(TAG_PAGES, length, offset))
+        self._segments.append(head)
         self._segments.append(data)
+        if self._lazy:
+            self._unfolded.append((head, -1))
+            self._unfolded.append((data, offset))
         self._pending += RECORD.size + length
         self._data_bytes += length
         return True
@@ -257,9 +313,12 @@ class StateSaveStream(SaveStream):
                 else:
                     segments[0] = seg[size:]
                     seg = seg[:size]
-                self._crc = stream_checksum(seg, self._crc)
                 self._pending -= size
                 self._emitted += size
+                if self._lazy:
+                    self._fold(self._emitted)
+                else:
+                    self._crc = stream_checksum(seg, self._crc)
                 return seg
         return self._read_joined(size, state)
 
@@ -280,8 +339,11 @@ class StateSaveStream(SaveStream):
             if seg is None:
                 # END's CRC covers every byte before it, this read's included.
                 # (The pieces are views the device lock keeps unchanged until the join.)
-                for piece in pieces:
-                    self._crc = stream_checksum(piece, self._crc)
+                if self._lazy:
+                    self._fold(self._emitted + filled)
+                else:
+                    for piece in pieces:
+                        self._crc = stream_checksum(piece, self._crc)
                 crc_done = filled
                 seg = memoryview(END_PAYLOAD.pack(self._data_bytes, self._crc, 0))
                 segments[0] = seg
@@ -302,9 +364,46 @@ class StateSaveStream(SaveStream):
                 )
             return b""
         out = pieces[0].tobytes() if len(pieces) == 1 else b"".join(pieces)
-        if crc_done < filled:
+        if self._lazy:
+            self._fold(self._emitted)
+        elif crc_done < filled:
             self._crc = stream_checksum(memoryview(out)[crc_done:], self._crc)
         return out
+
+    def _fold(self, limit: int) -> None:
+        """Rule 7: fold the read bytes before stream offset ``limit`` into the CRC.
+
+        Metadata pieces fold once wholly read; state bytes by aligned chunk,
+        each once wholly read, from ``StateDriver.checksum`` (which may know it
+        without reading the memory) when the chunk is whole.
+        """
+        unfolded = self._unfolded
+        driver = self._driver
+        crc = self._crc
+        pos = self._folded
+        while unfolded:
+            piece, offset = unfolded[0]
+            if offset < 0:
+                if pos + len(piece) > limit:
+                    break
+                crc = stream_checksum(piece, crc)
+                pos += len(piece)
+                unfolded.popleft()
+                continue
+            n = min(len(piece), CHECKSUM_CHUNK - offset % CHECKSUM_CHUNK)
+            if pos + n > limit:
+                break
+            if offset % CHECKSUM_CHUNK == 0 and (n == CHECKSUM_CHUNK or offset + n == self._size):
+                crc = checksum_combine(crc, driver.checksum(offset, n), n)
+            else:
+                crc = stream_checksum(piece[:n], crc)
+            pos += n
+            if n == len(piece):
+                unfolded.popleft()
+            else:
+                unfolded[0] = (piece[n:], offset + n)
+        self._crc = crc
+        self._folded = pos
 
 
 class StateLoadStream(LoadStream):

@@ -49,6 +49,16 @@ class StateDriver(ArcDriver):
     def load_range(self, offset: int, data: memoryview) -> None:
         """Deserialize ``data`` at ``offset``."""
 
+    def checksum(self, offset: int, length: int) -> int:
+        """CRC-32C of the ``length`` state bytes at ``offset`` (a stopped device's).
+
+        A stop-copy session asks for each whole ``CHECKSUM_CHUNK`` (the last one
+        may be shorter) as it sends it (:mod:`fakevfio._stream` Rule 7). The
+        default computes it from ``save_range``; a driver may keep the values of
+        chunks it has not written since (it must drop one on any change).
+        """
+        return _stream.stream_checksum(self.save_range(offset, length))
+
     def header(self) -> bytes:
         """Driver header carried in the stream; must identify format and compatibility."""
         return f"{type(self).__name__} v{self.stream_version}".encode()

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from fakevfio._device import Device, Session
 from fakevfio._faults import FaultRules
 from fakevfio._ram import RamDriver
+from fakevfio._stream import CHECKSUM_CHUNK, checksum_combine
 from fakevfio.errors import DeviceError
 from vfio_uapi.fsm import State
 
@@ -685,3 +686,69 @@ def test_corrupting_a_stop_copy_read_leaves_the_state_alone() -> None:
     assert digest(src) == before  # the flipped byte is in the reply, not in the device
     dst = ram("dst", size="3M", flags="STOP_COPY")
     assert errno_of(lambda: load(dst, stream, seg=MIB)) == errno.EINVAL
+
+
+# ---------------------------------------------------------------------------
+# Rule 7: a stop-copy session's CRC from per-chunk checksums
+
+
+@settings(max_examples=200, deadline=None)
+@given(a=st.binary(max_size=300), b=st.binary(max_size=300))
+def test_checksum_combine_is_the_crc32c_of_the_concatenation(a: bytes, b: bytes) -> None:
+    """The oracle is the crc32c library over ``a + b``, not this project's arithmetic."""
+    assert checksum_combine(crc32c.crc32c(a), crc32c.crc32c(b), len(b)) == crc32c.crc32c(a + b)
+
+
+def test_checksum_combine_over_a_whole_chunk() -> None:
+    a, b = b"stream header", bytes(range(256)) * (CHECKSUM_CHUNK // 256)
+    assert checksum_combine(crc32c.crc32c(a), crc32c.crc32c(b), len(b)) == crc32c.crc32c(a + b)
+
+
+def _write_region(device: Device, offset: int, data: bytes) -> None:
+    device.region_write("bar0", offset, memoryview(data))
+
+
+def _load_other(device: Device, offset: int, data: bytes) -> None:
+    other = ram("other", size="2600K", seed="5")
+    _write_region(other, offset, data)
+    load(device, save(other))
+
+
+def _run_workload(device: Device, offset: int, data: bytes) -> None:
+    driver = device.driver
+    assert isinstance(driver, RamDriver)
+    driver._dirty_rate = 64 << 10  # the workload's writes, wherever its rng puts them
+    device.set_state(State.RUNNING)
+    device.advance(4.0)
+    device.set_state(State.STOP)
+    driver._dirty_rate = 0
+
+
+@pytest.mark.parametrize("mutate", [_write_region, _load_other, _run_workload])
+@pytest.mark.parametrize(
+    "offset", [0, CHECKSUM_CHUNK - 2, CHECKSUM_CHUNK + 77, 2 * CHECKSUM_CHUNK + 5]
+)
+def test_stop_copy_crc_is_right_after_every_kind_of_write(
+    mutate: Callable[[Device, int, bytes], None], offset: int
+) -> None:
+    """The driver keeps each chunk's CRC-32C between stop-copy sessions; a write of any
+    kind (region, resume, workload) must drop the chunks it touches, else END's CRC is
+    stale and parse_stream, which recomputes it over the bytes, fails."""
+    src = ram(size="2600K", seed="3")  # two whole chunks and a partial one
+    parse_stream(save(src))  # every chunk's CRC now known
+    before = digest(src)
+    mutate(src, offset, b"\xa5\x5a\xc3")
+    assert digest(src) != before
+    parsed = parse_stream(save(src))
+    assert hashlib.sha256(parsed.state).hexdigest() == digest(src)
+    dst = ram("dst", size="2600K", seed="1")
+    load(dst, save(src), seg=MIB)
+    assert digest(dst) == digest(src)
+
+
+def test_stop_copy_crc_of_an_unseeded_device_and_of_a_short_one() -> None:
+    for size in ("2600K", "3M", "5K"):
+        src = Device("src", "ram", RamDriver("src", {"size": size}), 0)  # zeros, no seed
+        parse_stream(save(src))
+        _write_region(src, 1, b"x")
+        parse_stream(save(src))
