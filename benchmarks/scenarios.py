@@ -848,7 +848,7 @@ def copies(base: Path, scale: Scale) -> list[Figure]:
     src.set_state(State.STOP)
     session = src.set_state(State.STOP_COPY).session
     assert session is not None
-    parts: list[bytes] = []
+    parts: list[bytes | bytearray | memoryview] = []
 
     def read_step() -> int:
         data, _ = src.read(session, MiB)
