@@ -18,7 +18,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import attrs
@@ -27,6 +27,7 @@ import pytest
 from fakevfio._run import Call, NodeKind, Vfio
 from fakevfio._run import _iommufd as iommufd
 from fakevfio._run._caller import HeldFiles, PassThrough, read_cstring
+from fakevfio._run._fileid import file_id
 from fakevfio._run._nodes import MountNodes
 from fakevfio.errors import FakeVfioError, IoctlError
 from tests.conftest import MountFactory
@@ -396,6 +397,24 @@ def test_set_state_ends_the_session_of_a_held_data_fd_without_reading_state_othe
     assert c.err(data, precopy, uapi.PRECOPY_INFO.pack(24, 0, 0, 0)) == errno.ENODEV
 
 
+def _resolves(path: Path) -> bool:
+    """Whether a path walk finds ``path`` (from the kernel's dentry cache where it can)."""
+    try:
+        file_id(os.fsencode(path), cached=True)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
+
+
 def test_kept_state_file_follows_a_removed_and_recreated_device(env: Env) -> None:
     """The kept-open ``migration/state`` fd is checked by inode on every use (statx).
 
@@ -411,14 +430,16 @@ def test_kept_state_file_follows_a_removed_and_recreated_device(env: Env) -> Non
     nodes.write_text("gpu0", ("migration", "state"), "STOP\n")
     (device / "remove").write_text("1\n")
     # The mount invalidates the removed entries asynchronously (invalidate_entry_async);
-    # until that lands the kernel's dentry cache still resolves the path.
-    deadline = time.monotonic() + 10
-    while (device / "migration" / "state").exists() and time.monotonic() < deadline:
-        time.sleep(0.001)
+    # until that lands the kernel's dentry cache still resolves the path. Wait for the
+    # path walk itself (what the supervisor's statx sees), not for os.stat: that one
+    # fails earlier, on the removed inode's GETATTR, while the dentry still resolves.
+    state_path = device / "migration" / "state"
+    assert wait_until(lambda: not _resolves(state_path)), "the removal never reached the kernel"
     with pytest.raises(IoctlError) as gone:
         nodes.state("gpu0")
     assert gone.value.errno == errno.ENOENT  # as an open of the path would say
     (env.mount / "drivers" / "ram" / "create").write_text("gpu0 size=4K\n")
+    assert wait_until(lambda: _resolves(state_path)), "the new device never reached the kernel"
     assert nodes.state("gpu0").name == "RUNNING"  # the new device, not the old fd's
     nodes.write_text("gpu0", ("migration", "state"), "STOP\n")
     assert (device / "migration" / "state").read_text().strip() == "STOP"
