@@ -203,8 +203,14 @@ def build_ioctl_rate(base: Path) -> Path | None:
     return exe
 
 
-def ioctl_rates(exe: Path, mnt: Mount, cdev: str, seconds: float) -> dict[str, float]:
-    """``ioctl_rate`` under ``fakevfio run --mount``: name -> operations per second."""
+def ioctl_rates(
+    exe: Path, mnt: Mount, cdev: str, seconds: float, *, channel: bool = True
+) -> dict[str, float]:
+    """``ioctl_rate`` under ``fakevfio run --mount``: name -> operations per second.
+
+    ``channel=False``: device states through ``migration/state``, not the mount's
+    control channel (``FAKEVFIO_RUN_CHANNEL=off``).
+    """
     cmd = [sys.executable, "-m", "fakevfio", "run", "--mount", str(mnt.path), "--"]
     proc = subprocess.run(
         [*cmd, str(exe), f"/dev/vfio/devices/{cdev}", str(seconds)],
@@ -212,6 +218,7 @@ def ioctl_rates(exe: Path, mnt: Mount, cdev: str, seconds: float) -> dict[str, f
         text=True,
         timeout=120,
         check=False,
+        env={**os.environ, "FAKEVFIO_RUN_CHANNEL": "on" if channel else "off"},
     )
     if proc.returncode != 0:
         raise BenchError(f"ioctl_rate under fakevfio run failed: {proc.stderr.strip()[-1500:]}")

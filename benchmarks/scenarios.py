@@ -708,6 +708,9 @@ def control(base: Path, scale: Scale) -> list[Figure]:
             if exe is not None:
                 for key, value in ioctl_rates(exe, m, "vfio0", seconds / 2).items():
                     rates.setdefault(f"ioctl {key}", []).append(value)
+                files = ioctl_rates(exe, m, "vfio0", seconds / 2, channel=False)
+                for key, value in files.items():
+                    rates.setdefault(f"files {key}", []).append(value)
     med = {k: statistics.median(v) for k, v in rates.items()}
     note = f"median of {rounds} rounds of {seconds:g} s each; rates in operations per second"
     figs = [
@@ -786,6 +789,18 @@ def control(base: Path, scale: Scale) -> list[Figure]:
         if key != "ioctl config_pread":
             fig.target, fig.ok = ">= 5,000 ops/s", med[key] >= 5000
         figs.append(fig)
+    for key, label in (("get_state", "GET"), ("set_state", "SET")):
+        # the same ioctls with the states through migration/state: the channel's share
+        figs.append(
+            _ratio_fig(
+                sc,
+                f"{label} MIG_DEVICE_STATE through the files (FAKEVFIO_RUN_CHANNEL=off)",
+                med[f"files {key}"],
+                med[f"ioctl {key}"],
+                "the channel",
+                unit="ops/s",
+            )
+        )
     return figs
 
 

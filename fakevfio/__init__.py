@@ -17,13 +17,16 @@ from __future__ import annotations
 #   _stream.py     the migration stream the core makes for StateDriver drivers.
 #   _device.py     one device: the FSM loop, sessions, log, bandwidth, faults.
 #   _faults.py, _options.py, _registry.py, _tree.py (the filesystem model),
-#   _ram.py (the built-in ram driver).
+#   _ram.py (the built-in ram driver), _control.py (the control protocol: a
+#   device's state by name, for `fakevfio run`).
 #   The FSM, the ABI and sizes are vfio_uapi's, outside this package.
 #
 # Adapters: move bytes between the world and the core.
 #   _fuse.py       the pyfuse3.Operations subclass and the mount lifecycle: the
 #                  one module that imports pyfuse3.
 #   _loader.py     drivers from the fakevfio.drivers entry points.
+#   _channel.py    the control protocol's socket, served by threads of the mount.
+#   _fileid.py     which file a path names, by statx (no FUSE request where cached).
 #
 # Supervisor: _run/, `fakevfio run` (a program's VFIO and iommufd ioctls,
 #   trapped by seccomp, answered from a mount's device files). Its own

@@ -16,6 +16,7 @@ a data_fd apart from the ``f_pos`` bookkeeping.
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import logging
 import mmap
@@ -27,7 +28,9 @@ from typing import TypeVar
 import pyfuse3
 import trio
 
+from fakevfio._channel import ControlServer
 from fakevfio._device import Device
+from fakevfio._fileid import file_id
 from fakevfio._ram import RamDriver
 from fakevfio._registry import Registry
 from fakevfio._tree import Attr, Handle, Kind, Tree, errno_of
@@ -384,13 +387,33 @@ async def serve(
     if debug:
         options.add("debug")
     pyfuse3.init(ops, mountpoint, options)
+    channel: ControlServer | None = None
     try:
         async with trio.open_nursery() as nursery:
+
+            async def main() -> None:
+                await pyfuse3.main(min_tasks=MIN_TASKS, max_tasks=MAX_TASKS)
+                nursery.cancel_scope.cancel()
+
             nursery.start_soon(ops.run_workloads)
+            nursery.start_soon(main)
+            # The channel is named after the mount's st_dev, which the root inode has
+            # from the superblock: a statx that takes the cached attributes (an os.stat
+            # would send a GETATTR and cache the root's attributes, and a stat of a dead
+            # mount would not fail with ENOTCONN). In a thread all the same, in case the
+            # kernel asks us; the mount counts as live (started) once the channel is up.
+            try:
+                found = await trio.to_thread.run_sync(
+                    functools.partial(file_id, mountpoint, cached=True)
+                )
+                st_dev = found.st_dev
+                channel = ControlServer(ops.tree, st_dev)
+            except OSError as exc:
+                logger.warning("no control channel (fakevfio run uses the files): %s", exc)
             task_status.started()
-            await pyfuse3.main(min_tasks=MIN_TASKS, max_tasks=MAX_TASKS)
-            nursery.cancel_scope.cancel()
     finally:
+        if channel is not None:
+            channel.close()
         pyfuse3.close(unmount=True)
 
 

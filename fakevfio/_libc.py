@@ -28,4 +28,4 @@ def check(result: int, what: str) -> int:
 
 def syscall(nr: int, *args: int) -> int:
     """The raw ``syscall(nr, args...)`` result (-1 with errno set on failure)."""
-    return int(libc.syscall(ctypes.c_long(nr), *(ctypes.c_long(a) for a in args)))
+    return int(libc.syscall(ctypes.c_long(nr), *map(ctypes.c_long, args)))

@@ -651,6 +651,27 @@ class Tree:
         """The last close of a handle (asynchronous to the caller's close())."""
         self.flush(handle)
 
+    # -- the state by name (the control channel, :mod:`fakevfio._control`) ---------------
+    def state_text(self, name: str) -> str:
+        """What a read of device ``name``'s ``migration/state`` gives, without the newline.
+
+        UnknownDevice (ENOENT, as an open of the path) once the device is gone.
+        """
+        return _TEXT[Kind.STATE](self.registry.get(name)).strip()
+
+    def write_state(self, name: str, text: str) -> float:
+        """A write of ``text`` to device ``name``'s ``migration/state``, as the file does it.
+
+        The same transition, errno and ``last_error`` (Rule 7) as the file's write;
+        returns the seconds to wait before answering (an injected arc delay).
+        """
+        device = self.registry.get(name)
+        try:
+            return _set_state(device, text)
+        except (DeviceError, ConfigError) as exc:
+            self.record_error(device, _operation("write", Kind.STATE, text.encode()), exc)
+            raise
+
     # -- file semantics ------------------------------------------------------------------
     def _control(self, node: Node, device: Device | None, data: bytes) -> float:
         kind = node.kind
@@ -669,11 +690,7 @@ class Tree:
         text = _decode(data, kind)
         if kind is Kind.STATE:
             assert device is not None
-            try:
-                target = parse_state(text)
-            except ValueError as exc:
-                raise _fail(errno.EINVAL, f"migration/state: {exc}") from None
-            return device.set_state(target).delay_s
+            return _set_state(device, text)
         if kind is Kind.FAULTS:
             assert device is not None
             rules = FaultRules.parse(text)  # ConfigError -> EINVAL, old rules kept
@@ -684,6 +701,15 @@ class Tree:
             _create(self, node.name, text)
             return 0.0
         raise AssertionError(kind)
+
+
+def _set_state(device: Device, text: str) -> float:
+    """One write of ``migration/state``: parse the target, run the arcs; the arc delay."""
+    try:
+        target = parse_state(text)
+    except ValueError as exc:
+        raise _fail(errno.EINVAL, f"migration/state: {exc}") from None
+    return device.set_state(target).delay_s
 
 
 def _fix_driver_node(parent: Node, name: str, child: Node) -> Node:

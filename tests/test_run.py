@@ -56,9 +56,15 @@ def drive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return exe
 
 
-def run_under(mount: Path, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run_under(
+    mount: Path, *argv: str, timeout: float = 60, channel: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """``fakevfio run`` of ``argv``; ``channel=False``: device states through the files."""
     cmd = [sys.executable, "-m", "fakevfio", "run", "--mount", str(mount), "--", *argv]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    env = {**os.environ, "FAKEVFIO_RUN_CHANNEL": "on" if channel else "off"}
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, check=False, env=env
+    )
 
 
 def parse(out: str) -> dict[str, str]:
@@ -286,12 +292,16 @@ def _tables_b() -> dict[str, dict[tuple[int, int], tuple[str, str]]]:
 
 
 @pytest.mark.parametrize("flags", FLAG_SETS)
+@pytest.mark.parametrize("channel", [True, False], ids=["channel", "files"])
 def test_run_fsm_tables_b_through_ioctls(
-    drive: Path, fakevfio_mount: MountFactory, flags: str
+    drive: Path, fakevfio_mount: MountFactory, flags: str, channel: bool
 ) -> None:
+    """The kernel's tables, through the mount's control channel and through the files."""
     table = _tables_b()[flags]
     with fakevfio_mount([f"d=ram:size=4K,flags={flags}"]) as m:
-        done = run_under(m.path, str(drive), "fsm", "/dev/vfio/devices/vfio0", timeout=120)
+        done = run_under(
+            m.path, str(drive), "fsm", "/dev/vfio/devices/vfio0", timeout=120, channel=channel
+        )
     assert done.returncode == 0, done.stderr
     checked = 0
     seen_cur = set()

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import attrs
 
+from fakevfio._fileid import FileId, file_id
 from fakevfio._libc import SYS_KCMP, syscall
 from fakevfio._process import pidfd_getfd, pidfd_open, read_mem, write_mem
-from fakevfio._run._fileid import FileId, file_id
 from fakevfio._run._iommufd import Context, Type1
 from fakevfio._run._nodes import NodeKind
 from fakevfio.errors import IoctlError
@@ -38,7 +38,12 @@ class PassThrough(Exception):  # a control-flow signal, not an error
 # -- syscalls ------------------------------------------------------------------------------------
 def same_file(pid: int, fd: int, my_fd: int) -> bool:
     """kcmp(KCMP_FILE): whether ``pid``'s ``fd`` is the open file description ``my_fd``."""
-    return syscall(SYS_KCMP, os.getpid(), pid, KCMP_FILE, my_fd, fd) == 0
+    return syscall(SYS_KCMP, _my_pid[0], pid, KCMP_FILE, my_fd, fd) == 0
+
+
+#: this process's pid, for kcmp on every ioctl (a forked child refreshes it)
+_my_pid = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _my_pid.__setitem__(0, os.getpid()))
 
 
 def read_cstring(read: Callable[[int, int], bytes], addr: int, limit: int = 4096) -> bytes:

@@ -18,11 +18,14 @@ import enum
 import errno
 import json
 import os
+import socket
 from pathlib import Path
 
 import attrs
 
-from fakevfio._run._fileid import file_id
+from fakevfio._channel import connect
+from fakevfio._control import MAX_MESSAGE, get_request, parse_answer, set_request
+from fakevfio._fileid import file_id
 from fakevfio.errors import IoctlError
 from vfio_uapi.fsm import MigFlags, State
 
@@ -72,6 +75,11 @@ class MountNodes:
     held: dict[tuple[str, tuple[str, ...], int], tuple[int, int]] = attrs.Factory(dict)
     #: the paths of the kept-open files, by the same key (no path building per use)
     _paths: dict[tuple[str, tuple[str, ...], int], bytes] = attrs.Factory(dict)
+    #: use the mount's control channel for the state (False: the files only, as a
+    #: mount without one; tests of the file path set it)
+    use_channel: bool = True
+    _channel: socket.socket | None = None
+    _channel_tried: bool = False
 
     @classmethod
     def open(cls, mountpoint: str | Path) -> MountNodes:
@@ -155,7 +163,7 @@ class MountNodes:
         """A kept-open fd of the device file (Rule: one FUSE request per operation).
 
         The file's inode is checked on every use with ``statx`` of the path (the
-        kernel's dentry and inode caches answer it: :mod:`._fileid`; the mount
+        kernel's dentry and inode caches answer it: :mod:`fakevfio._fileid`; the mount
         invalidates the entries when a device is created or removed): a removed
         device fails as an ``open`` would, and a device re-created under the same
         name gets a fresh fd.
@@ -175,8 +183,43 @@ class MountNodes:
         self.held[key] = (fd, ino)
         return fd
 
-    def close_held(self) -> None:
-        """Close every kept-open device file."""
+    def _ask(self, request: bytes, what: str) -> str | None:
+        """The channel's answer to ``request``; None: no channel, use the files.
+
+        The connection is made at the first use; a mount without a channel (an older
+        fakevfio, another network namespace, another uid), or one that hung up, is
+        driven through its files from then on.
+        """
+        sock = self._channel
+        if sock is None:
+            if self._channel_tried or not self.use_channel:
+                return None
+            self._channel_tried = True
+            sock = self._channel = connect(self.dev)
+            if sock is None:
+                return None
+        try:
+            sock.send(request)
+            reply = sock.recv(MAX_MESSAGE)
+        except OSError:
+            reply = b""
+        if not reply:
+            self._drop_channel()
+            return None
+        err, text = parse_answer(reply)
+        if err:
+            raise IoctlError(err, f"{what}: {text}")
+        return text
+
+    def _drop_channel(self) -> None:
+        if self._channel is not None:
+            with contextlib.suppress(OSError):
+                self._channel.close()
+        self._channel = None
+
+    def close(self) -> None:
+        """Close every kept-open device file and the channel."""
+        self._drop_channel()
         for fd, _ in self.held.values():
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -196,6 +239,10 @@ class MountNodes:
         (written by every SET MIG_DEVICE_STATE) stays open; ``irqs``, ``dma`` and
         ``reset`` are opened per write as before (their handles carry replies).
         """
+        if rel == STATE_FILE:
+            done = self._ask(set_request(name, text.strip()), "write migration/state")
+            if done is not None:
+                return
         try:
             if rel == STATE_FILE:
                 os.pwrite(self._held(name, rel, os.O_WRONLY), text.encode(), 0)
@@ -209,7 +256,11 @@ class MountNodes:
             raise IoctlError(exc.errno or errno.EIO, f"write {'/'.join(rel)}") from None
 
     def state(self, name: str) -> State:
-        return State[self.read_text(name, *STATE_FILE).strip()]
+        """The device's state: from the channel, else its ``migration/state`` file."""
+        text = self._ask(get_request(name), "read migration/state")
+        if text is None:
+            text = self.read_text(name, *STATE_FILE)
+        return State[text.strip()]
 
     def end_session(self, name: str) -> None:
         self.generation[name] = self.generation.get(name, 0) + 1

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import attrs
 
-from fakevfio._libc import SYS_SECCOMP, check, syscall
+from fakevfio._libc import SYS_PIDFD_OPEN, SYS_SECCOMP, check, syscall
 from fakevfio.errors import IoctlError
 
 POLL_INTERVAL_MS = 100
@@ -151,16 +151,32 @@ class Listener:
         """
         poller = select.poll()
         poller.register(self.fd, select.POLLIN)
+        # A pidfd of the child is readable once it exits, so waitpid runs only then
+        # (and on a poll timeout), not once per notification; without pidfds (before
+        # Linux 5.3) it runs every time.
+        pidfd = syscall(SYS_PIDFD_OPEN, child, 0)
+        if pidfd >= 0:
+            poller.register(pidfd, select.POLLIN)
         hung_up = False
-        while True:
-            pid, status = os.waitpid(child, 0 if hung_up else os.WNOHANG)
-            if pid:
-                code = os.waitstatus_to_exitcode(status)
-                return code if code >= 0 else 128 - code
-            for _fd, events in poller.poll(POLL_INTERVAL_MS):
-                if events & select.POLLIN:
-                    req = self.receive()
-                    if req is not None:
-                        handle(req)
-                elif events & (select.POLLHUP | select.POLLERR):
-                    hung_up = True  # no task uses the filter any more
+        look = True
+        try:
+            while True:
+                if look or hung_up:
+                    pid, status = os.waitpid(child, 0 if hung_up else os.WNOHANG)
+                    if pid:
+                        code = os.waitstatus_to_exitcode(status)
+                        return code if code >= 0 else 128 - code
+                events = poller.poll(POLL_INTERVAL_MS)
+                look = pidfd < 0 or not events
+                for fd, revents in events:
+                    if fd == pidfd:
+                        look = True
+                    elif revents & select.POLLIN:
+                        req = self.receive()
+                        if req is not None:
+                            handle(req)
+                    elif revents & (select.POLLHUP | select.POLLERR):
+                        hung_up = True  # no task uses the filter any more
+        finally:
+            if pidfd >= 0:
+                os.close(pidfd)

@@ -58,12 +58,14 @@ class Supervisor:
     def open(cls, mountpoint: str | Path, listener_fd: int) -> Supervisor:
         """A supervisor for ``listener_fd`` (owned from now on) and the mount."""
         nodes = MountNodes.open(mountpoint)
+        nodes.use_channel = os.environ.get(CHANNEL_ENV, "on") != "off"
         listener = Listener.open(listener_fd)
         return cls(listener, Vfio(nodes, HeldFiles(nodes.dev)))
 
     def close(self) -> None:
         self.vfio.close()  # the devices drop the mappings of the gone caller
         self.vfio.files.close()
+        self.vfio.nodes.close()
         self.listener.close()
 
     def serve(self, child: int) -> int:
@@ -108,6 +110,9 @@ class Supervisor:
                 listener.reply(nid, value, 0)
 
 
+#: ``FAKEVFIO_RUN_CHANNEL=off``: drive device states through the files only, never the
+#: mount's control channel (:mod:`fakevfio._control`), to compare or to rule it out.
+CHANNEL_ENV = "FAKEVFIO_RUN_CHANNEL"
 #: Exit status when ``fakevfio run`` itself fails before COMMAND runs (Rule 6).
 EXIT_RUN_FAILED = EXIT_SETUP_FAILED
 #: Capabilities ``fakevfio run`` needs (Rule 6): bit number, name, what for.

@@ -24,10 +24,10 @@ from pathlib import Path
 import attrs
 import pytest
 
+from fakevfio._fileid import file_id
 from fakevfio._run import Call, NodeKind, Vfio
 from fakevfio._run import _iommufd as iommufd
 from fakevfio._run._caller import HeldFiles, PassThrough, read_cstring
-from fakevfio._run._fileid import file_id
 from fakevfio._run._nodes import MountNodes
 from fakevfio.errors import FakeVfioError, IoctlError
 from tests.conftest import MountFactory
@@ -44,6 +44,11 @@ F_GET, F_SET, F_PROBE = (
     uapi.VFIO_DEVICE_FEATURE_SET,
     uapi.VFIO_DEVICE_FEATURE_PROBE,
 )
+
+#: The supervisor drives device states through the mount's control channel, or through
+#: the state file where there is none: the tests of SET and GET run both ways.
+BOTH_PATHS = pytest.mark.parametrize("channel", [True, False], ids=["channel", "files"])
+
 
 if sys.platform != "linux" or os.uname().machine != "x86_64":
     pytest.skip("the fakevfio run handlers use x86-64 Linux syscalls", allow_module_level=True)
@@ -146,6 +151,7 @@ def env(fakevfio_mount: MountFactory) -> Iterator[Env]:
             )
         finally:
             files.close()
+            nodes.close()
             for fd in caller.fds:
                 os.close(fd)
 
@@ -288,8 +294,10 @@ def test_device_info_argsz_is_honoured(env: Env) -> None:
     assert c.err(dev, uapi.VFIO_MIG_GET_PRECOPY_INFO) == errno.ENOTTY  # not on a device fd
 
 
-def test_device_feature_errno_order(env: Env) -> None:
+@BOTH_PATHS
+def test_device_feature_errno_order(env: Env, channel: bool) -> None:
     c = env.caller
+    c.vfio.nodes.use_channel = channel
     dev, _iommu, _ioas = _bound(env)
     feat = uapi.VFIO_DEVICE_FEATURE
     mig, state = uapi.VFIO_DEVICE_FEATURE_MIGRATION, uapi.VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE
@@ -337,8 +345,10 @@ def test_device_feature_header_at_the_end_of_memory_is_read_alone(env: Env) -> N
     assert c.out(8, "<Ii") == (uapi.VFIO_DEVICE_STATE_RUNNING, -1)  # nothing changed
 
 
-def test_set_state_opens_a_data_fd_and_precopy_info_checks(env: Env) -> None:
+@BOTH_PATHS
+def test_set_state_opens_a_data_fd_and_precopy_info_checks(env: Env, channel: bool) -> None:
     c = env.caller
+    c.vfio.nodes.use_channel = channel
     dev, _iommu, _ioas = _bound(env)
     feat = uapi.VFIO_DEVICE_FEATURE
     state = uapi.VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE
@@ -368,11 +378,13 @@ def test_set_state_opens_a_data_fd_and_precopy_info_checks(env: Env) -> None:
     assert c.err(data, precopy, uapi.PRECOPY_INFO.pack(24, 0, 0, 0)) == errno.ENODEV
 
 
+@BOTH_PATHS
 def test_set_state_ends_the_session_of_a_held_data_fd_without_reading_state_otherwise(
-    env: Env,
+    env: Env, channel: bool
 ) -> None:
     """SET reads the state before only when the arcs can matter; a held data_fd's do."""
     c = env.caller
+    c.vfio.nodes.use_channel = channel
     dev, _iommu, _ioas = _bound(env)
     feat, state = uapi.VFIO_DEVICE_FEATURE, uapi.VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE
     state_file = env.mount / "devices" / "gpu0" / "migration" / "state"
@@ -422,6 +434,7 @@ def test_kept_state_file_follows_a_removed_and_recreated_device(env: Env) -> Non
     invalidation has reached the kernel, a re-created device as a new inode.
     """
     nodes = env.caller.vfio.nodes
+    nodes.use_channel = False
     device = env.mount / "devices" / "gpu0"
     (device / "migration" / "state").write_text("STOP\n")
     assert nodes.state("gpu0").name == "STOP"  # opens and keeps the fd
@@ -802,3 +815,27 @@ def test_closed_files_found_by_the_held_file_scan_drop_their_mappings(env: Env) 
         for p in holders:
             p.kill()
             p.wait()
+
+
+def test_the_channel_follows_a_removed_and_recreated_device_at_once(env: Env) -> None:
+    """Through the channel a removal is ENOENT at once (no dentry cache in between)."""
+    nodes = env.caller.vfio.nodes
+    device = env.mount / "devices" / "gpu0"
+    nodes.write_text("gpu0", ("migration", "state"), "STOP\n")
+    assert nodes.state("gpu0").name == "STOP"
+    assert nodes._channel is not None  # the channel answered, not the file
+    (device / "remove").write_text("1\n")
+    for request in (
+        lambda: nodes.state("gpu0"),
+        lambda: nodes.write_text("gpu0", ("migration", "state"), "RUNNING\n"),
+    ):
+        with pytest.raises(IoctlError) as gone:
+            request()
+        assert gone.value.errno == errno.ENOENT  # as an open of the path would say
+        assert "gpu0" in gone.value.detail
+    (env.mount / "drivers" / "ram" / "create").write_text("gpu0 size=4K\n")
+    assert nodes.state("gpu0").name == "RUNNING"  # the new device, at once too
+    nodes.write_text("gpu0", ("migration", "state"), "STOP\n")
+    state_path = device / "migration" / "state"
+    assert wait_until(lambda: _resolves(state_path)), "the new device never reached the kernel"
+    assert state_path.read_text().strip() == "STOP"
