@@ -1,10 +1,13 @@
 """The control channel's socket: the mount answers :mod:`._control` requests in threads.
 
-Rule 1: the address is abstract (no file to create, clean up or find; gone with the
-        process): :func:`address` of the mount's ``st_dev``, which is all the
-        supervisor knows of a mount. Abstract names belong to the network
-        namespace: a ``fakevfio run`` in another one finds nothing and uses the
-        files, as it does with a mount that has no channel.
+Rule 1: the address is abstract (no file to create or clean up; gone with the
+        process) and random per mount, and the mount itself names it: the
+        extended attribute :data:`ADDRESS_XATTR` of its root, which only the
+        daemon serving that mount can answer, so a supervisor never reaches
+        another mount's channel (a name derived from ``st_dev`` could: device
+        numbers are reused). Abstract names belong to the network namespace: a
+        ``fakevfio run`` in another one finds nothing and uses the files, as it
+        does with a mount that has no channel.
 Rule 2: ``SOCK_SEQPACKET``: one request per message. A longer one than
         :data:`MAX_MESSAGE` is cut by the kernel (``MSG_TRUNC`` tells) and answered
         EINVAL, unread; buffers are bounded.
@@ -23,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import socket
 import struct
 import threading
@@ -38,9 +42,10 @@ MAX_CONNECTIONS = 64
 _UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
 
 
-def address(st_dev: int) -> bytes:
-    """The abstract socket name of the channel of the mount whose ``st_dev`` is given."""
-    return b"\0fakevfio/control/%d:%d" % (os.major(st_dev), os.minor(st_dev))
+#: The mount root's extended attribute that holds the channel's abstract socket name
+#: (without the leading NUL).
+ADDRESS_XATTR = "user.fakevfio.control"
+_PREFIX = b"fakevfio/control/"
 
 
 def peer_uid(sock: socket.socket) -> int:
@@ -52,12 +57,13 @@ def peer_uid(sock: socket.socket) -> int:
 class ControlServer:
     """The channel of one mount: a listener thread and a thread per connection."""
 
-    def __init__(self, tree: Tree, st_dev: int) -> None:
+    def __init__(self, tree: Tree) -> None:
         self.tree = tree
-        self.address = address(st_dev)
+        #: the abstract name, without its leading NUL (the root's ADDRESS_XATTR)
+        self.address = _PREFIX + secrets.token_hex(16).encode()
         self._uid = os.geteuid()
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        self._listener.bind(self.address)  # OSError(EADDRINUSE): another mount's, impossible
+        self._listener.bind(b"\0" + self.address)
         self._listener.listen(8)
         self._lock = threading.Lock()
         self._connections: set[socket.socket] = set()
@@ -124,15 +130,37 @@ class ControlServer:
             conn.close()
 
 
-def connect(st_dev: int) -> socket.socket | None:
-    """A connection to the channel of the mount ``st_dev``; None if it has none here."""
+def connect(address: bytes) -> socket.socket | None:
+    """A connection to the channel named ``address``; None if nothing listens there."""
+    if not address.startswith(_PREFIX):
+        return None  # not a name a mount gives: never connect elsewhere
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
-        sock.connect(address(st_dev))
+        sock.connect(b"\0" + address)
     except OSError:
         sock.close()
         return None
     return sock
 
 
-__all__ = ["MAX_CONNECTIONS", "ControlServer", "address", "connect", "peer_uid"]
+def connect_mount(mountpoint: str | os.PathLike[str]) -> socket.socket | None:
+    """A connection to the channel of the mount at ``mountpoint``; None if it has none.
+
+    One GETXATTR request to the mount; a mount without a channel (an older fakevfio)
+    answers ENODATA or ENOTSUP.
+    """
+    try:
+        address = os.getxattr(mountpoint, ADDRESS_XATTR)
+    except OSError:
+        return None
+    return connect(address)
+
+
+__all__ = [
+    "ADDRESS_XATTR",
+    "MAX_CONNECTIONS",
+    "ControlServer",
+    "connect",
+    "connect_mount",
+    "peer_uid",
+]

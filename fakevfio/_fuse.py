@@ -16,7 +16,6 @@ a data_fd apart from the ``f_pos`` bookkeeping.
 from __future__ import annotations
 
 import errno
-import functools
 import itertools
 import logging
 import mmap
@@ -28,9 +27,8 @@ from typing import TypeVar
 import pyfuse3
 import trio
 
-from fakevfio._channel import ControlServer
+from fakevfio._channel import ADDRESS_XATTR, ControlServer
 from fakevfio._device import Device
-from fakevfio._fileid import file_id
 from fakevfio._ram import RamDriver
 from fakevfio._registry import Registry
 from fakevfio._tree import Attr, Handle, Kind, Tree, errno_of
@@ -53,6 +51,7 @@ MAX_TASKS = 256
 #: ``conn.max_read`` match it in init(), which pyfuse3 does not expose, and the
 #: session dies at FUSE_INIT. libfuse >= 3.x negotiates up to 1 MiB requests
 #: (max_pages) by itself.
+_ADDRESS_XATTR = ADDRESS_XATTR.encode()
 BASE_OPTIONS = frozenset({"fsname=fakevfio", "default_permissions"})
 
 
@@ -121,6 +120,8 @@ class VfioFs(pyfuse3.Operations):
         self._uid = os.getuid()
         self._gid = os.getgid()
         self._mtime_ns = time.time_ns()
+        #: the control channel's name, the root's ADDRESS_XATTR (None: no channel)
+        self.channel_address: bytes | None = None
         self.resize_limiter()
 
     def resize_limiter(self) -> None:
@@ -330,6 +331,18 @@ class VfioFs(pyfuse3.Operations):
         else:
             await trio.sleep(delay)
 
+    async def getxattr(
+        self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
+    ) -> bytes:
+        """Only the root's ADDRESS_XATTR exists: the control channel's name."""
+        if (
+            inode == pyfuse3.ROOT_INODE
+            and bytes(name) == _ADDRESS_XATTR
+            and self.channel_address is not None
+        ):
+            return self.channel_address
+        raise pyfuse3.FUSEError(errno.ENODATA)
+
     async def flush(self, fh: pyfuse3.FileHandleT) -> None:
         handle = self._handles.get(fh)
         if handle is not None and handle.truncated:
@@ -386,31 +399,24 @@ async def serve(
         options.add("allow_other")
     if debug:
         options.add("debug")
-    pyfuse3.init(ops, mountpoint, options)
     channel: ControlServer | None = None
     try:
+        channel = ControlServer(ops.tree)
+        ops.channel_address = channel.address
+    except OSError as exc:
+        logger.warning("no control channel (fakevfio run uses the files): %s", exc)
+    try:
+        pyfuse3.init(ops, mountpoint, options)
+    except BaseException:
+        if channel is not None:
+            channel.close()
+        raise
+    try:
         async with trio.open_nursery() as nursery:
-
-            async def main() -> None:
-                await pyfuse3.main(min_tasks=MIN_TASKS, max_tasks=MAX_TASKS)
-                nursery.cancel_scope.cancel()
-
             nursery.start_soon(ops.run_workloads)
-            nursery.start_soon(main)
-            # The channel is named after the mount's st_dev, which the root inode has
-            # from the superblock: a statx that takes the cached attributes (an os.stat
-            # would send a GETATTR and cache the root's attributes, and a stat of a dead
-            # mount would not fail with ENOTCONN). In a thread all the same, in case the
-            # kernel asks us; the mount counts as live (started) once the channel is up.
-            try:
-                found = await trio.to_thread.run_sync(
-                    functools.partial(file_id, mountpoint, cached=True)
-                )
-                st_dev = found.st_dev
-                channel = ControlServer(ops.tree, st_dev)
-            except OSError as exc:
-                logger.warning("no control channel (fakevfio run uses the files): %s", exc)
             task_status.started()
+            await pyfuse3.main(min_tasks=MIN_TASKS, max_tasks=MAX_TASKS)
+            nursery.cancel_scope.cancel()
     finally:
         if channel is not None:
             channel.close()

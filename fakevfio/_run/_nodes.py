@@ -23,7 +23,7 @@ from pathlib import Path
 
 import attrs
 
-from fakevfio._channel import connect
+from fakevfio._channel import connect_mount
 from fakevfio._control import MAX_MESSAGE, get_request, parse_answer, set_request
 from fakevfio._fileid import file_id
 from fakevfio.errors import IoctlError
@@ -195,7 +195,7 @@ class MountNodes:
             if self._channel_tried or not self.use_channel:
                 return None
             self._channel_tried = True
-            sock = self._channel = connect(self.dev)
+            sock = self._channel = connect_mount(self.path)
             if sock is None:
                 return None
         try:

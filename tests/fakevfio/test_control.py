@@ -13,13 +13,14 @@ import errno
 import os
 import socket
 import time
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fakevfio import _channel
-from fakevfio._channel import ControlServer, connect
+from fakevfio._channel import ADDRESS_XATTR, ControlServer, connect, connect_mount
 from fakevfio._control import MAX_MESSAGE, answer, get_request, parse_answer, set_request
 from fakevfio._faults import FaultRules
 from fakevfio._options import DeviceSpec
@@ -28,6 +29,7 @@ from fakevfio._registry import Registry
 from fakevfio._tree import ROOT_INODE, Tree, errno_of
 from fakevfio.driver import ArcDriver
 from fakevfio.errors import DeviceError
+from tests.conftest import MountFactory
 
 STATE = ("devices", "d", "migration", "state")
 TARGETS = [
@@ -143,11 +145,10 @@ def test_garbled_answers_are_eio() -> None:
 
 # -- the socket --------------------------------------------------------------------------------
 @pytest.fixture
-def server() -> object:
+def server() -> Iterator[tuple[ControlServer, Tree, bytes]]:
     tree = make_tree()
-    st_dev = os.makedev(4095, os.getpid() & 0xFFFFF)  # not a real mount's: a free name
-    srv = ControlServer(tree, st_dev)
-    yield srv, tree, st_dev
+    srv = ControlServer(tree)
+    yield srv, tree, srv.address
     srv.close()
 
 
@@ -165,9 +166,9 @@ def hung_up(sock: socket.socket) -> bool:
         return True
 
 
-def test_the_socket_serves_gets_and_sets(server: tuple[ControlServer, Tree, int]) -> None:
-    _srv, tree, st_dev = server
-    sock = connect(st_dev)
+def test_the_socket_serves_gets_and_sets(server: tuple[ControlServer, Tree, bytes]) -> None:
+    _srv, tree, address = server
+    sock = connect(address)
     assert sock is not None
     with sock:
         assert ask(sock, b"get d") == (0, "RUNNING")
@@ -177,9 +178,9 @@ def test_the_socket_serves_gets_and_sets(server: tuple[ControlServer, Tree, int]
         assert ask(sock, b"get d") == (0, "STOP")  # the connection stays after an error
 
 
-def test_an_oversized_request_is_einval_unread(server: tuple[ControlServer, Tree, int]) -> None:
-    _srv, tree, st_dev = server
-    sock = connect(st_dev)
+def test_an_oversized_request_is_einval_unread(server: tuple[ControlServer, Tree, bytes]) -> None:
+    _srv, tree, address = server
+    sock = connect(address)
     assert sock is not None
     with sock:
         err, text = ask(sock, b"set d STOP" + b" " * MAX_MESSAGE)
@@ -190,11 +191,11 @@ def test_an_oversized_request_is_einval_unread(server: tuple[ControlServer, Tree
 
 
 def test_an_arc_delay_is_waited_out_before_the_answer(
-    server: tuple[ControlServer, Tree, int],
+    server: tuple[ControlServer, Tree, bytes],
 ) -> None:
-    _srv, tree, st_dev = server
+    _srv, tree, address = server
     tree.registry.get("d").faults = FaultRules.parse("delay arc 150\n")
-    sock = connect(st_dev)
+    sock = connect(address)
     assert sock is not None
     with sock:
         start = time.monotonic()
@@ -202,11 +203,11 @@ def test_an_arc_delay_is_waited_out_before_the_answer(
         assert time.monotonic() - start >= 0.15
 
 
-def test_other_uids_are_disconnected(server: tuple[ControlServer, Tree, int]) -> None:
+def test_other_uids_are_disconnected(server: tuple[ControlServer, Tree, bytes]) -> None:
     """Rule 3: a peer that is neither root nor the mount's uid is not served."""
     if os.geteuid() != 0:
         pytest.skip("needs root to become another uid (setuid) for the check")
-    _srv, tree, st_dev = server
+    _srv, tree, address = server
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
@@ -214,7 +215,7 @@ def test_other_uids_are_disconnected(server: tuple[ControlServer, Tree, int]) ->
         try:
             os.setgid(65534)
             os.setuid(65534)
-            sock = connect(st_dev)
+            sock = connect(address)
             if sock is not None:
                 code = 0 if hung_up(sock) else 1
         finally:
@@ -228,11 +229,11 @@ def test_other_uids_are_disconnected(server: tuple[ControlServer, Tree, int]) ->
 
 
 def test_connections_are_bounded_and_close_ends_them(
-    server: tuple[ControlServer, Tree, int], monkeypatch: pytest.MonkeyPatch
+    server: tuple[ControlServer, Tree, bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    srv, _tree, st_dev = server
+    srv, _tree, address = server
     monkeypatch.setattr(_channel, "MAX_CONNECTIONS", 2)
-    socks = [connect(st_dev) for _ in range(3)]
+    socks = [connect(address) for _ in range(3)]
     assert all(s is not None for s in socks)
     first, second, third = (s for s in socks if s is not None)
     assert ask(first, b"get d") == (0, "RUNNING")
@@ -244,4 +245,34 @@ def test_connections_are_bounded_and_close_ends_them(
         assert sock.recv(MAX_MESSAGE) == b""
     for sock in (first, second, third):
         sock.close()
-    assert connect(st_dev) is None  # nothing listens any more
+    assert connect(address) is None  # nothing listens any more
+
+
+def test_only_a_name_a_mount_gives_is_connected_to(
+    server: tuple[ControlServer, Tree, bytes],
+) -> None:
+    _srv, _tree, address = server
+    other = ControlServer(make_tree())
+    try:
+        assert other.address != address  # random per mount, never derived from st_dev
+    finally:
+        other.close()
+    assert connect(b"/tmp/somewhere") is None  # not a channel name: never connected to
+    assert connect(address + b"x") is None  # nothing listens there
+
+
+@pytest.mark.fuse
+def test_the_mount_names_its_channel_in_a_root_xattr(fakevfio_mount: MountFactory) -> None:
+    with fakevfio_mount(["d=ram:size=4K"]) as m:
+        name = os.getxattr(m.path, ADDRESS_XATTR)
+        sock = connect_mount(m.path)
+        assert sock is not None
+        with sock:
+            assert ask(sock, b"get d") == (0, "RUNNING")
+        with pytest.raises(OSError, match="No data available") as other:
+            os.getxattr(m.path, "user.other")
+        assert other.value.errno == errno.ENODATA
+        with pytest.raises(OSError, match="No data available") as not_root:
+            os.getxattr(m.path / "devices", ADDRESS_XATTR)
+        assert not_root.value.errno == errno.ENODATA
+    assert connect(name) is None  # gone with the mount
