@@ -26,12 +26,12 @@ from fakevfio._faults import FaultRules
 from fakevfio._options import DeviceSpec
 from fakevfio._ram import RamDriver
 from fakevfio._registry import Registry
-from fakevfio._tree import ROOT_INODE, Tree, errno_of
+from fakevfio._tree import Tree, errno_of
 from fakevfio.driver import ArcDriver
 from fakevfio.errors import DeviceError
 from tests.conftest import MountFactory
+from tests.fakevfio.test_tree_text import STATE, open_path, read
 
-STATE = ("devices", "d", "migration", "state")
 TARGETS = [
     "RUNNING",
     "STOP",
@@ -64,10 +64,7 @@ def make_tree(flags: str = "STOP_COPY+P2P+PRE_COPY") -> Tree:
 
 def file_write(tree: Tree, text: str) -> tuple[int, float]:
     """A write of ``migration/state`` through the tree: (errno or 0, delay)."""
-    ino = ROOT_INODE
-    for name in STATE:
-        ino = tree.lookup(ino, name).ino
-    handle = tree.open(ino, os.O_WRONLY)
+    handle = open_path(tree, os.O_WRONLY, *STATE)
     try:
         _, delay = tree.write(handle, 0, f"{text}\n".encode())
     except DeviceError as exc:
@@ -78,13 +75,7 @@ def file_write(tree: Tree, text: str) -> tuple[int, float]:
 
 
 def file_state(tree: Tree) -> str:
-    ino = ROOT_INODE
-    for name in STATE:
-        ino = tree.lookup(ino, name).ino
-    handle = tree.open(ino, os.O_RDONLY)
-    data, _ = tree.read(handle, 0, 64)
-    tree.release(handle)
-    return bytes(data).decode().strip()
+    return read(tree, *STATE).decode().strip()
 
 
 @settings(max_examples=60, deadline=None)

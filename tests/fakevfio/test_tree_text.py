@@ -13,7 +13,7 @@ import pytest
 from fakevfio._options import DeviceSpec
 from fakevfio._ram import RamDriver
 from fakevfio._registry import Registry
-from fakevfio._tree import ROOT_INODE, Tree
+from fakevfio._tree import ROOT_INODE, Handle, Tree
 from fakevfio.driver import ArcDriver
 from fakevfio.errors import DeviceError
 
@@ -25,21 +25,23 @@ def make_tree(flags: str = "STOP_COPY+P2P+PRE_COPY") -> Tree:
     return Tree(registry)
 
 
-def read(tree: Tree, *path: str) -> bytes:
+def open_path(tree: Tree, flags: int, *path: str) -> Handle:
+    """The file at ``path`` (names from the root) opened with ``flags``."""
     ino = ROOT_INODE
     for name in path:
         ino = tree.lookup(ino, name).ino
-    handle = tree.open(ino, os.O_RDONLY)
+    return tree.open(ino, flags)
+
+
+def read(tree: Tree, *path: str) -> bytes:
+    handle = open_path(tree, os.O_RDONLY, *path)
     data, _ = tree.read(handle, 0, 4096)
     tree.release(handle)
     return bytes(data)
 
 
 def write(tree: Tree, text: bytes, *path: str) -> None:
-    ino = ROOT_INODE
-    for name in path:
-        ino = tree.lookup(ino, name).ino
-    handle = tree.open(ino, os.O_WRONLY)
+    handle = open_path(tree, os.O_WRONLY, *path)
     tree.write(handle, 0, text)
     tree.release(handle)
 
