@@ -289,7 +289,8 @@ class VfioFs(pyfuse3.Operations):
         if handle.node.kind in INLINE_READS or _inline_data(handle):
             done = self._inline("read", handle.device, self.tree.read, handle, off, size, arrival)
             if not isinstance(done, _Busy):
-                await self._wait(handle, arrival, done[1])
+                if done[1] > 0:  # (no coroutine per request where nothing is waited for)
+                    await self._wait(handle, arrival, done[1])
                 return done[0]
         data, delay = await self._run("read", self.tree.read, handle, off, size, arrival)
         await self._wait(handle, arrival, delay)
@@ -301,7 +302,8 @@ class VfioFs(pyfuse3.Operations):
         if _inline_data(handle):
             done = self._inline("write", handle.device, self.tree.write, handle, off, buf, arrival)
             if not isinstance(done, _Busy):
-                await self._wait(handle, arrival, done[1])
+                if done[1] > 0:
+                    await self._wait(handle, arrival, done[1])
                 return done[0]
         count, delay = await self._run("write", self.tree.write, handle, off, buf, arrival)
         if handle.node.kind in (Kind.DRIVER_CREATE, Kind.REMOVE):
