@@ -77,20 +77,20 @@ def test_cli_sigterm_unmounts_and_stale_mount_is_cleaned(tmp_path: Path) -> None
         stdout=subprocess.PIPE,
         text=True,
     )
-    assert proc.stdout is not None
-    assert proc.stdout.readline() == f"fakevfio: mounted {mp} (1 devices)\n"
-    os.kill(proc.pid, signal.SIGKILL)  # leaves a stale mount behind
-    proc.wait()
-    proc.stdout.close()
-    with pytest.raises(OSError, match="not connected"):
-        os.stat(mp)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fakevfio", "mount", str(mp)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    try:  # (a failure anywhere leaves no stale mount behind on the machine)
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == f"fakevfio: mounted {mp} (1 devices)\n"
+        os.kill(proc.pid, signal.SIGKILL)  # leaves a stale mount behind
+        proc.wait()
+        proc.stdout.close()
+        with pytest.raises(OSError, match="not connected"):
+            os.stat(mp)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fakevfio", "mount", str(mp)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         assert proc.stdout is not None
         assert proc.stdout.readline() == f"fakevfio: mounted {mp} (0 devices)\n"
         assert sorted(os.listdir(mp)) == ["dev", "devices", "drivers"]
