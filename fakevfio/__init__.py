@@ -26,7 +26,6 @@ from __future__ import annotations
 #                  one module that imports pyfuse3.
 #   _loader.py     drivers from the fakevfio.drivers entry points.
 #   _channel.py    the control protocol's socket, served by threads of the mount.
-#   _fileid.py     which file a path names, by statx (no FUSE request where cached).
 #
 # Supervisor: _run/, `fakevfio run` (a program's VFIO and iommufd ioctls,
 #   trapped by seccomp, answered from a mount's device files). Its own

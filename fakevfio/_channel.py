@@ -32,7 +32,7 @@ import struct
 import threading
 import time
 
-from fakevfio._control import MAX_MESSAGE, answer
+from fakevfio._control import MAX_MESSAGE, answer, oversized
 from fakevfio._tree import Tree
 
 logger = logging.getLogger(__name__)
@@ -90,18 +90,17 @@ class ControlServer:
                 conn, _ = self._listener.accept()
             except OSError:
                 return  # closed
-            with self._lock:
-                refuse = self._closed or len(self._connections) >= MAX_CONNECTIONS
-                if not refuse:
-                    self._connections.add(conn)
             uid = -1
             with contextlib.suppress(OSError):
                 uid = peer_uid(conn)
-            if refuse or uid not in (0, self._uid):
-                if not refuse:
+            allowed = uid in (0, self._uid)
+            with self._lock:
+                serve = allowed and not self._closed and len(self._connections) < MAX_CONNECTIONS
+                if serve:
+                    self._connections.add(conn)
+            if not serve:
+                if not allowed:
                     logger.info("control channel: uid %d is not served (Rule 3)", uid)
-                    with self._lock:
-                        self._connections.discard(conn)
                 conn.close()
                 continue
             threading.Thread(
@@ -114,11 +113,7 @@ class ControlServer:
                 message, _, flags, _ = conn.recvmsg(MAX_MESSAGE)
                 if not message and not flags:
                     return  # the peer closed
-                if flags & socket.MSG_TRUNC:
-                    reply = b"err 22 a control request is at most %d bytes" % MAX_MESSAGE
-                    conn.send(reply)
-                    continue
-                done = answer(self.tree, message)
+                done = oversized() if flags & socket.MSG_TRUNC else answer(self.tree, message)
                 if done.delay_s > 0:
                     time.sleep(done.delay_s)
                 conn.send(done.message)

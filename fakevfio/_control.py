@@ -70,6 +70,11 @@ def _error(err: int, text: str) -> Answer:
     return Answer(message[:MAX_MESSAGE])
 
 
+def oversized() -> Answer:
+    """The answer to a request longer than :data:`MAX_MESSAGE` (cut by the socket)."""
+    return _error(errno.EINVAL, f"a control request is at most {MAX_MESSAGE} bytes")
+
+
 def answer(tree: Tree, message: bytes) -> Answer:
     """The mount's answer to one request (Rules 1-3)."""
     try:
@@ -93,4 +98,12 @@ def answer(tree: Tree, message: bytes) -> Answer:
     )
 
 
-__all__ = ["MAX_MESSAGE", "Answer", "answer", "get_request", "parse_answer", "set_request"]
+__all__ = [
+    "MAX_MESSAGE",
+    "Answer",
+    "answer",
+    "get_request",
+    "oversized",
+    "parse_answer",
+    "set_request",
+]

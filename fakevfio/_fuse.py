@@ -51,8 +51,8 @@ MAX_TASKS = 256
 #: ``conn.max_read`` match it in init(), which pyfuse3 does not expose, and the
 #: session dies at FUSE_INIT. libfuse >= 3.x negotiates up to 1 MiB requests
 #: (max_pages) by itself.
-_ADDRESS_XATTR = ADDRESS_XATTR.encode()
 BASE_OPTIONS = frozenset({"fsname=fakevfio", "default_permissions"})
+_ADDRESS_XATTR = ADDRESS_XATTR.encode()
 
 
 #: Reads of these kinds run in the trio task itself when their device's lock is free

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import attrs
 
-from fakevfio._fileid import FileId, file_id
 from fakevfio._libc import SYS_KCMP, syscall
 from fakevfio._process import pidfd_getfd, pidfd_open, read_mem, write_mem
+from fakevfio._run._fileid import FileId, file_id
 from fakevfio._run._iommufd import Context, Type1
 from fakevfio._run._nodes import NodeKind
 from fakevfio.errors import IoctlError

@@ -25,7 +25,7 @@ import attrs
 
 from fakevfio._channel import connect_mount
 from fakevfio._control import MAX_MESSAGE, get_request, parse_answer, set_request
-from fakevfio._fileid import file_id
+from fakevfio._run._fileid import file_id
 from fakevfio.errors import IoctlError
 from vfio_uapi.fsm import MigFlags, State
 
@@ -163,7 +163,7 @@ class MountNodes:
         """A kept-open fd of the device file (Rule: one FUSE request per operation).
 
         The file's inode is checked on every use with ``statx`` of the path (the
-        kernel's dentry and inode caches answer it: :mod:`fakevfio._fileid`; the mount
+        kernel's dentry and inode caches answer it: :mod:`._fileid`; the mount
         invalidates the entries when a device is created or removed): a removed
         device fails as an ``open`` would, and a device re-created under the same
         name gets a fresh fd.

@@ -24,10 +24,10 @@ from pathlib import Path
 import attrs
 import pytest
 
-from fakevfio._fileid import file_id
 from fakevfio._run import Call, NodeKind, Vfio
 from fakevfio._run import _iommufd as iommufd
 from fakevfio._run._caller import HeldFiles, PassThrough, read_cstring
+from fakevfio._run._fileid import file_id
 from fakevfio._run._nodes import MountNodes
 from fakevfio.errors import FakeVfioError, IoctlError
 from tests.conftest import MountFactory
